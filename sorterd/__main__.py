@@ -1,0 +1,5 @@
+import sys
+
+from sorterd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""The `sorterd` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from sorterd.configfile import ConfigError
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sorterd", description="Optical sorter for rough sapphire melee.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the sorter (real hardware, or the simulated machine)")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", type=Path, help="TOML config file")
+    src.add_argument("--sim", action="store_true", help="the simulated machine (the shipped example config)")
+    r.add_argument("--stones", type=_positive_int, default=500, help="simulation: stones to feed (default 500)")
+    r.add_argument("--rate", type=_positive_float, help="simulation: stones per second (sim.rate_per_s)")
+    r.add_argument("--seed", type=int, help="simulation: world seed (sim.seed)")
+    r.add_argument("--clock", choices=("virtual", "wall"), help="simulation: clock (sim.clock)")
+    r.add_argument("--log-dir", type=Path, help="where the batch folder goes (record.log_dir)")
+    r.add_argument("--batch", help="batch name (record.batch)")
+    r.add_argument("--json", type=Path, dest="json_path", help="write the run summary as JSON here")
+    r.add_argument("--metrics-port", type=int, help="Prometheus port (metrics.port; 0 = any free port)")
+    r.add_argument("--no-progress", action="store_true", help="no live progress line")
+
+    c = sub.add_parser("check-config", help="validate a config file; non-zero exit on any error")
+    c.add_argument("file", type=Path, nargs="?", help="TOML config file")
+    c.add_argument("--reference", action="store_true", help="print the config reference instead")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    o: dict[str, dict[str, Any]] = {}
+    pairs = [("sim", "rate_per_s", args.rate), ("sim", "seed", args.seed), ("sim", "clock", args.clock),
+             ("record", "log_dir", str(args.log_dir.resolve()) if args.log_dir else None),
+             ("record", "batch", args.batch), ("metrics", "port", args.metrics_port)]
+    for section, key, value in pairs:
+        if value is not None:
+            o.setdefault(section, {})[key] = value
+    return o
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sorterd import config
+    from sorterd.app import RunOptions, run
+    from sorterd.infer import ModelError
+
+    path = config.sim_config_path() if args.sim else args.config
+    try:
+        cfg = config.load(path, _overrides(args))
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return 2
+    if not cfg.simulated and any(v is not None for v in (args.rate, args.seed, args.clock)):
+        print("sorterd: --rate, --seed and --clock only apply to the simulated machine", file=sys.stderr)
+        return 2
+    try:
+        run(cfg, RunOptions(stones=args.stones, json_path=args.json_path, progress=not args.no_progress))
+    except ModelError as exc:
+        print(f"sorterd: model error: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        print(f"sorterd: {exc}", file=sys.stderr)
+        return 4
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from sorterd import config
+
+    if args.reference:
+        print(config.reference())
+        return 0
+    if args.file is None:
+        print("sorterd check-config: give a FILE (or --reference)", file=sys.stderr)
+        return 2
+    try:
+        cfg = config.load(args.file)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return 2
+    kinds = ", ".join(f"{p}={getattr(cfg, p).type}" for p in ("camera", "lights", "trigger", "valves", "inference"))
+    print(f"{args.file}: OK ({kinds})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = {"run": cmd_run, "check-config": cmd_check_config}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""The sorterd configuration schema (one TOML file).
+
+Each dataclass is one `[section]`; the `opt()` descriptions are the config
+reference (`sorterd check-config --reference` prints them).  Hardware parts
+pick a backend with `type`, and each backend has its own options class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sorterd.configfile import ConfigError, build, describe, load_toml, opt
+
+BINS = ("CUT", "SELECT", "FLIP", "REJECT")
+JET_BINS = ("CUT", "SELECT", "FLIP")  # REJECT is the default trajectory: no jet
+COLORS = ("blue", "light", "inky")
+CLARITIES = ("transparent", "translucent", "opaque")
+
+# §8.2 decision mapping (CUT additionally needs size >= cut_min_size_mm).
+DEFAULT_BINS: dict[str, dict[str, str]] = {
+    "blue": {"transparent": "CUT", "translucent": "FLIP", "opaque": "FLIP"},
+    "light": {"transparent": "SELECT", "translucent": "FLIP", "opaque": "FLIP"},
+    "inky": {"transparent": "SELECT", "translucent": "SELECT", "opaque": "REJECT"},
+}
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    name: str = opt("sorter-1", "Name of this sorter (labels metrics and batch logs).")
+    safe_route: str = opt(
+        "REJECT",
+        "Where a stone goes when it cannot be sorted safely (cluster, unclassifiable, "
+        "neighbour conflict, queue overflow): REJECT = default trajectory (no jet), "
+        "SELECT = blown to SELECT for human review when a pulse can still be planned.",
+        choices=("REJECT", "SELECT"),
+    )
+
+
+@dataclass(frozen=True)
+class GeometryConfig:
+    lip_mm: float = opt(
+        44.0,
+        "Distance along the channel from the left edge of the camera's view to the "
+        "channel lip where stones start to fall.", above=0.0, maxval=1000.0,
+    )
+    nozzle_drop_mm: dict = opt(
+        {"CUT": 30.0, "SELECT": 45.0, "FLIP": 60.0},
+        "Vertical drop from the channel lip to each bin's nozzle axis, in mm "
+        "(keys CUT, SELECT, FLIP).",
+    )
+    jet_width_mm: float = opt(2.0, "Height of the air jet at the stone's path.", above=0.0, maxval=50.0)
+    speed_min_mm_s: float = opt(
+        100.0, "Slowest plausible stone speed on the channel (pairs frames).", above=0.0, maxval=5000.0
+    )
+    speed_max_mm_s: float = opt(
+        1000.0, "Fastest plausible stone speed on the channel (pairs frames).", above=0.0, maxval=5000.0
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if set(self.nozzle_drop_mm) != set(JET_BINS):
+            problems.append(
+                f"geometry.nozzle_drop_mm = {self.nozzle_drop_mm!r}: needs exactly the keys "
+                f"{', '.join(JET_BINS)}"
+            )
+        for k, v in self.nozzle_drop_mm.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 2000:
+                problems.append(f"geometry.nozzle_drop_mm.{k} = {v!r}: must be a number in (0, 2000] mm")
+        if self.speed_min_mm_s >= self.speed_max_mm_s:
+            problems.append(
+                f"geometry.speed_min_mm_s = {self.speed_min_mm_s!r} must be below "
+                f"geometry.speed_max_mm_s = {self.speed_max_mm_s!r}"
+            )
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass(frozen=True)
+class SimCameraConfig:
+    type: str = opt("sim", "Backend: sim renders the simulated machine's frames.", choices=("sim",))
+    width_px: int = opt(640, "Frame width (along the channel).", minval=64, maxval=8192)
+    height_px: int = opt(240, "Frame height (across the channel).", minval=32, maxval=8192)
+    pixels_per_mm: float = opt(20.0, "Image scale (from calibration).", minval=2.0, maxval=500.0)
+    noise_sigma: float = opt(2.0, "Sensor noise in DN.", minval=0.0, maxval=50.0)
+
+
+@dataclass(frozen=True)
+class SimLightsConfig:
+    type: str = opt("sim", "Backend: sim (the simulated strobes).", choices=("sim",))
+    pair_interval_ms: float = opt(10.0, "Backlit frame at t0, toplit frame at t0 + this.", minval=1.0, maxval=50.0)
+    lights_off_ms: float = opt(20.0, "All lights off by t0 + this.", minval=2.0, maxval=100.0)
+
+
+@dataclass(frozen=True)
+class SimTriggerConfig:
+    type: str = opt("sim", "Backend: sim (a simulated break-beam at beam_x_mm).", choices=("sim",))
+    beam_x_mm: float = opt(10.0, "Where the beam crosses the channel, from the view's left edge (a whole stone must be in view when its front breaks the beam).", minval=0.0)
+    latency_ms: float = opt(0.3, "Sensor-to-host latency of the trigger edge.", minval=0.0, maxval=20.0)
+
+
+@dataclass(frozen=True)
+class SimValvesConfig:
+    type: str = opt("sim", "Backend: sim (ideal hardware-timed valves in the simulated machine).", choices=("sim",))
+    command_latency_ms: float = opt(
+        1.0, "Time for a pulse command to reach the valve timer; later pulses are refused.",
+        minval=0.0, maxval=50.0,
+    )
+
+
+@dataclass(frozen=True)
+class OnnxInferenceConfig:
+    type: str = opt("onnxruntime", "Backend: onnxruntime (CPU, or CUDA if available).", choices=("onnxruntime",))
+    model: str = opt(
+        "default",
+        "Model bundle directory (model.onnx + manifest.json); 'default' = the bundle "
+        "shipped in the repository's models/default.",
+    )
+    threads: int = opt(1, "onnxruntime intra-op threads per session.", minval=1, maxval=64)
+    providers: tuple[str, ...] = opt(("CPUExecutionProvider",), "onnxruntime execution providers, in order.")
+
+
+@dataclass(frozen=True)
+class DecisionConfig:
+    sort_confidence: float = opt(0.80, "Combined confidence at or above which a stone is sorted unflagged (§5.2).", minval=0.0, maxval=1.0)
+    flag_confidence: float = opt(
+        0.50, "Below this a stone goes to SELECT and is flagged; between this and sort_confidence it is sorted and flagged.",
+        minval=0.0, maxval=1.0,
+    )
+    cut_min_size_mm: float = opt(2.0, "CUT needs at least this sieve size (§8.2).", minval=0.0, maxval=20.0)
+    small_cut_bin: str = opt("SELECT", "Bin for a CUT-class stone below cut_min_size_mm (§8.2).", choices=BINS)
+    low_confidence_bin: str = opt("SELECT", "Bin for stones below flag_confidence (§5.2).", choices=BINS)
+    min_size_mm: float = opt(0.7, "Objects smaller than this are debris: safe route.", minval=0.0, maxval=20.0)
+    max_size_mm: float = opt(6.0, "Single objects larger than this are unclassifiable: safe route.", above=0.0, maxval=50.0)
+    bins: dict = opt(DEFAULT_BINS, "color -> clarity -> bin mapping (§8.2).")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.flag_confidence > self.sort_confidence:
+            problems.append(
+                f"decision.flag_confidence = {self.flag_confidence} must not exceed "
+                f"decision.sort_confidence = {self.sort_confidence}"
+            )
+        problems += _check_bins(self.bins)
+        if problems:
+            raise ConfigError(problems)
+
+
+def _check_bins(bins: dict[str, Any]) -> list[str]:
+    problems = []
+    if set(bins) != set(COLORS):
+        problems.append(f"decision.bins has colours {sorted(bins)}: needs exactly {', '.join(COLORS)}")
+    for color, row in bins.items():
+        if not isinstance(row, dict) or set(row) != set(CLARITIES):
+            problems.append(f"decision.bins.{color} = {row!r}: needs exactly the keys {', '.join(CLARITIES)}")
+            continue
+        for clarity, b in row.items():
+            if b not in BINS:
+                problems.append(f"decision.bins.{color}.{clarity} = {b!r}: choose one of {', '.join(BINS)}")
+    return problems
+
+
+@dataclass(frozen=True)
+class EjectionConfig:
+    opening_latency_ms: dict = opt(
+        {"CUT": 3.0, "SELECT": 3.0, "FLIP": 3.0},
+        "Per-valve delay from electrical command to full jet (calibrated); pulses are sent this much early.",
+    )
+    margin_ms: float = opt(1.0, "Extra jet time before and after the stone's passage.", minval=0.0, maxval=20.0)
+    min_lead_ms: float = opt(
+        2.0, "A pulse is only sent if its start is at least this far in the future; otherwise deadline miss.",
+        minval=0.0, maxval=100.0,
+    )
+    max_pulse_ms: float = opt(25.0, "Longest jet pulse ever sent.", above=0.0, maxval=200.0)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if set(self.opening_latency_ms) != set(JET_BINS):
+            problems.append(f"ejection.opening_latency_ms needs exactly the keys {', '.join(JET_BINS)}")
+        for k, v in self.opening_latency_ms.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
+                problems.append(f"ejection.opening_latency_ms.{k} = {v!r}: must be a number in [0, 100] ms")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    queue_size: int = opt(8, "Capture pairs waiting for processing; overflow is counted and takes the safe route.", minval=1, maxval=1024)
+    workers: int = opt(2, "Worker threads for segmentation and inference.", minval=1, maxval=32)
+    track_tolerance_mm: float = opt(1.5, "How far a stone may be from its predicted position and still be the same stone.", above=0.0, maxval=20.0)
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    log_dir: str = opt("production_logs", "Where batch folders go (§7.1 production_logs/); relative to the working directory.")
+    batch: str = opt("", "Batch name; empty = <date>_<machine name>_<time>.")
+    commit_interval_ms: float = opt(100.0, "Rows are committed at least this often (WAL).", minval=5.0, maxval=5000.0)
+    thumbnail_px: int = opt(96, "Thumbnail height (px); 0 = none.", minval=0, maxval=512)
+    flagged_images: bool = opt(True, "Save full frames of flagged stones (flagged/).")
+    queue_size: int = opt(20000, "Rows waiting for the writer thread before overflow is counted.", minval=10, maxval=1_000_000)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = opt(True, "Serve Prometheus metrics over HTTP.")
+    host: str = opt("127.0.0.1", "Bind address (localhost unless you mean it).")
+    port: int = opt(9108, "Port; 0 = any free port.", minval=0, maxval=65535)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    clock: str = opt("virtual", "virtual = skip idle time (fast), wall = real time (latency work).", choices=("virtual", "wall"))
+    seed: int = opt(1, "Seed of the simulated world.", minval=0)
+    rate_per_s: float = opt(20.0, "Mean stone arrival rate (Poisson, with singulation gap).", above=0.0, maxval=500.0)
+    speed_mm_s: float = opt(400.0, "Mean stone speed on the channel.", above=0.0, maxval=5000.0)
+    speed_spread: float = opt(0.08, "Relative standard deviation of stone speed.", minval=0.0, maxval=0.5)
+    min_gap_mm: float = opt(4.0, "Singulation: usual smallest edge-to-edge gap between stones.", minval=0.0, maxval=100.0)
+    close_pair_prob: float = opt(0.01, "Chance a stone follows its predecessor closely (gap 0.3-2 mm).", minval=0.0, maxval=1.0)
+    touching_pair_prob: float = opt(0.005, "Chance a stone touches its predecessor.", minval=0.0, maxval=1.0)
+    size_min_mm: float = opt(1.0, "Smallest stone (sieve size).", above=0.0, maxval=20.0)
+    size_max_mm: float = opt(5.0, "Largest stone (sieve size).", above=0.0, maxval=20.0)
+    class_mix: dict = opt({}, "Relative frequency per 'color_clarity' class; empty = §1.3 Thai melee mix.")
+    valve_latency_ms: dict = opt({}, "True valve opening latency per bin; empty = same as ejection.opening_latency_ms.")
+    valve_jitter_ms: float = opt(0.1, "Standard deviation of the valves' opening time.", minval=0.0, maxval=10.0)
+    fall_jitter: float = opt(0.002, "Relative spread of each stone's fall time (air drag, spin).", minval=0.0, maxval=0.1)
+    deflect_overlap: float = opt(0.5, "Fraction of a stone's passage the jet must cover to deflect it.", above=0.0, maxval=1.0)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.size_min_mm >= self.size_max_mm:
+            problems.append(f"sim.size_min_mm = {self.size_min_mm} must be below sim.size_max_mm = {self.size_max_mm}")
+        valid = {f"{c}_{k}" for c in COLORS for k in CLARITIES}
+        for k, v in self.class_mix.items():
+            if k not in valid:
+                problems.append(f"sim.class_mix.{k}: unknown class; valid: {', '.join(sorted(valid))}")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                problems.append(f"sim.class_mix.{k} = {v!r}: must be a number >= 0")
+        for k, v in self.valve_latency_ms.items():
+            if k not in JET_BINS or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
+                problems.append(f"sim.valve_latency_ms.{k} = {v!r}: keys {', '.join(JET_BINS)}, values in [0, 100] ms")
+        if problems:
+            raise ConfigError(problems)
+
+
+# part -> backend type -> options class
+BACKENDS: dict[str, dict[str, type]] = {
+    "camera": {"sim": SimCameraConfig},
+    "lights": {"sim": SimLightsConfig},
+    "trigger": {"sim": SimTriggerConfig},
+    "valves": {"sim": SimValvesConfig},
+    "inference": {"onnxruntime": OnnxInferenceConfig},
+}
+
+PLAIN_SECTIONS: dict[str, type] = {
+    "machine": MachineConfig,
+    "geometry": GeometryConfig,
+    "decision": DecisionConfig,
+    "ejection": EjectionConfig,
+    "pipeline": PipelineConfig,
+    "record": RecordConfig,
+    "metrics": MetricsConfig,
+    "sim": SimConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    machine: MachineConfig
+    geometry: GeometryConfig
+    camera: Any
+    lights: Any
+    trigger: Any
+    valves: Any
+    inference: Any
+    decision: DecisionConfig
+    ejection: EjectionConfig
+    pipeline: PipelineConfig
+    record: RecordConfig
+    metrics: MetricsConfig
+    sim: SimConfig
+    source: Path | None = None
+
+    @property
+    def simulated(self) -> bool:
+        return "sim" in (self.camera.type, self.trigger.type, self.valves.type)
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config file, relative to the file's directory."""
+        p = Path(path).expanduser()
+        if p.is_absolute() or self.source is None:
+            return p
+        return (self.source.parent / p).resolve()
+
+
+def _build_backend(part: str, raw: Any, problems: list[str]) -> Any:
+    backends = BACKENDS[part]
+    default_type = next(iter(backends))
+    if not isinstance(raw, dict):
+        problems.append(f"[{part}] must be a table, got {raw!r}")
+        raw = {}
+    kind = raw.get("type", default_type)
+    if kind not in backends:
+        problems.append(f"{part}.type = {kind!r} is not a known backend: choose one of {', '.join(map(repr, backends))}")
+        return backends[default_type]()
+    return build(backends[kind], raw, part, problems)
+
+
+def from_dict(raw: dict[str, Any], source: Path | None = None) -> Config:
+    problems: list[str] = []
+    known = set(BACKENDS) | set(PLAIN_SECTIONS)
+    for key in raw:
+        if key not in known:
+            problems.append(f"[{key}]: unknown section; valid sections are: {', '.join(sorted(known))}")
+    parts: dict[str, Any] = {}
+    for part in BACKENDS:
+        parts[part] = _build_backend(part, raw.get(part, {}), problems)
+    for name, cls in PLAIN_SECTIONS.items():
+        parts[name] = build(cls, raw.get(name, {}), name, problems)
+    if problems:
+        raise ConfigError(problems, str(source) if source else "")
+    return Config(source=source, **parts)
+
+
+def load(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Load and validate a config file; `overrides` are merged section-wise (CLI flags)."""
+    path = Path(path)
+    raw = load_toml(path)
+    for section, values in (overrides or {}).items():
+        table = raw.setdefault(section, {})
+        if isinstance(table, dict):
+            table.update(values)
+    try:
+        return from_dict(raw, path.resolve())
+    except ConfigError as exc:
+        exc.source = str(path)
+        raise
+
+
+def sim_config_path() -> Path:
+    """The example config for the simulated machine, shipped in the package."""
+    return Path(__file__).parent / "configs" / "sim.toml"
+
+
+def reference() -> str:
+    """Markdown config reference generated from the schema."""
+    out = []
+    for part, backends in BACKENDS.items():
+        for kind, cls in backends.items():
+            out.append(f"\n### `[{part}]` type = \"{kind}\"\n")
+            out += [f"- {line}" for line in describe(cls, part)]
+    for name, cls in PLAIN_SECTIONS.items():
+        out.append(f"\n### `[{name}]`\n")
+        out += [f"- {line}" for line in describe(cls, name)]
+    return "\n".join(out) + "\n"
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+    return dataclasses.replace(cfg, **sections)

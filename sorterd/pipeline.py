@@ -1,0 +1,364 @@
+"""The sorting pipeline: one asyncio daemon, stages connected by bounded queues.
+
+  trigger ──▶ [trigger queue] ──▶ capture pair ──▶ [pair queue] ──▶ process
+  process = segment (worker) → track → crop+infer (worker) → decide → plan
+            pulse → valves → (outcome) → record (writer threads)
+
+Threads: the event loop owns all pipeline state (tracker, planner, pending
+stones, stats); segmentation, cropping and inference run in the default
+executor; SQLite and image files have their own writer threads.  Nothing on
+the loop blocks.  Overflow of either queue is counted; the stones it
+concerns take the default trajectory (REJECT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from sorterd.camera import FramePair
+from sorterd.clock import Clock
+from sorterd.config import JET_BINS, Config
+from sorterd.decide import Decision, decide, safe_route, unsortable_reason
+from sorterd.eject import Planner, Pulse, Track, plan_pulse
+from sorterd.infer import OnnxModel, Prediction
+from sorterd.metrics import Metrics
+from sorterd.parts import Parts
+from sorterd.record import ImageJob, Recorder, StoneRow, wall_time_iso
+from sorterd.segment import Observation, PairingLimits, Segmentation, crop_pair, segment_pair
+from sorterd.trigger import TriggerEvent
+
+log = logging.getLogger(__name__)
+
+STAGES = ("segment", "infer", "decide", "compute", "model_only")
+
+
+@dataclass
+class RunStats:
+    """Counters and latency samples for the run summary (loop thread only)."""
+
+    captures: int = 0
+    objects: int = 0
+    clusters: int = 0
+    flagged: int = 0
+    deadline_misses: int = 0
+    conflicts: int = 0
+    pairs_dropped: int = 0
+    triggers_dropped: int = 0
+    decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("CUT", "SELECT", "FLIP", "REJECT"), 0))
+    latency_s: dict[str, deque[float]] = field(
+        default_factory=lambda: {s: deque(maxlen=200_000) for s in STAGES}
+    )
+
+
+@dataclass
+class Pending:
+    """A decided stone whose pulse has not resolved yet."""
+
+    row: StoneRow
+    pulse: Pulse | None
+
+
+class Tracker:
+    """Recognises a stone seen again in a later capture (it is still in view)."""
+
+    def __init__(self, tolerance_mm: float) -> None:
+        self.tolerance_mm = tolerance_mm
+        self.tracks: deque[Track] = deque(maxlen=256)
+        self.y: dict[str, float] = {}
+
+    def is_known(self, obs: Observation) -> bool:
+        for tr in self.tracks:
+            predicted = tr.x_mm + tr.speed_mm_s * (obs.t_ns - tr.t_obs_ns) * 1e-9
+            if abs(predicted - obs.x_mm) < self.tolerance_mm and abs(self.y[tr.stone_id] - obs.y_mm) < 1.0:
+                return True
+        return False
+
+    def add(self, track: Track, y_mm: float) -> None:
+        if len(self.tracks) == self.tracks.maxlen:
+            self.y.pop(self.tracks[0].stone_id, None)
+        self.tracks.append(track)
+        self.y[track.stone_id] = y_mm
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, clock: Clock, parts: Parts, model: OnnxModel,
+                 recorder: Recorder, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.parts = parts
+        self.model = model
+        self.recorder = recorder
+        self.metrics = metrics
+        self.stats = RunStats()
+        self.planner = Planner(cfg.geometry, cfg.ejection)
+        self.tracker = Tracker(cfg.pipeline.track_tolerance_mm)
+        self.pending: dict[str, Pending] = {}
+        self.rows: list[StoneRow] = []  # every finished row, for the run summary
+        self._next_id = 1
+        self._triggers: asyncio.Queue[TriggerEvent] = asyncio.Queue(maxsize=16)
+        self._pairs: asyncio.Queue[FramePair | None] = asyncio.Queue(maxsize=cfg.pipeline.queue_size)
+        self._outcomes: set[asyncio.Task[None]] = set()
+        cam = parts.camera
+        self._refs = {m: cam.reference(m) for m in ("backlit", "toplit")}
+        self._limits = PairingLimits(
+            pixels_per_mm=cam.pixels_per_mm, dt_s=cfg.lights.pair_interval_ms / 1e3,
+            speed_min_mm_s=cfg.geometry.speed_min_mm_s, speed_max_mm_s=cfg.geometry.speed_max_mm_s,
+            max_single_length_mm=cfg.decision.max_size_mm * 1.6,
+        )
+        size = model.manifest.size
+        self._input_px = int(size[0])
+        self._crop_px = max(8, int(round(model.manifest.crop_mm * cam.pixels_per_mm)))
+        metrics.model.info({"version": model.version, "sha256": model.manifest.onnx_sha256})
+
+    # -- stage 1: triggers ----------------------------------------------------
+
+    async def _trigger_loop(self) -> None:
+        while (ev := await self.parts.trigger.next()) is not None:
+            try:
+                self._triggers.put_nowait(ev)
+            except asyncio.QueueFull:
+                # The stone is still in view: the next pair will show it.
+                self.stats.triggers_dropped += 1
+                self.metrics.overflow.labels("trigger").inc()
+        await self._triggers.put(TriggerEvent(-1))  # end of input
+
+    # -- stage 2: capture -----------------------------------------------------
+
+    async def _capture_loop(self) -> None:
+        seq = 0
+        while (ev := await self._triggers.get()).t_ns >= 0:
+            pair = await self._capture(seq, ev)
+            seq += 1
+            self._drain_covered_triggers(pair.backlit.t_ns)
+            self.stats.captures += 1
+            self.metrics.captures.inc()
+            try:
+                self._pairs.put_nowait(pair)
+            except asyncio.QueueFull:
+                self.stats.pairs_dropped += 1
+                self.metrics.overflow.labels("pairs").inc()
+                log.warning("pair queue full: capture %d dropped, its stones fall to REJECT", pair.seq)
+            self.metrics.queue_depth.labels("pairs").set(self._pairs.qsize())
+        await self._pairs.put(None)
+
+    async def _capture(self, seq: int, ev: TriggerEvent) -> FramePair:
+        """§2.2: backlit strobe + frame at t0, ring light + frame at t0+10 ms, dark by t0+20 ms."""
+        lights, camera = self.parts.lights, self.parts.camera
+        t0 = self.clock.now_ns()
+        t1 = t0 + int(self.cfg.lights.pair_interval_ms * 1e6)
+        lights.strobe("backlit", t0, t1)
+        back = await camera.grab("backlit", t0)
+        lights.strobe("toplit", t1, t0 + int(self.cfg.lights.lights_off_ms * 1e6))
+        top = await camera.grab("toplit", t1)
+        return FramePair(seq, ev.t_ns, back, top)
+
+    def _drain_covered_triggers(self, t0_ns: int) -> None:
+        """Triggers from before this exposure announce stones already in the pair."""
+        while not self._triggers.empty():
+            ev = self._triggers._queue[0]  # type: ignore[attr-defined]
+            if ev.t_ns < 0 or ev.t_ns > t0_ns:
+                break
+            self._triggers.get_nowait()
+
+    # -- stage 3: process -----------------------------------------------------
+
+    async def _process_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (pair := await self._pairs.get()) is not None:
+            self.metrics.queue_depth.labels("pairs").set(self._pairs.qsize())
+            t = time.perf_counter()
+            seg: Segmentation = await loop.run_in_executor(None, self._segment, pair)
+            seg_s = time.perf_counter() - t
+            new = [o for o in seg.observations if not self.tracker.is_known(o)]
+            if new:
+                await self._handle_new(pair, new, seg_s)
+            self.planner.forget_before(self.clock.now_ns())
+
+    def _segment(self, pair: FramePair) -> Segmentation:
+        return segment_pair(pair.backlit.image, pair.toplit.image, self._refs["backlit"],
+                            self._refs["toplit"], pair.toplit.t_ns, self._limits)
+
+    async def _handle_new(self, pair: FramePair, new: list[Observation], seg_s: float) -> None:
+        reasons = [unsortable_reason(o.size_mm, o.length_mm, o.reason, self.cfg.decision) for o in new]
+        crops = await asyncio.get_running_loop().run_in_executor(None, self._crops, pair, new)
+        to_classify = [i for i, r in enumerate(reasons) if not r]
+        preds: dict[int, Prediction] = {}
+        infer_s = model_s = 0.0
+        if to_classify:
+            t = time.perf_counter()
+            out, model_s = await asyncio.get_running_loop().run_in_executor(
+                None, self.model.predict, crops[to_classify])
+            infer_s = time.perf_counter() - t
+            preds = dict(zip(to_classify, out, strict=True))
+        for i, obs in enumerate(new):
+            t = time.perf_counter()
+            sid, dec, pulse = self._decide_and_plan(obs, preds.get(i), reasons[i])
+            decide_s = time.perf_counter() - t
+            self._dispatch(sid, pair, obs, preds.get(i), dec, pulse, crops[i])
+            if i in preds:
+                self._record_latency(seg_s, infer_s, decide_s, model_s)
+
+    def _crops(self, pair: FramePair, obs: list[Observation]) -> np.ndarray:
+        return np.stack([crop_pair(pair.backlit.image, pair.toplit.image, o, self._crop_px, self._input_px) for o in obs])
+
+    def _record_latency(self, seg_s: float, infer_s: float, decide_s: float, model_s: float) -> None:
+        values = {"segment": seg_s, "infer": infer_s, "decide": decide_s,
+                  "compute": seg_s + infer_s + decide_s, "model_only": model_s}
+        for stage, v in values.items():
+            self.stats.latency_s[stage].append(v)
+            self.metrics.stage.labels(stage).observe(v)
+
+    # -- decide, plan, fire ---------------------------------------------------
+
+    def _decide_and_plan(self, obs: Observation, pred: Prediction | None, reason: str) -> tuple[str, Decision, Pulse | None]:
+        sid = f"S{self._next_id:06d}"
+        self._next_id += 1
+        if pred is None:
+            dec = safe_route(self.cfg.machine.safe_route, reason)
+        else:
+            m = self.model.manifest
+            dec = decide(pred.p_color, pred.p_clarity, obs.size_mm, self.cfg.decision, m.color_classes, m.clarity_classes)
+        track = Track(sid, obs.t_ns, obs.x_mm, obs.speed_mm_s, obs.length_mm)
+        self.tracker.add(track, obs.y_mm)
+        dec = self._resolve_neighbours(track, dec)
+        pulse = plan_pulse(track, dec.bin, self.cfg.geometry, self.cfg.ejection) if dec.bin in JET_BINS else None
+        return sid, dec, pulse
+
+    def _dispatch(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
+                  dec: Decision, pulse: Pulse | None, crop: np.ndarray) -> None:
+        """Send the pulse (or not), and hand the stone to the recorder."""
+        row = self._row(sid, pair, obs, pred, dec, pulse)
+        self._count(obs, dec)
+        self._save_images(sid, pair, crop, dec.flagged)
+        if pulse is None:
+            self._finish(row)
+            return
+        lead_ns = pulse.start_ns - self.clock.now_ns()
+        refusal = None if lead_ns >= self.cfg.ejection.min_lead_ms * 1e6 else f"late: {lead_ns / 1e6:.2f} ms lead"
+        refusal = refusal or self.parts.valves.schedule(pulse)
+        if refusal:
+            self._deadline_miss(row, refusal)
+            return
+        self.planner.pulses[sid] = pulse
+        self.pending[sid] = Pending(row, pulse)
+        task = asyncio.get_running_loop().create_task(self._await_outcome(sid, pulse))
+        self._outcomes.add(task)
+        task.add_done_callback(self._outcomes.discard)
+
+    def _resolve_neighbours(self, track: Track, dec: Decision) -> Decision:
+        """No jet may catch a second stone: both stones take the default trajectory."""
+        self.planner.add(track)
+        for other in self.planner.caught_by(track, dec.bin):
+            self._cancel_for_conflict(other)
+        if dec.bin not in JET_BINS:
+            return dec
+        probe = plan_pulse(track, dec.bin, self.cfg.geometry, self.cfg.ejection)
+        if self.planner.conflicts(probe):
+            self.stats.conflicts += 1
+            self.metrics.conflicts.inc()
+            return Decision("REJECT", dec.color, dec.clarity, dec.confidence, dec.flagged,
+                            f"neighbour conflict (was {dec.bin})")
+        return dec
+
+    def _cancel_for_conflict(self, sid: str) -> None:
+        pend = self.pending.get(sid)
+        if pend is None or pend.pulse is None:
+            return
+        if self.parts.valves.cancel(pend.pulse):
+            self.planner.pulses.pop(sid, None)
+            pend.row.reason = f"neighbour conflict (was {pend.row.bin})"
+            self.stats.decided[pend.row.bin] -= 1
+            pend.row.bin = "REJECT"
+            self.stats.decided["REJECT"] += 1
+            self.stats.conflicts += 1
+            self.metrics.conflicts.inc()
+        else:
+            log.warning("%s: pulse could not be cancelled; a neighbour may be co-deflected", sid)
+
+    async def _await_outcome(self, sid: str, pulse: Pulse) -> None:
+        outcome = await self.parts.valves.outcome(pulse)
+        pend = self.pending.pop(sid)
+        row = pend.row
+        row.valve_status = outcome.status
+        row.actual_on_ns, row.actual_off_ns = outcome.actual_on_ns, outcome.actual_off_ns
+        self.metrics.pulses.labels(pulse.valve, outcome.status.split(":")[0]).inc()
+        if outcome.status.startswith("refused"):
+            self._deadline_miss(row, outcome.status)
+            return
+        self._finish(row)
+
+    def _deadline_miss(self, row: StoneRow, why: str) -> None:
+        row.deadline_miss = 1
+        row.valve_status = why
+        row.route = "REJECT"
+        self.stats.deadline_misses += 1
+        self.metrics.deadline_misses.inc()
+        self.planner.pulses.pop(row.stone_id, None)
+        log.warning("%s: deadline miss (%s): falls to REJECT", row.stone_id, why)
+        self._finish(row)
+
+    def _finish(self, row: StoneRow) -> None:
+        self.rows.append(row)
+        self.recorder.submit(row)
+        self.metrics.queue_depth.labels("record").set(self.recorder.depth)
+
+    def _count(self, obs: Observation, dec: Decision) -> None:
+        self.stats.objects += 1
+        self.stats.decided[dec.bin] += 1
+        self.metrics.stones.labels(dec.bin).inc()
+        if obs.cluster:
+            self.stats.clusters += 1
+            self.metrics.clusters.inc()
+        if dec.flagged:
+            self.stats.flagged += 1
+            self.metrics.flagged.inc()
+
+    def _row(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
+             dec: Decision, pulse: Pulse | None) -> StoneRow:
+        pc = [float(v) for v in pred.p_color] if pred is not None else [None] * 3
+        pk = [float(v) for v in pred.p_clarity] if pred is not None else [None] * 3
+        return StoneRow(
+            stone_id=sid, capture_seq=pair.seq, t_trigger_ns=pair.trigger_ns,
+            t_backlit_ns=pair.backlit.t_ns, t_toplit_ns=pair.toplit.t_ns, t_decided_ns=self.clock.now_ns(),
+            x_mm=obs.x_mm, y_mm=obs.y_mm, speed_mm_s=obs.speed_mm_s, size_mm=obs.size_mm,
+            length_mm=obs.length_mm, cluster=int(obs.cluster),
+            p_blue=pc[0], p_light=pc[1], p_inky=pc[2],
+            p_transparent=pk[0], p_translucent=pk[1], p_opaque=pk[2],
+            color=dec.color, clarity=dec.clarity, confidence=dec.confidence, bin=dec.bin,
+            route=dec.bin, reason=dec.reason, flagged=int(dec.flagged), deadline_miss=0,
+            planned_on_ns=pulse.start_ns if pulse else None, planned_off_ns=pulse.end_ns if pulse else None,
+            actual_on_ns=None, actual_off_ns=None, valve_status="no pulse" if pulse is None else "scheduled",
+            model_version=self.model.version, wall_time=wall_time_iso(),
+        )
+
+    def _save_images(self, sid: str, pair: FramePair, crop: np.ndarray, flagged: bool) -> None:
+        rc = self.cfg.record
+        thumb = None
+        if rc.thumbnail_px:
+            side = np.concatenate([crop[:, :, 2::-1], crop[:, :, 5:2:-1]], axis=1)  # RGB->BGR halves
+            h = rc.thumbnail_px
+            thumb = cv2.resize(side, (2 * h, h), interpolation=cv2.INTER_AREA)
+        full = {"backlit": pair.backlit.image, "toplit": pair.toplit.image} if flagged and rc.flagged_images else None
+        if thumb is not None or full:
+            self.recorder.submit_images(ImageJob(sid, thumb, full))
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until the trigger source ends (simulation) or the task is cancelled."""
+        tasks = [asyncio.create_task(c, name=n) for n, c in (
+            ("trigger", self._trigger_loop()), ("capture", self._capture_loop()), ("process", self._process_loop()))]
+        try:
+            await asyncio.gather(*tasks)
+            while self._outcomes:
+                await asyncio.gather(*list(self._outcomes))
+        finally:
+            for t in tasks:
+                t.cancel()

@@ -1,0 +1,1 @@
+"""The simulated machine: a world model plus ordinary backends for every part."""

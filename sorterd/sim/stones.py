@@ -1,0 +1,81 @@
+"""What a simulated stone *is*: its ground truth and its look.
+
+The world model (`sorterd.sim.world`) moves `StoneSpec`s along the channel; the
+renderer (`sorterd.sim.render`) draws them.  Nothing in the sorting pipeline
+imports this module: the pipeline only ever sees pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+COLORS = ("blue", "light", "inky")
+CLARITIES = ("transparent", "translucent", "opaque")
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """How a stone looks, independent of where it is.
+
+    hue_deg, sat, val: the stone's body colour under the ring light (HSV,
+        hue in degrees 0..360, sat/val 0..1) -- the colour signal (§3.2.1).
+    transmission: fraction of backlight passing through the stone body,
+        0 (opaque silhouette) .. 1 (as bright as the empty panel) -- the
+        clarity signal (§3.2.2).
+    texture: strength 0..1 of the rough-surface mottling.
+    texture_seed: seed for the stone's fixed surface pattern, so the same
+        stone looks the same in both frames and in every capture.
+    zone_val_delta, zone_transmission_delta: a second zone of the stone that
+        differs in colour value / transmission (§6.3 mixed stones); 0 = none.
+    zone_angle_deg: orientation of the boundary between the two zones.
+    """
+
+    hue_deg: float
+    sat: float
+    val: float
+    transmission: float
+    texture: float = 0.3
+    texture_seed: int = 0
+    zone_val_delta: float = 0.0
+    zone_transmission_delta: float = 0.0
+    zone_angle_deg: float = 0.0
+
+
+@dataclass(frozen=True)
+class StoneSpec:
+    """One physical stone fed into the machine.
+
+    outline_mm: (K, 2) float array, polygon vertices in mm relative to the
+        stone's centroid (x along the channel, y across it), as the camera
+        sees it.  Stones slide without turning, so the outline is fixed.
+    size_mm: sieve size = shorter side of the outline's minimum-area
+        rectangle (what the 2 mm CUT rule is about, §8.2).
+    length_mm: longer side of that rectangle.
+    speed_mm_s: speed along the channel (constant while on the channel).
+    t_entry_ns: host-monotonic instant the centroid crosses x = 0 mm (the
+        left edge of the camera's field of view).
+    y_mm: the centroid's lateral position, across the channel.
+    """
+
+    sim_id: int
+    color: str
+    clarity: str
+    outline_mm: np.ndarray = field(repr=False)
+    size_mm: float
+    length_mm: float
+    appearance: Appearance
+    speed_mm_s: float
+    t_entry_ns: int
+    y_mm: float
+    lot_id: str = "LOT-SIM-001"
+    flags: tuple[str, ...] = ()
+
+    def x_mm_at(self, t_ns: int) -> float:
+        """Centroid position along the channel at host time t_ns."""
+        return (t_ns - self.t_entry_ns) * 1e-9 * self.speed_mm_s
+
+    def t_at_x_ns(self, x_mm: float) -> int:
+        """Host time at which the centroid is at x_mm on the channel."""
+        return self.t_entry_ns + int(round(x_mm / self.speed_mm_s * 1e9))

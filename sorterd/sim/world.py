@@ -1,0 +1,219 @@
+"""The simulated machine's physics: feeder, channel, fall, jets and bins.
+
+This is a world model, not a test mock.  It decides, from the stones it fed
+and from when each jet was *actually* open, where every stone physically
+lands -- knowing nothing of what the pipeline intended.
+
+Geometry (all in mm, times in host monotonic ns):
+  * x runs along the channel from the camera view's left edge; stones slide
+    at constant per-stone speed and start to fall at ``lip_mm``;
+  * after the lip a stone falls freely: it passes the nozzle ``d`` mm below
+    the lip ``sqrt(2 d / g)`` s later, at ``g t`` mm/s;
+  * a jet deflects a stone into its bin if it is open for at least
+    ``deflect_overlap`` of the stone's passage through it; nozzles are met
+    top to bottom and the first that deflects wins; no jet -> REJECT.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+
+import cv2
+import numpy as np
+
+from sorterd.config import JET_BINS, GeometryConfig, SimCameraConfig, SimConfig
+from sorterd.physics import fall_time_s, passage_window_ns
+from sorterd.sim.appearance import make_stone_look
+from sorterd.sim.stones import CLARITIES, COLORS, StoneSpec
+
+# §1.3 expected frequencies in Thai rough melee (mid-points of the ranges).
+THAI_MELEE_MIX = {
+    "blue_transparent": 17.5, "blue_translucent": 22.5, "blue_opaque": 7.5,
+    "light_transparent": 7.5, "light_translucent": 17.5, "light_opaque": 6.5,
+    "inky_transparent": 2.0, "inky_translucent": 6.5, "inky_opaque": 7.5,
+}
+
+
+@dataclass
+class Landing:
+    bin: str
+    reason: str  # "jet CUT", "no jet", ...
+    t_ns: int
+
+
+@dataclass
+class World:
+    sim: SimConfig
+    geometry: GeometryConfig
+    camera: SimCameraConfig
+    opening_latency_ms: dict[str, float]
+    stones: list[StoneSpec] = field(default_factory=list)
+    # bin -> list of (on_ns, off_ns) when that jet was physically open
+    jets: dict[str, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.sim.seed)
+        self.fall_scale: dict[int, float] = {}
+
+    @property
+    def view_mm(self) -> tuple[float, float]:
+        ppm = self.camera.pixels_per_mm
+        return self.camera.width_px / ppm, self.camera.height_px / ppm
+
+    # -- feeder ---------------------------------------------------------------
+
+    def feed(self, n: int, t_start_ns: int) -> list[StoneSpec]:
+        """Generate n stones entering the view after t_start_ns."""
+        classes, weights = self._class_weights()
+        prev: StoneSpec | None = None
+        t = t_start_ns
+        for i in range(n):
+            color, clarity = classes[self.rng.choice(len(classes), p=weights)]
+            stone = self._next_stone(i, color, clarity, prev, t)
+            self.stones.append(stone)
+            self.fall_scale[stone.sim_id] = 1.0 + self.rng.normal(0.0, self.sim.fall_jitter)
+            prev, t = stone, stone.t_entry_ns
+        return self.stones
+
+    def start_at(self, t_ns: int) -> None:
+        """Shift the fed stones so the first interval starts at t_ns.
+
+        Generating thousands of stones takes real time; feeding relative to 0
+        and shifting afterwards keeps the first stones from passing unseen.
+        """
+        self.stones = [replace(s, t_entry_ns=s.t_entry_ns + t_ns) for s in self.stones]
+
+    def _class_weights(self) -> tuple[list[tuple[str, str]], np.ndarray]:
+        mix = self.sim.class_mix or THAI_MELEE_MIX
+        classes = [(c, k) for c in COLORS for k in CLARITIES]
+        w = np.array([float(mix.get(f"{c}_{k}", 0.0)) for c, k in classes])
+        if w.sum() <= 0:
+            raise ValueError("sim.class_mix gives every class zero weight")
+        return classes, w / w.sum()
+
+    def _next_stone(self, i: int, color: str, clarity: str, prev: StoneSpec | None, t_prev: int) -> StoneSpec:
+        size = float(self.rng.uniform(self.sim.size_min_mm, self.sim.size_max_mm))
+        outline, size, length, look = make_stone_look(color, clarity, size, self.rng)
+        outline = _align_to_channel(outline, self.rng)
+        speed = self.sim.speed_mm_s * max(0.5, 1.0 + self.rng.normal(0.0, self.sim.speed_spread))
+        y = self.view_mm[1] / 2.0 + float(self.rng.normal(0.0, 0.4))
+        if prev is None:
+            t_entry = t_prev + int(self.rng.exponential(1.0 / self.sim.rate_per_s) * 1e9)
+            return self._stone(i, color, clarity, outline, size, length, look, speed, t_entry, y)
+        edge_gap, speed = self._gap_and_speed(prev, speed)
+        centre_gap = edge_gap + _half_extent_x(prev.outline_mm, +1) + _half_extent_x(outline, -1)
+        t_entry = prev.t_entry_ns + int(centre_gap / prev.speed_mm_s * 1e9)
+        t_entry = max(t_entry, self._no_catch_up_entry(prev, speed, centre_gap))
+        return self._stone(i, color, clarity, outline, size, length, look, speed, t_entry, y)
+
+    def _gap_and_speed(self, prev: StoneSpec, speed: float) -> tuple[float, float]:
+        u = self.rng.random()
+        if u < self.sim.touching_pair_prob:
+            return float(self.rng.uniform(-0.25, -0.05)), prev.speed_mm_s
+        if u < self.sim.touching_pair_prob + self.sim.close_pair_prob:
+            return float(self.rng.uniform(0.3, 2.0)), prev.speed_mm_s
+        # Singulated: a minimum gap plus an exponential tail sized so that the
+        # mean arrival rate is sim.rate_per_s.
+        mean_gap_mm = self.sim.speed_mm_s / self.sim.rate_per_s
+        dead_mm = self.sim.min_gap_mm + (self.sim.size_min_mm + self.sim.size_max_mm) / 2.0
+        tail = max(mean_gap_mm - dead_mm, 0.05 * mean_gap_mm)
+        return self.sim.min_gap_mm + float(self.rng.exponential(tail)), speed
+
+    def _no_catch_up_entry(self, prev: StoneSpec, speed: float, centre_gap: float) -> int:
+        """Entry time so a faster stone is still centre_gap behind at the lip."""
+        if speed <= prev.speed_mm_s:
+            return 0
+        t_prev_lip = prev.t_at_x_ns(self.geometry.lip_mm)
+        return t_prev_lip - int((self.geometry.lip_mm - centre_gap) / speed * 1e9)
+
+    @staticmethod
+    def _stone(i: int, color: str, clarity: str, outline: np.ndarray, size: float, length: float,
+               look: object, speed: float, t_entry: int, y: float) -> StoneSpec:
+        return StoneSpec(
+            sim_id=i, color=color, clarity=clarity, outline_mm=outline, size_mm=size,
+            length_mm=length, appearance=look, speed_mm_s=speed, t_entry_ns=t_entry, y_mm=y,  # type: ignore[arg-type]
+        )
+
+    # -- what the camera and the beam see -------------------------------------
+
+    def placed_at(self, t_ns: int) -> list[tuple[StoneSpec, float, float]]:
+        """Stones (any part) inside the camera's view at t_ns, with centroid x, y."""
+        width = self.view_mm[0]
+        out = []
+        for s in self.stones:
+            x = s.x_mm_at(t_ns)
+            if -s.length_mm < x < width + s.length_mm:
+                out.append((s, x, s.y_mm))
+        return out
+
+    def beam_times(self, beam_x_mm: float) -> list[tuple[int, int]]:
+        """(t_break_ns, t_clear_ns) for each time the beam is interrupted.
+
+        A touching pair blocks the beam continuously, so it is one event.
+        """
+        spans = []
+        for s in self.stones:
+            front = _half_extent_x(s.outline_mm, +1)
+            back = _half_extent_x(s.outline_mm, -1)
+            spans.append((s.t_at_x_ns(beam_x_mm - front), s.t_at_x_ns(beam_x_mm + back)))
+        spans.sort()
+        merged: list[tuple[int, int]] = []
+        for on, off in spans:
+            if merged and on <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(off, merged[-1][1]))
+            else:
+                merged.append((on, off))
+        return merged
+
+    # -- falling and jets -----------------------------------------------------
+
+    def true_latency_ns(self, bin_name: str) -> int:
+        ms = self.sim.valve_latency_ms.get(bin_name, self.opening_latency_ms[bin_name])
+        jitter = self.rng.normal(0.0, self.sim.valve_jitter_ms) if self.sim.valve_jitter_ms else 0.0
+        return int((ms + jitter) * 1e6)
+
+    def open_jet(self, bin_name: str, command_on_ns: int, command_off_ns: int) -> tuple[int, int]:
+        """A valve was commanded open over [on, off): the jet follows with its latency."""
+        on = command_on_ns + self.true_latency_ns(bin_name)
+        off = command_off_ns + self.true_latency_ns(bin_name)
+        self.jets[bin_name].append((on, off))
+        return on, off
+
+    def nozzle_passage(self, stone: StoneSpec, bin_name: str) -> tuple[int, int]:
+        drop = self.geometry.nozzle_drop_mm[bin_name]
+        t_lip = stone.t_at_x_ns(self.geometry.lip_mm)
+        t_c = t_lip + int(fall_time_s(drop) * self.fall_scale[stone.sim_id] * 1e9)
+        return passage_window_ns(t_c, drop, stone.length_mm, self.geometry.jet_width_mm)
+
+    def landing(self, stone: StoneSpec) -> Landing:
+        for bin_name in sorted(JET_BINS, key=lambda b: self.geometry.nozzle_drop_mm[b]):
+            start, end = self.nozzle_passage(stone, bin_name)
+            covered = sum(max(0, min(end, off) - max(start, on)) for on, off in self.jets[bin_name])
+            if covered >= self.sim.deflect_overlap * (end - start):
+                return Landing(bin_name, f"jet {bin_name}", end)
+        bottom = max(self.geometry.nozzle_drop_mm.values())
+        t_end = stone.t_at_x_ns(self.geometry.lip_mm) + int(fall_time_s(bottom) * 1.2e9)
+        return Landing("REJECT", "no jet", t_end)
+
+    def last_landing_ns(self) -> int:
+        if not self.stones:
+            return 0
+        bottom = max(self.geometry.nozzle_drop_mm.values())
+        last = max(s.t_at_x_ns(self.geometry.lip_mm) for s in self.stones)
+        return last + int(fall_time_s(bottom) * 1.2e9)
+
+
+def _align_to_channel(outline: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Elongated stones slide lengthwise down a V channel: long axis along x, +-25 deg."""
+    (_, _), (w, h), angle = cv2.minAreaRect(outline.astype(np.float32))
+    long_axis = angle if w >= h else angle + 90.0
+    theta = np.deg2rad(-long_axis + rng.uniform(-25.0, 25.0))
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    return outline @ rot.T
+
+
+def _half_extent_x(outline: np.ndarray, sign: int) -> float:
+    """How far the outline reaches ahead (+1) or behind (-1) its centroid."""
+    xs = outline[:, 0]
+    return float(xs.max()) if sign > 0 else float(-xs.min())

@@ -1,0 +1,24 @@
+"""Triggers: 'a stone is entering the imaging zone'.
+
+Backends (`[trigger] type`): `sim` (a break-beam in the simulated machine).
+Later: `beam` (GPIO edge) and `vision`.  Each event carries the host time of
+the edge itself, not of when Python noticed it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class TriggerEvent:
+    t_ns: int  # the edge, host monotonic ns
+
+
+class Trigger(Protocol):
+    async def next(self) -> TriggerEvent | None:
+        """The next edge, or None when the source is exhausted (end of a simulated run)."""
+        ...
+
+    def close(self) -> None: ...
