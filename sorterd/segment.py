@@ -213,7 +213,9 @@ def _observe(b: Blob, t: Blob, t_ns: int, lim: PairingLimits) -> Observation:
     size_mm = (b.size_px + t.size_px) / 2.0 / ppm
     length_mm = max(b.length_px, t.length_px) / ppm
     reason = ""
-    if b.is_cluster_shape or t.is_cluster_shape:
+    # Touching stones touch in both exposures; a notch in only one frame's mask
+    # is a mask artefact (a faint rim of a tiny clear stone on the backlight).
+    if b.is_cluster_shape and t.is_cluster_shape:
         reason = "cluster: touching stones (shape is not one stone)"
     elif length_mm > lim.max_single_length_mm:
         reason = f"cluster: {length_mm:.1f} mm long, longer than any single stone"

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sorterd import config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def sim_cfg() -> config.Config:
+    return config.load(config.sim_config_path())
+
+
+def write_toml(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
