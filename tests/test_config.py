@@ -129,3 +129,10 @@ def test_reference_documents_every_section() -> None:
     for section in ("machine", "geometry", "camera", "decision", "ejection", "record", "metrics", "sim"):
         assert f"[{section}]" in ref
     assert "`decision.sort_confidence` (default `0.8`)" in ref
+
+
+def test_docs_config_reference_is_current() -> None:
+    from tests.conftest import REPO
+
+    doc = (REPO / "docs" / "config.md").read_text()
+    assert config.reference() in doc, "docs/config.md is stale: regenerate with `sorterd check-config --reference`"
