@@ -66,7 +66,8 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
     _write_batch_info(batch_dir, cfg, model)
     metrics = Metrics()
     port = metrics.serve(cfg.metrics.host, cfg.metrics.port) if cfg.metrics.enabled else None
-    recorder = Recorder(batch_dir, cfg.record.commit_interval_ms / 1e3, cfg.record.queue_size)
+    recorder = Recorder(batch_dir, cfg.record.commit_interval_ms / 1e3, cfg.record.queue_size,
+                        cfg.record.thumbnail_px)
     parts = open_parts(cfg, clock)
     pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics)
     print(f"sorterd: batch {batch_dir}  model {model.version}"

@@ -174,7 +174,7 @@ def describe(cls: type, section: str) -> list[str]:
     lines = []
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         bounds = []
         if meta.get("choices"):
             bounds.append("one of " + ", ".join(repr(c) for c in meta["choices"]))

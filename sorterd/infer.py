@@ -151,14 +151,36 @@ class OnnxModel:
         x += self._add
         return x
 
+    def preprocess_halves(self, halves: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """[(backlit BGR, toplit BGR), ...] -> (N, 6, H, W) float32, RGB order per half.
+
+        Same result as `preprocess` on the concatenated RGB crops, ~3x faster:
+        each plane is copied once, with no 6-channel intermediate.
+        """
+        h, w = halves[0][0].shape[:2]
+        x = np.empty((len(halves), 6, h, w), dtype=np.float32)
+        for i, (back, top) in enumerate(halves):
+            for k, img in enumerate((back, top)):
+                for c in range(3):
+                    x[i, 3 * k + c] = img[:, :, 2 - c]  # BGR -> RGB
+        x *= self._mul
+        x += self._add
+        return x
+
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The bare model call: preprocessed batch in, logits out."""
         color, clarity = self.session.run(self._outputs, {self.manifest.input_name: x})
         return color, clarity
 
     def predict(self, crops_hwc: np.ndarray) -> tuple[list[Prediction], float]:
-        """Probabilities for a batch, and the bare model call's duration in s."""
-        x = self.preprocess(crops_hwc)
+        """Probabilities for a batch of 6-channel RGB crops, and the bare model call's seconds."""
+        return self._classify(self.preprocess(crops_hwc))
+
+    def predict_halves(self, halves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Prediction], float]:
+        """Probabilities for (backlit, toplit) BGR crop pairs: the pipeline's hot path."""
+        return self._classify(self.preprocess_halves(halves))
+
+    def _classify(self, x: np.ndarray) -> tuple[list[Prediction], float]:
         t0 = time.perf_counter()
         color, clarity = self.run(x)
         model_s = time.perf_counter() - t0

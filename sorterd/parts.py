@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,8 @@ from sorterd.config import Config
 from sorterd.lights import Lights
 from sorterd.trigger import Trigger
 from sorterd.valves import Valves
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,13 +26,12 @@ class Parts:
 
     def close(self) -> None:
         # Valves first: whatever else fails, the jets must end up off.
-        for part in (self.valves, self.trigger, self.camera, self.lights):
+        closers = [self.valves.close, self.trigger.close, self.camera.close, self.lights.all_off]
+        for close in closers:
             try:
-                part.close() if part is not self.lights else self.lights.all_off()
+                close()
             except Exception:  # noqa: BLE001 -- one failing part must not stop the others closing
-                import logging
-
-                logging.getLogger(__name__).exception("closing %s failed", type(part).__name__)
+                log.exception("closing %s failed", close)
 
 
 def open_parts(cfg: Config, clock: Clock) -> Parts:

@@ -19,7 +19,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
 from sorterd.camera import FramePair
@@ -31,12 +30,15 @@ from sorterd.infer import OnnxModel, Prediction
 from sorterd.metrics import Metrics
 from sorterd.parts import Parts
 from sorterd.record import ImageJob, Recorder, StoneRow, wall_time_iso
-from sorterd.segment import Observation, PairingLimits, Segmentation, crop_pair, segment_pair
+from sorterd.segment import Observation, PairingLimits, crop_halves, segment_pair
 from sorterd.trigger import TriggerEvent
 
 log = logging.getLogger(__name__)
 
 STAGES = ("segment", "infer", "decide", "compute", "model_only")
+# Not a compute stage: from the toplit exposure to the pulse being handed to the
+# valves, including queueing and worker hand-offs (the budget that matters).
+LATENCIES = (*STAGES, "exposure_to_pulse")
 
 
 @dataclass
@@ -53,7 +55,7 @@ class RunStats:
     triggers_dropped: int = 0
     decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("CUT", "SELECT", "FLIP", "REJECT"), 0))
     latency_s: dict[str, deque[float]] = field(
-        default_factory=lambda: {s: deque(maxlen=200_000) for s in STAGES}
+        default_factory=lambda: {s: deque(maxlen=200_000) for s in LATENCIES}
     )
 
 
@@ -66,25 +68,42 @@ class Pending:
 
 
 class Tracker:
-    """Recognises a stone seen again in a later capture (it is still in view)."""
+    """Recognises a stone seen again in a later capture (it is still in view).
+
+    Owned by the loop thread; workers get an immutable `snapshot()`.
+    """
 
     def __init__(self, tolerance_mm: float) -> None:
         self.tolerance_mm = tolerance_mm
-        self.tracks: deque[Track] = deque(maxlen=256)
-        self.y: dict[str, float] = {}
-
-    def is_known(self, obs: Observation) -> bool:
-        for tr in self.tracks:
-            predicted = tr.x_mm + tr.speed_mm_s * (obs.t_ns - tr.t_obs_ns) * 1e-9
-            if abs(predicted - obs.x_mm) < self.tolerance_mm and abs(self.y[tr.stone_id] - obs.y_mm) < 1.0:
-                return True
-        return False
+        self.tracks: deque[tuple[Track, float]] = deque(maxlen=64)  # (track, y_mm)
 
     def add(self, track: Track, y_mm: float) -> None:
-        if len(self.tracks) == self.tracks.maxlen:
-            self.y.pop(self.tracks[0].stone_id, None)
-        self.tracks.append(track)
-        self.y[track.stone_id] = y_mm
+        self.tracks.append((track, y_mm))
+
+    def snapshot(self) -> tuple[tuple[Track, float], ...]:
+        return tuple(self.tracks)
+
+
+def is_known(x_mm: float, y_mm: float, t_ns: int, known: tuple[tuple[Track, float], ...], tolerance_mm: float) -> bool:
+    """Is there, at (x_mm, y_mm) at t_ns, a stone that was already decided?"""
+    for tr, y in known:
+        predicted = tr.x_mm + tr.speed_mm_s * (t_ns - tr.t_obs_ns) * 1e-9
+        if abs(predicted - x_mm) < tolerance_mm and abs(y - y_mm) < 1.0:
+            return True
+    return False
+
+
+@dataclass
+class Computed:
+    """What a worker made of one frame pair: the new objects and their classes."""
+
+    new: list[Observation]
+    reasons: list[str]  # why an object cannot be classified ('' = it can)
+    crops: list[tuple[np.ndarray, np.ndarray]]  # (backlit, toplit) BGR crop per new object
+    preds: dict[int, Prediction]
+    segment_s: float
+    infer_s: float
+    model_s: float
 
 
 class Pipeline:
@@ -173,40 +192,40 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         while (pair := await self._pairs.get()) is not None:
             self.metrics.queue_depth.labels("pairs").set(self._pairs.qsize())
-            t = time.perf_counter()
-            seg: Segmentation = await loop.run_in_executor(None, self._segment, pair)
-            seg_s = time.perf_counter() - t
-            new = [o for o in seg.observations if not self.tracker.is_known(o)]
-            if new:
-                await self._handle_new(pair, new, seg_s)
+            # One worker call per pair: the frames stay in that core's cache
+            # from segmentation to inference, and there is one hand-off only.
+            done: Computed = await loop.run_in_executor(None, self._compute, pair, self.tracker.snapshot())
+            for i, obs in enumerate(done.new):
+                t = time.perf_counter()
+                sid, dec, pulse = self._decide_and_plan(obs, done.preds.get(i), done.reasons[i])
+                decide_s = time.perf_counter() - t
+                self._dispatch(sid, pair, obs, done.preds.get(i), dec, pulse, done.crops[i])
+                if i in done.preds:
+                    self._record_latency(done.segment_s, done.infer_s, decide_s, done.model_s)
+                self.stats.latency_s["exposure_to_pulse"].append((self.clock.now_ns() - obs.t_ns) / 1e9)
             self.planner.forget_before(self.clock.now_ns())
 
-    def _segment(self, pair: FramePair) -> Segmentation:
-        return segment_pair(pair.backlit.image, pair.toplit.image, self._refs["backlit"],
-                            self._refs["toplit"], pair.toplit.t_ns, self._limits)
-
-    async def _handle_new(self, pair: FramePair, new: list[Observation], seg_s: float) -> None:
+    def _compute(self, pair: FramePair, known: tuple[tuple[Track, float], ...]) -> Computed:
+        """Worker thread: segment, keep the objects not seen before, crop, classify."""
+        t = time.perf_counter()
+        tol = self.cfg.pipeline.track_tolerance_mm
+        seg = segment_pair(pair.backlit.image, pair.toplit.image, self._refs["backlit"],
+                           self._refs["toplit"], pair.toplit.t_ns, self._limits,
+                           known=lambda x, y: is_known(x, y, pair.toplit.t_ns, known, tol))
+        segment_s = time.perf_counter() - t
+        new = seg.observations
         reasons = [unsortable_reason(o.size_mm, o.length_mm, o.reason, self.cfg.decision) for o in new]
-        crops = await asyncio.get_running_loop().run_in_executor(None, self._crops, pair, new)
+        if not new:
+            return Computed([], [], [], {}, segment_s, 0.0, 0.0)
+        t = time.perf_counter()
+        crops = [crop_halves(pair.backlit.image, pair.toplit.image, o, self._crop_px, self._input_px) for o in new]
         to_classify = [i for i, r in enumerate(reasons) if not r]
         preds: dict[int, Prediction] = {}
-        infer_s = model_s = 0.0
+        model_s = 0.0
         if to_classify:
-            t = time.perf_counter()
-            out, model_s = await asyncio.get_running_loop().run_in_executor(
-                None, self.model.predict, crops[to_classify])
-            infer_s = time.perf_counter() - t
+            out, model_s = self.model.predict_halves([crops[i] for i in to_classify])
             preds = dict(zip(to_classify, out, strict=True))
-        for i, obs in enumerate(new):
-            t = time.perf_counter()
-            sid, dec, pulse = self._decide_and_plan(obs, preds.get(i), reasons[i])
-            decide_s = time.perf_counter() - t
-            self._dispatch(sid, pair, obs, preds.get(i), dec, pulse, crops[i])
-            if i in preds:
-                self._record_latency(seg_s, infer_s, decide_s, model_s)
-
-    def _crops(self, pair: FramePair, obs: list[Observation]) -> np.ndarray:
-        return np.stack([crop_pair(pair.backlit.image, pair.toplit.image, o, self._crop_px, self._input_px) for o in obs])
+        return Computed(new, reasons, crops, preds, segment_s, time.perf_counter() - t, model_s)
 
     def _record_latency(self, seg_s: float, infer_s: float, decide_s: float, model_s: float) -> None:
         values = {"segment": seg_s, "infer": infer_s, "decide": decide_s,
@@ -232,7 +251,7 @@ class Pipeline:
         return sid, dec, pulse
 
     def _dispatch(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
-                  dec: Decision, pulse: Pulse | None, crop: np.ndarray) -> None:
+                  dec: Decision, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray]) -> None:
         """Send the pulse (or not), and hand the stone to the recorder."""
         row = self._row(sid, pair, obs, pred, dec, pulse)
         self._count(obs, dec)
@@ -274,9 +293,7 @@ class Pipeline:
         if self.parts.valves.cancel(pend.pulse):
             self.planner.pulses.pop(sid, None)
             pend.row.reason = f"neighbour conflict (was {pend.row.bin})"
-            self.stats.decided[pend.row.bin] -= 1
-            pend.row.bin = "REJECT"
-            self.stats.decided["REJECT"] += 1
+            pend.row.bin = pend.row.route = "REJECT"
             self.stats.conflicts += 1
             self.metrics.conflicts.inc()
         else:
@@ -305,14 +322,15 @@ class Pipeline:
         self._finish(row)
 
     def _finish(self, row: StoneRow) -> None:
+        """The stone's fate is sealed: count it and hand the row to the recorder."""
+        self.stats.decided[row.bin] += 1
+        self.metrics.stones.labels(row.bin).inc()
         self.rows.append(row)
         self.recorder.submit(row)
         self.metrics.queue_depth.labels("record").set(self.recorder.depth)
 
     def _count(self, obs: Observation, dec: Decision) -> None:
         self.stats.objects += 1
-        self.stats.decided[dec.bin] += 1
-        self.metrics.stones.labels(dec.bin).inc()
         if obs.cluster:
             self.stats.clusters += 1
             self.metrics.clusters.inc()
@@ -338,13 +356,10 @@ class Pipeline:
             model_version=self.model.version, wall_time=wall_time_iso(),
         )
 
-    def _save_images(self, sid: str, pair: FramePair, crop: np.ndarray, flagged: bool) -> None:
+    def _save_images(self, sid: str, pair: FramePair, crop: tuple[np.ndarray, np.ndarray], flagged: bool) -> None:
+        """Queue the thumbnail (backlit | toplit crop) and, if flagged, the full frames."""
         rc = self.cfg.record
-        thumb = None
-        if rc.thumbnail_px:
-            side = np.concatenate([crop[:, :, 2::-1], crop[:, :, 5:2:-1]], axis=1)  # RGB->BGR halves
-            h = rc.thumbnail_px
-            thumb = cv2.resize(side, (2 * h, h), interpolation=cv2.INTER_AREA)
+        thumb = np.hstack(crop) if rc.thumbnail_px else None  # resized by the image thread
         full = {"backlit": pair.backlit.image, "toplit": pair.toplit.image} if flagged and rc.flagged_images else None
         if thumb is not None or full:
             self.recorder.submit_images(ImageJob(sid, thumb, full))

@@ -108,14 +108,15 @@ def make_batch_dir(log_dir: Path, name: str) -> Path:
 @dataclass(frozen=True)
 class ImageJob:
     stone_id: str
-    thumbnail: np.ndarray | None  # HWC BGR
+    thumbnail: np.ndarray | None  # HWC BGR, resized to thumbnail_px high by the writer
     full: dict[str, np.ndarray] | None  # mode -> full frame, flagged stones only
 
 
 class Recorder:
     """Owns the batch folder; `submit` and `submit_images` are called from the loop."""
 
-    def __init__(self, batch_dir: Path, commit_interval_s: float, queue_size: int) -> None:
+    def __init__(self, batch_dir: Path, commit_interval_s: float, queue_size: int, thumbnail_px: int = 96) -> None:
+        self.thumbnail_px = thumbnail_px
         self.dir = batch_dir
         self.db_path = batch_dir / "stones.db"
         self.commit_interval_s = commit_interval_s
@@ -213,7 +214,10 @@ class Recorder:
 
     def _write_images(self, job: ImageJob) -> None:
         if job.thumbnail is not None:
-            cv2.imwrite(str(self.dir / "thumbnails" / f"{job.stone_id}.jpg"), job.thumbnail,
+            h, w = job.thumbnail.shape[:2]
+            thumb = cv2.resize(job.thumbnail, (max(1, w * self.thumbnail_px // h), self.thumbnail_px),
+                               interpolation=cv2.INTER_AREA)
+            cv2.imwrite(str(self.dir / "thumbnails" / f"{job.stone_id}.jpg"), thumb,
                         [cv2.IMWRITE_JPEG_QUALITY, 95])
         for mode, image in (job.full or {}).items():
             cv2.imwrite(str(self.dir / "flagged" / f"{job.stone_id}_{mode}.png"), image)

@@ -18,7 +18,7 @@ def notify(state: str) -> bool:
     if not addr:
         return False
     try:
-        from systemd import daemon  # type: ignore[import-not-found]
+        from systemd import daemon  # type: ignore[import-not-found,attr-defined]
 
         return bool(daemon.notify(state))
     except ImportError:

@@ -18,7 +18,7 @@ import numpy as np
 
 from sorterd.config import BINS, Config
 from sorterd.decide import class_bin
-from sorterd.pipeline import STAGES, RunStats
+from sorterd.pipeline import LATENCIES, STAGES, RunStats
 from sorterd.record import StoneRow
 from sorterd.sim.world import World
 
@@ -81,7 +81,7 @@ def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], world: World |
         "flagged_rate": round(stats.flagged / len(rows), 4) if rows else 0.0,
         "pairs_dropped": stats.pairs_dropped,
         "decided": dict(stats.decided),
-        "latency_ms": {s: percentiles_ms(stats.latency_s[s]) for s in STAGES},
+        "latency_ms": {s: percentiles_ms(stats.latency_s[s]) for s in LATENCIES},
         "model": {"version": model_version},
         "wall_s": round(wall_s, 2),
     }

@@ -39,7 +39,9 @@ def test_simulated_run_sorts_every_stone(tmp_path: Path) -> None:
     assert STABLE_KEYS <= set(s)
     assert set(s["bins"]) == set(BINS)
     assert set(s["accuracy"]) == {"bin", "color", "clarity", "cost_weighted"}
-    assert set(s["latency_ms"]) == {"segment", "infer", "decide", "compute", "model_only"}
+    assert {"segment", "infer", "decide", "compute", "model_only"} <= set(s["latency_ms"])
+    lat = s["latency_ms"]
+    assert lat["compute"]["p50"] >= lat["model_only"]["p50"] > 0
     assert s["stones_fed"] == 300
     assert sum(s["bins"].values()) == 300  # every stone fed lands somewhere
     assert s["deadline_misses"] == 0

@@ -1,0 +1,1 @@
+"""Model definition, training core and bundle export (trainer side, needs torch)."""
