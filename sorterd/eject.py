@@ -4,6 +4,8 @@ Timing model (host monotonic ns throughout):
   t_lip    = t_obs + (lip_mm - x_mm) / speed          (slides at measured speed)
   t_nozzle = t_lip + sqrt(2 * drop_mm / g)            (free fall from the lip)
   passage  = t_nozzle -+ (length_mm + jet_mm) / 2 / (g * t_fall)
+             (a cluster's members are spread along the channel: its passage is
+             widened by -+ spread_mm / 2 / speed)
   jet on   = passage widened by margin_ms each side
   command  = jet on shifted earlier by the valve's opening latency
 The pulse is a command with absolute times; the valve backend (simulated
@@ -47,6 +49,9 @@ class Track:
     x_mm: float
     speed_mm_s: float
     length_mm: float
+    # Spread of several stones along the channel (a cluster): its members leave
+    # the lip, and so pass every nozzle, spread_mm / speed apart.  0 = one stone.
+    spread_mm: float = 0.0
 
 
 def lip_time_ns(track: Track, geometry: GeometryConfig) -> int:
@@ -56,7 +61,9 @@ def lip_time_ns(track: Track, geometry: GeometryConfig) -> int:
 def nozzle_passage(track: Track, bin_name: str, geometry: GeometryConfig) -> tuple[int, int]:
     drop = geometry.nozzle_drop_mm[bin_name]
     t_c = lip_time_ns(track, geometry) + int(fall_time_s(drop) * 1e9)
-    return passage_window_ns(t_c, drop, track.length_mm, geometry.jet_width_mm)
+    start, end = passage_window_ns(t_c, drop, track.length_mm, geometry.jet_width_mm)
+    spread = int(track.spread_mm / 2.0 / track.speed_mm_s * 1e9)
+    return start - spread, end + spread
 
 
 def plan_pulse(track: Track, bin_name: str, geometry: GeometryConfig, ejection: EjectionConfig) -> Pulse:

@@ -244,7 +244,8 @@ class Pipeline:
         else:
             m = self.model.manifest
             dec = decide(pred.p_color, pred.p_clarity, obs.size_mm, self.cfg.decision, m.color_classes, m.clarity_classes)
-        track = Track(sid, obs.t_ns, obs.x_mm, obs.speed_mm_s, obs.length_mm)
+        track = Track(sid, obs.t_ns, obs.x_mm, obs.speed_mm_s, obs.length_mm,
+                      spread_mm=obs.length_mm if obs.cluster else 0.0)
         self.tracker.add(track, obs.y_mm)
         dec = self._resolve_neighbours(track, dec)
         pulse = plan_pulse(track, dec.bin, self.cfg.geometry, self.cfg.ejection) if dec.bin in JET_BINS else None

@@ -109,3 +109,10 @@ def test_forget_old_tracks() -> None:
     planner.add(track("A"))
     planner.forget_before(nozzle_passage(track("A"), "FLIP", GEO)[1] + 1)
     assert planner.tracks == {}
+
+
+def test_cluster_passage_spans_its_members() -> None:
+    single = nozzle_passage(track(length=6.0), "SELECT", GEO)
+    cluster = nozzle_passage(Track("C", 0, 4.0, 400.0, 6.0, spread_mm=6.0), "SELECT", GEO)
+    # Members 6 mm apart on the channel pass the nozzle 15 ms apart (6 mm / 400 mm/s).
+    assert (cluster[1] - cluster[0]) - (single[1] - single[0]) == pytest.approx(15_000_000, abs=2)

@@ -21,28 +21,30 @@ def sim(tmp_path: Path, **sim_over: object) -> config.Config:
 @pytest.mark.slow
 def test_pair_queue_overflow_is_counted_and_safe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stalled segmenter: pairs beyond the queue are dropped, counted, and nothing fires blind."""
-    real = Pipeline._segment
+    real = Pipeline._compute
 
-    def slow_segment(self: Pipeline, pair):  # type: ignore[no-untyped-def]
+    def slow_compute(self: Pipeline, pair, known):  # type: ignore[no-untyped-def]
         time.sleep(0.08)
-        return real(self, pair)
+        return real(self, pair, known)
 
-    monkeypatch.setattr(Pipeline, "_segment", slow_segment)
+    monkeypatch.setattr(Pipeline, "_compute", slow_compute)
     cfg = sim(tmp_path, rate_per_s=40.0, seed=12)
     cfg = config.replace(cfg, pipeline=config.PipelineConfig(queue_size=1))
     s = run(cfg, RunOptions(stones=60, progress=False), io.StringIO()).summary
     assert s["pairs_dropped"] > 0
     assert sum(s["bins"].values()) == 60
-    # Stones that were never decided fell to REJECT, and no jet hit a stone it was not meant for.
-    assert s["bins"]["REJECT"] >= s["unseen_stones"]
-    decided_ok = s["landed_as_decided_rate"] * 60
-    assert decided_ok + s["unseen_stones"] >= 59
+    # Every stone that did not land as decided was never seen or missed its
+    # deadline, and so fell to REJECT: no jet hit a stone it was not meant for.
+    failed = round(60 * (1 - s["landed_as_decided_rate"]))
+    assert failed <= s["unseen_stones"] + s["deadline_misses"]
+    assert s["bins"]["REJECT"] >= s["unseen_stones"] + s["deadline_misses"]
 
 
 @pytest.mark.slow
 def test_close_neighbours_never_co_deflected(tmp_path: Path) -> None:
     """Many close pairs: a jet that would catch both stones is not fired."""
-    s = run(sim(tmp_path, close_pair_prob=0.3, touching_pair_prob=0.1, seed=21),
+    # At 800 mm/s a 0.3-2 mm gap is only ~4-7 ms at the nozzles: jets would overlap.
+    s = run(sim(tmp_path, close_pair_prob=0.3, touching_pair_prob=0.1, seed=21, speed_mm_s=800.0),
             RunOptions(stones=200, progress=False), io.StringIO()).summary
     assert s["neighbour_conflicts"] > 0
     assert s["clusters"] > 0
@@ -52,7 +54,7 @@ def test_close_neighbours_never_co_deflected(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_safe_route_select_blows_clusters_to_select(tmp_path: Path) -> None:
-    cfg = sim(tmp_path, touching_pair_prob=0.3, close_pair_prob=0.0, seed=4)
+    cfg = sim(tmp_path, touching_pair_prob=0.15, close_pair_prob=0.0, seed=4)
     cfg = config.replace(cfg, machine=config.MachineConfig(safe_route="SELECT"))
     res = run(cfg, RunOptions(stones=80, progress=False), io.StringIO())
     s = res.summary
@@ -60,5 +62,9 @@ def test_safe_route_select_blows_clusters_to_select(tmp_path: Path) -> None:
     from sorterd.record import read_rows
 
     clusters = [r for r in read_rows(res.batch_dir / "stones.db") if r["cluster"]]
-    assert clusters and all(r["bin"] == "SELECT" and r["valve_status"] == "fired" for r in clusters)
+    assert clusters
+    for r in clusters:
+        # Blown to SELECT, unless that jet would also have caught a neighbour.
+        assert (r["bin"], r["valve_status"]) == ("SELECT", "fired") or r["reason"].startswith("neighbour conflict")
+    assert sum(r["bin"] == "SELECT" for r in clusters) >= len(clusters) / 2
     assert s["landed_as_decided_rate"] >= 0.97
