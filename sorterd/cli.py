@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from sorterd.configfile import ConfigError
+
+# Modules that contribute subcommands: each has add_commands(subparsers).
+COMMAND_MODULES: list[str] = []
 
 
 def _positive_int(text: str) -> int:
@@ -47,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file; non-zero exit on any error")
     c.add_argument("file", type=Path, nargs="?", help="TOML config file")
     c.add_argument("--reference", action="store_true", help="print the config reference instead")
+    r.set_defaults(func=cmd_run)
+    c.set_defaults(func=cmd_check_config)
+    for name in COMMAND_MODULES:
+        # Each module adds its subcommands with set_defaults(func=...); heavy
+        # imports (torch) happen inside the command functions, not here.
+        importlib.import_module(name).add_commands(sub)
     return p
 
 
@@ -109,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"run": cmd_run, "check-config": cmd_check_config}
-    return handlers[args.command](args)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":
