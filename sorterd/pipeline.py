@@ -67,6 +67,37 @@ class Pending:
     pulse: Pulse | None
 
 
+class TriggerQueue:
+    """Bounded FIFO of trigger edges (loop thread only).
+
+    Unlike asyncio.Queue it can drop the edges a capture already covered:
+    a stone whose edge came before the exposure is in that frame pair.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._edges: deque[TriggerEvent | None] = deque()
+        self._maxsize = maxsize
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, ev: TriggerEvent | None) -> bool:
+        """False when full (an end marker, None, is always accepted)."""
+        if ev is not None and len(self._edges) >= self._maxsize:
+            return False
+        self._edges.append(ev)
+        self._ready.set()
+        return True
+
+    async def get(self) -> TriggerEvent | None:
+        while not self._edges:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._edges.popleft()
+
+    def drop_covered(self, t0_ns: int) -> None:
+        while self._edges and self._edges[0] is not None and self._edges[0].t_ns <= t0_ns:
+            self._edges.popleft()
+
+
 class Tracker:
     """Recognises a stone seen again in a later capture (it is still in view).
 
@@ -121,7 +152,7 @@ class Pipeline:
         self.pending: dict[str, Pending] = {}
         self.rows: list[StoneRow] = []  # every finished row, for the run summary
         self._next_id = 1
-        self._triggers: asyncio.Queue[TriggerEvent] = asyncio.Queue(maxsize=16)
+        self._triggers = TriggerQueue(maxsize=16)
         self._pairs: asyncio.Queue[FramePair | None] = asyncio.Queue(maxsize=cfg.pipeline.queue_size)
         self._outcomes: set[asyncio.Task[None]] = set()
         cam = parts.camera
@@ -140,22 +171,20 @@ class Pipeline:
 
     async def _trigger_loop(self) -> None:
         while (ev := await self.parts.trigger.next()) is not None:
-            try:
-                self._triggers.put_nowait(ev)
-            except asyncio.QueueFull:
+            if not self._triggers.put_nowait(ev):
                 # The stone is still in view: the next pair will show it.
                 self.stats.triggers_dropped += 1
                 self.metrics.overflow.labels("trigger").inc()
-        await self._triggers.put(TriggerEvent(-1))  # end of input
+        self._triggers.put_nowait(None)  # end of input
 
     # -- stage 2: capture -----------------------------------------------------
 
     async def _capture_loop(self) -> None:
         seq = 0
-        while (ev := await self._triggers.get()).t_ns >= 0:
+        while (ev := await self._triggers.get()) is not None:
             pair = await self._capture(seq, ev)
             seq += 1
-            self._drain_covered_triggers(pair.backlit.t_ns)
+            self._triggers.drop_covered(pair.backlit.t_ns)
             self.stats.captures += 1
             self.metrics.captures.inc()
             try:
@@ -177,14 +206,6 @@ class Pipeline:
         lights.strobe("toplit", t1, t0 + int(self.cfg.lights.lights_off_ms * 1e6))
         top = await camera.grab("toplit", t1)
         return FramePair(seq, ev.t_ns, back, top)
-
-    def _drain_covered_triggers(self, t0_ns: int) -> None:
-        """Triggers from before this exposure announce stones already in the pair."""
-        while not self._triggers.empty():
-            ev = self._triggers._queue[0]  # type: ignore[attr-defined]
-            if ev.t_ns < 0 or ev.t_ns > t0_ns:
-                break
-            self._triggers.get_nowait()
 
     # -- stage 3: process -----------------------------------------------------
 
