@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -24,6 +25,7 @@ from sorterd.metrics import Metrics
 from sorterd.parts import Parts, open_parts
 from sorterd.pipeline import Pipeline
 from sorterd.record import Recorder, make_batch_dir
+from sorterd.session import SessionMeta, SessionWriter, new_session_id
 from sorterd.summary import format_text, summarize
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ class RunOptions:
     stones: int = 500
     json_path: Path | None = None
     progress: bool = True
+    record_dir: Path | None = None  # write raw pairs as a §7.1 session under this data dir
+    decisions_path: Path | None = None  # one JSON line per stone
 
 
 @dataclass
@@ -43,7 +47,8 @@ class RunResult:
 
 
 def run(cfg: Config, opts: RunOptions, out: TextIO = sys.stderr) -> RunResult:
-    clock = make_clock(cfg.sim.clock if cfg.simulated else "wall")
+    # Only a run with no real hardware may skip idle time.
+    clock = make_clock(cfg.sim.clock if cfg.offline else "wall")
     loop = clock.new_event_loop()
     loop.set_default_executor(ThreadPoolExecutor(cfg.pipeline.workers, thread_name_prefix="sorterd-worker"))
     try:
@@ -60,30 +65,37 @@ def _batch_name(cfg: Config) -> str:
 
 
 async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunResult:
+    # Open what can fail on bad input (model, hardware, session) before
+    # creating anything; everything opened is closed on every exit path.
     model = OnnxModel(resolve_bundle(cfg.inference.model, cfg.source.parent if cfg.source else None),
                       cfg.inference.threads, cfg.inference.providers)
-    batch_dir = make_batch_dir(Path(cfg.record.log_dir).expanduser(), _batch_name(cfg))
-    _write_batch_info(batch_dir, cfg, model)
-    metrics = Metrics()
-    port = metrics.serve(cfg.metrics.host, cfg.metrics.port) if cfg.metrics.enabled else None
-    recorder = Recorder(batch_dir, cfg.record.commit_interval_ms / 1e3, cfg.record.queue_size,
-                        cfg.record.thumbnail_px)
-    parts = open_parts(cfg, clock)
-    pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics)
-    print(f"sorterd: batch {batch_dir}  model {model.version}"
-          + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
-    t_wall = time.monotonic()
-    try:
+    with contextlib.ExitStack() as stack:
+        parts = open_parts(cfg, clock)
+        stack.callback(parts.close)
+        batch_dir = make_batch_dir(Path(cfg.record.log_dir).expanduser(), _batch_name(cfg))
+        _write_batch_info(batch_dir, cfg, model)
+        session = _open_session(cfg, parts, opts.record_dir) if opts.record_dir else None
+        if opts.decisions_path is not None:
+            opts.decisions_path.parent.mkdir(parents=True, exist_ok=True)
+            opts.decisions_path.write_text("")
+        metrics = Metrics()
+        port = metrics.serve(cfg.metrics.host, cfg.metrics.port) if cfg.metrics.enabled else None
+        stack.callback(metrics.close)
+        recorder = Recorder(batch_dir, cfg.record.commit_interval_ms / 1e3, cfg.record.queue_size,
+                            cfg.record.thumbnail_px, session, opts.decisions_path)
+        stack.callback(recorder.close)
+        pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics)
+        print(f"sorterd: batch {batch_dir}  model {model.version}"
+              + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
+        t_wall = time.monotonic()
         await _run_pipeline(pipeline, parts, clock, opts, out, t_wall)
-    finally:
-        parts.close()
-        recorder.close()
-        metrics.close()
     world = parts.machine.world if parts.machine is not None else None
     summary = summarize(cfg, pipeline.stats, pipeline.rows, world, model.version, time.monotonic() - t_wall)
     summary["batch_dir"] = str(batch_dir)
     summary["record"] = {"rows_written": recorder.rows_written, "rows_overflow": recorder.rows_overflow,
                          "images_overflow": recorder.images_overflow, "errors": recorder.errors}
+    if session is not None:
+        summary["recorded_session"] = str(session.dir)
     print(format_text(summary), file=out)
     if opts.json_path is not None:
         opts.json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +164,21 @@ def _progress_line(pipeline: Pipeline, parts: Parts, opts: RunOptions, elapsed: 
     p50 = f"{statistics.median(recent) * 1e3:.1f} ms" if recent else "-"
     return (f"[{elapsed:6.1f} s] {fed}decided {s.objects} | {bins} | flagged {s.flagged} | "
             f"misses {s.deadline_misses} | compute p50 {p50}")
+
+
+def _open_session(cfg: Config, parts: Parts, data_dir: Path) -> SessionWriter:
+    """`--record DIR`: a new §7.1 session with this run's scale and reference frames."""
+    cam = parts.camera
+    meta = SessionMeta(
+        session_id=new_session_id(data_dir), timestamp_start=datetime.now().astimezone().isoformat(timespec="seconds"),
+        pixels_per_mm=cam.pixels_per_mm, reference_check_passed=False,
+        pair_interval_ms=float(getattr(cam, "pair_interval_ms", None) or cfg.lights.pair_interval_ms),
+        notes=f"recorded by sorterd run on {cfg.machine.name}",
+    )
+    writer = SessionWriter(data_dir, meta)
+    for mode in ("backlit", "toplit"):
+        writer.write_reference(mode, cam.reference(mode))
+    return writer
 
 
 def _write_batch_info(batch_dir: Path, cfg: Config, model: OnnxModel) -> None:

@@ -35,9 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the sorter (real hardware, or the simulated machine)")
-    src = r.add_mutually_exclusive_group(required=True)
+    src = r.add_mutually_exclusive_group()
     src.add_argument("--config", type=Path, help="TOML config file")
     src.add_argument("--sim", action="store_true", help="the simulated machine (the shipped example config)")
+    r.add_argument("--replay", type=Path, metavar="SESSION_DIR",
+                   help="feed a recorded session folder (§7.1 images/raw/<session>) through the pipeline, "
+                        "valves dry; with --config, that config's model and decision settings")
+    r.add_argument("--record", type=Path, metavar="DATA_DIR",
+                   help="record every frame pair as a §7.1 session under DATA_DIR/images/raw/")
+    r.add_argument("--decisions", type=Path, metavar="PATH", help="write one JSON line per stone here")
     r.add_argument("--stones", type=_positive_int, default=500, help="simulation: stones to feed (default 500)")
     r.add_argument("--rate", type=_positive_float, help="simulation: stones per second (sim.rate_per_s)")
     r.add_argument("--seed", type=int, help="simulation: world seed (sim.seed)")
@@ -62,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     o: dict[str, dict[str, Any]] = {}
+    if args.replay is not None:
+        o["camera"] = {"type": "replay", "session": str(args.replay.resolve())}
+        o["trigger"] = {"type": "replay"}
+        o["valves"] = {"type": "dry"}
     pairs = [("sim", "rate_per_s", args.rate), ("sim", "seed", args.seed), ("sim", "clock", args.clock),
              ("record", "log_dir", str(args.log_dir.resolve()) if args.log_dir else None),
              ("record", "batch", args.batch), ("metrics", "port", args.metrics_port)]
@@ -75,20 +85,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sorterd import config
     from sorterd.app import RunOptions, run
     from sorterd.infer import ModelError
+    from sorterd.session import SessionError
 
-    path = config.sim_config_path() if args.sim else args.config
+    if not (args.sim or args.config or args.replay):
+        print("sorterd run: give --config FILE, --sim or --replay SESSION_DIR", file=sys.stderr)
+        return 2
+    path = args.config or config.sim_config_path()
     try:
         cfg = config.load(path, _overrides(args))
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         return 2
-    if not cfg.simulated and any(v is not None for v in (args.rate, args.seed, args.clock)):
+    if not cfg.simulated and any(v is not None for v in (args.rate, args.seed)):
         print("sorterd: --rate, --seed and --clock only apply to the simulated machine", file=sys.stderr)
         return 2
     try:
-        run(cfg, RunOptions(stones=args.stones, json_path=args.json_path, progress=not args.no_progress))
+        run(cfg, RunOptions(stones=args.stones, json_path=args.json_path, progress=not args.no_progress,
+                            record_dir=args.record, decisions_path=args.decisions))
     except ModelError as exc:
         print(f"sorterd: model error: {exc}", file=sys.stderr)
+        return 3
+    except SessionError as exc:
+        print(f"sorterd: cannot replay: {exc}", file=sys.stderr)
         return 3
     except OSError as exc:
         print(f"sorterd: {exc}", file=sys.stderr)

@@ -111,6 +111,30 @@ class SimValvesConfig:
 
 
 @dataclass(frozen=True)
+class ReplayCameraConfig:
+    type: str = opt("replay", "Backend: replay a recorded session folder (§7.1 images/raw/<session>/).", choices=("replay",))
+    session: str = opt("", "The session folder (with session_meta.json, reference/, backlit/, toplit/).")
+
+    def __post_init__(self) -> None:
+        if not self.session:
+            raise ConfigError(["camera.session is required with camera.type = 'replay': the session folder to replay"])
+
+
+@dataclass(frozen=True)
+class ReplayTriggerConfig:
+    type: str = opt("replay", "Backend: one trigger per recorded pair, at its recorded time.", choices=("replay",))
+    interval_ms: float = opt(
+        100.0, "Spacing of pairs when the session has no recorded times (a hand-written session).",
+        minval=1.0, maxval=10_000.0,
+    )
+
+
+@dataclass(frozen=True)
+class DryValvesConfig:
+    type: str = opt("dry", "Backend: dry run -- pulses are planned and logged, no output is driven.", choices=("dry",))
+
+
+@dataclass(frozen=True)
 class OnnxInferenceConfig:
     type: str = opt("onnxruntime", "Backend: onnxruntime (CPU, or CUDA if available).", choices=("onnxruntime",))
     model: str = opt(
@@ -247,10 +271,10 @@ class SimConfig:
 
 # part -> backend type -> options class
 BACKENDS: dict[str, dict[str, type]] = {
-    "camera": {"sim": SimCameraConfig},
+    "camera": {"sim": SimCameraConfig, "replay": ReplayCameraConfig},
     "lights": {"sim": SimLightsConfig},
-    "trigger": {"sim": SimTriggerConfig},
-    "valves": {"sim": SimValvesConfig},
+    "trigger": {"sim": SimTriggerConfig, "replay": ReplayTriggerConfig},
+    "valves": {"sim": SimValvesConfig, "dry": DryValvesConfig},
     "inference": {"onnxruntime": OnnxInferenceConfig},
 }
 
@@ -285,7 +309,13 @@ class Config:
 
     @property
     def simulated(self) -> bool:
+        """The simulated machine (its world) is needed."""
         return "sim" in (self.camera.type, self.trigger.type, self.valves.type)
+
+    @property
+    def offline(self) -> bool:
+        """No real hardware at all: the run may use the virtual clock (sim.clock)."""
+        return all(getattr(self, p).type in ("sim", "replay", "dry") for p in ("camera", "trigger", "valves", "lights"))
 
     def resolve(self, path: str) -> Path:
         """A path from the config file, relative to the file's directory."""
@@ -319,9 +349,21 @@ def from_dict(raw: dict[str, Any], source: Path | None = None) -> Config:
         parts[part] = _build_backend(part, raw.get(part, {}), problems)
     for name, cls in PLAIN_SECTIONS.items():
         parts[name] = build(cls, raw.get(name, {}), name, problems)
+    problems += _cross_checks(parts)
     if problems:
         raise ConfigError(problems, str(source) if source else "")
     return Config(source=source, **parts)
+
+
+def _cross_checks(parts: dict[str, Any]) -> list[str]:
+    """Backends that only make sense together."""
+    cam, trig = parts["camera"], parts["trigger"]
+    if cam is None or trig is None:
+        return []
+    if (cam.type == "replay") != (trig.type == "replay"):
+        return [f"camera.type = {cam.type!r} with trigger.type = {trig.type!r}: a replay needs both "
+                "camera.type and trigger.type = 'replay' (one trigger per recorded pair)"]
+    return []
 
 
 def load(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
@@ -330,7 +372,10 @@ def load(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -
     raw = load_toml(path)
     for section, values in (overrides or {}).items():
         table = raw.setdefault(section, {})
-        if isinstance(table, dict):
+        if isinstance(table, dict) and "type" in values and values["type"] != table.get("type", values["type"]):
+            # A different backend: the file's options were for the other one.
+            raw[section] = dict(values)
+        elif isinstance(table, dict):
             table.update(values)
     try:
         return from_dict(raw, path.resolve())

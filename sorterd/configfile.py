@@ -132,7 +132,7 @@ def build(cls: type[T], raw: Any, section: str, problems: list[str]) -> T:
     """Build dataclass `cls` from a TOML table, appending problems, never raising."""
     if not isinstance(raw, dict):
         problems.append(f"[{section}] must be a table, got {raw!r}")
-        return cls()
+        return typing.cast(T, None)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in raw:
@@ -154,7 +154,8 @@ def build(cls: type[T], raw: Any, section: str, problems: list[str]) -> T:
         return cls(**values)
     except ConfigError as exc:  # cross-field checks in __post_init__
         problems.extend(exc.problems)
-        return cls()
+        # The caller raises on any problem, so this placeholder never escapes.
+        return typing.cast(T, None)
 
 
 def load_toml(path: Path) -> dict[str, Any]:

@@ -40,16 +40,33 @@ def open_parts(cfg: Config, clock: Clock) -> Parts:
         from sorterd.sim.machine import SimMachine
 
         machine = SimMachine(cfg)
+    replay = _replay_source(cfg, clock)
     return Parts(
-        camera=_camera(cfg, machine, clock),
+        camera=_camera(cfg, machine, clock, replay),
         lights=_lights(cfg),
-        trigger=_trigger(cfg, machine, clock),
+        trigger=_trigger(cfg, machine, clock, replay),
         valves=_valves(cfg, machine, clock),
         machine=machine,
     )
 
 
-def _camera(cfg: Config, machine: Any, clock: Clock) -> Camera:
+def _replay_source(cfg: Config, clock: Clock) -> Any:
+    """The recorded session shared by the replay camera and trigger."""
+    if cfg.camera.type != "replay":
+        return None
+    from pathlib import Path
+
+    from sorterd.camera.replay import ReplaySource
+
+    interval = cfg.trigger.interval_ms if cfg.trigger.type == "replay" else 100.0
+    return ReplaySource(Path(cfg.camera.session).expanduser(), clock, interval)
+
+
+def _camera(cfg: Config, machine: Any, clock: Clock, replay: Any) -> Camera:
+    if cfg.camera.type == "replay":
+        from sorterd.camera.replay import ReplayCamera
+
+        return ReplayCamera(replay)
     from sorterd.camera.sim import SimCamera
 
     return SimCamera(cfg.camera, machine, clock)
@@ -61,13 +78,23 @@ def _lights(cfg: Config) -> Lights:
     return SimLights(cfg.lights)
 
 
-def _trigger(cfg: Config, machine: Any, clock: Clock) -> Trigger:
+def _trigger(cfg: Config, machine: Any, clock: Clock, replay: Any) -> Trigger:
+    if cfg.trigger.type == "replay":
+        from sorterd.camera.replay import ReplayTrigger
+
+        if replay is None:
+            raise ValueError("trigger.type = 'replay' needs camera.type = 'replay' (the session to replay)")
+        return ReplayTrigger(replay)
     from sorterd.trigger.sim import SimTrigger
 
     return SimTrigger(cfg.trigger, machine, clock)
 
 
 def _valves(cfg: Config, machine: Any, clock: Clock) -> Valves:
+    if cfg.valves.type == "dry":
+        from sorterd.valves.dry import DryValves
+
+        return DryValves(clock)
     from sorterd.valves.sim import SimValves
 
     return SimValves(cfg.valves, machine, clock)

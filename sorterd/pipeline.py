@@ -31,6 +31,7 @@ from sorterd.metrics import Metrics
 from sorterd.parts import Parts
 from sorterd.record import ImageJob, Recorder, StoneRow, wall_time_iso
 from sorterd.segment import Observation, PairingLimits, crop_halves, segment_pair
+from sorterd.session import PairTimes
 from sorterd.trigger import TriggerEvent
 
 log = logging.getLogger(__name__)
@@ -151,14 +152,17 @@ class Pipeline:
         self.tracker = Tracker(cfg.pipeline.track_tolerance_mm)
         self.pending: dict[str, Pending] = {}
         self.rows: list[StoneRow] = []  # every finished row, for the run summary
+        self.record_pairs = recorder.session is not None
         self._next_id = 1
         self._triggers = TriggerQueue(maxsize=16)
         self._pairs: asyncio.Queue[FramePair | None] = asyncio.Queue(maxsize=cfg.pipeline.queue_size)
         self._outcomes: set[asyncio.Task[None]] = set()
         cam = parts.camera
+        # A replayed session brings its own pair interval; otherwise the strobes' setting.
+        self.pair_interval_ms = float(getattr(cam, "pair_interval_ms", None) or cfg.lights.pair_interval_ms)
         self._refs = {m: cam.reference(m) for m in ("backlit", "toplit")}
         self._limits = PairingLimits(
-            pixels_per_mm=cam.pixels_per_mm, dt_s=cfg.lights.pair_interval_ms / 1e3,
+            pixels_per_mm=cam.pixels_per_mm, dt_s=self.pair_interval_ms / 1e3,
             speed_min_mm_s=cfg.geometry.speed_min_mm_s, speed_max_mm_s=cfg.geometry.speed_max_mm_s,
             max_single_length_mm=cfg.decision.max_size_mm * 1.6,
         )
@@ -200,7 +204,7 @@ class Pipeline:
         """§2.2: backlit strobe + frame at t0, ring light + frame at t0+10 ms, dark by t0+20 ms."""
         lights, camera = self.parts.lights, self.parts.camera
         t0 = self.clock.now_ns()
-        t1 = t0 + int(self.cfg.lights.pair_interval_ms * 1e6)
+        t1 = t0 + int(self.pair_interval_ms * 1e6)
         lights.strobe("backlit", t0, t1)
         back = await camera.grab("backlit", t0)
         lights.strobe("toplit", t1, t0 + int(self.cfg.lights.lights_off_ms * 1e6))
@@ -219,6 +223,8 @@ class Pipeline:
             for i, obs in enumerate(done.new):
                 t = time.perf_counter()
                 sid, dec, pulse = self._decide_and_plan(obs, done.preds.get(i), done.reasons[i])
+                if i == 0 and self.record_pairs:
+                    self._record_pair(sid, pair)
                 decide_s = time.perf_counter() - t
                 self._dispatch(sid, pair, obs, done.preds.get(i), dec, pulse, done.crops[i])
                 if i in done.preds:
@@ -247,6 +253,11 @@ class Pipeline:
             out, model_s = self.model.predict_halves([crops[i] for i in to_classify])
             preds = dict(zip(to_classify, out, strict=True))
         return Computed(new, reasons, crops, preds, segment_s, time.perf_counter() - t, model_s)
+
+    def _record_pair(self, sid: str, pair: FramePair) -> None:
+        """`run --record`: the raw pair, named after the first new stone in it."""
+        times = PairTimes(pair.trigger_ns, pair.backlit.t_ns, pair.toplit.t_ns)
+        self.recorder.submit_images(ImageJob(sid, None, None, raw=(pair.backlit.image, pair.toplit.image, times)))
 
     def _record_latency(self, seg_s: float, infer_s: float, decide_s: float, model_s: float) -> None:
         values = {"segment": seg_s, "infer": infer_s, "decide": decide_s,

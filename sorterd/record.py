@@ -24,6 +24,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from sorterd.session import PairTimes, SessionWriter
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -110,13 +112,18 @@ class ImageJob:
     stone_id: str
     thumbnail: np.ndarray | None  # HWC BGR, resized to thumbnail_px high by the writer
     full: dict[str, np.ndarray] | None  # mode -> full frame, flagged stones only
+    # The raw pair for a recorded session (`run --record`): backlit, toplit, times.
+    raw: tuple[np.ndarray, np.ndarray, PairTimes] | None = None
 
 
 class Recorder:
     """Owns the batch folder; `submit` and `submit_images` are called from the loop."""
 
-    def __init__(self, batch_dir: Path, commit_interval_s: float, queue_size: int, thumbnail_px: int = 96) -> None:
+    def __init__(self, batch_dir: Path, commit_interval_s: float, queue_size: int, thumbnail_px: int = 96,
+                 session: SessionWriter | None = None, decisions: Path | None = None) -> None:
         self.thumbnail_px = thumbnail_px
+        self.session = session  # written by the image thread only
+        self.decisions_path = decisions  # written by the SQLite thread only
         self.dir = batch_dir
         self.db_path = batch_dir / "stones.db"
         self.commit_interval_s = commit_interval_s
@@ -193,10 +200,19 @@ class Recorder:
             with conn:
                 conn.executemany(INSERT_SQL, [tuple(asdict(r).values()) for r in rows])
             self.rows_written += len(rows)
+            self._write_decisions(rows)
         except sqlite3.Error:
             self.errors += 1
             log.exception("SQLite write of %d rows failed; rows kept in the spill file", len(rows))
             self._spill(rows)
+
+    def _write_decisions(self, rows: list[StoneRow]) -> None:
+        """`run --decisions PATH`: one JSON line per stone, exact floats."""
+        if self.decisions_path is None:
+            return
+        with open(self.decisions_path, "a") as fh:
+            for r in rows:
+                fh.write(json.dumps(decision_record(r)) + "\n")
 
     def _spill(self, rows: list[StoneRow]) -> None:
         """Last resort when SQLite fails (disk full, corruption): rows as JSON lines."""
@@ -221,6 +237,19 @@ class Recorder:
                         [cv2.IMWRITE_JPEG_QUALITY, 95])
         for mode, image in (job.full or {}).items():
             cv2.imwrite(str(self.dir / "flagged" / f"{job.stone_id}_{mode}.png"), image)
+        if job.raw is not None and self.session is not None:
+            self.session.write_pair(job.stone_id, *job.raw)
+
+
+def decision_record(r: StoneRow) -> dict[str, Any]:
+    return {
+        "stone_id": r.stone_id, "bin": r.bin, "route": r.route,
+        "color": r.color, "clarity": r.clarity,
+        "p_color": {"blue": r.p_blue, "light": r.p_light, "inky": r.p_inky},
+        "p_clarity": {"transparent": r.p_transparent, "translucent": r.p_translucent, "opaque": r.p_opaque},
+        "confidence": r.confidence, "flagged": bool(r.flagged), "size_mm": r.size_mm,
+        "cluster": bool(r.cluster), "reason": r.reason,
+    }
 
 
 def wall_time_iso() -> str:

@@ -63,7 +63,7 @@ def test_choices(tmp_path: Path) -> None:
 
 def test_unknown_backend_type(tmp_path: Path) -> None:
     [msg] = problems_of(tmp_path, '[valves]\ntype = "relay"\n')
-    assert msg == "valves.type = 'relay' is not a known backend: choose one of 'sim'"
+    assert msg.startswith("valves.type = 'relay' is not a known backend: choose one of 'sim', 'dry'")
 
 
 def test_backend_options_are_per_backend(tmp_path: Path) -> None:
@@ -136,3 +136,8 @@ def test_docs_config_reference_is_current() -> None:
 
     doc = (REPO / "docs" / "config.md").read_text()
     assert config.reference() in doc, "docs/config.md is stale: regenerate with `sorterd check-config --reference`"
+
+
+def test_replay_camera_needs_a_session(tmp_path: Path) -> None:
+    [msg] = problems_of(tmp_path, '[camera]\ntype = "replay"\n')
+    assert msg == "camera.session is required with camera.type = 'replay': the session folder to replay"
