@@ -29,6 +29,14 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _fault(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=NUMBER, e.g. backlight=-0.08") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sorterd", description="Optical sorter for rough sapphire melee.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -51,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-dir", type=Path, help="where the batch folder goes (record.log_dir)")
     r.add_argument("--batch", help="batch name (record.batch)")
     r.add_argument("--json", type=Path, dest="json_path", help="write the run summary as JSON here")
+    r.add_argument("--sim-fault", action="append", default=[], type=_fault, metavar="NAME=VALUE",
+                   help="simulation: inject a fault or drift (repeatable), e.g. camera_drop_at_s=2 "
+                        "camera_down_s=0.5 backlight=-0.08 scale=0.1")
     r.add_argument("--metrics-port", type=int, help="Prometheus port (metrics.port; 0 = any free port)")
     r.add_argument("--no-progress", action="store_true", help="no live progress line")
 
@@ -78,6 +89,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for section, key, value in pairs:
         if value is not None:
             o.setdefault(section, {})[key] = value
+    if args.sim_fault:
+        o.setdefault("sim", {})["faults"] = dict(args.sim_fault)  # checked by the config schema
     return o
 
 

@@ -111,6 +111,26 @@ class SimValvesConfig:
 
 
 @dataclass(frozen=True)
+class OpenCVCameraConfig:
+    type: str = opt("opencv", "Backend: OpenCV VideoCapture (V4L2, GStreamer incl. Jetson CSI, files).", choices=("opencv",))
+    source: str = opt("0", "Device index ('0'), device path ('/dev/video0'), GStreamer pipeline, video file or image pattern ('f_%04d.png').")
+    api: str = opt("any", "OpenCV capture API.", choices=("any", "v4l2", "gstreamer", "ffmpeg", "images"))
+    width_px: int = opt(0, "Requested frame width; 0 = the source's own.", minval=0, maxval=16384)
+    height_px: int = opt(0, "Requested frame height; 0 = the source's own.", minval=0, maxval=16384)
+    pixels_per_mm: float = opt(20.0, "Image scale (from calibration: the 2 mm CUT rule depends on it).", minval=2.0, maxval=500.0)
+    backlit_exposure_us: float = opt(1000.0, "Fixed exposure under the backlight (§2.2: 500-2000 µs); 0 = leave as is.", minval=0.0, maxval=100_000.0)
+    toplit_exposure_us: float = opt(3000.0, "Fixed exposure under the ring light (§2.2: 1000-5000 µs); 0 = leave as is.", minval=0.0, maxval=100_000.0)
+    gain: float = opt(0.0, "Fixed gain, as low as possible (§2.1); 0 = leave as is.", minval=0.0, maxval=1000.0)
+    wb_temperature_k: float = opt(0.0, "Fixed white-balance temperature; 0 = leave as is (auto WB is always off).", minval=0.0, maxval=15000.0)
+    manual_exposure_value: float = opt(1.0, "Value of CAP_PROP_AUTO_EXPOSURE meaning 'manual' for this driver (V4L2: 1).", minval=0.0, maxval=3.0)
+    trigger: str = opt("software", "software = read after the strobe; hardware = the strobe controller triggers the exposure.", choices=("software", "hardware"))
+    timestamps: str = opt("driver", "driver = V4L2 buffer time (CLOCK_MONOTONIC); host = arrival time minus readout_delay_us.", choices=("driver", "host"))
+    readout_delay_us: float = opt(0.0, "Exposure-to-arrival delay subtracted from host timestamps.", minval=0.0, maxval=1_000_000.0)
+    reference_dir: str = opt("", "Folder with backlit.png and toplit.png of the empty channel (from calibration).")
+    reopen_backoff_ms: float = opt(500.0, "Wait between attempts to reopen a lost camera.", minval=10.0, maxval=60_000.0)
+
+
+@dataclass(frozen=True)
 class ReplayCameraConfig:
     type: str = opt("replay", "Backend: replay a recorded session folder (§7.1 images/raw/<session>/).", choices=("replay",))
     session: str = opt("", "The session folder (with session_meta.json, reference/, backlit/, toplit/).")
@@ -234,6 +254,16 @@ class MetricsConfig:
     port: int = opt(9108, "Port; 0 = any free port.", minval=0, maxval=65535)
 
 
+# name -> (min, max, meaning) of faults the simulated machine can be told to have.
+SIM_FAULTS: dict[str, tuple[float, float, str]] = {
+    "camera_drop_at_s": (0.0, 1e6, "seconds into the run when the camera disappears"),
+    "camera_down_s": (0.0, 1e6, "how long it stays away"),
+    "backlight": (-0.9, 1.0, "relative backlight drift, e.g. -0.08"),
+    "ring_light": (-0.9, 1.0, "relative ring-light drift"),
+    "scale": (-0.5, 0.5, "relative error of the configured px/mm, e.g. 0.10"),
+}
+
+
 @dataclass(frozen=True)
 class SimConfig:
     clock: str = opt("virtual", "virtual = skip idle time (fast), wall = real time (latency work).", choices=("virtual", "wall"))
@@ -251,6 +281,8 @@ class SimConfig:
     valve_jitter_ms: float = opt(0.1, "Standard deviation of the valves' opening time.", minval=0.0, maxval=10.0)
     fall_jitter: float = opt(0.002, "Relative spread of each stone's fall time (air drag, spin).", minval=0.0, maxval=0.1)
     deflect_overlap: float = opt(0.5, "Fraction of a stone's passage the jet must cover to deflect it.", above=0.0, maxval=1.0)
+    faults: dict = opt({}, "Injected faults and drift (also `--sim-fault NAME=VALUE`): " + ", ".join(
+        f"{k} ({v[2]})" for k, v in SIM_FAULTS.items()) + ".")
 
     def __post_init__(self) -> None:
         problems = []
@@ -262,6 +294,13 @@ class SimConfig:
                 problems.append(f"sim.class_mix.{k}: unknown class; valid: {', '.join(sorted(valid))}")
             elif isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 problems.append(f"sim.class_mix.{k} = {v!r}: must be a number >= 0")
+        for k, v in self.faults.items():
+            if k not in SIM_FAULTS:
+                problems.append(f"sim.faults.{k}: unknown fault; valid: {', '.join(SIM_FAULTS)}")
+                continue
+            lo, hi, _ = SIM_FAULTS[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                problems.append(f"sim.faults.{k} = {v!r}: must be a number in [{lo}, {hi}]")
         for k, v in self.valve_latency_ms.items():
             if k not in JET_BINS or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
                 problems.append(f"sim.valve_latency_ms.{k} = {v!r}: keys {', '.join(JET_BINS)}, values in [0, 100] ms")
@@ -271,7 +310,7 @@ class SimConfig:
 
 # part -> backend type -> options class
 BACKENDS: dict[str, dict[str, type]] = {
-    "camera": {"sim": SimCameraConfig, "replay": ReplayCameraConfig},
+    "camera": {"sim": SimCameraConfig, "replay": ReplayCameraConfig, "opencv": OpenCVCameraConfig},
     "lights": {"sim": SimLightsConfig},
     "trigger": {"sim": SimTriggerConfig, "replay": ReplayTriggerConfig},
     "valves": {"sim": SimValvesConfig, "dry": DryValvesConfig},
@@ -363,6 +402,10 @@ def _cross_checks(parts: dict[str, Any]) -> list[str]:
     if (cam.type == "replay") != (trig.type == "replay"):
         return [f"camera.type = {cam.type!r} with trigger.type = {trig.type!r}: a replay needs both "
                 "camera.type and trigger.type = 'replay' (one trigger per recorded pair)"]
+    if cam.type == "opencv" and trig.type == "sim":
+        return ["camera.type = 'opencv' with trigger.type = 'sim': a real camera needs a real trigger "
+                "(beam or vision), and those backends are not built yet; test the camera with "
+                "`python -m pytest tests/test_camera.py`"]
     return []
 
 

@@ -23,6 +23,8 @@ class Metrics:
         self.deadline_misses = Counter("sorterd_deadline_misses_total", "Pulses not sent because they would be late.", registry=r)
         self.conflicts = Counter("sorterd_neighbour_conflicts_total", "Stones sent the safe route because a jet would also catch a neighbour.", registry=r)
         self.overflow = Counter("sorterd_queue_overflow_total", "Items that found a full queue, by queue.", ["queue"], registry=r)
+        self.camera_failures = Counter("sorterd_camera_failures_total", "Times the camera was lost.", registry=r)
+        self.camera_gap_triggers = Counter("sorterd_camera_gap_triggers_total", "Triggers lost while the camera was away (stones fell to REJECT).", registry=r)
         self.captures = Counter("sorterd_captures_total", "Frame pairs captured.", registry=r)
         self.pulses = Counter("sorterd_pulses_total", "Valve pulses by outcome.", ["valve", "status"], registry=r)
         self.stage = Histogram("sorterd_stage_seconds", "Per-stage latency.", ["stage"], buckets=_BUCKETS, registry=r)

@@ -67,6 +67,10 @@ def _camera(cfg: Config, machine: Any, clock: Clock, replay: Any) -> Camera:
         from sorterd.camera.replay import ReplayCamera
 
         return ReplayCamera(replay)
+    if cfg.camera.type == "opencv":
+        from sorterd.camera.opencv import OpenCVCamera
+
+        return OpenCVCamera(cfg.camera, clock)
     from sorterd.camera.sim import SimCamera
 
     return SimCamera(cfg.camera, machine, clock)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sorterd.camera import FramePair
+from sorterd.camera import CameraError, FramePair
 from sorterd.clock import Clock
 from sorterd.config import JET_BINS, Config
 from sorterd.decide import Decision, decide, safe_route, unsortable_reason
@@ -54,6 +54,8 @@ class RunStats:
     conflicts: int = 0
     pairs_dropped: int = 0
     triggers_dropped: int = 0
+    camera_failures: int = 0
+    gap_triggers: int = 0  # triggers lost while the camera was away
     decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("CUT", "SELECT", "FLIP", "REJECT"), 0))
     latency_s: dict[str, deque[float]] = field(
         default_factory=lambda: {s: deque(maxlen=200_000) for s in LATENCIES}
@@ -94,9 +96,13 @@ class TriggerQueue:
             await self._ready.wait()
         return self._edges.popleft()
 
-    def drop_covered(self, t0_ns: int) -> None:
+    def drop_covered(self, t0_ns: int) -> int:
+        """Drop edges from before t0_ns; returns how many."""
+        n = 0
         while self._edges and self._edges[0] is not None and self._edges[0].t_ns <= t0_ns:
             self._edges.popleft()
+            n += 1
+        return n
 
 
 class Tracker:
@@ -186,7 +192,11 @@ class Pipeline:
     async def _capture_loop(self) -> None:
         seq = 0
         while (ev := await self._triggers.get()) is not None:
-            pair = await self._capture(seq, ev)
+            try:
+                pair = await self._capture(seq, ev)
+            except CameraError as exc:
+                await self._camera_lost(exc)
+                continue
             seq += 1
             self._triggers.drop_covered(pair.backlit.t_ns)
             self.stats.captures += 1
@@ -199,6 +209,29 @@ class Pipeline:
                 log.warning("pair queue full: capture %d dropped, its stones fall to REJECT", pair.seq)
             self.metrics.queue_depth.labels("pairs").set(self._pairs.qsize())
         await self._pairs.put(None)
+
+    async def _camera_lost(self, exc: Exception) -> None:
+        """Count the gap and get the camera back; stones passing meanwhile are never
+        seen, get no pulse and fall to REJECT (the default trajectory)."""
+        self.stats.camera_failures += 1
+        self.metrics.camera_failures.inc()
+        lost = 1  # the trigger whose capture failed
+        log.error("camera lost (%s): stones fall to REJECT until it is back", exc)
+        backoff_ns = int(getattr(self.cfg.camera, "reopen_backoff_ms", 200.0) * 1e6)
+        loop = asyncio.get_running_loop()
+        while True:
+            lost += self._triggers.drop_covered(self.clock.now_ns())
+            try:
+                await loop.run_in_executor(None, self.parts.camera.reopen)
+                break
+            except CameraError as again:
+                log.debug("camera reopen failed: %s", again)
+                await self.clock.sleep_until(self.clock.now_ns() + backoff_ns)
+        # Triggers that came while it was away announce stones already past.
+        lost += self._triggers.drop_covered(self.clock.now_ns())
+        self.stats.gap_triggers += lost
+        self.metrics.camera_gap_triggers.inc(lost)
+        log.warning("camera back: %d triggers (stones) lost in the gap", lost)
 
     async def _capture(self, seq: int, ev: TriggerEvent) -> FramePair:
         """§2.2: backlit strobe + frame at t0, ring light + frame at t0+10 ms, dark by t0+20 ms."""

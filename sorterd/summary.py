@@ -80,6 +80,8 @@ def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], world: World |
         "flagged": stats.flagged,
         "flagged_rate": round(stats.flagged / len(rows), 4) if rows else 0.0,
         "pairs_dropped": stats.pairs_dropped,
+        "camera_failures": stats.camera_failures,
+        "camera_gap_triggers": stats.gap_triggers,
         "decided": dict(stats.decided),
         "latency_ms": {s: percentiles_ms(stats.latency_s[s]) for s in LATENCIES},
         "model": {"version": model_version},
@@ -131,7 +133,9 @@ def format_text(s: dict[str, Any]) -> str:
     else:
         lines.append(f"objects decided {s['objects_decided']} ({s['clusters']} clusters)")
     lines.append(f"flagged {s['flagged']} ({s['flagged_rate']:.1%})  deadline misses {s['deadline_misses']}  "
-                 f"neighbour conflicts {s['neighbour_conflicts']}  pairs dropped {s['pairs_dropped']}")
+                 f"neighbour conflicts {s['neighbour_conflicts']}  pairs dropped {s['pairs_dropped']}"
+                 + (f"  camera lost {s['camera_failures']}x ({s['camera_gap_triggers']} triggers in the gap)"
+                    if s["camera_failures"] else ""))
     lat = s["latency_ms"]
     lines.append("latency ms p50/p99: " + "  ".join(
         f"{k} {lat[k]['p50']}/{lat[k]['p99']}" for k in STAGES))

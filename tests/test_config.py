@@ -141,3 +141,8 @@ def test_docs_config_reference_is_current() -> None:
 def test_replay_camera_needs_a_session(tmp_path: Path) -> None:
     [msg] = problems_of(tmp_path, '[camera]\ntype = "replay"\n')
     assert msg == "camera.session is required with camera.type = 'replay': the session folder to replay"
+
+
+def test_opencv_camera_needs_a_real_trigger(tmp_path: Path) -> None:
+    [msg] = problems_of(tmp_path, '[camera]\ntype = "opencv"\nsource = "/dev/video0"\n')
+    assert msg.startswith("camera.type = 'opencv' with trigger.type = 'sim': a real camera needs a real trigger")

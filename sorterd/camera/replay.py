@@ -96,5 +96,8 @@ class ReplayCamera:
         except SessionError as exc:
             raise CameraError(str(exc)) from exc
 
+    def reopen(self) -> None:
+        """A session folder cannot come and go; nothing to reopen."""
+
     def close(self) -> None:
         pass
