@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from sorterd import sdnotify
+from sorterd import calibrate, sdnotify
 from sorterd.clock import Clock, make_clock
 from sorterd.config import BINS, Config
 from sorterd.infer import OnnxModel, resolve_bundle
@@ -38,6 +38,7 @@ class RunOptions:
     progress: bool = True
     record_dir: Path | None = None  # write raw pairs as a §7.1 session under this data dir
     decisions_path: Path | None = None  # one JSON line per stone
+    uncalibrated: bool = False  # operator override: sort without today's passing calibration (logged)
 
 
 @dataclass
@@ -69,11 +70,12 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
     # creating anything; everything opened is closed on every exit path.
     model = OnnxModel(resolve_bundle(cfg.inference.model, cfg.source.parent if cfg.source else None),
                       cfg.inference.threads, cfg.inference.providers)
+    cfg, calibration = calibrate.for_run(cfg, model, out, opts.uncalibrated)
     with contextlib.ExitStack() as stack:
         parts = open_parts(cfg, clock)
         stack.callback(parts.close)
         batch_dir = make_batch_dir(Path(cfg.record.log_dir).expanduser(), _batch_name(cfg))
-        _write_batch_info(batch_dir, cfg, model)
+        _write_batch_info(batch_dir, cfg, model, calibration)
         session = _open_session(cfg, parts, opts.record_dir) if opts.record_dir else None
         if opts.decisions_path is not None:
             opts.decisions_path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,12 +183,13 @@ def _open_session(cfg: Config, parts: Parts, data_dir: Path) -> SessionWriter:
     return writer
 
 
-def _write_batch_info(batch_dir: Path, cfg: Config, model: OnnxModel) -> None:
+def _write_batch_info(batch_dir: Path, cfg: Config, model: OnnxModel, calibration: dict[str, Any]) -> None:
     info = {
         "started": datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": cfg.machine.name,
         "config": str(cfg.source) if cfg.source else None,
         "model": {"version": model.version, "sha256": model.manifest.onnx_sha256, "bundle": str(model.bundle)},
         "simulated": cfg.simulated,
+        **calibration,
     }
     (batch_dir / "batch.json").write_text(json.dumps(info, indent=2) + "\n")

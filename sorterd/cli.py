@@ -12,7 +12,7 @@ from typing import Any
 from sorterd.configfile import ConfigError
 
 # Modules that contribute subcommands: each has add_commands(subparsers).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["sorterd.calibrate_cli"]
 
 
 def _positive_int(text: str) -> int:
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "camera_down_s=0.5 backlight=-0.08 scale=0.1")
     r.add_argument("--metrics-port", type=int, help="Prometheus port (metrics.port; 0 = any free port)")
     r.add_argument("--no-progress", action="store_true", help="no live progress line")
+    r.add_argument("--uncalibrated", action="store_true",
+                   help="sort without a passing calibration of today (operator override, logged in the batch)")
 
     c = sub.add_parser("check-config", help="validate a config file; non-zero exit on any error")
     c.add_argument("file", type=Path, nargs="?", help="TOML config file")
@@ -97,6 +99,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def cmd_run(args: argparse.Namespace) -> int:
     from sorterd import config
     from sorterd.app import RunOptions, run
+    from sorterd.calibrate import CalibrationRefused
     from sorterd.infer import ModelError
     from sorterd.session import SessionError
 
@@ -114,13 +117,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     try:
         run(cfg, RunOptions(stones=args.stones, json_path=args.json_path, progress=not args.no_progress,
-                            record_dir=args.record, decisions_path=args.decisions))
+                            record_dir=args.record, decisions_path=args.decisions, uncalibrated=args.uncalibrated))
     except ModelError as exc:
         print(f"sorterd: model error: {exc}", file=sys.stderr)
         return 3
     except SessionError as exc:
         print(f"sorterd: cannot replay: {exc}", file=sys.stderr)
         return 3
+    except CalibrationRefused as exc:
+        print(f"sorterd: refusing to sort: {exc}", file=sys.stderr)
+        return 5
     except OSError as exc:
         print(f"sorterd: {exc}", file=sys.stderr)
         return 4

@@ -248,6 +248,13 @@ class RecordConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    dir: str = opt("calibration", "Where `sorterd calibrate` keeps profiles (<dir>/<machine>/<date>/); relative to the working directory.")
+    required: bool = opt(True, "Refuse to sort without a passing calibration of the current day (override: run --uncalibrated, logged).")
+    warmup_s: float = opt(300.0, "Light warm-up before measuring (§2.4: 5 minutes); 0 = skip.", minval=0.0, maxval=3600.0)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = opt(True, "Serve Prometheus metrics over HTTP.")
     host: str = opt("127.0.0.1", "Bind address (localhost unless you mean it).")
@@ -261,6 +268,11 @@ SIM_FAULTS: dict[str, tuple[float, float, str]] = {
     "backlight": (-0.9, 1.0, "relative backlight drift, e.g. -0.08"),
     "ring_light": (-0.9, 1.0, "relative ring-light drift"),
     "scale": (-0.5, 0.5, "relative error of the configured px/mm, e.g. 0.10"),
+    "wb_delta_e": (0.0, 50.0, "white-balance drift of the 18 % gray, as CIE76 dE"),
+    "reference_mislabel": (0.0, 1.0, "fraction of the reference-stone kit whose labels are wrong"),
+    "cut_valve_slow_ms": (-20.0, 50.0, "the CUT valve opens this much later than configured"),
+    "select_valve_slow_ms": (-20.0, 50.0, "the SELECT valve opens this much later than configured"),
+    "flip_valve_slow_ms": (-20.0, 50.0, "the FLIP valve opens this much later than configured"),
 }
 
 
@@ -324,6 +336,7 @@ PLAIN_SECTIONS: dict[str, type] = {
     "ejection": EjectionConfig,
     "pipeline": PipelineConfig,
     "record": RecordConfig,
+    "calibration": CalibrationConfig,
     "metrics": MetricsConfig,
     "sim": SimConfig,
 }
@@ -342,6 +355,7 @@ class Config:
     ejection: EjectionConfig
     pipeline: PipelineConfig
     record: RecordConfig
+    calibration: CalibrationConfig
     metrics: MetricsConfig
     sim: SimConfig
     source: Path | None = None

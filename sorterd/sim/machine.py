@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import cv2
 import numpy as np
 
-from sorterd.config import Config
+from sorterd.config import JET_BINS, Config, SimConfig
 from sorterd.sim.render import Optics, render_frame, render_reference
 from sorterd.sim.world import World
 
@@ -17,12 +18,13 @@ class SimMachine:
         # The machine's true scale; the camera still reports the configured one
         # (a scale fault is what calibration must catch).
         cam = replace(cfg.camera, pixels_per_mm=cfg.camera.pixels_per_mm * (1.0 + faults.get("scale", 0.0)))
-        self.world = World(cfg.sim, cfg.geometry, cam, dict(cfg.ejection.opening_latency_ms))
+        self.world = World(true_valves(cfg), cfg.geometry, cam, dict(cfg.ejection.opening_latency_ms))
         self.optics = Optics(
             width_px=cam.width_px, height_px=cam.height_px, px_per_mm=cam.pixels_per_mm,
             noise_sigma=cam.noise_sigma,
             backlight_level=min(255.0, 225.0 * (1.0 + faults.get("backlight", 0.0))),
             ring_gain=1.0 + faults.get("ring_light", 0.0),
+            wb_gains=wb_drift_gains(faults.get("wb_delta_e", 0.0)),
         )
         self.seed = cfg.sim.seed
         self.faults: dict[str, float] = dict(cfg.sim.faults)
@@ -39,3 +41,29 @@ class SimMachine:
         """The empty channel, averaged over several frames as calibration does."""
         stack = [render_reference(mode, self.optics, self._rng(i, mode)) for i in range(frames)]
         return np.mean(stack, axis=0).round().astype(np.uint8)
+
+
+def true_valves(cfg: Config) -> SimConfig:
+    """The sim config with the valves' true latencies (configured + injected slowness)."""
+    latency = {b: cfg.sim.valve_latency_ms.get(b, cfg.ejection.opening_latency_ms[b])
+               + cfg.sim.faults.get(f"{b.lower()}_valve_slow_ms", 0.0) for b in JET_BINS}
+    return replace(cfg.sim, valve_latency_ms=latency)
+
+
+def wb_drift_gains(delta_e: float, gray: float = 118.0) -> tuple[float, float, float]:
+    """(B, G, R) gains, bluer and less red, that move the 18 % gray by delta_e (CIE76)."""
+    if delta_e <= 0:
+        return (1.0, 1.0, 1.0)
+
+    def de(k: float) -> float:
+        a = np.array([[[gray, gray, gray]]], np.float32) / 255.0
+        b = np.array([[[gray * (1 + k), gray, gray * (1 - k)]]], np.float32) / 255.0
+        la, lb = cv2.cvtColor(a, cv2.COLOR_BGR2Lab), cv2.cvtColor(b, cv2.COLOR_BGR2Lab)
+        return float(np.linalg.norm(la - lb))
+
+    lo, hi = 0.0, 0.9
+    for _ in range(40):  # bisection: dE grows monotonically with k here
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if de(mid) < delta_e else (lo, mid)
+    k = (lo + hi) / 2
+    return (1.0 + k, 1.0, 1.0 - k)

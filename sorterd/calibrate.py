@@ -1,0 +1,388 @@
+"""`sorterd calibrate`: the §2.4 session checklist as a guided session.
+
+Every step measures something, passes, warns or fails, and on failure says
+what to do.  The result is a calibration profile (today's date, scale,
+reference frames, white balance, per-valve latency) that `sorterd run` loads,
+plus the §2.4 session metadata.
+
+Steps (§2.4, §8.4):
+  warm-up          lights on for `warmup_s` before measuring (skippable)
+  references       empty channel in both modes, averaged: the segmentation background
+  backlight        panel intensity vs the stored baseline: drift > 5 % fails
+  white balance    gray card under the ring light -> WB matrix; dE > 3 vs baseline warns
+  scale            a target of known size -> px/mm; > 2 % off the configured scale fails
+  reference stones the kit through segmentation + model: < 90 % agreement fails
+  valve timing     test stones, pulses swept around the plan: each valve's delay measured
+                   and corrected in the profile
+
+The hardware actions go through a `Rig`.  `SimRig` drives the simulated
+machine (with its injected faults); a real rig needs the capture, strobe and
+controller backends of the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import cv2
+import numpy as np
+
+from sorterd.config import JET_BINS, Config
+from sorterd.segment import PairingLimits, crop_pair, find_blobs, segment_pair
+from sorterd.session import SessionMeta, write_json, write_png
+
+BACKLIGHT_DRIFT_MAX = 0.05  # §2.4 step 3
+DELTA_E_WARN = 3.0  # §2.4 step 4
+SCALE_ERROR_MAX = 0.02
+AGREEMENT_MIN = 0.90  # §8.4 item 6
+VALVE_SWEEP_MS = 8.0
+VALVE_STEP_MS = 0.25
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str  # pass | warn | fail | skip
+    measured: dict[str, Any]
+    message: str
+
+
+@dataclass
+class Baseline:
+    """What a healthy machine measured when it was set up (the comparison for drift)."""
+
+    backlight_intensity: float
+    gray_bgr: list[float]
+    pixels_per_mm: float
+
+
+@dataclass
+class Profile:
+    date: str
+    machine: str
+    passed: bool
+    pixels_per_mm: float
+    white_balance_matrix: list[list[float]]
+    backlight_intensity: float
+    opening_latency_ms: dict[str, float]
+    reference_dir: str
+    steps: list[StepResult] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> Profile:
+        raw = json.loads(path.read_text())
+        raw["steps"] = [StepResult(**s) for s in raw.get("steps", [])]
+        return cls(**raw)
+
+
+class Rig(Protocol):
+    """The hardware actions calibration needs."""
+
+    def warm_up(self, seconds: float, tick: Callable[[float], None]) -> None: ...
+    def reference_frames(self) -> dict[str, np.ndarray]: ...
+    def gray_card(self) -> np.ndarray: ...
+    def target(self) -> tuple[np.ndarray, np.ndarray, float]: ...  # backlit image, reference, diameter mm
+    def reference_stones(self) -> list[tuple[np.ndarray, np.ndarray, str, str]]: ...
+    def valve_hit(self, bin_name: str, latency_ms: float, offset_ms: float) -> bool: ...
+    def baseline(self) -> Baseline: ...
+
+
+# -- measurements ---------------------------------------------------------------
+
+
+def centre_mean(image: np.ndarray) -> np.ndarray:
+    """Mean BGR of the central half of a frame (away from vignetting and walls)."""
+    h, w = image.shape[:2]
+    return image[h // 4: 3 * h // 4, w // 4: 3 * w // 4].reshape(-1, 3).mean(axis=0)
+
+
+def lab(bgr: np.ndarray) -> np.ndarray:
+    px = np.asarray(bgr, np.float32).reshape(1, 1, 3) / 255.0
+    return cv2.cvtColor(px, cv2.COLOR_BGR2Lab).reshape(3)
+
+
+def delta_e(bgr_a: np.ndarray, bgr_b: np.ndarray) -> float:
+    """CIE76 colour difference."""
+    return float(np.linalg.norm(lab(bgr_a) - lab(bgr_b)))
+
+
+def wb_matrix(gray_bgr: np.ndarray) -> list[list[float]]:
+    """Diagonal gains that make the gray card neutral, normalised to green."""
+    b, g, r = (float(v) for v in gray_bgr)
+    return [[g / r, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, g / b]]  # R, G, B rows (§2.4 example order)
+
+
+def target_diameter_px(image: np.ndarray, reference: np.ndarray) -> float:
+    """Equivalent-circle diameter of the largest object (the target disc)."""
+    blobs = find_blobs(image, reference)
+    if not blobs:
+        raise RuntimeError("no target found in the frame")
+    return 2.0 * math.sqrt(max(b.area for b in blobs) / math.pi)
+
+
+# -- the session ----------------------------------------------------------------
+
+
+class Session:
+    def __init__(self, cfg: Config, rig: Rig, out: TextIO, ask: Callable[[str], None] | None) -> None:
+        self.cfg = cfg
+        self.rig = rig
+        self.out = out
+        self.ask = ask  # None = non-interactive
+        self.results: list[StepResult] = []
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def prompt(self, text: str) -> None:
+        if self.ask is not None:
+            self.ask(text)
+
+    def record(self, r: StepResult) -> StepResult:
+        self.results.append(r)
+        mark = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "skip": "skip"}[r.status]
+        self.say(f"  [{mark}] {r.name}: {r.message}")
+        return r
+
+    def warm_up(self, seconds: float) -> None:
+        if seconds <= 0:
+            self.record(StepResult("warm-up", "skip", {}, "skipped (LEDs need 2-3 min to stabilise, §2.4)"))
+            return
+
+        def tick(done: float) -> None:
+            bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
+            print(f"\r  warming up lights [{bar}] {done * seconds:5.0f}/{seconds:.0f} s", end="",
+                  file=self.out, flush=True)
+
+        self.rig.warm_up(seconds, tick)
+        print(file=self.out)
+        if getattr(self.rig, "instant_warmup", False):
+            self.record(StepResult("warm-up", "pass", {"seconds": 0}, "simulated lights are at temperature at once"))
+        else:
+            self.record(StepResult("warm-up", "pass", {"seconds": seconds}, f"lights on for {seconds:.0f} s"))
+
+    def run(self, model: Any, warmup_s: float) -> tuple[Profile, dict[str, np.ndarray]]:
+        base = self.rig.baseline()
+        self.say("sorterd calibrate: session checklist (§2.4)")
+        self.warm_up(warmup_s)
+        self.prompt("Empty the channel (no stones), lights on. Press Enter to capture the reference frames.")
+        refs = self.rig.reference_frames()
+        self.record(StepResult("reference frames", "pass", {"size": list(refs["backlit"].shape[:2])},
+                               "empty channel captured in both modes (segmentation background)"))
+        intensity = self.backlight(refs["backlit"], base)
+        self.prompt("Place the gray card / ColorChecker under the ring light. Press Enter.")
+        matrix = self.white_balance(base)
+        self.prompt("Place the calibration target (a disc of known size) in the channel. Press Enter.")
+        ppm = self.scale()
+        self.prompt("Feed the reference stone kit. Press Enter.")
+        self.reference_stones(model, ppm)
+        self.prompt("Drop the valve test stones. Press Enter.")
+        latency = self.valves()
+        passed = all(r.status != "fail" for r in self.results)
+        profile = Profile(date.today().isoformat(), self.cfg.machine.name, passed, ppm, matrix, intensity,
+                          latency, "", self.results)
+        return profile, refs
+
+    def backlight(self, backlit_ref: np.ndarray, base: Baseline) -> float:
+        level = float(centre_mean(backlit_ref).mean())
+        drift = level / base.backlight_intensity - 1.0
+        m = {"intensity": round(level, 1), "baseline": round(base.backlight_intensity, 1), "drift": round(drift, 4)}
+        if abs(drift) > BACKLIGHT_DRIFT_MAX:
+            self.record(StepResult("backlight", "fail", m,
+                                   f"{drift:+.1%} vs baseline (limit ±{BACKLIGHT_DRIFT_MAX:.0%}): adjust the LED "
+                                   "driver current or re-calibrate the backlit exposure, then run calibrate again"))
+        else:
+            self.record(StepResult("backlight", "pass", m, f"{level:.1f} DN, {drift:+.1%} vs baseline"))
+        return level
+
+    def white_balance(self, base: Baseline) -> list[list[float]]:
+        gray = centre_mean(self.rig.gray_card())
+        de = delta_e(gray, np.asarray(base.gray_bgr))
+        matrix = wb_matrix(gray)
+        m = {"gray_bgr": [round(float(v), 1) for v in gray], "delta_e": round(de, 2), "matrix": matrix}
+        if de > DELTA_E_WARN:
+            self.record(StepResult("white balance", "warn", m,
+                                   f"dE {de:.1f} from the baseline gray (> {DELTA_E_WARN}): check for a dirty lens, "
+                                   "ageing ring-light LEDs or a changed camera white balance"))
+        else:
+            self.record(StepResult("white balance", "pass", m, f"dE {de:.2f} from the baseline gray"))
+        return matrix
+
+    def scale(self) -> float:
+        image, reference, diameter_mm = self.rig.target()
+        ppm = target_diameter_px(image, reference) / diameter_mm
+        configured = float(self.cfg.camera.pixels_per_mm)
+        err = ppm / configured - 1.0
+        m = {"measured_px_per_mm": round(ppm, 3), "configured": configured, "error": round(err, 4)}
+        if abs(err) > SCALE_ERROR_MAX:
+            self.record(StepResult("scale", "fail", m,
+                                   f"{ppm:.2f} px/mm measured, {configured:.2f} configured ({err:+.1%}): the camera "
+                                   f"or lens moved — check the mount and focus; if the new scale is right, set "
+                                   f"camera.pixels_per_mm = {ppm:.2f} (the 2 mm CUT rule depends on it)"))
+        else:
+            self.record(StepResult("scale", "pass", m, f"{ppm:.2f} px/mm ({err:+.1%} vs configured)"))
+        # Within tolerance the configured scale stands (measurement noise must not
+        # churn it); outside it the step fails and the operator decides.
+        return configured
+
+    def reference_stones(self, model: Any, ppm: float) -> None:
+        kit = self.rig.reference_stones()
+        lim = PairingLimits(ppm, self.cfg.lights.pair_interval_ms / 1e3, self.cfg.geometry.speed_min_mm_s,
+                            self.cfg.geometry.speed_max_mm_s, self.cfg.decision.max_size_mm * 1.6)
+        refs = self.rig.reference_frames()
+        agree, seen = 0, 0
+        crop_px = int(round(model.manifest.crop_mm * ppm))
+        for backlit, toplit, color, clarity in kit:
+            obs = segment_pair(backlit, toplit, refs["backlit"], refs["toplit"], 0, lim).observations
+            if len(obs) != 1:
+                continue
+            seen += 1
+            [pred], _ = model.predict(crop_pair(backlit, toplit, obs[0], crop_px, model.manifest.size[0])[None])
+            m = model.manifest
+            got = (m.color_classes[int(np.argmax(pred.p_color))], m.clarity_classes[int(np.argmax(pred.p_clarity))])
+            agree += got == (color, clarity)
+        rate = agree / len(kit) if kit else 0.0
+        meas = {"stones": len(kit), "found": seen, "agree": agree, "agreement": round(rate, 3)}
+        if rate < AGREEMENT_MIN:
+            self.record(StepResult("reference stones", "fail", meas,
+                                   f"{agree}/{len(kit)} agree with their labels ({rate:.0%} < {AGREEMENT_MIN:.0%}, "
+                                   "§8.4): stop — check the kit's labels, the lighting and the model before sorting"))
+        else:
+            self.record(StepResult("reference stones", "pass", meas, f"{agree}/{len(kit)} agree ({rate:.0%})"))
+
+    def valves(self) -> dict[str, float]:
+        latency = dict(self.cfg.ejection.opening_latency_ms)
+        measured = {}
+        for b in JET_BINS:
+            offsets = np.arange(-VALVE_SWEEP_MS, VALVE_SWEEP_MS + 1e-9, VALVE_STEP_MS)
+            hits = [float(o) for o in offsets if self.rig.valve_hit(b, latency[b], float(o))]
+            if not hits:
+                self.record(StepResult(f"valve {b}", "fail", {"latency_ms": latency[b]},
+                                       f"no test stone deflected within ±{VALVE_SWEEP_MS} ms of the plan: check air "
+                                       "pressure, the valve driver and the nozzle aim"))
+                continue
+            # The hit window is centred on perfect timing; its centre's offset is the latency error.
+            error = (hits[0] + hits[-1]) / 2.0
+            measured[b] = latency[b] - error
+            m = {"configured_ms": latency[b], "measured_ms": round(measured[b], 2), "hit_window_ms": [hits[0], hits[-1]]}
+            if abs(error) > 0.5:
+                self.record(StepResult(f"valve {b}", "pass", m, f"opens {-error:+.2f} ms vs configured: corrected "
+                                       f"to {measured[b]:.2f} ms in the profile"))
+            else:
+                self.record(StepResult(f"valve {b}", "pass", m, f"latency {measured[b]:.2f} ms as configured"))
+            latency[b] = round(measured[b], 3)
+        return latency
+
+
+# -- profiles on disk -----------------------------------------------------------------
+
+
+def profile_dir(root: Path, machine: str) -> Path:
+    return root / machine
+
+
+def save_profile(root: Path, profile: Profile, refs: dict[str, np.ndarray], meta: SessionMeta) -> Path:
+    """calibration/<machine>/<date>/: profile.json, session_meta.json, reference/{backlit,toplit}.png."""
+    d = profile_dir(root, profile.machine) / profile.date
+    (d / "reference").mkdir(parents=True, exist_ok=True)
+    for mode, img in refs.items():
+        write_png(d / "reference" / f"{mode}.png", img)
+    profile.reference_dir = str(d / "reference")
+    profile.save(d / "profile.json")
+    write_json(d / "session_meta.json", asdict(meta))
+    return d
+
+
+def todays_profile(root: Path, machine: str) -> Profile | None:
+    path = profile_dir(root, machine) / date.today().isoformat() / "profile.json"
+    return Profile.load(path) if path.exists() else None
+
+
+def session_meta(profile: Profile, steps: list[StepResult], base: Baseline, cfg: Config) -> SessionMeta:
+    now = datetime.now().astimezone().isoformat(timespec="seconds")
+    return SessionMeta(
+        session_id=f"{profile.date}_cal", timestamp_start=now,
+        white_balance_matrix=profile.white_balance_matrix,
+        reference_backlight_intensity=round(profile.backlight_intensity, 1),
+        reference_check_passed=profile.passed, pixels_per_mm=profile.pixels_per_mm,
+        pair_interval_ms=cfg.lights.pair_interval_ms,
+        notes="; ".join(f"{s.name}: {s.status}" for s in steps),
+    )
+
+
+def apply(cfg: Config, profile: Profile) -> Config:
+    """The run's config with the profile's measured valve latencies.
+
+    The scale is only checked (a passing profile has the configured one); a
+    camera that loads reference frames gets today's, unless its config names others.
+    """
+    cfg = replace(cfg, ejection=replace(cfg.ejection, opening_latency_ms=dict(profile.opening_latency_ms)))
+    if hasattr(cfg.camera, "reference_dir") and not cfg.camera.reference_dir and profile.reference_dir:
+        cfg = replace(cfg, camera=replace(cfg.camera, reference_dir=profile.reference_dir))
+    return cfg
+
+
+def interactive_ask(text: str) -> None:
+    if not sys.stdin.isatty():
+        raise RuntimeError("calibrate needs a terminal for its prompts; use --yes for a non-interactive run")
+    input(f"  > {text} ")
+
+
+def timed_warmup(seconds: float, tick: Callable[[float], None]) -> None:
+    t0 = time.monotonic()
+    while (elapsed := time.monotonic() - t0) < seconds:
+        tick(elapsed / seconds)
+        time.sleep(min(1.0, seconds - elapsed))
+    tick(1.0)
+
+
+class CalibrationRefused(RuntimeError):
+    """`run` without a passing calibration of the day, and no override."""
+
+
+def run_session(cfg: Config, rig: Rig, model: Any, out: TextIO, interactive: bool, warmup_s: float
+                ) -> tuple[Profile, dict[str, np.ndarray], Baseline]:
+    session = Session(cfg, rig, out, interactive_ask if interactive else None)
+    profile, refs = session.run(model, warmup_s)
+    verdict = "PASSED" if profile.passed else "FAILED"
+    session.say(f"calibration {verdict} ({sum(r.status == 'warn' for r in session.results)} warnings)")
+    return profile, refs, rig.baseline()
+
+
+def for_run(cfg: Config, model: Any, out: TextIO, uncalibrated: bool) -> tuple[Config, dict[str, Any]]:
+    """The config a run sorts with, after today's calibration; and what to log about it.
+
+    The simulated machine calibrates itself now, without prompts; a replayed
+    session brings its own references and scale; a real machine needs a
+    passing profile written by `sorterd calibrate` today.
+    """
+    if cfg.camera.type == "replay":
+        return cfg, {"calibration": "replay: the session's own references and scale"}
+    if cfg.camera.type == "sim":
+        from sorterd.sim.rig import SimRig
+
+        profile, _, _ = run_session(cfg, SimRig(cfg), model, out, interactive=False,
+                                    warmup_s=cfg.calibration.warmup_s)
+    else:
+        profile = todays_profile(Path(cfg.calibration.dir), cfg.machine.name)  # type: ignore[assignment]
+    if profile is None or not profile.passed:
+        why = ("no calibration of today" if profile is None
+               else "today's calibration failed: " + "; ".join(s.name for s in profile.steps if s.status == "fail"))
+        if uncalibrated or not cfg.calibration.required:
+            print(f"sorterd: WARNING sorting without a passing calibration ({why}) -- operator override",
+                  file=out)
+            return cfg, {"calibration": f"OVERRIDDEN: {why}"}
+        raise CalibrationRefused(f"{why}: run `sorterd calibrate`, or `sorterd run --uncalibrated` to sort "
+                                 "anyway (logged in the batch)")
+    return apply(cfg, profile), {"calibration": asdict(profile)}
