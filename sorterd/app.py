@@ -83,16 +83,21 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         metrics = Metrics()
         port = metrics.serve(cfg.metrics.host, cfg.metrics.port) if cfg.metrics.enabled else None
         stack.callback(metrics.close)
+        metrics.watch_valves(parts.valves)
         recorder = Recorder(batch_dir, cfg.record.commit_interval_ms / 1e3, cfg.record.queue_size,
                             cfg.record.thumbnail_px, session, opts.decisions_path)
         stack.callback(recorder.close)
+        # Callbacks run last-in first-out: the valves go off before anything
+        # slower (recorder flush, metrics server shutdown) can delay it.
+        stack.callback(parts.valves.close)
         pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics)
         print(f"sorterd: batch {batch_dir}  model {model.version}"
               + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
         t_wall = time.monotonic()
         await _run_pipeline(pipeline, parts, clock, opts, out, t_wall)
     world = parts.machine.world if parts.machine is not None else None
-    summary = summarize(cfg, pipeline.stats, pipeline.rows, world, model.version, time.monotonic() - t_wall)
+    summary = summarize(cfg, pipeline.stats, pipeline.rows, world, model.version, time.monotonic() - t_wall,
+                        valves=parts.valves)
     summary["batch_dir"] = str(batch_dir)
     summary["record"] = {"rows_written": recorder.rows_written, "rows_overflow": recorder.rows_overflow,
                          "images_overflow": recorder.images_overflow, "errors": recorder.errors}

@@ -37,6 +37,12 @@ def _fault(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=NUMBER, e.g. backlight=-0.08") from None
 
 
+def _valve_types() -> tuple[str, ...]:
+    from sorterd.config import BACKENDS
+
+    return tuple(BACKENDS["valves"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sorterd", description="Optical sorter for rough sapphire melee.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -52,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--record", type=Path, metavar="DATA_DIR",
                    help="record every frame pair as a §7.1 session under DATA_DIR/images/raw/")
     r.add_argument("--decisions", type=Path, metavar="PATH", help="write one JSON line per stone here")
+    r.add_argument("--valves", choices=_valve_types(), metavar="TYPE",
+                   help="valve backend for this run, overriding [valves] type: " + ", ".join(_valve_types())
+                        + " (mcu with the simulated machine runs the controller firmware's host build on a pty)")
     r.add_argument("--stones", type=_positive_int, default=500, help="simulation: stones to feed (default 500)")
     r.add_argument("--rate", type=_positive_float, help="simulation: stones per second (sim.rate_per_s)")
     r.add_argument("--seed", type=int, help="simulation: world seed (sim.seed)")
@@ -85,6 +94,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         o["camera"] = {"type": "replay", "session": str(args.replay.resolve())}
         o["trigger"] = {"type": "replay"}
         o["valves"] = {"type": "dry"}
+    if args.valves is not None:
+        o["valves"] = {"type": args.valves}
     pairs = [("sim", "rate_per_s", args.rate), ("sim", "seed", args.seed), ("sim", "clock", args.clock),
              ("record", "log_dir", str(args.log_dir.resolve()) if args.log_dir else None),
              ("record", "batch", args.batch), ("metrics", "port", args.metrics_port)]
@@ -115,6 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cfg.simulated and any(v is not None for v in (args.rate, args.seed)):
         print("sorterd: --rate, --seed and --clock only apply to the simulated machine", file=sys.stderr)
         return 2
+    if cfg.simulated and not cfg.offline and cfg.sim.clock == "virtual":
+        print(f"sorterd: note: valves.type = {cfg.valves.type!r} is real time: the simulated machine runs on "
+              "the wall clock (sim.clock = 'virtual' is ignored)", file=sys.stderr)
     try:
         run(cfg, RunOptions(stones=args.stones, json_path=args.json_path, progress=not args.no_progress,
                             record_dir=args.record, decisions_path=args.decisions, uncalibrated=args.uncalibrated))

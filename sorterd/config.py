@@ -154,6 +154,110 @@ class DryValvesConfig:
     type: str = opt("dry", "Backend: dry run -- pulses are planned and logged, no output is driven.", choices=("dry",))
 
 
+def _check_pins(section: str, pins: dict[str, Any], hi: int) -> list[str]:
+    """valves.pins: exactly one distinct output number per jet bin."""
+    problems = []
+    if set(pins) != set(JET_BINS):
+        problems.append(f"{section}.pins = {pins!r}: needs exactly the keys {', '.join(JET_BINS)}")
+    for k, v in pins.items():
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+            problems.append(f"{section}.pins.{k} = {v!r}: must be an integer in [0, {hi}]")
+    if len(set(map(str, pins.values()))) != len(pins):
+        problems.append(f"{section}.pins = {pins!r}: every valve needs its own pin")
+    return problems
+
+
+@dataclass(frozen=True)
+class McuValvesConfig:
+    type: str = opt("mcu", "Backend: mcu -- the valve-controller firmware (hw/) fires pulses from its hardware timer; "
+                    "the host keeps its clock in sync over serial.", choices=("mcu",))
+    port: str = opt(
+        "sim",
+        "Serial device of the controller, e.g. /dev/serial/by-id/usb-sorterd_valves-if00; 'sim' = the firmware's "
+        "host build on a pseudo-terminal, driving the simulated machine's jets (simulated machine only).",
+    )
+    baudrate: int = opt(250000, "Serial speed (ignored by USB CDC boards such as the RP2040).", minval=9600, maxval=12_000_000)
+    pins: dict = opt({"CUT": 2, "SELECT": 3, "FLIP": 4}, "Controller GPIO driving each bin's valve driver (keys CUT, SELECT, FLIP).")
+    active_low: bool = opt(False, "The valve drivers switch on at a low level (default: high = open).")
+    max_on_ms: float = opt(
+        40.0, "Longest a valve may stay open, enforced by the firmware whatever the host sends "
+        "(at least ejection.max_pulse_ms).", minval=1.0, maxval=1000.0,
+    )
+    silence_ms: float = opt(
+        200.0, "Host silence after which the firmware turns every valve off and keeps it off until the host "
+        "re-arms (the fail-safe against a crashed or killed daemon).", minval=10.0, maxval=5000.0,
+    )
+    heartbeat_ms: float = opt(50.0, "Heartbeat interval when nothing else is sent (well below silence_ms).", minval=1.0, maxval=1000.0)
+    late_limit_us: float = opt(
+        500.0, "A pulse whose timer runs more than this after its start is refused by the firmware, never fired "
+        "late (at most ejection.margin_ms: up to that a late edge still covers the whole passage).",
+        minval=0.0, maxval=5000.0,
+    )
+    min_lead_ms: float = opt(1.0, "Pulses starting sooner than this are refused by the host (the command must reach the controller first).", minval=0.1, maxval=100.0)
+    sync_interval_ms: float = opt(50.0, "Clock-sync exchange interval once synchronised.", minval=5.0, maxval=5000.0)
+    sync_timeout_ms: float = opt(3000.0, "No good clock-sync sample for this long: pulses are refused until there is one.", minval=50.0, maxval=60_000.0)
+    link_timeout_ms: float = opt(300.0, "Nothing in order from the controller for this long while the host kept asking: the link is lost or out of step; reconnect.", minval=20.0, maxval=60_000.0)
+    reconnect_ms: float = opt(200.0, "Wait between attempts to reopen a lost port.", minval=10.0, maxval=60_000.0)
+    connect_timeout_s: float = opt(5.0, "How long startup waits for the controller to answer and synchronise.", minval=0.1, maxval=120.0)
+    sim_freq_hz: float = opt(12_000_000.0, "port = 'sim': the simulated controller's nominal clock frequency.", minval=1e5, maxval=1e9)
+    sim_drift_ppm: float = opt(37.0, "port = 'sim': its true rate error, for the clock sync to find.", minval=-1000.0, maxval=1000.0)
+    sim_offset: int = opt(123_456_789_000, "port = 'sim': its clock when it starts (ticks).", minval=0, maxval=2**62)
+    sim_realtime: bool = opt(True, "port = 'sim': run the firmware process SCHED_FIFO with memory locked, when permitted.")
+
+    def __post_init__(self) -> None:
+        problems = _check_pins("valves", self.pins, 255)
+        if self.heartbeat_ms * 3 > self.silence_ms:
+            problems.append(f"valves.heartbeat_ms = {self.heartbeat_ms} must be at most a third of "
+                            f"valves.silence_ms = {self.silence_ms} (one lost heartbeat must not trip the watchdog)")
+        if self.link_timeout_ms < self.sync_interval_ms * 3:
+            problems.append(f"valves.link_timeout_ms = {self.link_timeout_ms} must be at least three times "
+                            f"valves.sync_interval_ms = {self.sync_interval_ms} (the controller's answers to "
+                            "clock queries show the link is alive)")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass(frozen=True)
+class GpioValvesConfig:
+    """Shared by the jetson and gpiod backends (one real-time thread on the host).
+
+    `type` and `pins` are redefined by each backend (they keep this position)."""
+
+    type: str = opt("", "Backend.")
+    pins: dict = opt({}, "Output of each bin's valve driver (keys CUT, SELECT, FLIP).")
+    max_on_ms: float = opt(40.0, "Longest a valve may stay open (enforced by the RT thread; at least ejection.max_pulse_ms).", minval=1.0, maxval=1000.0)
+    late_limit_us: float = opt(500.0, "An edge whose thread wakes more than this after its start is refused, never fired late (at most ejection.margin_ms).", minval=0.0, maxval=5000.0)
+    min_lead_ms: float = opt(2.0, "Pulses starting sooner than this are refused (the thread sleeps until ~spin_us before an edge).", minval=0.5, maxval=100.0)
+    spin_us: float = opt(300.0, "The thread sleeps until this long before an edge, then spins.", minval=0.0, maxval=5000.0)
+    rt_priority: int = opt(50, "SCHED_FIFO priority of the valve thread when permitted; 0 = normal scheduling.", minval=0, maxval=99)
+    switch_interval_us: float = opt(
+        200.0, "Python's GIL switch interval while the valves run (the default 5 ms would let another thread "
+        "hold the GIL through an edge); 0 = leave it.", minval=0.0, maxval=5000.0,
+    )
+    active_low: bool = opt(False, "The valve drivers switch on at a low level.")
+
+    def __post_init__(self) -> None:
+        problems = _check_pins("valves", self.pins, 1023)
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass(frozen=True)
+class JetsonValvesConfig(GpioValvesConfig):
+    type: str = opt("jetson", "Backend: jetson -- Jetson.GPIO lines driven by a real-time thread (no fail-safe "
+                    "if the process dies; see hw/README.md).", choices=("jetson",))
+    pins: dict = opt({"CUT": 31, "SELECT": 33, "FLIP": 35}, "Header pin of each bin's valve driver (keys CUT, SELECT, FLIP), in `numbering`.")
+    numbering: str = opt("BOARD", "Jetson.GPIO pin numbering mode.", choices=("BOARD", "BCM", "CVM", "TEGRA_SOC"))
+
+
+@dataclass(frozen=True)
+class GpiodValvesConfig(GpioValvesConfig):
+    type: str = opt("gpiod", "Backend: gpiod -- libgpiod v2 lines driven by a real-time thread (Raspberry Pi 5, any "
+                    "Linux; no fail-safe if the process dies; see hw/README.md).", choices=("gpiod",))
+    chip: str = opt("/dev/gpiochip0", "GPIO character device (Raspberry Pi 5: /dev/gpiochip0 on kernels >= 6.6, gpiochip4 before).")
+    pins: dict = opt({"CUT": 17, "SELECT": 27, "FLIP": 22}, "Line offset of each bin's valve driver on `chip` (keys CUT, SELECT, FLIP).")
+
+
 @dataclass(frozen=True)
 class OnnxInferenceConfig:
     type: str = opt("onnxruntime", "Backend: onnxruntime (CPU, or CUDA if available).", choices=("onnxruntime",))
@@ -325,7 +429,8 @@ BACKENDS: dict[str, dict[str, type]] = {
     "camera": {"sim": SimCameraConfig, "replay": ReplayCameraConfig, "opencv": OpenCVCameraConfig},
     "lights": {"sim": SimLightsConfig},
     "trigger": {"sim": SimTriggerConfig, "replay": ReplayTriggerConfig},
-    "valves": {"sim": SimValvesConfig, "dry": DryValvesConfig},
+    "valves": {"sim": SimValvesConfig, "dry": DryValvesConfig, "mcu": McuValvesConfig,
+               "jetson": JetsonValvesConfig, "gpiod": GpiodValvesConfig},
     "inference": {"onnxruntime": OnnxInferenceConfig},
 }
 
@@ -402,7 +507,7 @@ def from_dict(raw: dict[str, Any], source: Path | None = None) -> Config:
         parts[part] = _build_backend(part, raw.get(part, {}), problems)
     for name, cls in PLAIN_SECTIONS.items():
         parts[name] = build(cls, raw.get(name, {}), name, problems)
-    problems += _cross_checks(parts)
+    problems += _cross_checks(parts) + _valve_checks(parts)
     if problems:
         raise ConfigError(problems, str(source) if source else "")
     return Config(source=source, **parts)
@@ -421,6 +526,27 @@ def _cross_checks(parts: dict[str, Any]) -> list[str]:
                 "(beam or vision), and those backends are not built yet; test the camera with "
                 "`python -m pytest tests/test_camera.py`"]
     return []
+
+
+def _valve_checks(parts: dict[str, Any]) -> list[str]:
+    """Valve backends against the ejection plan and the machine they drive."""
+    valves, ejection = parts["valves"], parts["ejection"]
+    if valves is None or ejection is None or parts["camera"] is None or parts["trigger"] is None:
+        return []  # already refused: its own problems are reported
+    problems = []
+    if valves.type in ("mcu", "jetson", "gpiod") and valves.max_on_ms < ejection.max_pulse_ms:
+        problems.append(f"valves.max_on_ms = {valves.max_on_ms} is below ejection.max_pulse_ms = "
+                        f"{ejection.max_pulse_ms}: every long pulse would be cut; raise valves.max_on_ms")
+    if valves.type in ("mcu", "jetson", "gpiod") and valves.late_limit_us > ejection.margin_ms * 1000:
+        problems.append(f"valves.late_limit_us = {valves.late_limit_us} is above ejection.margin_ms = "
+                        f"{ejection.margin_ms} ms: an edge that late would leave the start of the stone's passage "
+                        "without jet; lower valves.late_limit_us or raise ejection.margin_ms")
+    sim_parts = "sim" in (parts["camera"].type, parts["trigger"].type)
+    if valves.type == "mcu" and valves.port == "sim" and not sim_parts:
+        problems.append("valves.port = 'sim' runs the firmware's host build for the simulated machine, but "
+                        f"camera.type = {parts['camera'].type!r} and trigger.type = {parts['trigger'].type!r} are "
+                        "real: give the controller's serial device, e.g. /dev/serial/by-id/usb-sorterd_valves-if00")
+    return problems
 
 
 def load(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:

@@ -6,9 +6,11 @@ Names follow Prometheus conventions: `sorterd_stones_total{bin=...}`,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 # Stage latencies are milliseconds-scale; buckets from 0.1 ms to 0.5 s.
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
@@ -32,6 +34,11 @@ class Metrics:
         self.model = Info("sorterd_model", "The active model bundle.", registry=r)
         self.server: Any = None
 
+    def watch_valves(self, valves: Any) -> None:
+        """Expose a valve backend's timing and faults (if it has `stats()`), read at scrape time."""
+        if hasattr(valves, "stats"):
+            self.registry.register(ValveCollector(valves))
+
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port."""
         result = start_http_server(port, addr=host, registry=self.registry)
@@ -42,3 +49,42 @@ class Metrics:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+class ValveCollector:
+    """The valve backend's own figures (sorterd.valves.ValveStats), as Prometheus metrics.
+
+    The backend keeps its counters on the event loop's thread; a scrape (HTTP
+    thread) reads a snapshot of plain ints and floats -- no lock needed for
+    figures that are only ever replaced or incremented.
+    """
+
+    def __init__(self, valves: Any) -> None:
+        self.valves = valves
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time only
+
+    def collect(self) -> Iterator[Any]:
+        st = self.valves.stats()
+        h = st.fire_hist
+        cumulative = [(str(le), float(n)) for le, n in zip(h.buckets, h.counts, strict=True)]
+        yield HistogramMetricFamily(
+            "sorterd_valve_fire_error_seconds", "|actual - intended| valve edge time, device-stamped.",
+            buckets=[*cumulative, ("+Inf", float(h.count))], sum_value=h.sum_s)
+        refusals = CounterMetricFamily("sorterd_valve_refusals", "Pulses the valve backend refused, by reason.",
+                                       labels=["reason"])
+        for reason, n in sorted(st.refusals.items()):
+            refusals.add_metric([reason], float(n))
+        yield refusals
+        yield CounterMetricFamily("sorterd_valve_watchdog_trips", "Times the controller switched every valve off "
+                                  "because the host went silent.", value=float(st.watchdog_trips))
+        yield CounterMetricFamily("sorterd_valve_reconnects", "Times the link to the controller came back.",
+                                  value=float(st.reconnects))
+        for name, doc, value, scale in (
+            ("sorterd_valve_clock_offset_seconds", "Last clock-sync sample vs the fitted line.", st.clock_offset_ns, 1e-9),
+            ("sorterd_valve_clock_rtt_seconds", "Round trip of the last clock-sync exchange.", st.clock_rtt_ns, 1e-9),
+            ("sorterd_valve_clock_drift_ppm", "Controller clock rate vs nominal.", st.clock_drift_ppm, 1.0),
+        ):
+            if value is not None:
+                yield GaugeMetricFamily(name, doc, value=float(value) * scale)

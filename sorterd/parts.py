@@ -99,6 +99,35 @@ def _valves(cfg: Config, machine: Any, clock: Clock) -> Valves:
         from sorterd.valves.dry import DryValves
 
         return DryValves(clock)
+    if cfg.valves.type == "mcu":
+        return _mcu_valves(cfg, machine, clock)
+    if cfg.valves.type in ("jetson", "gpiod"):
+        from sorterd.valves.gpio import open_gpio_valves
+
+        return open_gpio_valves(cfg.valves, clock, machine)
     from sorterd.valves.sim import SimValves
 
     return SimValves(cfg.valves, machine, clock)
+
+
+def _mcu_valves(cfg: Config, machine: Any, clock: Clock) -> Valves:
+    """The controller firmware over serial; port 'sim' = its host build on a pty,
+    whose pin edges open the simulated machine's jets."""
+    from sorterd.valves.mcu import McuValves
+
+    if clock.virtual:
+        raise ValueError("valves.type = 'mcu' talks to real-time firmware: it needs the wall clock, "
+                         "not the virtual one (sim.clock = 'wall')")
+    port, truth, closers = cfg.valves.port, None, []
+    if port == "sim":
+        from sorterd.sim.firmware import start_simulated_controller
+
+        ctl = start_simulated_controller(cfg.valves, machine, clock)
+        port, truth, closers = ctl.port, ctl.truth, [ctl.close]
+    valves = McuValves(cfg.valves, clock, port, truth=truth, on_close=closers)
+    try:
+        valves.start_blocking(cfg.valves.connect_timeout_s)  # startup: nothing else runs yet
+    except BaseException:
+        valves.close()
+        raise
+    return valves

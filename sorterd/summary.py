@@ -12,6 +12,7 @@ classifier's, over classified stones.
 from __future__ import annotations
 
 import bisect
+import re
 from typing import Any
 
 import numpy as np
@@ -70,7 +71,7 @@ def match_rows(world: World, rows: list[StoneRow]) -> dict[int, StoneRow]:
 
 
 def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], world: World | None,
-              model_version: str, wall_s: float) -> dict[str, Any]:
+              model_version: str, wall_s: float, valves: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "objects_decided": len(rows),
         "captures": stats.captures,
@@ -89,7 +90,71 @@ def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], world: World |
     }
     if world is not None:
         out.update(_sim_truth(cfg, world, rows))
+    out.update(valve_summary(rows, world, valves))
     return out
+
+
+def valve_summary(rows: list[StoneRow], world: World | None, valves: Any = None) -> dict[str, Any]:
+    """Valve timing and faults, where a backend or the simulated controller has them.
+
+    sync_error_us / fire_error_us (|error| p50, p99, max; bias = signed median)
+    come from the simulated machine watching the controller's pins with the
+    true clock relation (world.valve_trace), or else from the backend's own
+    truth samples.  valve_refusals counts stones whose pulse the valve
+    backend refused (they took the safe route); watchdog_trips and reconnects
+    come from the controller (simulated) or the backend.
+    """
+    out: dict[str, Any] = {}
+    trace = getattr(world, "valve_trace", None) if world is not None else None
+    st = valves.stats() if valves is not None and hasattr(valves, "stats") else None
+    if trace is None and st is None:
+        return out
+    refused = [r.valve_status for r in rows if r.valve_status.startswith("refused")]
+    out["valve_refusals"] = len(refused)
+    out["valve_refusal_reasons"] = _group_reasons(refused)
+    if trace is not None:
+        # A row's bin is its pulse's valve (a pulse cancelled for a neighbour moved
+        # its row to REJECT, and never opened anything).
+        planned = [(r.bin, r.planned_on_ns, r.planned_off_ns) for r in rows
+                   if r.planned_on_ns is not None and r.planned_off_ns is not None]
+        truth = trace.summary(planned)
+        out.update(sync_error_us=truth["sync_error_us"], fire_error_us=truth["fire_error_us"],
+                   valve_controller=truth["valve_controller"])
+        out["watchdog_trips"] = truth["valve_controller"]["watchdog_trips"]
+        out["reconnects"] = truth["valve_controller"]["reconnects"]
+    if st is not None:
+        out["valves"] = _backend_stats(st)
+        out.setdefault("sync_error_us", _us(st.sync_error_ns))
+        out.setdefault("fire_error_us", _us(st.true_fire_error_ns))
+        out.setdefault("watchdog_trips", st.watchdog_trips)
+        out.setdefault("reconnects", st.reconnects)
+    return out
+
+
+def _group_reasons(statuses: list[str]) -> dict[str, int]:
+    groups: dict[str, int] = {}
+    for text in statuses:
+        key = re.split(r" \(|\d", text)[0].rstrip(" :(-.")  # the kind, without its figures
+        groups[key] = groups.get(key, 0) + 1
+    return groups
+
+
+def _us(errors_ns: Any) -> dict[str, float | None]:
+    if not errors_ns:
+        return {"p50": None, "p99": None}
+    a = np.abs(np.asarray(errors_ns, dtype=float)) / 1e3
+    return {"p50": round(float(np.percentile(a, 50)), 2), "p99": round(float(np.percentile(a, 99)), 2)}
+
+
+def _backend_stats(st: Any) -> dict[str, Any]:
+    return {
+        "backend": st.backend, "state": st.state, "refusals": dict(st.refusals),
+        "watchdog_trips": st.watchdog_trips, "reconnects": st.reconnects, "late_at_fire": st.late_at_fire,
+        "host_fire_error_us": _us(st.fire_error_ns),
+        "clock_rtt_us": None if st.clock_rtt_ns is None else round(st.clock_rtt_ns / 1e3, 1),
+        "clock_offset_us": None if st.clock_offset_ns is None else round(st.clock_offset_ns / 1e3, 2),
+        "clock_drift_ppm": None if st.clock_drift_ppm is None else round(st.clock_drift_ppm, 2),
+    }
 
 
 def _sim_truth(cfg: Config, world: World, rows: list[StoneRow]) -> dict[str, Any]:
@@ -136,6 +201,11 @@ def format_text(s: dict[str, Any]) -> str:
                  f"neighbour conflicts {s['neighbour_conflicts']}  pairs dropped {s['pairs_dropped']}"
                  + (f"  camera lost {s['camera_failures']}x ({s['camera_gap_triggers']} triggers in the gap)"
                     if s["camera_failures"] else ""))
+    if "fire_error_us" in s:
+        sy, fi = s["sync_error_us"], s["fire_error_us"]
+        lines.append(f"valve timing us p50/p99: sync {sy['p50']}/{sy['p99']}  fire {fi['p50']}/{fi['p99']}  "
+                     f"valve refusals {s['valve_refusals']}  watchdog trips {s['watchdog_trips']}  "
+                     f"reconnects {s['reconnects']}")
     lat = s["latency_ms"]
     lines.append("latency ms p50/p99: " + "  ".join(
         f"{k} {lat[k]['p50']}/{lat[k]['p99']}" for k in STAGES))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -33,6 +34,16 @@ THAI_MELEE_MIX = {
     "light_transparent": 7.5, "light_translucent": 17.5, "light_opaque": 6.5,
     "inky_transparent": 2.0, "inky_translucent": 6.5, "inky_opaque": 7.5,
 }
+
+
+class StoneSource(Protocol):
+    """Where fed stones come from when not the config's class mix: a lot (sorterd.sim.lots).
+
+    draw() returns a stone's look, class, size, lot and flags; the feeder
+    then gives it its place on the channel (kinematic fields are ignored).
+    """
+
+    def draw(self, rng: np.random.Generator) -> StoneSpec: ...
 
 
 @dataclass
@@ -51,6 +62,10 @@ class World:
     stones: list[StoneSpec] = field(default_factory=list)
     # bin -> list of (on_ns, off_ns) when that jet was physically open
     jets: dict[str, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
+    # A controller's pins observed by the simulated machine (sorterd/sim/firmware.py
+    # ValveTrace): it opens jets from the firmware's actual edges and keeps the
+    # timing truth for the run summary.  None with the ideal `sim` valves.
+    valve_trace: Any = None
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.sim.seed)
@@ -63,14 +78,21 @@ class World:
 
     # -- feeder ---------------------------------------------------------------
 
-    def feed(self, n: int, t_start_ns: int) -> list[StoneSpec]:
-        """Generate n stones entering the view after t_start_ns."""
+    def feed(self, n: int, t_start_ns: int, lot: StoneSource | None = None) -> list[StoneSpec]:
+        """Generate n stones entering the view after t_start_ns.
+
+        lot: draws each stone (class mix, look, hard cases, flags); None = the
+        config's class mix (sim.class_mix) with plain stones of every class.
+        """
         classes, weights = self._class_weights()
         prev: StoneSpec | None = None
         t = t_start_ns
         for i in range(n):
-            color, clarity = classes[self.rng.choice(len(classes), p=weights)]
-            stone = self._next_stone(i, color, clarity, prev, t)
+            if lot is None:
+                color, clarity = classes[self.rng.choice(len(classes), p=weights)]
+                stone = self._next_stone(i, color, clarity, prev, t)
+            else:
+                stone = self._place(replace(lot.draw(self.rng), sim_id=i), prev, t)
             self.stones.append(stone)
             self.fall_scale[stone.sim_id] = 1.0 + self.rng.normal(0.0, self.sim.fall_jitter)
             prev, t = stone, stone.t_entry_ns
@@ -95,17 +117,23 @@ class World:
     def _next_stone(self, i: int, color: str, clarity: str, prev: StoneSpec | None, t_prev: int) -> StoneSpec:
         size = float(self.rng.uniform(self.sim.size_min_mm, self.sim.size_max_mm))
         outline, size, length, look = make_stone_look(color, clarity, size, self.rng)
-        outline = _align_to_channel(outline, self.rng)
+        stone = StoneSpec(sim_id=i, color=color, clarity=clarity, outline_mm=outline, size_mm=size,
+                          length_mm=length, appearance=look, speed_mm_s=0.0, t_entry_ns=0, y_mm=0.0)
+        return self._place(stone, prev, t_prev)
+
+    def _place(self, stone: StoneSpec, prev: StoneSpec | None, t_prev: int) -> StoneSpec:
+        """Put a drawn stone on the channel: orientation, speed, lateral position, entry time."""
+        outline = _align_to_channel(stone.outline_mm, self.rng)
         speed = self.sim.speed_mm_s * max(0.5, 1.0 + self.rng.normal(0.0, self.sim.speed_spread))
         y = self.view_mm[1] / 2.0 + float(self.rng.normal(0.0, 0.4))
         if prev is None:
             t_entry = t_prev + int(self.rng.exponential(1.0 / self.sim.rate_per_s) * 1e9)
-            return self._stone(i, color, clarity, outline, size, length, look, speed, t_entry, y)
-        edge_gap, speed = self._gap_and_speed(prev, speed)
-        centre_gap = edge_gap + _half_extent_x(prev.outline_mm, +1) + _half_extent_x(outline, -1)
-        t_entry = prev.t_entry_ns + int(centre_gap / prev.speed_mm_s * 1e9)
-        t_entry = max(t_entry, self._no_catch_up_entry(prev, speed, centre_gap))
-        return self._stone(i, color, clarity, outline, size, length, look, speed, t_entry, y)
+        else:
+            edge_gap, speed = self._gap_and_speed(prev, speed)
+            centre_gap = edge_gap + _half_extent_x(prev.outline_mm, +1) + _half_extent_x(outline, -1)
+            t_entry = prev.t_entry_ns + int(centre_gap / prev.speed_mm_s * 1e9)
+            t_entry = max(t_entry, self._no_catch_up_entry(prev, speed, centre_gap))
+        return replace(stone, outline_mm=outline, speed_mm_s=speed, t_entry_ns=t_entry, y_mm=y)
 
     def _gap_and_speed(self, prev: StoneSpec, speed: float) -> tuple[float, float]:
         u = self.rng.random()
@@ -126,14 +154,6 @@ class World:
             return 0
         t_prev_lip = prev.t_at_x_ns(self.geometry.lip_mm)
         return t_prev_lip - int((self.geometry.lip_mm - centre_gap) / speed * 1e9)
-
-    @staticmethod
-    def _stone(i: int, color: str, clarity: str, outline: np.ndarray, size: float, length: float,
-               look: object, speed: float, t_entry: int, y: float) -> StoneSpec:
-        return StoneSpec(
-            sim_id=i, color=color, clarity=clarity, outline_mm=outline, size_mm=size,
-            length_mm=length, appearance=look, speed_mm_s=speed, t_entry_ns=t_entry, y_mm=y,  # type: ignore[arg-type]
-        )
 
     # -- what the camera and the beam see -------------------------------------
 
