@@ -201,5 +201,8 @@ def test_cancel_before_the_start() -> None:
         got.append(await v.outcome(late))
 
     fw, v, rest = run_with(test)
-    assert [o.status for o in got] == ["cancelled", "fired"]
+    assert got[0].status == "cancelled"
+    # Too late to cancel: it fires -- or, on a loaded machine, the firmware
+    # refuses it as late.  It is never reported cancelled.
+    assert got[1].status == "fired" or got[1].status.startswith("refused: controller: late")
     assert len([r for r in rest if r.kind == TRACE_EDGE]) == 2
