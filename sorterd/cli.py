@@ -12,7 +12,7 @@ from typing import Any
 from sorterd.configfile import ConfigError
 
 # Modules that contribute subcommands: each has add_commands(subparsers).
-COMMAND_MODULES: list[str] = ["sorterd.calibrate_cli"]
+COMMAND_MODULES: list[str] = ["sorterd.calibrate_cli", "sorterd.train.commands"]
 
 
 def _positive_int(text: str) -> int:

@@ -142,6 +142,27 @@ def sample_outline(size_mm: float, rng: np.random.Generator) -> tuple[np.ndarray
     return poly, short, long
 
 
+def chip_outline(outline_mm: np.ndarray, chips: int, rng: np.random.Generator,
+                 ) -> tuple[np.ndarray, float, float]:
+    """A broken stone (§3.2.3 damaged): `chips` deep fracture faces cut off the outline.
+
+    Returns (outline re-centred on its centroid, size_mm, length_mm), both
+    measured after the break.  A break that would leave something the
+    segmenter takes for two stones (or a sliver) is drawn again; after a few
+    tries the stone stays as it was.
+    """
+    for _ in range(20):
+        poly = outline_mm.copy()
+        for _k in range(chips):
+            poly = _cut_face(poly, rng, depth=(0.5, 0.75))
+        if len(poly) >= 3 and _is_plausible_shape(poly):
+            poly = poly - polygon_centroid(poly)
+            short, long = min_rect_sides(poly)
+            return poly, short, long
+    short, long = min_rect_sides(outline_mm)
+    return outline_mm, short, long
+
+
 def _acceptable_polygon(rng: np.random.Generator) -> np.ndarray:
     """Redraw until the shape is one plausible stone (the checks rarely fail)."""
     for _ in range(_MAX_TRIES):
@@ -170,12 +191,17 @@ def _rotation(theta: float) -> np.ndarray:
     return np.array([[c, -s], [s, c]])
 
 
-def _cut_face(poly: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Clip by a half-plane: a flat fracture / crystal face (Sutherland-Hodgman)."""
+def _cut_face(poly: np.ndarray, rng: np.random.Generator,
+              depth: tuple[float, float] = (0.72, 0.9)) -> np.ndarray:
+    """Clip by a half-plane: a flat fracture / crystal face (Sutherland-Hodgman).
+
+    depth: where the cut line sits, as a fraction of the farthest vertex in
+    that direction (lower = a bigger piece broken off).
+    """
     phi = rng.uniform(0.0, 2.0 * np.pi)
     normal = np.array([np.cos(phi), np.sin(phi)])
     proj = poly @ normal
-    limit = proj.max() * rng.uniform(0.72, 0.9)
+    limit = proj.max() * rng.uniform(*depth)
     out: list[np.ndarray] = []
     for i in range(len(poly)):
         a, b = poly[i], poly[(i + 1) % len(poly)]
@@ -190,6 +216,10 @@ def _cut_face(poly: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _is_plausible_stone(poly: np.ndarray) -> bool:
     if not VERTICES[0] <= len(poly) <= VERTICES[1]:
         return False
+    return _is_plausible_shape(poly)
+
+
+def _is_plausible_shape(poly: np.ndarray) -> bool:
     short, long = min_rect_sides(poly)
     return (long / short <= MAX_ASPECT and solidity(poly) >= MIN_SOLIDITY
             and notch_depth(poly) <= MAX_NOTCH)

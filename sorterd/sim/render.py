@@ -63,6 +63,9 @@ _DARK_BENEATH_DN = 28.0  # the unlit acrylic channel seen through a clear stone
 _SEE_THROUGH = 0.12  # how much of it shows through a fully transparent stone
 _LIGHT_DIR = (-0.6, -0.8)  # toplit shading: the upper-left side is brighter
 _MAX_TRANSMISSION = 0.98
+_FRACTURE_DARKENING = 0.7  # backlit: a crack line passes 30 % of the body light
+_FRACTURE_GLINT = 0.45  # toplit: a crack line is 45 % of the way to pale gray
+_FRACTURE_GLINT_DN = 205.0
 _LOOK_CACHE_SIZE = 128  # stones; a frame holds at most ~10, a capture pair reuses them
 
 _CACHE_LOCK = threading.Lock()
@@ -458,14 +461,52 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell_px: flo
     return (big - big.mean()) / max(float(big.std()), 1e-6)
 
 
-def _zoned(geo: _Geometry, base: float, delta: float, angle_deg: float) -> np.ndarray:
+def _zoned(geo: _Geometry, base: float, delta: float, angle_deg: float, offset: float = 0.0) -> np.ndarray:
     """A per-pixel parameter: base, plus delta on one side of the zone line."""
     if delta == 0.0:
         return np.full(geo.u.shape, base, np.float32)
+    return (base + delta * _zone_weight(geo, angle_deg, offset)).astype(np.float32)
+
+
+def _zone_weight(geo: _Geometry, angle_deg: float, offset: float) -> np.ndarray:
+    """0..1 per pixel: 1 inside the second zone, a ~2 px soft boundary.
+
+    The boundary runs through the centroid moved by offset x radius along the
+    zone direction, so offset > 0 leaves the second zone the smaller part.
+    """
     a = math.radians(angle_deg)
-    side = geo.u * math.cos(a) + geo.v * math.sin(a)
-    weight = np.clip(0.5 + side / 2.0, 0.0, 1.0)  # ~2 px soft boundary through the centroid
-    return (base + delta * weight).astype(np.float32)
+    side = geo.u * math.cos(a) + geo.v * math.sin(a) - offset * geo.radius_px
+    return np.clip(0.5 + side / 2.0, 0.0, 1.0)
+
+
+def _fracture_mask(geo: _Geometry, ap: Appearance, px_per_mm: float) -> np.ndarray | None:
+    """0..1 per pixel on the fracture lines of a damaged stone; None if it has none.
+
+    Drawn from its own generator (texture_seed, 7): the same lines in both
+    modes, and the look of undamaged stones is untouched.
+    """
+    if ap.fractures <= 0:
+        return None
+    rng = np.random.default_rng([ap.texture_seed, 7])
+    h, w = geo.u.shape
+    fine = np.zeros((h * 4, w * 4), np.uint8)
+    inner = np.argwhere(geo.depth >= 2.0)
+    if inner.size == 0:
+        return None
+    thickness = max(1, round(4 * max(0.8, 0.05 * px_per_mm)))
+    for _ in range(ap.fractures):
+        cy, cx = inner[int(rng.integers(len(inner)))]
+        theta = rng.uniform(0.0, math.pi)
+        # A crack wanders a little: three segments with jittered direction.
+        pts, x, y = [], float(cx) - math.cos(theta) * geo.radius_px, float(cy) - math.sin(theta) * geo.radius_px
+        step = 2.0 * geo.radius_px / 3.0
+        for _k in range(4):
+            pts.append((x * 4 + 2, y * 4 + 2))
+            t = theta + rng.normal(0.0, 0.25)
+            x, y = x + math.cos(t) * step, y + math.sin(t) * step
+        cv2.polylines(fine, [np.round(np.array(pts)).astype(np.int32)], False, 255, thickness, cv2.LINE_AA)
+    mask = cv2.resize(fine, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    return mask * (geo.depth >= 1.0)
 
 
 # -- backlit -----------------------------------------------------------------------
@@ -474,7 +515,8 @@ def _zoned(geo: _Geometry, base: float, delta: float, angle_deg: float) -> np.nd
 def _backlit_transmission(geo: _Geometry, ap: Appearance, rng: np.random.Generator,
                           size_px: float, px_per_mm: float) -> np.ndarray:
     """(h, w, 3) fraction of the panel's light passing each pixel of the stone."""
-    t = np.clip(_zoned(geo, ap.transmission, ap.zone_transmission_delta, ap.zone_angle_deg), 0, 1)
+    t = np.clip(_zoned(geo, ap.transmission, ap.zone_transmission_delta, ap.zone_angle_deg,
+                       ap.zone_offset), 0, 1)
     # Thin edges let more light through than the thick middle (Beer-Lambert).
     rel_depth = np.clip(geo.depth / max(float(geo.depth.max()), 1.0), 0.0, 1.0)
     t = t ** (0.75 + 0.5 * rel_depth)
@@ -487,6 +529,9 @@ def _backlit_transmission(geo: _Geometry, ap: Appearance, rng: np.random.Generat
     # Milky stones scatter light, which washes out the facet lines.
     clear = float(np.clip((ap.transmission - 0.2) / 0.5, 0.3, 1.0))
     t = t * (1.0 - _FACET_LINE_DARKENING * clear * geo.facet_lines)
+    cracks = _fracture_mask(geo, ap, px_per_mm)
+    if cracks is not None:
+        t = t * (1.0 - _FRACTURE_DARKENING * cracks)  # a crack scatters the light away
     return np.clip(t[:, :, None] * _blue_tint(ap), 0.0, _MAX_TRANSMISSION)
 
 
@@ -512,13 +557,29 @@ def _blue_tint(ap: Appearance) -> np.ndarray:
 def _toplit_colour(geo: _Geometry, ap: Appearance, rng: np.random.Generator,
                    px_per_mm: float) -> np.ndarray:
     """(h, w, 3) BGR DN of the stone under the ring light (gain 1, neutral WB)."""
-    val = np.clip(_zoned(geo, ap.val, ap.zone_val_delta, ap.zone_angle_deg), 0.02, 1.0)
-    hue_bgr = np.array(colorsys.hsv_to_rgb((ap.hue_deg % 360.0) / 360.0, ap.sat, 1.0)[::-1],
-                       np.float32) * 255.0
-    colour = val[:, :, None] * hue_bgr * _shading(geo, ap, rng, px_per_mm)[:, :, None]
+    val = np.clip(_zoned(geo, ap.val, ap.zone_val_delta, ap.zone_angle_deg, ap.zone_offset), 0.02, 1.0)
+    colour = val[:, :, None] * _body_hue_bgr(geo, ap) * _shading(geo, ap, rng, px_per_mm)[:, :, None]
     colour = _see_through(colour, geo, ap, rng, px_per_mm)
+    cracks = _fracture_mask(geo, ap, px_per_mm)
+    if cracks is not None:  # fracture planes reflect the ring light as pale lines
+        colour = colour + (_FRACTURE_GLINT_DN - colour) * (_FRACTURE_GLINT * cracks)[:, :, None]
     glint = _glints(geo, rng, px_per_mm)[:, :, None]
     return np.clip(colour + (250.0 - colour) * glint, 0.0, 255.0)
+
+
+def _hue_bgr(hue_deg: float, sat: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb((hue_deg % 360.0) / 360.0, float(np.clip(sat, 0.0, 1.0)), 1.0)[::-1],
+                    np.float32) * 255.0
+
+
+def _body_hue_bgr(geo: _Geometry, ap: Appearance) -> np.ndarray:
+    """Full-value body colour: (3,) for one colour, (h, w, 3) for a two-colour stone."""
+    base = _hue_bgr(ap.hue_deg, ap.sat)
+    if ap.zone_hue_delta_deg == 0.0 and ap.zone_sat_delta == 0.0:
+        return base
+    zone = _hue_bgr(ap.hue_deg + ap.zone_hue_delta_deg, ap.sat + ap.zone_sat_delta)
+    weight = _zone_weight(geo, ap.zone_angle_deg, ap.zone_offset)[:, :, None]
+    return (base + (zone - base) * weight).astype(np.float32)
 
 
 def _shading(geo: _Geometry, ap: Appearance, rng: np.random.Generator, px_per_mm: float) -> np.ndarray:

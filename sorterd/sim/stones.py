@@ -30,6 +30,13 @@ class Appearance:
     zone_val_delta, zone_transmission_delta: a second zone of the stone that
         differs in colour value / transmission (§6.3 mixed stones); 0 = none.
     zone_angle_deg: orientation of the boundary between the two zones.
+    zone_sat_delta, zone_hue_delta_deg: the second zone's saturation and hue
+        difference (§6.3 mixed colour zones, §6.1 pleochroism); 0 = none.
+    zone_offset: how far the zone boundary sits from the centroid, as a
+        fraction of the stone's radius; > 0 makes the second zone the smaller
+        one (a dominant zone, §3.2.3), < 0 the larger.
+    fractures: number of fracture lines across a damaged stone (§3.2.3); they
+        block backlight and glint under the ring light.
     """
 
     hue_deg: float
@@ -41,6 +48,10 @@ class Appearance:
     zone_val_delta: float = 0.0
     zone_transmission_delta: float = 0.0
     zone_angle_deg: float = 0.0
+    zone_sat_delta: float = 0.0
+    zone_hue_delta_deg: float = 0.0
+    zone_offset: float = 0.0
+    fractures: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,12 @@ class StoneSpec:
     t_entry_ns: host-monotonic instant the centroid crosses x = 0 mm (the
         left edge of the camera's field of view).
     y_mm: the centroid's lateral position, across the channel.
+    lot_id, flags: the lot the stone came from and its §3.4 flags
+        ("uncertain", "mixed", "damaged", "reject").
+    label_color, label_clarity: what a human annotator called the stone when
+        that differs from the truth (noisy borderline labels, §3.2.3); None =
+        the true class.  A "reject" stone (debris, §6.5) has no label at all.
+    notes: the annotator's free-text note (§3.4).
     """
 
     sim_id: int
@@ -71,6 +88,15 @@ class StoneSpec:
     y_mm: float
     lot_id: str = "LOT-SIM-001"
     flags: tuple[str, ...] = ()
+    label_color: str | None = None
+    label_clarity: str | None = None
+    notes: str = ""
+
+    def human_label(self) -> tuple[str | None, str | None]:
+        """(color, clarity) as annotated: (None, None) for non-gem material (§3.2.3)."""
+        if "reject" in self.flags:
+            return None, None
+        return self.label_color or self.color, self.label_clarity or self.clarity
 
     def x_mm_at(self, t_ns: int) -> float:
         """Centroid position along the channel at host time t_ns."""

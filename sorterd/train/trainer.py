@@ -30,6 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sorterd.train.calibration import (  # noqa: F401  (re-exported: the trainer's public API)
+    T_MAX,
+    T_MIN,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+)
 from sorterd.train.mobilenet import MobileNetV3Small
 
 N_CHANNELS = 6
@@ -40,6 +47,23 @@ PIXEL_SCALE = 1.0 / 255.0
 MIN_STD = 1e-3
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One training batch done: what a progress bar needs (see `train(on_step=...)`)."""
+
+    epoch: int
+    total_epochs: int
+    phase: str  # "heads" or "full"
+    batch: int
+    n_batches: int
+    loss: float  # running mean over the epoch so far
+    color_acc: float
+    clarity_acc: float
+
+
+StepHook = Callable[[StepEvent], None]
 
 
 # --------------------------------------------------------------------------- data
@@ -160,6 +184,18 @@ class TrainConfig:
     scratch moves the weights faster than the running averages follow, and
     without this the eval-mode model can sit at chance while train-mode
     accuracy is high.
+    ema_epochs: keep an exponential moving average of the weights over about
+    this many epochs (0 = off); validation, early stopping and the returned
+    model then use the averaged weights.  At a learning rate that trains a
+    model from scratch in minutes the weights jitter from step to step, so
+    validation accuracy swings by a few % between epochs; the average sits in
+    the middle of that jitter and generalises better.
+    stone_stats: the model's head also gets the stone's mean colour against
+    its background (`sorterd.train.mobilenet.StoneStats`).
+    prior_correction: validate (and pick the best epoch) with the logits
+    shifted by `prior_correction(train)`, i.e. for the training lots' real
+    class mix rather than the sampler's equal one; the shift is returned in
+    `TrainResult.prior_correction` for the exporter to fold into the heads.
     """
 
     epochs_heads: int = 2
@@ -176,6 +212,9 @@ class TrainConfig:
     threads: int = 2
     augment: bool = True
     bn_recalibration: int = 1024
+    ema_epochs: float = 0.0
+    stone_stats: bool = False
+    prior_correction: bool = False
     augment_params: AugmentParams = field(default_factory=AugmentParams)
 
     def __post_init__(self) -> None:
@@ -190,6 +229,7 @@ class TrainConfig:
         _check_range("TrainConfig.lr_backbone", self.lr_backbone, 1e-7, 1.0)
         _check_range("TrainConfig.weight_decay", self.weight_decay, 0.0, 1.0)
         _check_range("TrainConfig.width_mult", self.width_mult, 0.25, 1.5)
+        _check_range("TrainConfig.ema_epochs", self.ema_epochs, 0.0, 100.0)
         if self.epochs_heads + self.epochs_full < 1:
             raise ValueError("TrainConfig: epochs_heads + epochs_full must be >= 1, got 0")
         _check_channel_values("TrainConfig.mean", self.mean, lo=0.0, hi=1.0)
@@ -389,6 +429,25 @@ def random_erase(x: Tensor, gen: torch.Generator, p: AugmentParams) -> Tensor:
 # --------------------------------------------------------------------------- sampling
 
 
+def prior_correction(color: np.ndarray, clarity: np.ndarray) -> dict[str, np.ndarray]:
+    """Per head, log(natural / sampled) frequency of each class among these stones.
+
+    `sample_weights` shows every colour x clarity class equally often (§1.3),
+    so the trained heads answer for a lot where all nine are equally common.
+    Adding this to the logits turns that back into the real mix (Blue is
+    about half the stones, Inky a sixth): without it the common classes lose
+    their borderline stones to the rare ones, and the §5.2 confidences are
+    off for every stone of a common class.
+    """
+    weights = sample_weights(color, clarity)
+    out = {}
+    for head, labels in (("color", color), ("clarity", clarity)):
+        natural = np.bincount(labels, minlength=3) / len(labels)
+        sampled = np.bincount(labels, weights=weights, minlength=3) / weights.sum()
+        out[head] = np.log(np.maximum(natural, 1e-6) / np.maximum(sampled, 1e-6))
+    return out
+
+
 def sample_weights(color: np.ndarray, clarity: np.ndarray) -> np.ndarray:
     """Per-sample weight 1 / count(its combined class), normalised to mean 1 (§1.3).
 
@@ -452,6 +511,7 @@ class TrainResult:
     config: TrainConfig
     n_train: int
     n_val: int
+    prior_correction: dict[str, np.ndarray] | None = None
 
     @property
     def samples_per_second(self) -> float:
@@ -495,6 +555,11 @@ class _Run:
     aug_gen: torch.Generator
     progress: Progress | None
     total_epochs: int
+    on_step: StepHook | None = None
+    ema: MobileNetV3Small | None = None  # averaged weights (cfg.ema_epochs > 0)
+    ema_decay: float = 0.0
+    ema_updates: int = 0
+    logit_offset: dict[str, np.ndarray] | None = None  # cfg.prior_correction
     history: list[EpochStats] = field(default_factory=list)
     best_state: dict[str, Tensor] | None = None
     best_epoch: int = 0
@@ -507,8 +572,12 @@ def train(
     cfg: TrainConfig,
     progress: Progress | None = None,
     init_state: Mapping[str, Tensor] | None = None,
+    on_step: StepHook | None = None,
 ) -> TrainResult:
     """Train a model from scratch (or from ``init_state``) and return the best one.
+
+    progress gets one text line per batch and per epoch; on_step gets the
+    same per-batch facts as a `StepEvent` (for a progress bar).
 
     When fine-tuning from ``init_state``, pass the previous bundle's mean/std in
     cfg so the input normalisation the weights were trained with is kept.
@@ -525,6 +594,7 @@ def train(
     torch.set_num_threads(cfg.threads)
     try:
         run = _start_run(train, val, cfg, progress, init_state)
+        run.on_step = on_step
         stopped = _train_phases(run)
     finally:
         torch.set_num_threads(old_threads)
@@ -539,17 +609,45 @@ def _start_run(
     init_state: Mapping[str, Tensor] | None,
 ) -> _Run:
     torch.manual_seed(cfg.seed)  # weight init and dropout
-    model = MobileNetV3Small(width_mult=cfg.width_mult)
+    model = MobileNetV3Small(width_mult=cfg.width_mult, stone_stats=cfg.stone_stats)
     if init_state is not None:
         load_state(model, init_state)
     mean, std = _mean_std(train, cfg)
-    return _Run(
+    run = _Run(
         model=model, train=train, val=val, cfg=cfg, mean=mean, std=std,
         weights=sample_weights(train.color, train.clarity),
         sample_gen=torch.Generator().manual_seed(cfg.seed + 1),
         aug_gen=torch.Generator().manual_seed(cfg.seed + 2),
         progress=progress, total_epochs=cfg.epochs_heads + cfg.epochs_full,
     )
+    if cfg.prior_correction:
+        run.logit_offset = prior_correction(train.color, train.clarity)
+    if cfg.ema_epochs > 0:
+        run.ema = copy.deepcopy(model)
+        run.ema.requires_grad_(False)
+        steps = len(batches(torch.zeros(len(train)), cfg.batch_size))
+        run.ema_decay = 1.0 - 1.0 / max(1.0, cfg.ema_epochs * steps)
+    return run
+
+
+def _update_ema(run: _Run) -> None:
+    """ema = d * ema + (1 - d) * weights, d ramping up over the first steps (no stale start).
+
+    Parameters only: BatchNorm statistics of the averaged model are
+    recomputed before each validation (`_recalibrate`).
+    """
+    if run.ema is None:
+        return
+    run.ema_updates += 1
+    d = min(run.ema_decay, (1.0 + run.ema_updates) / (10.0 + run.ema_updates))
+    with torch.no_grad():
+        for avg, live in zip(run.ema.parameters(), run.model.parameters(), strict=True):
+            avg.mul_(d).add_(live.detach(), alpha=1.0 - d)
+
+
+def _judged(run: _Run) -> MobileNetV3Small:
+    """The model validation judges and training returns: the average if kept."""
+    return run.ema if run.ema is not None else run.model
 
 
 def _mean_std(train: TrainData, cfg: TrainConfig) -> tuple[list[float], list[float]]:
@@ -635,9 +733,10 @@ def _epoch(
         raise RuntimeError(f"training diverged in epoch {epoch} ({phase}): loss {loss}; "
                            "lower lr_heads/lr_backbone")
     train_secs = time.perf_counter() - started
-    _recalibrate(run)
+    net = _judged(run)
+    _recalibrate(run, net)
     val_loss, val_color, val_clarity = evaluate(
-        run.model, run.val, run.mean, run.std, batch_size=max(run.cfg.batch_size, 128)
+        net, run.val, run.mean, run.std, batch_size=max(run.cfg.batch_size, 128), logit_offset=run.logit_offset
     )
     stats = EpochStats(epoch, phase, loss, color_acc, clarity_acc, val_loss, val_color,
                        val_clarity, lrs[0], lrs[1], n_seen, train_secs,
@@ -647,16 +746,16 @@ def _epoch(
     improved = val_loss < run.best_val_loss - 1e-4
     if improved:
         run.best_val_loss, run.best_epoch = val_loss, epoch
-        run.best_state = copy.deepcopy(run.model.state_dict())
+        run.best_state = copy.deepcopy(net.state_dict())
     return improved
 
 
-def _recalibrate(run: _Run) -> None:
+def _recalibrate(run: _Run, net: nn.Module) -> None:
     n = min(run.cfg.bn_recalibration, len(run.train))
     if n < 2:
         return
     rows = torch.randperm(len(run.train), generator=run.sample_gen)[:n].sort().values.numpy()
-    recalibrate_batchnorm(run.model, run.train.x[rows], run.mean, run.std, run.cfg.batch_size)
+    recalibrate_batchnorm(net, run.train.x[rows], run.mean, run.std, run.cfg.batch_size)
 
 
 def recalibrate_batchnorm(
@@ -709,6 +808,7 @@ def _train_epoch(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        _update_ema(run)
         if sched is not None:
             sched.step()
         n = len(idx)
@@ -719,6 +819,9 @@ def _train_epoch(
         _report(run, f"epoch {epoch}/{run.total_epochs} {phase} batch {i}/{len(chunks)} "
                      f"loss {loss_sum / seen:.4f} color_acc {color_ok / seen:.3f} "
                      f"clarity_acc {clarity_ok / seen:.3f}")
+        if run.on_step is not None:
+            run.on_step(StepEvent(epoch, run.total_epochs, phase, i, len(chunks), loss_sum / seen,
+                                  color_ok / seen, clarity_ok / seen))
     return loss_sum / seen, color_ok / seen, clarity_ok / seen, seen
 
 
@@ -745,12 +848,14 @@ def _report(run: _Run, line: str) -> None:
 def _finish(run: _Run, stopped: bool, seconds: float) -> TrainResult:
     if run.best_state is not None:
         run.model.load_state_dict(run.best_state)
+    elif run.ema is not None:
+        run.model.load_state_dict(run.ema.state_dict())
     run.model.eval()
     return TrainResult(
         model=run.model, history=run.history, mean=run.mean, std=run.std,
         epochs_run=len(run.history), best_epoch=run.best_epoch,
         best_val_loss=run.best_val_loss, stopped_early=stopped, seconds=seconds,
-        config=run.cfg, n_train=len(run.train), n_val=len(run.val),
+        config=run.cfg, n_train=len(run.train), n_val=len(run.val), prior_correction=run.logit_offset,
     )
 
 
@@ -788,80 +893,15 @@ def evaluate(
     mean: Sequence[float],
     std: Sequence[float],
     batch_size: int = 256,
+    logit_offset: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[float, float, float]:
-    """(loss, color accuracy, clarity accuracy); loss = CE(color) + CE(clarity), unweighted."""
+    """(loss, color accuracy, clarity accuracy); loss = CE(color) + CE(clarity), unweighted.
+
+    logit_offset: added to each head's logits first (a prior correction).
+    """
     color, clarity = predict_logits(model, data.x, mean, std, batch_size)
-    loss = _nll(color, data.color) + _nll(clarity, data.clarity)
+    if logit_offset is not None:
+        color, clarity = color + logit_offset["color"], clarity + logit_offset["clarity"]
+    loss = nll(color, data.color) + nll(clarity, data.clarity)
     return (loss, float((color.argmax(1) == data.color).mean()),
             float((clarity.argmax(1) == data.clarity).mean()))
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def _nll(logits: np.ndarray, labels: np.ndarray) -> float:
-    logp = _log_softmax(logits.astype(np.float64))
-    return float(-logp[np.arange(len(labels)), labels].mean())
-
-
-# --------------------------------------------------------------------------- calibration
-
-T_MIN, T_MAX = 0.05, 20.0
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature T minimising the NLL of softmax(logits / T), T in 0.05..20.
-
-    NLL is convex in 1/T, hence unimodal in log T: a golden-section search on
-    log T finds the optimum without gradients.
-    """
-    z, y = _check_logits(logits, labels)
-    if np.ptp(z, axis=1).max() == 0.0:
-        return 1.0  # constant logits: every T gives the same probabilities
-
-    def nll(log_t: float) -> float:
-        return _nll(z / math.exp(log_t), y)
-
-    return math.exp(_golden_min(nll, math.log(T_MIN), math.log(T_MAX)))
-
-
-def _golden_min(f: Callable[[float], float], lo: float, hi: float, tol: float = 1e-6) -> float:
-    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
-    a, b = lo, hi
-    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
-    fc, fd = f(c), f(d)
-    while b - a > tol:
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - inv_phi * (b - a)
-            fc = f(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + inv_phi * (b - a)
-            fd = f(d)
-    return (a + b) / 2.0
-
-
-def _check_logits(values: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    z = np.asarray(values, dtype=np.float64)
-    y = np.asarray(labels)
-    if z.ndim != 2 or len(z) == 0 or y.shape != (len(z),):
-        raise ValueError(f"expected N x K scores and N labels with N >= 1, got "
-                         f"{tuple(z.shape)} and {tuple(y.shape)}")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= z.shape[1]:
-        raise ValueError(f"labels must be integers in 0..{z.shape[1] - 1}")
-    return z, y.astype(np.int64)
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE with n_bins equal-width confidence bins over (0, 1]."""
-    if n_bins < 1:
-        raise ValueError(f"n_bins={n_bins!r}: must be >= 1")
-    p, y = _check_logits(probs, labels)
-    conf = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(np.float64)
-    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
-    gap = np.bincount(bins, weights=correct - conf, minlength=n_bins)
-    return float(np.abs(gap).sum() / len(y))

@@ -1,0 +1,298 @@
+"""`sorterd sim generate`: a labelled dataset in the §7.1 layout from a simulated lot.
+
+For every capture session (at most `session_stones` stones each) the lot's
+stones are fed down the simulated channel with that session's lighting drift
+(`sorterd.sim.lots.SessionDrift`), the beam triggers frame pairs as on the
+machine, and the daemon's own segmentation (`sorterd.segment`) finds and
+crops them -- so the crops are what the sorter feeds its model.  Written:
+
+    DIR/images/raw/<session_id>/backlit|toplit/<stone_id>.png  the frame pair
+                                  reference/backlit|toplit.png  empty channel
+                                  session_meta.json              §2.4 + pixels_per_mm
+                                  frames.jsonl                   pair times
+    DIR/images/processed/backlit|toplit/<stone_id>.png   ROI crops, crop_mm square,
+                                                         at the camera's scale
+    DIR/images/processed/processed_meta.json             {"crop_mm": ...}
+    DIR/sessions/<session_id>.json                       copy of the meta (§7.1)
+    DIR/labels.jsonl                                     §3.4, appended
+
+Raw pairs follow `sorterd.session` (what `sorterd run --record` writes and
+`--replay` reads): one pair per capture, named after the first new stone in
+it; a stone that shared its capture with another records that pair's id in
+``raw_pair``.  Stones in a touching cluster are not labelled (the sorter
+never classifies a cluster as one stone).
+
+Appending another lot or session to an existing DIR continues the stone
+numbering (§7.2 S{NNNNNN}) and the session numbering of the day.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dc_replace
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sorterd import config
+from sorterd.dataset import DEFAULT_CROP_MM, LABELS_FILE, PROCESSED_META, DatasetError, read_labels
+from sorterd.segment import Observation, PairingLimits, crop_halves, segment_pair
+from sorterd.session import PairTimes, SessionMeta, SessionWriter, new_session_id, write_json, write_png
+from sorterd.sim.lots import NOMINAL_EXPOSURE_US, Lot, SessionDrift
+from sorterd.sim.machine import SimMachine
+from sorterd.sim.stones import StoneSpec
+
+COLLECTION_RATE_PER_S = 2.0  # the feeder runs slowly while collecting (§1.2: ~1,200 stones/h)
+WORKSHOP_TZ = timezone(timedelta(hours=7))  # §3.4 examples: Thailand
+_FEED_MARGIN = 1.06  # clusters are not labelled: feed a few more stones than asked for
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    out: Path
+    stones: int
+    lot: Lot
+    seed: int = 0
+    session_stones: int = 1500
+    day: date | None = None  # date of the sessions (§7.2 ids); None = today
+    crop_mm: float = DEFAULT_CROP_MM
+    annotator: str = "sim-annotator"
+
+    def __post_init__(self) -> None:
+        if self.stones < 1:
+            raise ValueError(f"stones = {self.stones}: must be >= 1")
+        if self.session_stones < 1:
+            raise ValueError(f"session_stones = {self.session_stones}: must be >= 1")
+        if not 1.0 <= self.crop_mm <= 30.0:
+            raise ValueError(f"crop_mm = {self.crop_mm}: must be in 1..30 mm")
+
+
+@dataclass
+class GenerateResult:
+    stones: int = 0
+    sessions: list[str] = field(default_factory=list)
+    first_id: str = ""
+    last_id: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class _Writer:
+    """Where the next stone goes; owned by the generating thread."""
+
+    out: Path
+    next_number: int
+    labels: Any  # the open labels.jsonl (append)
+
+
+def generate(cfg: config.Config, opts: GenerateOptions, progress: Progress | None = None) -> GenerateResult:
+    """Write opts.stones labelled stones of opts.lot into opts.out (appending)."""
+    started = time.perf_counter()
+    out = opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    result = GenerateResult()
+    # One writer at a time per dataset: stone numbers must stay unique.
+    with open(out / ".generate.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _check_crop_mm(out, opts.crop_mm)
+        with open(out / LABELS_FILE, "a", encoding="utf-8") as labels:
+            writer = _Writer(out, _next_stone_number(out), labels)
+            remaining, index = opts.stones, 0
+            while remaining > 0:
+                n = min(remaining, opts.session_stones)
+                written, sid, first = _session(cfg, opts, writer, index, n, progress)
+                if written == 0:  # every stone touched another: the feeder settings are wrong
+                    raise RuntimeError(f"session {sid}: no single stone was captured")
+                result.sessions.append(sid)
+                result.first_id = result.first_id or first
+                result.stones += written
+                remaining -= written
+                index += 1
+    result.last_id = _stone_id(writer.next_number - 1) if result.stones else ""
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _check_crop_mm(out: Path, crop_mm: float) -> None:
+    """All crops of a dataset cover the same physical square; record it once."""
+    path = out / "images" / "processed" / PROCESSED_META
+    if path.exists():
+        have = json.loads(path.read_text()).get("crop_mm")
+        if have is not None and abs(float(have) - crop_mm) > 1e-6:
+            raise DatasetError(f"{path}: this dataset's crops are {have} mm; --crop-mm {crop_mm} would mix "
+                               "two crop sizes")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"crop_mm": crop_mm, "cut_by": "sorterd.segment (the daemon's segmentation)"})
+
+
+def _next_stone_number(out: Path) -> int:
+    """1 + the highest S-number in labels.jsonl or among the processed crops."""
+    numbers = [0]
+    if (out / LABELS_FILE).exists():
+        numbers += [_number(lab.stone_id) for lab in read_labels(out / LABELS_FILE)]
+    crops = out / "images" / "processed" / "backlit"
+    if crops.is_dir():
+        numbers += [_number(p.stem) for p in crops.glob("S*.png")]
+    return max(numbers) + 1
+
+
+def _number(stone_id: str) -> int:
+    return int(stone_id[1:]) if stone_id[:1] == "S" and stone_id[1:].isdigit() else 0
+
+
+def _stone_id(number: int) -> str:
+    return f"S{number:06d}"  # §7.2
+
+
+# -- one session -------------------------------------------------------------------------
+
+
+def _session(cfg: config.Config, opts: GenerateOptions, writer: _Writer, index: int, n: int,
+             progress: Progress | None) -> tuple[int, str, str]:
+    """Capture n labelled stones in a new session; (written, session_id, first stone id)."""
+    seed = [opts.seed, zlib.crc32(opts.lot.lot_id.encode()), index]
+    rng = np.random.default_rng(seed)
+    drift = opts.lot.session_drift(rng)
+    sim = dc_replace(cfg.sim, seed=int(rng.integers(0, 2**31 - 1)), rate_per_s=COLLECTION_RATE_PER_S)
+    machine = SimMachine(config.replace(cfg, sim=sim))
+    machine.optics = drift.optics(machine.optics)
+    machine.world.feed(math.ceil(n * _FEED_MARGIN) + 3, 0, lot=opts.lot)
+    day = opts.day or date.today()
+    session_id = new_session_id(writer.out, datetime(day.year, day.month, day.day))
+    start = datetime(day.year, day.month, day.day, 9, 0, tzinfo=WORKSHOP_TZ) + timedelta(hours=2 * index)
+    refs = {m: machine.render_reference(m) for m in ("backlit", "toplit")}
+    meta = _session_meta(cfg, opts, session_id, start, drift, refs["backlit"])
+    session = SessionWriter(writer.out, meta)
+    _write_meta(writer.out, session, meta, opts, drift)
+    for mode, image in refs.items():
+        session.write_reference(mode, image)
+    written, first = 0, ""
+    for cap in _captures(machine, cfg, refs):
+        pair_id = _stone_id(writer.next_number)
+        session.write_pair(pair_id, cap.backlit, cap.toplit, cap.times)
+        for obs, stone in cap.found:
+            if written == n:
+                break
+            sid = _stone_id(writer.next_number)
+            first = first or sid
+            _write_stone(writer, opts, cfg, cap, obs, stone, sid, pair_id, session_id, start)
+            writer.next_number += 1
+            written += 1
+        if progress is not None and (written % 100 == 0 or written == n):
+            progress(f"session {session_id} ({opts.lot.lot_id}): {written}/{n} stones")
+        if written == n:
+            break
+    writer.labels.flush()
+    return written, session_id, first
+
+
+def _session_meta(cfg: config.Config, opts: GenerateOptions, session_id: str, start: datetime,
+                  drift: SessionDrift, ref_backlit: np.ndarray) -> SessionMeta:
+    """§2.4 fields as the session-start checklist would record them."""
+    h, w = ref_backlit.shape[:2]
+    centre = ref_backlit[h // 4: 3 * h // 4, w // 4: 3 * w // 4]
+    b, g, r = drift.wb_gains
+    return SessionMeta(
+        session_id=session_id, timestamp_start=start.isoformat(timespec="seconds"),
+        lot_id=opts.lot.lot_id, lot_description=opts.lot.description,
+        backlight_exposure_us=NOMINAL_EXPOSURE_US["backlit"],
+        ringlight_exposure_us=round(NOMINAL_EXPOSURE_US["toplit"] * drift.ring_gain, 1),
+        camera_gain=1.0,
+        white_balance_matrix=[[round(r, 4), 0.0, 0.0], [0.0, round(g, 4), 0.0], [0.0, 0.0, round(b, 4)]],
+        reference_backlight_intensity=round(float(centre.mean()), 1),
+        reference_check_passed=drift.worst_deviation < 0.05,  # §2.4: > 5 % drift = re-calibrate
+        ambient_temp_c=28.0,
+        notes=f"simulated ({opts.lot.origin}); stones dry",
+        pixels_per_mm=cfg.camera.pixels_per_mm,
+        pair_interval_ms=cfg.lights.pair_interval_ms,
+    )
+
+
+def _write_meta(out: Path, session: SessionWriter, meta: SessionMeta, opts: GenerateOptions,
+                drift: SessionDrift) -> None:
+    """session_meta.json with what the simulator knows on top, and the §7.1 sessions/ copy."""
+    full = asdict(meta) | {"sim": {"lot": opts.lot.name, "seed": opts.seed, "drift": asdict(drift),
+                                   "crop_mm": opts.crop_mm}}
+    write_json(session.dir / "session_meta.json", full)
+    (out / "sessions").mkdir(exist_ok=True)
+    write_json(out / "sessions" / f"{meta.session_id}.json", full)
+
+
+def _write_stone(writer: _Writer, opts: GenerateOptions, cfg: config.Config, cap: _Capture, obs: Observation,
+                 stone: StoneSpec, sid: str, pair_id: str, session_id: str, start: datetime) -> None:
+    crop_px = round(opts.crop_mm * cfg.camera.pixels_per_mm)
+    # Native scale (out_size = crop_px): consumers resize to their model's input.
+    halves = crop_halves(cap.backlit, cap.toplit, obs, crop_px, crop_px)
+    for mode, image in zip(("backlit", "toplit"), halves, strict=True):
+        path = writer.out / "images" / "processed" / mode / f"{sid}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_png(path, image)
+    writer.labels.write(json.dumps(_label(opts, obs, stone, sid, pair_id, session_id, start, cap)) + "\n")
+
+
+def _label(opts: GenerateOptions, obs: Observation, stone: StoneSpec, sid: str, pair_id: str,
+           session_id: str, start: datetime, cap: _Capture) -> dict[str, Any]:
+    """§3.4 fields (+ size_mm as segmented, the raw pair, and the simulator's truth)."""
+    color, clarity = stone.human_label()
+    stamp = start + timedelta(microseconds=cap.times.t_toplit_ns / 1e3)
+    return {
+        "stone_id": sid, "color": color, "clarity": clarity, "lot_id": stone.lot_id,
+        "session_id": session_id, "annotator": opts.annotator, "timestamp": stamp.isoformat(timespec="seconds"),
+        "uncertain": "uncertain" in stone.flags, "mixed": "mixed" in stone.flags,
+        "damaged": "damaged" in stone.flags, "reject": "reject" in stone.flags, "notes": stone.notes,
+        "size_mm": round(obs.size_mm, 3), "raw_pair": pair_id,
+        "sim": {"color": stone.color, "clarity": stone.clarity, "sieve_mm": round(stone.size_mm, 3)},
+    }
+
+
+# -- captures ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Capture:
+    backlit: np.ndarray
+    toplit: np.ndarray
+    times: PairTimes
+    found: list[tuple[Observation, StoneSpec]]  # new single stones, matched to the truth
+
+
+def _captures(machine: SimMachine, cfg: config.Config, refs: dict[str, np.ndarray]) -> Iterator[_Capture]:
+    """One frame pair per beam edge, as the machine triggers; only pairs with a new stone."""
+    cam = cfg.camera
+    dt = int(cfg.lights.pair_interval_ms * 1e6)
+    lim = PairingLimits(cam.pixels_per_mm, dt / 1e9, cfg.geometry.speed_min_mm_s,
+                        cfg.geometry.speed_max_mm_s, cfg.decision.max_size_mm * 1.6)
+    seen: set[int] = set()
+    for t_edge, _ in machine.world.beam_times(cfg.trigger.beam_x_mm):
+        t0 = t_edge + int(cfg.trigger.latency_ms * 1e6)
+        back, top = machine.render("backlit", t0), machine.render("toplit", t0 + dt)
+        seg = segment_pair(back, top, refs["backlit"], refs["toplit"], t0 + dt, lim)
+        found = []
+        for obs in seg.observations:
+            stone = _truth(machine, obs)
+            if stone is not None and not obs.cluster and stone.sim_id not in seen:
+                seen.add(stone.sim_id)
+                found.append((obs, stone))
+        if found:
+            yield _Capture(back, top, PairTimes(t_edge, t0, t0 + dt), found)
+
+
+def _truth(machine: SimMachine, obs: Observation) -> StoneSpec | None:
+    """The fed stone whose centroid is within 1 mm of the observation."""
+    best, best_d = None, 1.0
+    for s, x, y in machine.world.placed_at(obs.t_ns):
+        d = abs(x - obs.x_mm) + abs(y - obs.y_mm)
+        if d < best_d:
+            best, best_d = s, d
+    return best

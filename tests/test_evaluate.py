@@ -1,0 +1,224 @@
+"""§8 evaluation: metrics on known predictions, the §8.4 verdict, comparison, ONNX inference, report."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sorterd import config
+from sorterd.config import DecisionConfig
+from sorterd.dataset import StoneLabel, open_dataset, stone_sizes
+from sorterd.decide import class_bin
+from sorterd.evaluate import compare, evaluate, format_comparison, format_text, predict
+from sorterd.infer import OnnxModel, resolve_bundle
+from sorterd.sim.generate import GenerateOptions, generate
+from sorterd.sim.lots import LOTS
+from sorterd.summary import cost_weighted_accuracy
+from sorterd.train.calibration import calibration_error, expected_calibration_error, reliability_bins
+
+DCFG = DecisionConfig()
+COLORS = ("blue", "light", "inky")
+CLARITIES = ("transparent", "translucent", "opaque")
+
+
+def label(i: int, color: str | None, clarity: str | None, lot: str = "L1", flags: frozenset[str] = frozenset(),
+          size: float | None = 3.0) -> StoneLabel:
+    return StoneLabel(f"S{i:06d}", color, clarity, lot, "", flags, "", size, i + 1)
+
+
+def onehot(idx: int, p: float = 0.98) -> np.ndarray:
+    v = np.full(3, (1 - p) / 2)
+    v[idx] = p
+    return v
+
+
+def run(stones: list[tuple[StoneLabel, str, str, float]]) -> dict:
+    """Each stone: (label, predicted colour, predicted clarity, confidence of both heads)."""
+    labels = [s[0] for s in stones]
+    pc = np.array([onehot(COLORS.index(c), p) for _, c, _, p in stones])
+    pk = np.array([onehot(CLARITIES.index(k), p) for _, _, k, p in stones])
+    return evaluate(labels, [lab.size_mm for lab in labels], pc, pk, DCFG).metrics
+
+
+def test_accuracies_and_confusion_on_known_predictions() -> None:
+    stones = [
+        (label(0, "blue", "transparent"), "blue", "transparent", 0.98),
+        (label(1, "blue", "transparent"), "blue", "translucent", 0.98),  # clarity wrong: CUT -> FLIP
+        (label(2, "light", "translucent"), "light", "translucent", 0.98),
+        (label(3, "inky", "opaque"), "blue", "opaque", 0.98),  # colour wrong: REJECT -> FLIP
+    ]
+    m = run(stones)
+    assert (m["overall"], m["color"], m["clarity"]) == (0.5, 0.75, 0.75)
+    assert m["confusion"]["color"]["matrix"] == [[2, 0, 0], [0, 1, 0], [1, 0, 0]]
+    assert m["confusion"]["clarity"]["matrix"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    combined = np.array(m["confusion"]["combined"]["matrix"])
+    assert combined.sum() == 4 and combined[0, 0] == 1 and combined[0, 1] == 1 and combined[8, 2] == 1
+    assert m["per_class"]["blue_transparent"] == {"n": 2, "accuracy": 0.5}
+    assert m["per_class"]["inky_opaque"] == {"n": 1, "accuracy": 0.0}
+    assert m["per_class"]["light_opaque"] == {"n": 0, "accuracy": None}
+
+
+def test_cost_weighted_uses_the_daemons_bins_and_the_8_2_costs() -> None:
+    stones = [
+        (label(0, "blue", "transparent", size=3.0), "blue", "transparent", 0.98),  # CUT -> CUT
+        (label(1, "blue", "transparent", size=3.0), "blue", "translucent", 0.98),  # CUT -> FLIP: 10
+        (label(2, "blue", "transparent", size=1.5), "blue", "transparent", 0.98),  # small: SELECT -> SELECT
+        (label(3, "light", "opaque"), "blue", "transparent", 0.98),  # FLIP -> CUT: 7
+        (label(4, "inky", "opaque"), "inky", "opaque", 0.6),  # REJECT -> REJECT, flagged
+        (label(5, "blue", "opaque"), "blue", "opaque", 0.4),  # low confidence: FLIP -> SELECT: 1
+    ]
+    m = run(stones)
+    true = ["CUT", "CUT", "SELECT", "FLIP", "REJECT", "FLIP"]
+    got = ["CUT", "FLIP", "SELECT", "CUT", "REJECT", "SELECT"]
+    assert m["cost_weighted"] == pytest.approx(cost_weighted_accuracy(true, got), abs=1e-5)
+    assert m["cost_weighted"] == pytest.approx(1 - 18 / (10 + 10 + 5 + 7 + 1 + 7), abs=1e-5)
+    assert m["bins"]["matrix"][0] == [1, 0, 1, 0]  # true CUT row
+    assert m["cut_purity"] == 0.5 and m["cut_recall"] == 0.5 and m["cut"] == {"decided": 2, "true": 2, "correct": 1}
+    assert m["flagged_rate"] == pytest.approx(2 / 6, abs=1e-4)
+    assert m["select_divert_rate"] == pytest.approx(1 / 6, abs=1e-4)
+    assert class_bin("blue", "transparent", 1.5, DCFG) == "SELECT"
+
+
+def test_reject_stones_belong_in_reject_and_skipped_stones_only_count_as_flagged() -> None:
+    stones = [
+        (label(0, None, None, flags=frozenset({"reject"})), "light", "transparent", 0.9),  # REJECT -> SELECT
+        (label(1, None, None), "blue", "opaque", 0.3),  # skipped: right bin unknown
+        (label(2, "blue", "opaque"), "blue", "opaque", 0.95),
+    ]
+    m = run(stones)
+    assert (m["n_stones"], m["n_classified"], m["n_reject"]) == (3, 1, 1)
+    assert m["overall"] == 1.0
+    assert m["bins"]["matrix"][3] == [0, 1, 0, 0]
+    assert m["cost_weighted"] == pytest.approx(1 - 1 / (1 + 7), abs=1e-5)
+    assert m["flagged_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    assert m["subsets"]["reject"]["n"] == 1
+
+
+def test_unknown_sizes_are_taken_as_cut_eligible() -> None:
+    m = run([(label(0, "blue", "transparent", size=None), "blue", "transparent", 0.99)])
+    assert m["sizes_unknown"] == 1 and m["cut"]["true"] == 1 and m["cut_recall"] == 1.0
+
+
+def test_per_lot_and_hard_case_subsets() -> None:
+    stones = [(label(i, "blue", "translucent", lot="A"), "blue", "translucent", 0.95) for i in range(8)]
+    stones += [(label(10 + i, "light", "opaque", lot="B", flags=frozenset({"uncertain"})), "light",
+                "translucent" if i % 2 else "opaque", 0.6) for i in range(4)]
+    m = run(stones)
+    assert m["per_lot"]["A"]["overall"] == 1.0 and m["per_lot"]["B"]["overall"] == 0.5
+    assert m["per_lot"]["B"]["flagged_rate"] == 1.0
+    assert m["subsets"]["uncertain"] == {"n": 4, "accuracy": 0.5, "flagged_rate": 1.0, "select_divert_rate": 0.0}
+    assert m["subsets"]["clean"]["n"] == 8
+
+
+def perfect_lot(n: int = 200) -> list[tuple[StoneLabel, str, str, float]]:
+    classes = [(c, k) for c in COLORS for k in CLARITIES]
+    return [(label(i, *classes[i % 9]), *classes[i % 9], 0.97) for i in range(n)]
+
+
+def test_verdict_passes_a_good_model_and_names_each_failure() -> None:
+    good = run(perfect_lot())
+    v = good["verdict"]
+    assert v["ready"] and not v["failed"]
+    assert v["pending"] == ["QA reference stones >= 90 % agreement"]
+    assert [c["pass"] for c in v["criteria"]] == [True, True, True, True, True, None]
+    assert good["milestones"]["reached"] == "Stretch"
+    # Every blue+transparent called translucent: CUT recall and that class fail.
+    bad = [(lab, c, "translucent" if lab.class_name == "blue_transparent" else k, p) for lab, c, k, p in perfect_lot()]
+    v = run(bad)["verdict"]
+    assert not v["ready"]
+    assert "CUT recall >= 85 %" in v["failed"]
+    assert "no class below 70 % (worst: blue_transparent)" in v["failed"]
+    assert v["summary"].startswith("NOT READY")
+
+
+def test_milestones_check_flagged_rate_as_an_upper_bound() -> None:
+    m = run([(lab, c, k, 0.7) for lab, c, k, _ in perfect_lot()])  # all right, all flagged
+    rows = m["milestones"]["rows"]
+    assert rows["Phase 3"]["checks"]["flagged_rate"]["pass"] is False
+    assert rows["Phase 1"]["met"] is False and m["milestones"]["reached"] is None
+
+
+def test_small_classes_are_reported_but_not_judged() -> None:
+    stones = perfect_lot(180) + [(label(900, "inky", "transparent"), "inky", "opaque", 0.9)] * 1
+    m = run(stones)
+    assert m["per_class"]["inky_transparent"]["n"] == 21
+    stones = perfect_lot(45) + [(label(900 + i, "light", "opaque"), "blue", "opaque", 0.9) for i in range(3)]
+    m = run(stones)
+    assert "light_opaque" in m["min_class_accuracy"]["too_few_stones"]
+
+
+def test_stable_json_keys() -> None:
+    m = run(perfect_lot(30))
+    assert {"overall", "color", "clarity", "cost_weighted", "flagged_rate", "cut_purity", "cut_recall",
+            "per_class", "ece", "select_divert_rate", "confusion", "per_lot", "verdict", "milestones"} <= set(m)
+    json.dumps(m, allow_nan=False)  # no NaN sneaks into the JSON
+    assert "overall" in format_text(m)
+
+
+def test_compare_calls_a_tie_a_tie_and_a_better_model_better() -> None:
+    base = perfect_lot(300)
+    good = evaluate(*_arrays(base))
+    worse = evaluate(*_arrays([(lab, c, "opaque" if lab.class_name == "blue_transparent" else k, p)
+                               for lab, c, k, p in base]))
+    same = compare(good, good)
+    assert same["better"] == "tie" and same["cost_weighted_delta"] == 0.0
+    c = compare(worse, good)
+    assert c["better"] == "new" and c["cost_weighted_delta"] > 0 and c["cost_weighted_delta_ci95"][0] > 0
+    assert compare(good, worse)["better"] == "old"
+    assert "NEW is better" in format_comparison(c)
+
+
+def _arrays(stones: list[tuple[StoneLabel, str, str, float]]) -> tuple:
+    labels = [s[0] for s in stones]
+    pc = np.array([onehot(COLORS.index(c), p) for _, c, _, p in stones])
+    pk = np.array([onehot(CLARITIES.index(k), p) for _, _, k, p in stones])
+    return labels, [lab.size_mm for lab in labels], pc, pk, DCFG
+
+
+def test_reliability_bins_add_up_to_the_ece() -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([2, 1, 1], 500)
+    labels = np.array([rng.choice(3, p=p) for p in probs])
+    conf, correct = probs.max(1), probs.argmax(1) == labels
+    bins = reliability_bins(conf, correct, 15)
+    assert sum(b.count for b in bins) == 500
+    assert calibration_error(conf, correct, 15) == pytest.approx(expected_calibration_error(probs, labels, 15))
+
+
+# -- through the shipped ONNX model ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_stones(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "ds"
+    cfg = config.load(config.sim_config_path())
+    generate(cfg, GenerateOptions(out, 60, LOTS["sim-default"], seed=4, day=date(2026, 3, 1)))
+    return out
+
+
+def test_default_model_through_onnxruntime_on_plain_stones(plain_stones: Path) -> None:
+    ds = open_dataset(plain_stones)
+    model = OnnxModel(resolve_bundle("default", None))
+    pc, pk = predict(model, ds, ds.labels)
+    assert pc.shape == (60, 3) and np.allclose(pc.sum(1), 1.0)
+    m = evaluate(ds.labels, stone_sizes(ds, ds.labels), pc, pk, DCFG).metrics
+    assert m["color"] > 0.85 and m["clarity"] > 0.85 and m["sizes_unknown"] == 0
+
+
+def test_report_is_a_page_with_embedded_plots(plain_stones: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from sorterd.train.report import write_report
+
+    ds = open_dataset(plain_stones)
+    labels = ds.labels[:30]
+    pc, pk = predict(OnnxModel(resolve_bundle("default", None)), ds, labels)
+    pk[:5] = pk[:5, ::-1]  # a few mistakes, so the gallery has something to show
+    ev = evaluate(labels, stone_sizes(ds, labels), pc, pk, DCFG)
+    page = write_report(ev, ds, tmp_path / "rep", title="t").read_text()
+    assert page.count("data:image/png;base64,") >= 7 + 2  # the plots and gallery crops
+    assert "§8.4 production readiness" in page and "Costliest mistakes" in page
+    assert json.loads((tmp_path / "rep" / "metrics.json").read_text())["n_stones"] == 30
