@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -49,7 +50,11 @@ def main() -> int:
                           command="bench/train_time.py")
         # A fresh split snapshot name per run: the bench may reuse a dataset folder.
         opts.version = f"vbench{int(time.time())}"
-        outcome = fit(opts, say=lambda s: print(s, flush=True) if " batch " not in s else None)
+        try:
+            outcome = fit(opts, say=lambda s: print(s, flush=True) if " batch " not in s else None)
+        finally:
+            # The bench's split snapshot is not a model's: leave the dataset as it was.
+            shutil.rmtree(data / "splits" / opts.version, ignore_errors=True)
         load_after = os.getloadavg()
     r = outcome.result
     m = outcome.test.metrics if outcome.test else {}
