@@ -324,3 +324,11 @@ def test_stone_stats_see_the_stone_against_its_background(tmp_path: Path) -> Non
     crops = np.full((1, 128, 128, 6), 128, np.uint8)
     preds, _ = OnnxModel(tmp_path / "b").predict(crops)
     assert preds[0].p_color.shape == (3,)
+
+
+def test_evaluating_on_another_dataset_asks_for_split_all(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = hand_written(tmp_path / "ds")
+    code, _, err = run_cli(["evaluate", "--data", str(root)], capsys)
+    assert code == 2 and "has no split snapshot" in err and "--split all" in err
+    code, out, err = run_cli(["evaluate", "--data", str(root), "--split", "all"], capsys)
+    assert code == 0 and "stones 8 (8 classified, 0 non-gem)" in out

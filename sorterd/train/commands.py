@@ -332,6 +332,10 @@ def _evaluate_bundle(name: str, args: argparse.Namespace, stones: list[str] | No
         if not version:
             raise DatasetError(f"{bundle}: the model records no split snapshot; use --split all (stones it never "
                                "saw) or --splits vNNN")
+        if not (ds.root / "splits" / version).is_dir() and not args.splits:
+            trained_on = training.get("data", {}).get("dir", "another dataset")
+            raise DatasetError(f"{ds.root}: has no split snapshot {version} (the model was trained on {trained_on}); "
+                               "evaluate with --split all (every stone here is new to it) or --splits vNNN")
         labels, desc = [by_id[s] for s in read_splits(ds, version).test], f"test split {version}"
         if not labels:
             raise DatasetError(f"{ds.root / 'splits' / version / 'test.txt'}: empty test split")

@@ -5,12 +5,17 @@
     2. remove duplicates by image hash (§3.5) and split -- whole lots held
        out for test (§7.3, §7.4) -- snapshotted in DIR/splits/<version>/
        (or reuse a snapshot with ``splits``);
-    3. train the dual-head MobileNetV3-Small (`sorterd.train.trainer`):
-       inverse-frequency sampling (§1.3), only §4.1/§4.2 augmentations,
-       heads first then end to end with early stopping on validation (§9.4);
-       ``from_bundle`` fine-tunes a previous bundle, keeping its mean/std (§5.4);
-    4. fit one temperature per head on validation (§5.2 gates mean what they
-       say) and measure ECE before and after;
+    3. train the dual-head MobileNetV3-Small (`sorterd.train.trainer`), by
+       default with the stone-vs-background colour statistics beside the CNN
+       features (`StoneStats`): inverse-frequency sampling (§1.3), only
+       §4.1/§4.2 augmentations, heads first then end to end with early
+       stopping on validation (§9.4), judged on a moving average of the
+       weights; ``from_bundle`` fine-tunes a previous bundle, keeping its
+       mean/std, architecture and test lots (§5.4);
+    4. fold the prior correction into the heads (the sampler's equal class mix
+       back to the training lots' real one), then fit one temperature per head
+       on validation (§5.2 gates mean what they say) and measure ECE before
+       and after;
     5. export the bundle (ONNX + manifest + ``weights.pt`` for later
        fine-tuning), evaluate it on the test split through onnxruntime
        exactly as `sorterd evaluate` does, and put the figures in the
@@ -469,14 +474,12 @@ def _new_since_last(opts: FitOptions, ds: Dataset, splits: Splits, n_train: int)
                 continue
             if isinstance(entry, dict):
                 last = entry
-    if last is None:
-        return n_train
-    prev_train = ds.root / "splits" / str(last.get("splits", "")) / "train.txt"
-    if last.get("data") == str(ds.root.resolve()) and prev_train.is_file():
-        before = set(prev_train.read_text().split())
-        by_id = ds.by_id()
-        return sum(1 for s in splits.train if s not in before and by_id[s].classified)
-    return max(0, n_train - int(last.get("training_samples") or 0))
+    prev_train = ds.root / "splits" / str((last or {}).get("splits", "")) / "train.txt"
+    if last is None or last.get("data") != str(ds.root.resolve()) or not prev_train.is_file():
+        return n_train  # the last version learnt from other data: every stone here is new to the line
+    before = set(prev_train.read_text().split())
+    by_id = ds.by_id()
+    return sum(1 for s in splits.train if s not in before and by_id[s].classified)
 
 
 def append_log(path: Path, entry: dict[str, Any]) -> None:

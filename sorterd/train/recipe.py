@@ -9,7 +9,7 @@ size, train + validation), plus two whole lots held out for test (§7.4):
     ratnapura-worn 800  -> train/val
     anakie-dark 600, chanthaburi-fine 600  -> test (never seen in training)
 
-Equivalent shell commands (what `steps()` returns) are in models/README.md.
+The same as shell commands: models/README.md.
 """
 
 from __future__ import annotations
@@ -43,16 +43,6 @@ DEFAULT_LOTS: tuple[LotBatch, ...] = (
 )
 TEST_LOTS = ("LOT-2026-006", "LOT-2026-007")
 TRAIN_SEED = 0
-
-
-def generate_commands(out: Path) -> list[str]:
-    """The `sorterd sim generate` commands that write the dataset."""
-    return [f"sorterd sim generate --out {out} --lot {b.lot} --stones {b.stones} --seed {b.seed} --date {b.day}"
-            for b in DEFAULT_LOTS]
-
-
-def train_command(data: Path, out: Path) -> str:
-    return (f"sorterd train --data {data} --out {out} --test-lots {','.join(TEST_LOTS)} --seed {TRAIN_SEED}")
 
 
 def generate_default_dataset(out: Path, progress: Callable[[str], None] | None = None) -> int:

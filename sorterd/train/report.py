@@ -29,6 +29,7 @@ from sorterd.evaluate import MILESTONES, Evaluation
 from sorterd.summary import COST
 
 GALLERY = 24  # costliest mistakes shown
+RECHECK_CONFIDENCE = 0.95  # a model this sure against the label often means a labelling slip
 THUMB_PX = 96
 GOOD, BAD, MUTED = "#2e7d32", "#c62828", "#757575"
 
@@ -100,6 +101,7 @@ def _fig_confusions(m: dict[str, Any]) -> bytes:
     for ax, key, name in zip(axes, ("color", "clarity"), ("Colour", "Clarity"), strict=True):
         c = m["confusion"][key]
         _heatmap(ax, np.array(c["matrix"]), c["labels"], f"{name}: {_pct(m[key])} right", fontsize=12)
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -258,6 +260,8 @@ def _gallery(ev: Evaluation, ds: Dataset) -> list[dict[str, str]]:
                f"{('transparent', 'translucent', 'opaque')[int(ev.p_clarity[i].argmax())]}"
         label = "non-gem" if lab.reject else f"{lab.color} {lab.clarity}"
         flags = ", ".join(sorted(lab.flags)) or "—"
+        if conf >= RECHECK_CONFIDENCE and lab.classified:
+            flags += " · confident disagreement: re-check the label (§5.3)"
         out.append({"id": lab.stone_id, "lot": lab.lot_id, "label": label, "said": said,
                     "bins": f"{ev.true_bin[i]} → {ev.decided_bin[i]}", "cost": str(cost), "conf": f"{conf:.2f}",
                     "flags": flags, "notes": lab.notes, "backlit": thumbs[0], "toplit": thumbs[1]})

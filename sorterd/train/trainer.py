@@ -5,12 +5,16 @@ and the command line live elsewhere.  What this module does:
 
 * augmentation on whole batches in torch, only the §4.1/§4.2 transforms
   (see `augment_batch`);
-* inverse-frequency sampling over the 9 colour x clarity classes (§1.3);
+* inverse-frequency sampling over the 9 colour x clarity classes (§1.3), and
+  optionally validating with the prior correction that turns the sampler's
+  equal class mix back into the real one (`prior_correction`);
 * the §9.4 schedule, adapted to training from scratch: heads only for
   ``epochs_heads`` epochs, then everything end to end with per-step cosine decay,
   early stopping on validation loss, best-by-validation-loss model kept;
+  optionally judged on a moving average of the weights (``ema_epochs``);
 * inference helpers for evaluation: `predict_logits`, temperature scaling
-  (`fit_temperature`) and `expected_calibration_error`.
+  (`fit_temperature`) and `expected_calibration_error` (numpy, from
+  `sorterd.train.calibration`).
 
 Pixel convention (shared with the exported manifest): ``x / 255`` then
 ``(x - mean) / std`` per channel, channels backlit R,G,B then toplit R,G,B.
