@@ -92,6 +92,86 @@ class SimLightsConfig:
     type: str = opt("sim", "Backend: sim (the simulated strobes).", choices=("sim",))
     pair_interval_ms: float = opt(10.0, "Backlit frame at t0, toplit frame at t0 + this.", minval=1.0, maxval=50.0)
     lights_off_ms: float = opt(20.0, "All lights off by t0 + this.", minval=2.0, maxval=100.0)
+    lead_ms: float = opt(0.0, "A pair's t0 is this far after the trigger is taken (time for the strobe commands to arrive).",
+                         minval=0.0, maxval=50.0)
+
+    def __post_init__(self) -> None:
+        if self.lights_off_ms <= self.pair_interval_ms:
+            raise ConfigError([f"lights.lights_off_ms = {self.lights_off_ms} must be above lights.pair_interval_ms = "
+                               f"{self.pair_interval_ms}: the ring light is on from t0 + pair_interval_ms until then"])
+
+
+def _check_strobe_pins(pins: dict[str, Any], camera_pin: int, hi: int) -> list[str]:
+    """lights.pins: one distinct output per lighting mode; the camera trigger on yet another."""
+    problems = []
+    if set(pins) != {"backlit", "toplit"}:
+        problems.append(f"lights.pins = {pins!r}: needs exactly the keys backlit, toplit")
+    for k, v in pins.items():
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+            problems.append(f"lights.pins.{k} = {v!r}: must be an integer in [0, {hi}]")
+    used = [str(v) for v in pins.values()] + ([str(camera_pin)] if camera_pin >= 0 else [])
+    if len(set(used)) != len(used):
+        problems.append(f"lights.pins = {pins!r}, lights.camera_pin = {camera_pin}: every output needs its own pin")
+    return problems
+
+
+@dataclass(frozen=True)
+class McuLightsConfig(SimLightsConfig):
+    type: str = opt("mcu", "Backend: mcu -- strobe outputs of the valve controller (hw/), timed by its hardware timer "
+                    "(needs valves.type = 'mcu': one controller, one clock sync).", choices=("mcu",))
+    lead_ms: float = opt(3.0, "A pair's t0 is this far after the trigger is taken: the strobe commands must reach the "
+                         "controller first (at least valves.min_lead_ms).", minval=0.1, maxval=50.0)
+    pins: dict = opt({"backlit": 5, "toplit": 6}, "Controller GPIO driving each light's strobe driver (keys backlit, toplit).")
+    camera_pin: int = opt(-1, "Controller GPIO wired to the camera's trigger input (camera.trigger = 'hardware'); -1 = none.",
+                          minval=-1, maxval=255)
+    camera_pulse_us: float = opt(100.0, "Width of the camera trigger pulse.", minval=1.0, maxval=10_000.0)
+    active_low: bool = opt(False, "The strobe drivers switch on at a low level.")
+    max_on_ms: float = opt(25.0, "Longest a light may stay on, enforced by the firmware (at least lights_off_ms).",
+                           minval=1.0, maxval=1000.0)
+
+    def __post_init__(self) -> None:
+        problems = _check_strobe_pins(self.pins, self.camera_pin, 255)
+        if self.max_on_ms < self.lights_off_ms - self.pair_interval_ms or self.max_on_ms < self.pair_interval_ms:
+            problems.append(f"lights.max_on_ms = {self.max_on_ms} would cut a strobe short (pair_interval_ms = "
+                            f"{self.pair_interval_ms}, lights_off_ms = {self.lights_off_ms})")
+        if problems:
+            raise ConfigError(problems)
+        super().__post_init__()
+
+
+@dataclass(frozen=True)
+class GpioLightsConfig(SimLightsConfig):
+    type: str = opt("gpio", "Backend: gpio -- strobe lines driven by one real-time thread on the host (Jetson.GPIO or "
+                    "libgpiod).", choices=("gpio",))
+    lead_ms: float = opt(3.0, "A pair's t0 is this far after the trigger is taken (at least min_lead_ms).",
+                         minval=0.5, maxval=50.0)
+    library: str = opt("gpiod", "GPIO library: gpiod (libgpiod v2, Raspberry Pi 5, any Linux) or jetson (Jetson.GPIO).",
+                       choices=("gpiod", "jetson"))
+    chip: str = opt("/dev/gpiochip0", "library = 'gpiod': GPIO character device.")
+    numbering: str = opt("BOARD", "library = 'jetson': pin numbering mode.", choices=("BOARD", "BCM", "CVM", "TEGRA_SOC"))
+    pins: dict = opt({"backlit": 23, "toplit": 24}, "Line (gpiod offset or Jetson header pin) of each light's strobe driver.")
+    camera_pin: int = opt(-1, "Line wired to the camera's trigger input (camera.trigger = 'hardware'); -1 = none.",
+                          minval=-1, maxval=1023)
+    camera_pulse_us: float = opt(100.0, "Width of the camera trigger pulse.", minval=1.0, maxval=10_000.0)
+    active_low: bool = opt(False, "The strobe drivers switch on at a low level.")
+    max_on_ms: float = opt(25.0, "Longest a light may stay on (enforced by the thread).", minval=1.0, maxval=1000.0)
+    late_limit_us: float = opt(300.0, "A strobe whose thread wakes more than this after its start is refused (the frame "
+                               "would be half lit); the pair's stones take the safe route.", minval=0.0, maxval=5000.0)
+    min_lead_ms: float = opt(2.0, "Strobes starting sooner than this are refused.", minval=0.5, maxval=100.0)
+    spin_us: float = opt(300.0, "The thread sleeps until this long before an edge, then spins.", minval=0.0, maxval=5000.0)
+    rt_priority: int = opt(50, "SCHED_FIFO priority of the strobe thread when permitted; 0 = normal scheduling.",
+                           minval=0, maxval=99)
+    switch_interval_us: float = opt(0.0, "Python's GIL switch interval (0 = leave it; the valve backend sets it).",
+                                    minval=0.0, maxval=5000.0)
+
+    def __post_init__(self) -> None:
+        problems = _check_strobe_pins(self.pins, self.camera_pin, 1023)
+        if self.lead_ms < self.min_lead_ms:
+            problems.append(f"lights.lead_ms = {self.lead_ms} is below lights.min_lead_ms = {self.min_lead_ms}: "
+                            "every strobe would be refused")
+        if problems:
+            raise ConfigError(problems)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
@@ -99,6 +179,50 @@ class SimTriggerConfig:
     type: str = opt("sim", "Backend: sim (a simulated break-beam at beam_x_mm).", choices=("sim",))
     beam_x_mm: float = opt(10.0, "Where the beam crosses the channel, from the view's left edge (a whole stone must be in view when its front breaks the beam).", minval=0.0)
     latency_ms: float = opt(0.3, "Sensor-to-host latency of the trigger edge.", minval=0.0, maxval=20.0)
+
+
+@dataclass(frozen=True)
+class BeamTriggerConfig:
+    type: str = opt("beam", "Backend: beam -- a break-beam sensor's edge on a GPIO line, time-stamped by the kernel "
+                    "(gpiod) or on arrival (jetson).", choices=("beam",))
+    library: str = opt("gpiod", "GPIO library: gpiod (libgpiod v2: kernel edge timestamps, CLOCK_MONOTONIC) or jetson "
+                       "(Jetson.GPIO: stamped when the callback runs).", choices=("gpiod", "jetson"))
+    chip: str = opt("/dev/gpiochip0", "library = 'gpiod': GPIO character device.")
+    numbering: str = opt("BOARD", "library = 'jetson': pin numbering mode.", choices=("BOARD", "BCM", "CVM", "TEGRA_SOC"))
+    pin: int = opt(25, "The sensor's line (gpiod offset or Jetson header pin).", minval=0, maxval=1023)
+    broken_level: str = opt("low", "Line level while the beam is broken (NPN / open-collector sensors with a pull-up: low).",
+                            choices=("low", "high"))
+    bias: str = opt("pull_up", "Line bias (gpiod only; Jetson header pins have fixed pulls).",
+                    choices=("as_is", "pull_up", "pull_down", "disabled"))
+    debounce_us: float = opt(200.0, "Edges closer than this to the previous one are contact/optical bounce.",
+                             minval=0.0, maxval=100_000.0)
+    holdoff_ms: float = opt(5.0, "After a trigger, ignore further breaks this long (one stone's flicker is one stone).",
+                            minval=0.0, maxval=1000.0)
+    latency_ms: float = opt(0.0, "Sensor response time, subtracted from each edge's timestamp.", minval=0.0, maxval=20.0)
+    beam_x_mm: float = opt(10.0, "Where the beam crosses the channel, from the camera view's left edge.", minval=0.0)
+
+
+@dataclass(frozen=True)
+class VisionTriggerConfig:
+    type: str = opt("vision", "Backend: vision -- cheap backlit preview frames compared with the reference; a stone "
+                    "entering the zone starts the pair.", choices=("vision",))
+    preview_hz: float = opt(200.0, "Preview frames per second (a stone must be seen while wholly in view: "
+                            "zone length / top speed > 2 preview periods).", minval=10.0, maxval=2000.0)
+    zone_from_mm: float = opt(6.0, "The entry zone starts this far from the view's left edge (stones come from the left).",
+                              minval=0.0)
+    zone_to_mm: float = opt(14.0, "... and ends here.", above=0.0)
+    downscale: int = opt(4, "Previews are compared at 1/downscale of the full resolution.", minval=1, maxval=16)
+    threshold_dn: float = opt(25.0, "A preview pixel differing from the reference by more than this (max over BGR) is "
+                              "'something there'.", minval=1.0, maxval=255.0)
+    min_area_mm2: float = opt(0.4, "That much changed area in the zone is a stone (below: noise, dust).",
+                              minval=0.01, maxval=100.0)
+    clear_frames: int = opt(2, "The zone must be empty this many previews before the next stone can trigger.",
+                            minval=1, maxval=100)
+
+    def __post_init__(self) -> None:
+        if self.zone_to_mm <= self.zone_from_mm:
+            raise ConfigError([f"trigger.zone_to_mm = {self.zone_to_mm} must be above trigger.zone_from_mm = "
+                               f"{self.zone_from_mm}"])
 
 
 @dataclass(frozen=True)
@@ -427,8 +551,9 @@ class SimConfig:
 # part -> backend type -> options class
 BACKENDS: dict[str, dict[str, type]] = {
     "camera": {"sim": SimCameraConfig, "replay": ReplayCameraConfig, "opencv": OpenCVCameraConfig},
-    "lights": {"sim": SimLightsConfig},
-    "trigger": {"sim": SimTriggerConfig, "replay": ReplayTriggerConfig},
+    "lights": {"sim": SimLightsConfig, "mcu": McuLightsConfig, "gpio": GpioLightsConfig},
+    "trigger": {"sim": SimTriggerConfig, "replay": ReplayTriggerConfig, "beam": BeamTriggerConfig,
+                "vision": VisionTriggerConfig},
     "valves": {"sim": SimValvesConfig, "dry": DryValvesConfig, "mcu": McuValvesConfig,
                "jetson": JetsonValvesConfig, "gpiod": GpiodValvesConfig},
     "inference": {"onnxruntime": OnnxInferenceConfig},
@@ -515,17 +640,39 @@ def from_dict(raw: dict[str, Any], source: Path | None = None) -> Config:
 
 def _cross_checks(parts: dict[str, Any]) -> list[str]:
     """Backends that only make sense together."""
-    cam, trig = parts["camera"], parts["trigger"]
+    cam, trig, lights, valves = parts["camera"], parts["trigger"], parts["lights"], parts["valves"]
     if cam is None or trig is None:
         return []
     if (cam.type == "replay") != (trig.type == "replay"):
         return [f"camera.type = {cam.type!r} with trigger.type = {trig.type!r}: a replay needs both "
                 "camera.type and trigger.type = 'replay' (one trigger per recorded pair)"]
+    problems = []
     if cam.type == "opencv" and trig.type == "sim":
-        return ["camera.type = 'opencv' with trigger.type = 'sim': a real camera needs a real trigger "
-                "(beam or vision), and those backends are not built yet; test the camera with "
-                "`python -m pytest tests/test_camera.py`"]
-    return []
+        problems.append("camera.type = 'opencv' with trigger.type = 'sim': a real camera needs a real trigger: "
+                        "trigger.type = 'beam' (a break-beam sensor on GPIO) or 'vision' (preview frames)")
+    if cam.type == "sim" and trig.type == "beam":
+        problems.append("trigger.type = 'beam' reads a real sensor, which the simulated machine's stones never break: "
+                        "use trigger.type = 'sim' or 'vision' with camera.type = 'sim'")
+    if lights is not None and valves is not None:
+        if lights.type == "mcu" and valves.type != "mcu":
+            problems.append(f"lights.type = 'mcu' uses the valve controller's strobe outputs, but valves.type = "
+                            f"{valves.type!r}: set valves.type = 'mcu' (one controller, one clock sync) or lights.type = 'gpio'")
+        elif lights.type == "mcu":
+            if lights.lead_ms < valves.min_lead_ms:
+                problems.append(f"lights.lead_ms = {lights.lead_ms} is below valves.min_lead_ms = {valves.min_lead_ms}: "
+                                "the controller would refuse every strobe")
+            taken = {str(p) for p in valves.pins.values()} & ({str(p) for p in lights.pins.values()}
+                                                               | ({str(lights.camera_pin)} if lights.camera_pin >= 0 else set()))
+            if taken:
+                problems.append(f"lights.pins / lights.camera_pin reuse controller pin(s) {sorted(taken)} of valves.pins: "
+                                "every output needs its own pin")
+        if lights.type == "gpio" and valves.type in ("jetson", "gpiod") and lights.library != valves.type:
+            problems.append(f"lights.library = {lights.library!r} with valves.type = {valves.type!r}: one board, one GPIO "
+                            "library")
+    if cam.type == "opencv" and cam.trigger == "hardware" and getattr(lights, "camera_pin", -1) < 0:
+        problems.append("camera.trigger = 'hardware' needs a strobe backend that pulses the camera's trigger input: "
+                        "lights.type = 'mcu' or 'gpio' with lights.camera_pin set")
+    return problems
 
 
 def _valve_checks(parts: dict[str, Any]) -> list[str]:

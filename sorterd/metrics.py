@@ -26,6 +26,7 @@ class Metrics:
         self.conflicts = Counter("sorterd_neighbour_conflicts_total", "Stones sent the safe route because a jet would also catch a neighbour.", registry=r)
         self.overflow = Counter("sorterd_queue_overflow_total", "Items that found a full queue, by queue.", ["queue"], registry=r)
         self.camera_failures = Counter("sorterd_camera_failures_total", "Times the camera was lost.", registry=r)
+        self.lighting_faults = Counter("sorterd_lighting_faults_total", "Pairs whose strobes were refused, unconfirmed or mistimed (their stones took the safe route).", registry=r)
         self.camera_gap_triggers = Counter("sorterd_camera_gap_triggers_total", "Triggers lost while the camera was away (stones fell to REJECT).", registry=r)
         self.captures = Counter("sorterd_captures_total", "Frame pairs captured.", registry=r)
         self.pulses = Counter("sorterd_pulses_total", "Valve pulses by outcome.", ["valve", "status"], registry=r)

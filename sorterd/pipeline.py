@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sorterd.camera import CameraError, FramePair
+from sorterd.capture import capture_pair, lighting_fault
 from sorterd.clock import Clock
 from sorterd.config import JET_BINS, Config
 from sorterd.decide import Decision, decide, safe_route, unsortable_reason
 from sorterd.eject import Planner, Pulse, Track, plan_pulse
 from sorterd.infer import OnnxModel, Prediction
+from sorterd.lights import StrobeError, StrobeResult
 from sorterd.metrics import Metrics
 from sorterd.parts import Parts
 from sorterd.record import ImageJob, Recorder, StoneRow, wall_time_iso
@@ -56,6 +58,7 @@ class RunStats:
     triggers_dropped: int = 0
     camera_failures: int = 0
     gap_triggers: int = 0  # triggers lost while the camera was away
+    lighting_faults: int = 0  # pairs not lit as §2.2 says (their stones take the safe route)
     decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("CUT", "SELECT", "FLIP", "REJECT"), 0))
     latency_s: dict[str, deque[float]] = field(
         default_factory=lambda: {s: deque(maxlen=200_000) for s in LATENCIES}
@@ -197,6 +200,12 @@ class Pipeline:
             except CameraError as exc:
                 await self._camera_lost(exc)
                 continue
+            except StrobeError as exc:
+                # No light, no picture worth sorting: the stone falls to REJECT.
+                self.stats.lighting_faults += 1
+                self.metrics.lighting_faults.inc()
+                log.error("capture %d: strobe refused (%s): its stone falls to REJECT", seq, exc)
+                continue
             seq += 1
             self._triggers.drop_covered(pair.backlit.t_ns)
             self.stats.captures += 1
@@ -235,14 +244,8 @@ class Pipeline:
 
     async def _capture(self, seq: int, ev: TriggerEvent) -> FramePair:
         """§2.2: backlit strobe + frame at t0, ring light + frame at t0+10 ms, dark by t0+20 ms."""
-        lights, camera = self.parts.lights, self.parts.camera
-        t0 = self.clock.now_ns()
-        t1 = t0 + int(self.pair_interval_ms * 1e6)
-        lights.strobe("backlit", t0, t1)
-        back = await camera.grab("backlit", t0)
-        lights.strobe("toplit", t1, t0 + int(self.cfg.lights.lights_off_ms * 1e6))
-        top = await camera.grab("toplit", t1)
-        return FramePair(seq, ev.t_ns, back, top)
+        return await capture_pair(self.parts.camera, self.parts.lights, self.clock, seq, ev.t_ns,
+                                  int(self.pair_interval_ms * 1e6), int(self.cfg.lights.lights_off_ms * 1e6))
 
     # -- stage 3: process -----------------------------------------------------
 
@@ -253,13 +256,21 @@ class Pipeline:
             # One worker call per pair: the frames stay in that core's cache
             # from segmentation to inference, and there is one hand-off only.
             done: Computed = await loop.run_in_executor(None, self._compute, pair, self.tracker.snapshot())
+            fault, strobes = await lighting_fault(pair, self.clock)
+            if fault:
+                # Frames not lit as §2.2 says cannot be trusted: the pair's stones take the safe route.
+                self.stats.lighting_faults += 1
+                self.metrics.lighting_faults.inc()
+                log.error("capture %d: %s: its %d stone(s) take the safe route", pair.seq, fault, len(done.new))
+                done.preds.clear()
+                done.reasons[:] = [f"lighting: {fault}"] * len(done.new)
             for i, obs in enumerate(done.new):
                 t = time.perf_counter()
                 sid, dec, pulse = self._decide_and_plan(obs, done.preds.get(i), done.reasons[i])
                 if i == 0 and self.record_pairs:
-                    self._record_pair(sid, pair)
+                    self._record_pair(sid, pair, strobes)
                 decide_s = time.perf_counter() - t
-                self._dispatch(sid, pair, obs, done.preds.get(i), dec, pulse, done.crops[i])
+                self._dispatch(sid, pair, obs, done.preds.get(i), dec, pulse, done.crops[i], strobes)
                 if i in done.preds:
                     self._record_latency(done.segment_s, done.infer_s, decide_s, done.model_s)
                 self.stats.latency_s["exposure_to_pulse"].append((self.clock.now_ns() - obs.t_ns) / 1e9)
@@ -287,9 +298,12 @@ class Pipeline:
             preds = dict(zip(to_classify, out, strict=True))
         return Computed(new, reasons, crops, preds, segment_s, time.perf_counter() - t, model_s)
 
-    def _record_pair(self, sid: str, pair: FramePair) -> None:
+    def _record_pair(self, sid: str, pair: FramePair, strobes: list[StrobeResult]) -> None:
         """`run --record`: the raw pair, named after the first new stone in it."""
-        times = PairTimes(pair.trigger_ns, pair.backlit.t_ns, pair.toplit.t_ns)
+        lit = {r.mode: r for r in strobes}
+        times = PairTimes(pair.trigger_ns, pair.backlit.t_ns, pair.toplit.t_ns,
+                          **{f"{m}_{e}_ns": getattr(lit[m], f"{e}_ns") if m in lit else None
+                             for m in ("backlit", "toplit") for e in ("on", "off")})
         self.recorder.submit_images(ImageJob(sid, None, None, raw=(pair.backlit.image, pair.toplit.image, times)))
 
     def _record_latency(self, seg_s: float, infer_s: float, decide_s: float, model_s: float) -> None:
@@ -317,9 +331,14 @@ class Pipeline:
         return sid, dec, pulse
 
     def _dispatch(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
-                  dec: Decision, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray]) -> None:
+                  dec: Decision, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],
+                  strobes: list[StrobeResult]) -> None:
         """Send the pulse (or not), and hand the stone to the recorder."""
         row = self._row(sid, pair, obs, pred, dec, pulse)
+        for r in strobes:  # the lights' actual edges for this stone's frames
+            if r.mode in ("backlit", "toplit"):
+                setattr(row, f"{r.mode}_on_ns", r.on_ns)
+                setattr(row, f"{r.mode}_off_ns", r.off_ns)
         self._count(obs, dec)
         self._save_images(sid, pair, crop, dec.flagged)
         if pulse is None:

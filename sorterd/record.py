@@ -28,7 +28,7 @@ from sorterd.session import PairTimes, SessionWriter
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the strobes' actual edges per stone
 
 
 @dataclass
@@ -66,6 +66,11 @@ class StoneRow:
     valve_status: str
     model_version: str
     wall_time: str
+    # The lights' actual edges for this stone's frames (as the strobe device reported them).
+    backlit_on_ns: int | None = None
+    backlit_off_ns: int | None = None
+    toplit_on_ns: int | None = None
+    toplit_off_ns: int | None = None
 
 
 def _create_sql() -> str:

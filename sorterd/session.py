@@ -134,6 +134,14 @@ class PairTimes:
     t_trigger_ns: int
     t_backlit_ns: int
     t_toplit_ns: int
+    # The strobes' actual edges, when the lights reported them.
+    backlit_on_ns: int | None = None
+    backlit_off_ns: int | None = None
+    toplit_on_ns: int | None = None
+    toplit_off_ns: int | None = None
+
+
+STROBE_KEYS = ("backlit_on_ns", "backlit_off_ns", "toplit_on_ns", "toplit_off_ns")
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -183,8 +191,9 @@ class SessionReader:
                 continue
             try:
                 rec = json.loads(line)
+                strobes = {k: int(rec[k]) for k in STROBE_KEYS if rec.get(k) is not None}
                 times[rec["stone_id"]] = PairTimes(int(rec["t_trigger_ns"]), int(rec["t_backlit_ns"]),
-                                                   int(rec["t_toplit_ns"]))
+                                                   int(rec["t_toplit_ns"]), **strobes)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise SessionError(f"{path}:{lineno}: not a frame-times record ({exc!r}); expected "
                                    '{"stone_id", "t_trigger_ns", "t_backlit_ns", "t_toplit_ns"}') from None

@@ -83,6 +83,7 @@ def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], world: World |
         "pairs_dropped": stats.pairs_dropped,
         "camera_failures": stats.camera_failures,
         "camera_gap_triggers": stats.gap_triggers,
+        "lighting_faults": stats.lighting_faults,
         "decided": dict(stats.decided),
         "latency_ms": {s: percentiles_ms(stats.latency_s[s]) for s in LATENCIES},
         "model": {"version": model_version},
@@ -200,7 +201,8 @@ def format_text(s: dict[str, Any]) -> str:
     lines.append(f"flagged {s['flagged']} ({s['flagged_rate']:.1%})  deadline misses {s['deadline_misses']}  "
                  f"neighbour conflicts {s['neighbour_conflicts']}  pairs dropped {s['pairs_dropped']}"
                  + (f"  camera lost {s['camera_failures']}x ({s['camera_gap_triggers']} triggers in the gap)"
-                    if s["camera_failures"] else ""))
+                    if s["camera_failures"] else "")
+                 + (f"  lighting faults {s['lighting_faults']}" if s["lighting_faults"] else ""))
     if "fire_error_us" in s:
         sy, fi = s["sync_error_us"], s["fire_error_us"]
         lines.append(f"valve timing us p50/p99: sync {sy['p50']}/{sy['p99']}  fire {fi['p50']}/{fi['p99']}  "

@@ -1,12 +1,18 @@
 """Cameras: a frame pair per trigger, and the empty-channel reference frames.
 
-Backends (chosen by `[camera] type`): `sim` (the simulated machine).  Later:
-`opencv` (V4L2/GStreamer) and `replay`.  Frame timestamps are host monotonic
-ns of the exposure, converted from the camera's own clock inside the backend.
+Backends (chosen by `[camera] type`): `sim` (the simulated machine), `opencv`
+(V4L2, GStreamer, files), `replay` (a recorded session).  Frame timestamps are
+host monotonic ns of the exposure, converted from the camera's own clock
+inside the backend.
+
+One camera, two users: pair capture and the `vision` trigger's previews.  They
+take turns through `camera_lock(camera)`; a pair always goes first.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +41,10 @@ class FramePair:
     # Backend extras; the simulator puts ground truth here for the run summary.
     # The pipeline never reads it.
     meta: dict[str, Any] = field(default_factory=dict)
+    # The lights' reports for this pair (sorterd.lights.StrobeResult list), and the
+    # instant everything had to be dark; None for sources without strobes (replay).
+    strobes: Awaitable[list[Any]] | None = None
+    dark_ns: int = 0
 
 
 class Camera(Protocol):
@@ -53,3 +63,12 @@ class Camera(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def camera_lock(camera: Any) -> asyncio.Lock:
+    """The lock that serialises everyone who exposes frames on this camera."""
+    lock = getattr(camera, "_sorterd_lock", None)
+    if lock is None:
+        lock = asyncio.Lock()
+        camera._sorterd_lock = lock
+    return lock

@@ -45,6 +45,9 @@ class OpenCVCamera:
         self.cfg = cfg
         self.clock = clock
         self.pixels_per_mm = float(cfg.pixels_per_mm)
+        # Hardware-triggered: the strobe controller starts each exposure, so the frame
+        # must fall inside its strobe; free-running: only the strobes can be checked.
+        self.exposure_at_strobe = cfg.trigger == "hardware"
         self._cap: cv2.VideoCapture | None = None  # used by one worker at a time (grabs are sequential)
         self._mode: str | None = None
         self._refs: dict[str, np.ndarray] = {}

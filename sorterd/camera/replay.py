@@ -65,6 +65,8 @@ class ReplayTrigger:
 
 
 class ReplayCamera:
+    prelit = True  # the frames were lit when they were recorded: nothing is strobed
+
     def __init__(self, source: ReplaySource) -> None:
         self.source = source
         self.pixels_per_mm = source.reader.meta.pixels_per_mm

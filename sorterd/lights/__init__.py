@@ -1,18 +1,86 @@
-"""Strobe lights: backlight and ring light.
+"""Strobe lights: backlight and ring light (and, optionally, the camera's trigger input).
 
-Backends (`[lights] type`): `sim`.  Later: `gpio`, `mcu` (controller strobe
-outputs).  A backend records when each light was actually on, so the frame
-pair's lighting can be audited (§2.2: both lights off by t0 + 20 ms).
+Backends (`[lights] type`):
+  * `sim`   the simulated strobes (the renderer lights each frame as asked);
+  * `mcu`   strobe outputs of the valve controller (hw/): pulses at absolute
+            controller-clock times, fired by its hardware timer, reported back
+            with their actual edges (`sorterd/lights/pulsed.py`);
+  * `gpio`  strobe lines driven by the same real-time thread design as the
+            GPIO valves (`sorterd/lights/pulsed.py`).
+
+`strobe()` schedules one light over [t_on, t_off) in host time and returns an
+awaitable `StrobeResult`: the actual on/off instants as the device reports
+them (never the requested ones), or why the light did not come on.  A strobe
+that cannot be scheduled raises `StrobeError` at once.  The pipeline checks
+every pair's results before its stones are sorted (§2.2: each frame lit by
+its own light, everything dark by t0 + 20 ms); a pair whose lighting failed is
+not classified and its stones take the safe route.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Protocol
 
 
+class StrobeError(RuntimeError):
+    """A strobe could not be scheduled (too late, controller not ready, lines failed)."""
+
+
+@dataclass(frozen=True)
+class StrobeResult:
+    mode: str  # backlit | toplit | camera
+    on_ns: int | None  # actual edges, host monotonic ns
+    off_ns: int | None
+    status: str  # "lit", or what went wrong ("refused: ...", "unknown: ...", "cancelled")
+
+    @property
+    def lit(self) -> bool:
+        return self.status == "lit" and self.on_ns is not None and self.off_ns is not None
+
+    def covers(self, t_ns: int) -> bool:
+        """The light was on at t_ns (an exposure instant)."""
+        return self.lit and self.on_ns <= t_ns < self.off_ns  # type: ignore[operator]
+
+
 class Lights(Protocol):
-    def strobe(self, mode: str, t_on_ns: int, t_off_ns: int) -> None:
-        """Light for `mode` on over [t_on_ns, t_off_ns) (host time)."""
+    lead_ns: int  # a pair's t0 must be at least this far ahead when its strobes are scheduled
+
+    def strobe(self, mode: str, t_on_ns: int, t_off_ns: int) -> Awaitable[StrobeResult]:
+        """Light `mode` over [t_on_ns, t_off_ns) (host time); StrobeError if it cannot be scheduled."""
         ...
 
     def all_off(self) -> None: ...
+
+
+def done(result: StrobeResult) -> asyncio.Future[StrobeResult]:
+    """An already-known result (backends that learn the outcome at once)."""
+    fut: asyncio.Future[StrobeResult] = asyncio.get_running_loop().create_future()
+    fut.set_result(result)
+    return fut
+
+
+def check_pair(results: list[StrobeResult], t_backlit: int, t_toplit: int, t_dark: int,
+               exposures_known: bool = True) -> str | None:
+    """§2.2 audit of one pair's lighting: None if right, else what was wrong.
+
+    `exposures_known`: the frames' timestamps are the exposure instants the
+    lights were timed for (simulated or hardware-triggered cameras); a
+    free-running camera's timestamps mark its own frame clock, so only the
+    strobes themselves are checked."""
+    by_mode = {r.mode: r for r in results}
+    for mode, t in (("backlit", t_backlit), ("toplit", t_toplit)):
+        r = by_mode.get(mode)
+        if r is None or not r.lit:
+            return f"{mode} strobe {r.status if r else 'missing'}"
+        if exposures_known and not r.covers(t):
+            return f"{mode} strobe on [{r.on_ns}, {r.off_ns}) missed its exposure at {t}"
+    for r in results:
+        if r.mode in ("backlit", "toplit") and r.off_ns is not None and r.off_ns > t_dark:
+            return f"{r.mode} strobe still on {(r.off_ns - t_dark) / 1e6:.2f} ms after t0 + lights_off_ms"
+    back, top = by_mode["backlit"], by_mode["toplit"]
+    if back.off_ns is not None and back.off_ns > t_toplit:
+        return f"backlight still on at the toplit exposure ({(back.off_ns - t_toplit) / 1e3:.0f} us over)"
+    return None

@@ -1,0 +1,60 @@
+"""One frame pair (§2.2): backlit strobe + frame at t0, ring light + frame at
+t0 + pair_interval, every light off by t0 + lights_off.
+
+Both strobes are scheduled before the first exposure (a controller needs them
+ahead of time: t0 is `lights.lead_ns` after now).  The pair carries the
+lights' reports; `lighting_fault` audits them once they are in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sorterd.camera import FramePair, camera_lock
+from sorterd.clock import Clock
+from sorterd.lights import StrobeResult, check_pair
+
+# A strobe's report may come this long after the pair had to be dark (controller
+# reports travel over serial); later, the lighting is unconfirmed.
+CONFIRM_GRACE_NS = 30_000_000
+
+
+async def capture_pair(camera: Any, lights: Any, clock: Clock, seq: int, trigger_ns: int,
+                       pair_interval_ns: int, lights_off_ns: int) -> FramePair:
+    """Strobe and expose one pair; CameraError / StrobeError propagate (the pair is lost)."""
+    if getattr(camera, "prelit", False):
+        # Recorded frames were lit when they were taken: nothing to strobe.
+        async with camera_lock(camera):
+            t0 = clock.now_ns()
+            back = await camera.grab("backlit", t0)
+            top = await camera.grab("toplit", t0 + pair_interval_ns)
+        return FramePair(seq, trigger_ns, back, top)
+    async with camera_lock(camera):
+        t0 = clock.now_ns() + lights.lead_ns
+        t1 = t0 + pair_interval_ns
+        dark = t0 + lights_off_ns
+        reports = [lights.strobe("backlit", t0, t1), lights.strobe("toplit", t1, dark)]
+        gathered = asyncio.gather(*reports)
+        try:
+            back = await camera.grab("backlit", t0)
+            top = await camera.grab("toplit", t1)
+        except BaseException:
+            gathered.cancel()
+            gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody will read it
+            raise
+    synced = getattr(camera, "exposure_at_strobe", True)
+    return FramePair(seq, trigger_ns, back, top, meta={"exposure_at_strobe": synced}, strobes=gathered, dark_ns=dark)
+
+
+async def lighting_fault(pair: FramePair, clock: Clock) -> tuple[str | None, list[StrobeResult]]:
+    """Wait for the pair's strobe reports; (what was wrong or None, the reports)."""
+    if pair.strobes is None:
+        return None, []
+    timeout = max(0.0, (pair.dark_ns + CONFIRM_GRACE_NS - clock.now_ns()) / 1e9)
+    try:
+        results = list(await asyncio.wait_for(asyncio.shield(pair.strobes), timeout))
+    except asyncio.TimeoutError:
+        return "strobe reports did not come in time", []
+    known = bool(pair.meta.get("exposure_at_strobe", True))
+    return check_pair(results, pair.backlit.t_ns, pair.toplit.t_ns, pair.dark_ns, known), results
