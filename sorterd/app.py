@@ -97,7 +97,7 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         await _run_pipeline(pipeline, parts, clock, opts, out, t_wall)
     world = parts.machine.world if parts.machine is not None else None
     summary = summarize(cfg, pipeline.stats, pipeline.rows, world, model.version, time.monotonic() - t_wall,
-                        valves=parts.valves)
+                        valves=parts.valves, lights=parts.lights)
     summary["batch_dir"] = str(batch_dir)
     summary["record"] = {"rows_written": recorder.rows_written, "rows_overflow": recorder.rows_overflow,
                          "images_overflow": recorder.images_overflow, "errors": recorder.errors}

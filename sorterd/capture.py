@@ -18,6 +18,7 @@ from sorterd.lights import StrobeResult, check_pair
 # A strobe's report may come this long after the pair had to be dark (controller
 # reports travel over serial); later, the lighting is unconfirmed.
 CONFIRM_GRACE_NS = 30_000_000
+SWITCH_GAP_NS = 100_000  # backlight off this long before the ring light comes on
 
 
 async def capture_pair(camera: Any, lights: Any, clock: Clock, seq: int, trigger_ns: int,
@@ -34,7 +35,9 @@ async def capture_pair(camera: Any, lights: Any, clock: Clock, seq: int, trigger
         t0 = clock.now_ns() + lights.lead_ns
         t1 = t0 + pair_interval_ns
         dark = t0 + lights_off_ns
-        reports = [lights.strobe("backlit", t0, t1), lights.strobe("toplit", t1, dark)]
+        # The backlight goes off a little before the ring light comes on: LED drivers take
+        # microseconds to switch, and the toplit frame must see no backlight at all.
+        reports = [lights.strobe("backlit", t0, t1 - SWITCH_GAP_NS), lights.strobe("toplit", t1, dark)]
         gathered = asyncio.gather(*reports)
         try:
             back = await camera.grab("backlit", t0)
@@ -44,7 +47,8 @@ async def capture_pair(camera: Any, lights: Any, clock: Clock, seq: int, trigger
             gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody will read it
             raise
     synced = getattr(camera, "exposure_at_strobe", True)
-    return FramePair(seq, trigger_ns, back, top, meta={"exposure_at_strobe": synced}, strobes=gathered, dark_ns=dark)
+    meta = {"exposure_at_strobe": synced, "strobe_tolerance_ns": getattr(lights, "tolerance_ns", 0)}
+    return FramePair(seq, trigger_ns, back, top, meta=meta, strobes=gathered, dark_ns=dark)
 
 
 async def lighting_fault(pair: FramePair, clock: Clock) -> tuple[str | None, list[StrobeResult]]:
@@ -57,4 +61,5 @@ async def lighting_fault(pair: FramePair, clock: Clock) -> tuple[str | None, lis
     except asyncio.TimeoutError:
         return "strobe reports did not come in time", []
     known = bool(pair.meta.get("exposure_at_strobe", True))
-    return check_pair(results, pair.backlit.t_ns, pair.toplit.t_ns, pair.dark_ns, known), results
+    tol = int(pair.meta.get("strobe_tolerance_ns", 0))
+    return check_pair(results, pair.backlit.t_ns, pair.toplit.t_ns, pair.dark_ns, known, tol), results

@@ -37,10 +37,14 @@ def _fault(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=NUMBER, e.g. backlight=-0.08") from None
 
 
-def _valve_types() -> tuple[str, ...]:
+def _backend_types(part: str) -> tuple[str, ...]:
     from sorterd.config import BACKENDS
 
-    return tuple(BACKENDS["valves"])
+    return tuple(k for k in BACKENDS[part] if k != "replay")  # replay: --replay sets camera and trigger together
+
+
+def _valve_types() -> tuple[str, ...]:
+    return _backend_types("valves")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--valves", choices=_valve_types(), metavar="TYPE",
                    help="valve backend for this run, overriding [valves] type: " + ", ".join(_valve_types())
                         + " (mcu with the simulated machine runs the controller firmware's host build on a pty)")
+    r.add_argument("--trigger", choices=_backend_types("trigger"), metavar="TYPE",
+                   help="trigger backend for this run, overriding [trigger] type: "
+                        + ", ".join(_backend_types("trigger")) + " (vision works with the simulated camera)")
+    r.add_argument("--lights", choices=_backend_types("lights"), metavar="TYPE",
+                   help="strobe backend for this run, overriding [lights] type: " + ", ".join(_backend_types("lights"))
+                        + " (mcu needs --valves mcu: the strobes are outputs of the valve controller)")
     r.add_argument("--stones", type=_positive_int, default=500, help="simulation: stones to feed (default 500)")
     r.add_argument("--rate", type=_positive_float, help="simulation: stones per second (sim.rate_per_s)")
     r.add_argument("--seed", type=int, help="simulation: world seed (sim.seed)")
@@ -94,8 +104,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         o["camera"] = {"type": "replay", "session": str(args.replay.resolve())}
         o["trigger"] = {"type": "replay"}
         o["valves"] = {"type": "dry"}
-    if args.valves is not None:
-        o["valves"] = {"type": args.valves}
+    for part in ("valves", "trigger", "lights"):
+        if getattr(args, part) is not None:
+            o[part] = {"type": getattr(args, part)}
     pairs = [("sim", "rate_per_s", args.rate), ("sim", "seed", args.seed), ("sim", "clock", args.clock),
              ("record", "log_dir", str(args.log_dir.resolve()) if args.log_dir else None),
              ("record", "batch", args.batch), ("metrics", "port", args.metrics_port)]

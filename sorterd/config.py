@@ -216,8 +216,10 @@ class VisionTriggerConfig:
                               "'something there'.", minval=1.0, maxval=255.0)
     min_area_mm2: float = opt(0.4, "That much changed area in the zone is a stone (below: noise, dust).",
                               minval=0.01, maxval=100.0)
-    clear_frames: int = opt(2, "The zone must be empty this many previews before the next stone can trigger.",
-                            minval=1, maxval=100)
+    clear_frames: int = opt(2, "A stone's front may go unseen this many previews (flicker) before it is forgotten "
+                            "and could trigger again.", minval=1, maxval=100)
+    strobe_ms: float = opt(1.0, "Backlight strobe per preview frame (the camera's backlit exposure must fit in it).",
+                           minval=0.05, maxval=20.0)
 
     def __post_init__(self) -> None:
         if self.zone_to_mm <= self.zone_from_mm:

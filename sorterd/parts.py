@@ -41,13 +41,25 @@ def open_parts(cfg: Config, clock: Clock) -> Parts:
 
         machine = SimMachine(cfg)
     replay = _replay_source(cfg, clock)
-    return Parts(
-        camera=_camera(cfg, machine, clock, replay),
-        lights=_lights(cfg),
-        trigger=_trigger(cfg, machine, clock, replay),
-        valves=_valves(cfg, machine, clock),
-        machine=machine,
-    )
+    opened: list[Any] = []
+    try:
+        # Valves first (the mcu lights are outputs of the same controller); the
+        # vision trigger watches the camera's previews.
+        valves = _valves(cfg, machine, clock)
+        opened.append(valves.close)
+        lights = _lights(cfg, valves, clock)
+        opened.append(lights.all_off)
+        camera = _camera(cfg, machine, clock, replay)
+        opened.append(camera.close)
+        trigger = _trigger(cfg, machine, clock, replay, camera, lights)
+    except BaseException:
+        for close in opened:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 -- the first error is the one to report
+                log.exception("closing a part after a failed start")
+        raise
+    return Parts(camera=camera, lights=lights, trigger=trigger, valves=valves, machine=machine)
 
 
 def _replay_source(cfg: Config, clock: Clock) -> Any:
@@ -76,22 +88,49 @@ def _camera(cfg: Config, machine: Any, clock: Clock, replay: Any) -> Camera:
     return SimCamera(cfg.camera, machine, clock)
 
 
-def _lights(cfg: Config) -> Lights:
+def _lights(cfg: Config, valves: Valves, clock: Clock) -> Lights:
+    if cfg.lights.type == "mcu":
+        from sorterd.lights.pulsed import open_mcu_lights
+
+        return open_mcu_lights(cfg.lights, valves, clock)
+    if cfg.lights.type == "gpio":
+        from sorterd.lights.pulsed import open_gpio_lights
+
+        return open_gpio_lights(cfg.lights, clock)
     from sorterd.lights.sim import SimLights
 
     return SimLights(cfg.lights)
 
 
-def _trigger(cfg: Config, machine: Any, clock: Clock, replay: Any) -> Trigger:
+def _trigger(cfg: Config, machine: Any, clock: Clock, replay: Any, camera: Camera, lights: Lights) -> Trigger:
     if cfg.trigger.type == "replay":
         from sorterd.camera.replay import ReplayTrigger
 
         if replay is None:
             raise ValueError("trigger.type = 'replay' needs camera.type = 'replay' (the session to replay)")
         return ReplayTrigger(replay)
+    if cfg.trigger.type == "vision":
+        from sorterd.trigger.vision import VisionTrigger
+
+        return VisionTrigger(cfg.trigger, camera, lights, clock,
+                             stop_at=_all_past(machine) if machine is not None else None,
+                             max_speed_mm_s=cfg.geometry.speed_max_mm_s)
+    if cfg.trigger.type == "beam":
+        from sorterd.trigger.beam import BeamTrigger
+
+        return BeamTrigger(cfg.trigger, clock)
     from sorterd.trigger.sim import SimTrigger
 
     return SimTrigger(cfg.trigger, machine, clock)
+
+
+def _all_past(machine: Any) -> Any:
+    """Simulation: when the last fed stone has left the view (the run's end)."""
+    def end() -> int:
+        world = machine.world
+        spans = world.beam_times(world.view_mm[0])
+        return max((clear for _, clear in spans), default=0) + 100_000_000
+    return end
 
 
 def _valves(cfg: Config, machine: Any, clock: Clock) -> Valves:
@@ -124,7 +163,12 @@ def _mcu_valves(cfg: Config, machine: Any, clock: Clock) -> Valves:
 
         ctl = start_simulated_controller(cfg.valves, machine, clock)
         port, truth, closers = ctl.port, ctl.truth, [ctl.close]
-    valves = McuValves(cfg.valves, clock, port, truth=truth, on_close=closers)
+    extra = {}
+    if cfg.lights.type == "mcu":
+        from sorterd.lights.pulsed import mcu_outputs
+
+        extra = mcu_outputs(cfg.lights)
+    valves = McuValves(cfg.valves, clock, port, truth=truth, on_close=closers, extra_outputs=extra)
     try:
         valves.start_blocking(cfg.valves.connect_timeout_s)  # startup: nothing else runs yet
     except BaseException:

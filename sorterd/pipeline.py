@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sorterd.camera import CameraError, FramePair
+from sorterd.camera import CameraError, FramePair, camera_lock
 from sorterd.capture import capture_pair, lighting_fault
 from sorterd.clock import Clock
 from sorterd.config import JET_BINS, Config
@@ -231,7 +231,8 @@ class Pipeline:
         while True:
             lost += self._triggers.drop_covered(self.clock.now_ns())
             try:
-                await loop.run_in_executor(None, self.parts.camera.reopen)
+                async with camera_lock(self.parts.camera):  # the vision trigger may be reopening it too
+                    await loop.run_in_executor(None, self.parts.camera.reopen)
                 break
             except CameraError as again:
                 log.debug("camera reopen failed: %s", again)

@@ -71,7 +71,7 @@ def match_rows(world: World, rows: list[StoneRow]) -> dict[int, StoneRow]:
 
 
 def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], world: World | None,
-              model_version: str, wall_s: float, valves: Any = None) -> dict[str, Any]:
+              model_version: str, wall_s: float, valves: Any = None, lights: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "objects_decided": len(rows),
         "captures": stats.captures,
@@ -92,6 +92,8 @@ def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], world: World |
     if world is not None:
         out.update(_sim_truth(cfg, world, rows))
     out.update(valve_summary(rows, world, valves))
+    if hasattr(lights, "timing"):
+        out.update(lights.timing())  # strobe_error_us, strobe_refusals
     return out
 
 

@@ -35,18 +35,20 @@ class StrobeResult:
     on_ns: int | None  # actual edges, host monotonic ns
     off_ns: int | None
     status: str  # "lit", or what went wrong ("refused: ...", "unknown: ...", "cancelled")
+    camera_ns: int | None = None  # actual edge of the camera trigger pulse, when the lights drive it
 
     @property
     def lit(self) -> bool:
         return self.status == "lit" and self.on_ns is not None and self.off_ns is not None
 
-    def covers(self, t_ns: int) -> bool:
-        """The light was on at t_ns (an exposure instant)."""
-        return self.lit and self.on_ns <= t_ns < self.off_ns  # type: ignore[operator]
+    def covers(self, t_ns: int, tolerance_ns: int = 0) -> bool:
+        """The light was on at t_ns (an exposure instant), coming on at most tolerance_ns late."""
+        return self.lit and self.on_ns <= t_ns + tolerance_ns and t_ns < self.off_ns  # type: ignore[operator]
 
 
 class Lights(Protocol):
     lead_ns: int  # a pair's t0 must be at least this far ahead when its strobes are scheduled
+    tolerance_ns: int  # the latest an edge may fire (later ones are refused by the backend)
 
     def strobe(self, mode: str, t_on_ns: int, t_off_ns: int) -> Awaitable[StrobeResult]:
         """Light `mode` over [t_on_ns, t_off_ns) (host time); StrobeError if it cannot be scheduled."""
@@ -63,24 +65,26 @@ def done(result: StrobeResult) -> asyncio.Future[StrobeResult]:
 
 
 def check_pair(results: list[StrobeResult], t_backlit: int, t_toplit: int, t_dark: int,
-               exposures_known: bool = True) -> str | None:
+               exposures_known: bool = True, tolerance_ns: int = 0) -> str | None:
     """§2.2 audit of one pair's lighting: None if right, else what was wrong.
 
     `exposures_known`: the frames' timestamps are the exposure instants the
     lights were timed for (simulated or hardware-triggered cameras); a
     free-running camera's timestamps mark its own frame clock, so only the
-    strobes themselves are checked."""
+    strobes themselves are checked.  `tolerance_ns`: how late an edge the
+    lights' backend lets fire (its late limit; later ones it refuses) -- the
+    cost is that much less light at the start of the exposure."""
     by_mode = {r.mode: r for r in results}
     for mode, t in (("backlit", t_backlit), ("toplit", t_toplit)):
         r = by_mode.get(mode)
         if r is None or not r.lit:
             return f"{mode} strobe {r.status if r else 'missing'}"
-        if exposures_known and not r.covers(t):
+        if exposures_known and not r.covers(t, tolerance_ns):
             return f"{mode} strobe on [{r.on_ns}, {r.off_ns}) missed its exposure at {t}"
     for r in results:
-        if r.mode in ("backlit", "toplit") and r.off_ns is not None and r.off_ns > t_dark:
+        if r.mode in ("backlit", "toplit") and r.off_ns is not None and r.off_ns > t_dark + tolerance_ns:
             return f"{r.mode} strobe still on {(r.off_ns - t_dark) / 1e6:.2f} ms after t0 + lights_off_ms"
     back, top = by_mode["backlit"], by_mode["toplit"]
-    if back.off_ns is not None and back.off_ns > t_toplit:
+    if back.off_ns is not None and back.off_ns > t_toplit + tolerance_ns:
         return f"backlight still on at the toplit exposure ({(back.off_ns - t_toplit) / 1e3:.0f} us over)"
     return None

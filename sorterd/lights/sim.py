@@ -13,6 +13,7 @@ class SimLights:
     def __init__(self, cfg: SimLightsConfig) -> None:
         self.cfg = cfg
         self.lead_ns = int(cfg.lead_ms * 1e6)
+        self.tolerance_ns = 0  # simulated edges are exact
         # (mode, on_ns, off_ns); bounded: only recent history is kept for audit.
         self.history: deque[tuple[str, int, int]] = deque(maxlen=4096)
 

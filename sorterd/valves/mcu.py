@@ -73,13 +73,17 @@ class McuError(OSError):
 
 class McuValves:
     def __init__(self, cfg: Any, clock: Clock, port: str, *, truth: ClockTruth | None = None,
-                 on_close: list[Callable[[], None]] | None = None) -> None:
+                 on_close: list[Callable[[], None]] | None = None,
+                 extra_outputs: dict[str, tuple[int, float, bool]] | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.port = port
         self.truth = truth  # the simulator's true clock relation (sim only)
         self._on_close = list(on_close or [])
-        self._valves = list(JET_BINS)
+        # Output i of the controller: the valves first, then other timed outputs
+        # (strobes, the camera trigger) as name -> (pin, max_on_ms, active_low).
+        self._extra = dict(extra_outputs or {})
+        self._valves = list(JET_BINS) + list(self._extra)
         self._ser: Any = None
         self._fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,6 +99,7 @@ class McuValves:
         self._by_pulse: dict[Pulse, _InFlight] = {}
         self._results: dict[Pulse, PulseOutcome] = {}  # resolved before anyone awaited
         self.stats_ = ValveStats("mcu", state="closed")
+        self.strobe_stats = ValveStats("mcu strobes")  # the extra outputs' refusals
         self.identity: P.Identity | None = None
         self.controller_stats: P.Stats | None = None
         self._ms = 1_000_000
@@ -268,16 +273,20 @@ class McuValves:
         else:
             self.sync.reset()  # the controller may have restarted: its clock too
         self._set_state("config")
-        flags = 1 if self.cfg.active_low else 0
-        max_on = int(self.cfg.max_on_ms * 1e-3 * msg.freq_hz)
-        for i, valve in enumerate(self._valves):
-            self._send(P.ConfigOutput(i, int(self.cfg.pins[valve]), flags, max_on))
+        for i, name in enumerate(self._valves):
+            pin, max_on_ms, active_low = self._output(name)
+            self._send(P.ConfigOutput(i, pin, 1 if active_low else 0, int(max_on_ms * 1e-3 * msg.freq_hz)))
+
+    def _output(self, name: str) -> tuple[int, float, bool]:
+        if name in self._extra:
+            return self._extra[name]
+        return int(self.cfg.pins[name]), self.cfg.max_on_ms, self.cfg.active_low
 
     def _on_configured(self, msg: P.Configured, t: int) -> None:
         if msg.status != 0:
-            valve = self._valves[msg.output] if msg.output < len(self._valves) else msg.output
-            log.error("valve controller refused output %s (pin %s): %s", valve,
-                      self.cfg.pins.get(valve), P.CONFIG_STATUS.get(msg.status, msg.status))
+            name = self._valves[msg.output] if msg.output < len(self._valves) else None
+            log.error("valve controller refused output %s (pin %s): %s", name or msg.output,
+                      self._output(name)[0] if name else "?", P.CONFIG_STATUS.get(msg.status, msg.status))
             self._lost("output configuration refused")
             return
         self._configured.add(msg.output)
@@ -341,6 +350,9 @@ class McuValves:
         if inf is None or self.sync is None or not self.sync.ready:
             return
         on_ns, off_ns = self.sync.host_at(msg.on_clock), self.sync.host_at(msg.off_clock)
+        if inf.pulse.valve in self._extra:  # a strobe: its owner keeps its own figures
+            self._resolve(inf, PulseOutcome(inf.pulse, True, on_ns, off_ns, "fired"))
+            return
         self.stats_.fired(inf.pulse.start_ns, on_ns)
         self.stats_.fired(inf.pulse.end_ns, off_ns)
         if self.truth is not None:
@@ -355,10 +367,11 @@ class McuValves:
 
     def _on_refused(self, msg: P.Refused, t: int) -> None:
         reason = P.REFUSAL_REASONS.get(msg.reason, f"reason {msg.reason}")
-        self.stats_.refuse(f"controller: {reason}")
-        if msg.reason == 7:
-            self.stats_.late_at_fire += 1
         inf = self._by_id.get(msg.pulse_id)
+        stats = self.strobe_stats if inf is not None and inf.pulse.valve in self._extra else self.stats_
+        stats.refuse(f"controller: {reason}")
+        if msg.reason == 7:
+            stats.late_at_fire += 1
         if inf is not None:
             self._resolve(inf, PulseOutcome(inf.pulse, False, None, None, f"refused: controller: {reason}"))
 
@@ -482,9 +495,9 @@ class McuValves:
 
     # -- the Valves interface --------------------------------------------------
 
-    def _refuse(self, kind: str, detail: str = "") -> str:
+    def _refuse(self, kind: str, detail: str = "", stats: ValveStats | None = None) -> str:
         """Count a refusal under a fixed kind (a metric label); the text says more."""
-        self.stats_.refuse(kind)
+        (stats or self.stats_).refuse(kind)
         return f"refused: {kind}" + (f" ({detail})" if detail else "")
 
     def _not_ready(self, now: int) -> tuple[str, str] | None:
@@ -499,19 +512,20 @@ class McuValves:
 
     def schedule(self, pulse: Pulse) -> str | None:
         now = self.clock.now_ns()
+        stats = self.strobe_stats if pulse.valve in self._extra else self.stats_
         why = self._not_ready(now)
         if why:
-            return self._refuse(*why)
+            return self._refuse(*why, stats=stats)
         lead = pulse.start_ns - now
         if lead < self.cfg.min_lead_ms * self._ms:
-            return self._refuse("late", f"start {lead / 1e6:.2f} ms ahead, needs {self.cfg.min_lead_ms:.2f} ms")
+            return self._refuse("late", f"start {lead / 1e6:.2f} ms ahead, needs {self.cfg.min_lead_ms:.2f} ms", stats)
         assert self.sync is not None
         start = self.sync.clock_at(pulse.start_ns)
         pid = self._next_pulse_id
         self._next_pulse_id = (self._next_pulse_id + 1) & 0xFFFFFFFF or 1
         msg = P.Schedule(pid, self._valves.index(pulse.valve), start, max(1, self.sync.ticks(pulse.duration_ns)))
         if not self.link.send(msg.encode()):
-            return self._refuse("link congested")
+            return self._refuse("link congested", stats=stats)
         inf = _InFlight(pulse, pid, None)
         self._by_id[pid] = inf
         self._by_pulse[pulse] = inf
