@@ -1,8 +1,10 @@
 """Triggers: 'a stone is entering the imaging zone'.
 
-Backends (`[trigger] type`): `sim` (a break-beam in the simulated machine).
-Later: `beam` (GPIO edge) and `vision`.  Each event carries the host time of
-the edge itself, not of when Python noticed it.
+Backends (`[trigger] type`): `sim` (a break-beam in the simulated machine),
+`beam` (a break-beam sensor's edge on GPIO, kernel-timestamped with gpiod:
+`trigger/beam.py`), `vision` (backlit previews of the entry zone against the
+reference: `trigger/vision.py`), `replay` (a recorded session's pairs).  Each
+event carries the host time of the edge itself, not of when Python noticed it.
 """
 
 from __future__ import annotations
