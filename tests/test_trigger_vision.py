@@ -91,7 +91,7 @@ def test_one_trigger_per_stone_at_its_entry() -> None:
     stones = [(i * 80 * MS, 400.0, 2.0) for i in range(3)]
     ts, trig = triggers(stones, 300 * MS)
     assert len(ts) == 3
-    for (t_in, speed, d), t in zip(stones, ts, strict=True):
+    for (t_in, speed, _d), t in zip(stones, ts, strict=True):
         front_mm = (t - t_in) / 1e9 * speed
         assert 6.0 <= front_mm <= 6.0 + 0.4 + speed * 5e-3 + 1e-6  # seen within one preview (5 ms) of entering
     assert trig.previews >= 55

@@ -84,7 +84,7 @@ def check_pair(results: list[StrobeResult], t_backlit: int, t_toplit: int, t_dar
     for r in results:
         if r.mode in ("backlit", "toplit") and r.off_ns is not None and r.off_ns > t_dark + tolerance_ns:
             return f"{r.mode} strobe still on {(r.off_ns - t_dark) / 1e6:.2f} ms after t0 + lights_off_ms"
-    back, top = by_mode["backlit"], by_mode["toplit"]
+    back = by_mode["backlit"]
     if back.off_ns is not None and back.off_ns > t_toplit + tolerance_ns:
         return f"backlight still on at the toplit exposure ({(back.off_ns - t_toplit) / 1e3:.0f} us over)"
     return None

@@ -123,7 +123,7 @@ def mcu_outputs(cfg: Any) -> dict[str, tuple[int, float, bool]]:
 
 def open_gpio_lights(cfg: Any, clock: Clock, lib: Any = None) -> PulsedLights:
     """The strobe lines on a real-time thread of their own (lib: a stand-in, in tests)."""
-    from sorterd.valves.gpio import GpioValves, GpiodDriver, JetsonDriver
+    from sorterd.valves.gpio import GpiodDriver, GpioValves, JetsonDriver
 
     pins = dict(cfg.pins)
     if cfg.camera_pin >= 0:
