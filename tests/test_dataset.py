@@ -14,6 +14,7 @@ import pytest
 
 from sorterd import config
 from sorterd.dataset import (
+    Dataset,
     DatasetError,
     StoneLabel,
     dedupe,
@@ -27,7 +28,7 @@ from sorterd.segment import PairingLimits, crop_halves, segment_pair
 from sorterd.session import SessionReader
 from sorterd.sim.generate import GenerateOptions, generate
 from sorterd.sim.lots import LOTS
-from sorterd.train.splits import choose_test_lots, make_splits, read_splits, write_splits
+from sorterd.train.splits import Splits, choose_test_lots, make_splits, read_splits, write_splits
 
 SECTION_3_4 = {"stone_id", "color", "clarity", "lot_id", "session_id", "annotator", "timestamp",
                "uncertain", "mixed", "damaged", "reject", "notes"}
@@ -286,12 +287,17 @@ def test_explicit_test_lots_must_exist() -> None:
         make_splits(fake(50, "A") + fake(50, "B", 100), version="v001", test_lots=["Z"])
 
 
-def test_split_snapshot_round_trip(tmp_path: Path, generated: Path) -> None:
+def snapshot_of_a_copy(tmp_path: Path, generated: Path, version: str) -> tuple[Dataset, Splits, Path]:
+    """A copy of the generated dataset with one split snapshot written (seed 1)."""
     root = tmp_path / "ds"
     shutil.copytree(generated, root)
     ds = open_dataset(root)
-    s = make_splits(ds.labels, version="v007", seed=1)
-    folder = write_splits(ds, s)
+    s = make_splits(ds.labels, version=version, seed=1)
+    return ds, s, write_splits(ds, s)
+
+
+def test_split_snapshot_round_trip(tmp_path: Path, generated: Path) -> None:
+    ds, s, folder = snapshot_of_a_copy(tmp_path, generated, "v007")
     assert sorted(p.name for p in folder.iterdir()) == ["duplicates.txt", "split_info.json", "test.txt",
                                                          "train.txt", "val.txt"]
     back = read_splits(ds, "v007")
@@ -300,3 +306,20 @@ def test_split_snapshot_round_trip(tmp_path: Path, generated: Path) -> None:
         write_splits(ds, s)
     with pytest.raises(DatasetError, match="no split snapshot 'v008'; this dataset has v007"):
         read_splits(ds, "v008")
+
+
+def test_a_snapshot_that_leaks_between_splits_is_refused(tmp_path: Path, generated: Path) -> None:
+    """A hand-edited snapshot reused with --splits: a stone in two splits, or a held-out lot's stone in train."""
+    ds, s, folder = snapshot_of_a_copy(tmp_path, generated, "v001")
+    train, test = (folder / "train.txt").read_text(), (folder / "test.txt").read_text()
+    (folder / "train.txt").write_text(train + s.test[0] + "\n")  # a test stone, trained on too
+    n = len(s.train) + 1
+    with pytest.raises(DatasetError, match=rf"test\.txt:1: stone '{s.test[0]}' is also listed at .*train\.txt:{n}; "
+                                           "a stone belongs to one split"):
+        read_splits(ds, "v001")
+    (folder / "train.txt").write_text(train)
+    (folder / "test.txt").write_text(test.replace(s.test[0] + "\n", ""))  # moved: now in no split twice
+    (folder / "val.txt").write_text((folder / "val.txt").read_text() + s.test[0] + "\n")
+    with pytest.raises(DatasetError, match=rf"val\.txt:{len(s.val) + 1}: stone '{s.test[0]}' is of lot LOT-2026-006, "
+                                           r"which .*split_info\.json holds out whole for test \(§7\.4\)"):
+        read_splits(ds, "v001")

@@ -222,3 +222,39 @@ def test_report_is_a_page_with_embedded_plots(plain_stones: Path, tmp_path: Path
     assert page.count("data:image/png;base64,") >= 7 + 2  # the plots and gallery crops
     assert "§8.4 production readiness" in page and "Costliest mistakes" in page
     assert json.loads((tmp_path / "rep" / "metrics.json").read_text())["n_stones"] == 30
+
+
+def test_report_gallery_marks_a_confident_disagreement_once(plain_stones: Path) -> None:
+    from sorterd.train.report import _gallery
+
+    ds = open_dataset(plain_stones)
+    labels = [lab for lab in ds.labels if lab.classified and not lab.flags][:3]
+    pc = np.array([onehot((lab.color_index + 1) % 3, 0.99) for lab in labels])  # sure, and wrong
+    pk = np.array([onehot(lab.clarity_index, 0.99) for lab in labels])
+    rows = _gallery(evaluate(labels, [lab.size_mm for lab in labels], pc, pk, DCFG), ds)
+    assert len(rows) == 3
+    assert {r["flags"] for r in rows} == {"confident disagreement: re-check the label (§5.3)"}
+
+
+def test_evaluate_on_the_models_own_dataset_without_its_snapshot_does_not_offer_split_all(
+        plain_stones: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """All its stones are not new to it there: --split all would score it on its training stones."""
+    import shutil
+
+    from sorterd.cli import main
+    from sorterd.train.splits import make_splits, write_splits
+
+    root = tmp_path / "ds"
+    shutil.copytree(plain_stones, root)
+    ds = open_dataset(root)
+    write_splits(ds, make_splits(ds.labels, version="v001", seed=0))
+    bundle = tmp_path / "b"
+    shutil.copytree(resolve_bundle("default", None), bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["training"]["data"]["dir"] = str(root.resolve())
+    manifest["training"]["splits"] |= {"version": "v009", "dir": str((root / "splits" / "v009").resolve())}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(bundle), "--data", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "no split snapshot 'v009'; this dataset has v001" in err and "--split all" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +311,120 @@ def test_verify_onnx_detects_a_mismatch(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"differs from torch by"):
         verify_onnx(model, tmp_path / "model.onnx")
     assert math.isfinite(verify_onnx(trained_looking_model(), tmp_path / "model.onnx"))
+
+
+def test_averaged_model_keeps_batchnorm_statistics_without_recalibration() -> None:
+    """ema_epochs with bn_recalibration=0: the averaged model must not keep its initial BN statistics."""
+    cfg = TrainConfig(epochs_heads=0, epochs_full=1, batch_size=16, width_mult=0.5, seed=0, ema_epochs=1.0,
+                      bn_recalibration=0)
+    result = train(synthetic_stones(48, seed=0, size=64), synthetic_stones(16, seed=1, size=64), cfg)
+    norms = [m for m in result.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(int(m.num_batches_tracked) > 0 for m in norms)
+    assert not torch.allclose(norms[0].running_var, torch.ones_like(norms[0].running_var))
+
+
+# --------------------------------------------------------------------------- sorterd train (fit)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bundle_without_weights_hash(tmp_path: Path) -> Path:
+    """The shipped bundle, its manifest no longer pinning weights.pt (as a hand-made bundle's)."""
+    import shutil
+
+    bundle = tmp_path / "old"
+    shutil.copytree(REPO / "models" / "default", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["training"]["weights_sha256"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return bundle
+
+
+def test_fine_tuning_from_bad_weights_names_the_file(tmp_path: Path) -> None:
+    from sorterd.infer import ModelError
+    from sorterd.train.fit import _previous_bundle
+
+    bundle = bundle_without_weights_hash(tmp_path)
+    weights = bundle / "weights.pt"
+    weights.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match=rf"{re.escape(str(weights))}: not a weights file written by `sorterd train` "
+                                         r"\(UnpicklingError"):
+        _previous_bundle(bundle)
+    weights.write_bytes(b"")
+    with pytest.raises(ModelError, match=rf"{re.escape(str(weights))}: not a weights file .*\(EOFError: empty or truncated\)"):
+        _previous_bundle(bundle)
+    torch.save(MobileNetV3Small(width_mult=0.5).state_dict(), weights)  # another architecture
+    with pytest.raises(ModelError, match=rf"{re.escape(str(weights))}: does not fit the manifest's model \(width 1.0, "
+                                         r"stone_stats True\)"):
+        _previous_bundle(bundle)
+    torch.save([torch.zeros(3)], weights)
+    with pytest.raises(ModelError, match=rf"{re.escape(str(weights))}: holds a list, not a state dict of tensors"):
+        _previous_bundle(bundle)
+
+
+def small_dataset(root: Path) -> Path:
+    """Two simulated lots: 40 stones of LOT-2026-001, 16 of LOT-2026-006."""
+    from datetime import date
+
+    from sorterd import config
+    from sorterd.sim.generate import GenerateOptions, generate
+    from sorterd.sim.lots import LOTS
+
+    cfg = config.load(config.sim_config_path())
+    generate(cfg, GenerateOptions(root, 40, LOTS["thai-mixed"], seed=1, day=date(2026, 3, 2)))
+    generate(cfg, GenerateOptions(root, 16, LOTS["anakie-dark"], seed=2, day=date(2026, 3, 2)))
+    return root
+
+
+def test_fine_tuning_refuses_a_test_split_the_old_model_learnt_from(tmp_path: Path) -> None:
+    from sorterd.dataset import DatasetError, open_dataset
+    from sorterd.train.fit import _check_test_unseen, _Previous
+    from sorterd.train.splits import make_splits, write_splits
+
+    ds = open_dataset(small_dataset(tmp_path / "ds"))
+    old = make_splits(ds.labels, version="v001", seed=0)
+    assert old.test_lots == ["LOT-2026-006"]
+    folder = write_splits(ds, old)
+
+    def previous(data_dir: str) -> _Previous:
+        training = {"data": {"dir": data_dir, "lots": ["LOT-2026-001", "LOT-2026-006"]},
+                    "splits": {"dir": str(folder.resolve()), "lot_holdout": True, "test_lots": ["LOT-2026-006"]}}
+        return _Previous(tmp_path / "old", {"training": training}, {}, 1.0, True, [0.5] * 6, [0.2] * 6, 6.4)
+
+    here = str(ds.root.resolve())
+    _check_test_unseen(previous(here), ds, make_splits(ds.labels, version="v002", test_lots=["LOT-2026-006"]))
+    # The lot it trained on, held out "for test" now: its stones are in the old train and val lists.
+    with pytest.raises(DatasetError, match=r"old: was trained on 40 of the 40 test stones \(lots LOT-2026-001\); "
+                                           r".*optimistic \(§7\.4\)\. Hold out lots it never saw with --test-lots"):
+        _check_test_unseen(previous(here), ds, make_splits(ds.labels, version="v002", test_lots=["LOT-2026-001"]))
+    # Trained on another copy of the lots: refused by lot, the stones being unknown.
+    with pytest.raises(DatasetError, match=r"was trained on 40 of the 40 test stones \(lots LOT-2026-001\)"):
+        _check_test_unseen(previous("/elsewhere"), ds,
+                           make_splits(ds.labels, version="v002", test_lots=["LOT-2026-001"]))
+
+
+@pytest.mark.slow
+def test_a_reused_split_snapshot_is_the_one_the_bundle_records(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """--splits v001 for model v002: manifest and log name v001, so `sorterd evaluate` finds its test split."""
+    from sorterd.cli import main
+    from sorterd.dataset import open_dataset
+    from sorterd.train.fit import FitOptions, fit
+    from sorterd.train.splits import make_splits, write_splits
+
+    ds = open_dataset(small_dataset(tmp_path / "ds"))
+    write_splits(ds, make_splits(ds.labels, version="v001", seed=0))
+    cfg = TrainConfig(epochs_heads=1, epochs_full=1, batch_size=16, width_mult=0.25, threads=2)
+    out = tmp_path / "models" / "b"
+    outcome = fit(FitOptions(data=ds.root, out=out, version="v002", splits="v001", config=cfg), say=lambda s: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["version"] == "v002" and outcome.version == "v002"
+    assert manifest["training"]["splits"]["version"] == "v001"
+    assert Path(manifest["training"]["splits"]["dir"]) == (ds.root / "splits" / "v001").resolve()
+    log = [json.loads(line) for line in (tmp_path / "models" / "model_log.jsonl").read_text().splitlines()]
+    assert log[-1]["version"] == "v002" and log[-1]["splits"] == "v001"
+    assert sorted(p.name for p in (ds.root / "splits").iterdir()) == ["v001"]
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--data", str(ds.root)]) == 0
+    assert "[test split v001]" in capsys.readouterr().out

@@ -23,6 +23,7 @@ from sorterd.sim.stones import CLARITIES, COLORS, StoneSpec
 class Capture:
     backlit: np.ndarray
     toplit: np.ndarray
+    t_edge_ns: int  # the beam edge that triggered the pair
     t_backlit_ns: int
     t_toplit_ns: int
     found: list[tuple[Observation, StoneSpec]]  # single stones matched to the truth
@@ -34,11 +35,19 @@ def captures(cfg: Config, n_stones: int, seed: int) -> Iterator[tuple[SimMachine
 
     machine = SimMachine(replace(cfg, sim=replace(cfg.sim, seed=seed)))
     machine.world.feed(n_stones, 0)
+    refs = {m: machine.render_reference(m) for m in ("backlit", "toplit")}
+    for cap in machine_captures(machine, cfg, refs):
+        yield machine, cap
+
+
+def machine_captures(machine: SimMachine, cfg: Config, refs: dict[str, np.ndarray]) -> Iterator[Capture]:
+    """One frame pair per beam edge of the stones already fed to `machine`, as the machine
+    triggers, segmented against the empty-channel references `refs` by the daemon's own
+    segmentation; each single stone is in `found` of the first pair that sees it."""
     cam = cfg.camera
     dt = int(cfg.lights.pair_interval_ms * 1e6)
     lim = PairingLimits(cam.pixels_per_mm, dt / 1e9, cfg.geometry.speed_min_mm_s,
                         cfg.geometry.speed_max_mm_s, cfg.decision.max_size_mm * 1.6)
-    refs = {m: machine.render_reference(m) for m in ("backlit", "toplit")}
     seen: set[int] = set()
     for t_edge, _ in machine.world.beam_times(cfg.trigger.beam_x_mm):
         t0 = t_edge + int(cfg.trigger.latency_ms * 1e6)
@@ -50,10 +59,11 @@ def captures(cfg: Config, n_stones: int, seed: int) -> Iterator[tuple[SimMachine
             if stone is not None and not obs.cluster and stone.sim_id not in seen:
                 seen.add(stone.sim_id)
                 found.append((obs, stone))
-        yield machine, Capture(back, top, t0, t0 + dt, found)
+        yield Capture(back, top, t_edge, t0, t0 + dt, found)
 
 
 def _truth(machine: SimMachine, obs: Observation) -> StoneSpec | None:
+    """The fed stone whose centroid is within 1 mm of the observation."""
     best, best_d = None, 1.0
     for s, x, y in machine.world.placed_at(obs.t_ns):
         d = abs(x - obs.x_mm) + abs(y - obs.y_mm)

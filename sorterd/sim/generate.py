@@ -44,8 +44,9 @@ import numpy as np
 
 from sorterd import config
 from sorterd.dataset import DEFAULT_CROP_MM, LABELS_FILE, PROCESSED_META, DatasetError, read_labels
-from sorterd.segment import Observation, PairingLimits, crop_halves, segment_pair
+from sorterd.segment import Observation, crop_halves
 from sorterd.session import PairTimes, SessionMeta, SessionWriter, new_session_id, write_json, write_png
+from sorterd.sim.dataset import machine_captures
 from sorterd.sim.lots import NOMINAL_EXPOSURE_US, Lot, SessionDrift
 from sorterd.sim.machine import SimMachine
 from sorterd.sim.stones import StoneSpec
@@ -269,30 +270,7 @@ class _Capture:
 
 def _captures(machine: SimMachine, cfg: config.Config, refs: dict[str, np.ndarray]) -> Iterator[_Capture]:
     """One frame pair per beam edge, as the machine triggers; only pairs with a new stone."""
-    cam = cfg.camera
-    dt = int(cfg.lights.pair_interval_ms * 1e6)
-    lim = PairingLimits(cam.pixels_per_mm, dt / 1e9, cfg.geometry.speed_min_mm_s,
-                        cfg.geometry.speed_max_mm_s, cfg.decision.max_size_mm * 1.6)
-    seen: set[int] = set()
-    for t_edge, _ in machine.world.beam_times(cfg.trigger.beam_x_mm):
-        t0 = t_edge + int(cfg.trigger.latency_ms * 1e6)
-        back, top = machine.render("backlit", t0), machine.render("toplit", t0 + dt)
-        seg = segment_pair(back, top, refs["backlit"], refs["toplit"], t0 + dt, lim)
-        found = []
-        for obs in seg.observations:
-            stone = _truth(machine, obs)
-            if stone is not None and not obs.cluster and stone.sim_id not in seen:
-                seen.add(stone.sim_id)
-                found.append((obs, stone))
-        if found:
-            yield _Capture(back, top, PairTimes(t_edge, t0, t0 + dt), found)
-
-
-def _truth(machine: SimMachine, obs: Observation) -> StoneSpec | None:
-    """The fed stone whose centroid is within 1 mm of the observation."""
-    best, best_d = None, 1.0
-    for s, x, y in machine.world.placed_at(obs.t_ns):
-        d = abs(x - obs.x_mm) + abs(y - obs.y_mm)
-        if d < best_d:
-            best, best_d = s, d
-    return best
+    for cap in machine_captures(machine, cfg, refs):
+        if cap.found:
+            yield _Capture(cap.backlit, cap.toplit, PairTimes(cap.t_edge_ns, cap.t_backlit_ns, cap.t_toplit_ns),
+                           cap.found)

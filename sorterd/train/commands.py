@@ -21,6 +21,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from sorterd.cli import _positive_int
 from sorterd.configfile import ConfigError
 from sorterd.dataset import DatasetError
 from sorterd.infer import ModelError
@@ -37,13 +38,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 # -- parsers ------------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
-    return v
 
 
 def _non_negative_int(text: str) -> int:
@@ -332,10 +326,13 @@ def _evaluate_bundle(name: str, args: argparse.Namespace, stones: list[str] | No
         if not version:
             raise DatasetError(f"{bundle}: the model records no split snapshot; use --split all (stones it never "
                                "saw) or --splits vNNN")
-        if not (ds.root / "splits" / version).is_dir() and not args.splits:
-            trained_on = training.get("data", {}).get("dir", "another dataset")
-            raise DatasetError(f"{ds.root}: has no split snapshot {version} (the model was trained on {trained_on}); "
-                               "evaluate with --split all (every stone here is new to it) or --splits vNNN")
+        trained_on = (training.get("data") or {}).get("dir")
+        if not (ds.root / "splits" / version).is_dir() and not args.splits and trained_on != str(ds.root.resolve()):
+            # Another dataset: none of its stones was seen in training.  (On the model's own
+            # dataset a missing snapshot is not that: read_splits says which snapshots there are.)
+            raise DatasetError(f"{ds.root}: has no split snapshot {version} (the model was trained on "
+                               f"{trained_on or 'another dataset'}); evaluate with --split all (every stone here "
+                               "is new to it) or --splits vNNN")
         labels, desc = [by_id[s] for s in read_splits(ds, version).test], f"test split {version}"
         if not labels:
             raise DatasetError(f"{ds.root / 'splits' / version / 'test.txt'}: empty test split")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -68,6 +69,7 @@ from sorterd.train.trainer import (
     TrainData,
     TrainResult,
     fit_temperature,
+    load_state,
     predict_logits,
     train,
 )
@@ -136,6 +138,8 @@ def fit(opts: FitOptions, say: Say = print, on_step: StepHook | None = None) -> 
     crop_mm = _crop_mm(ds, opts, previous)
     splits = _splits(ds, opts, version, previous, say)
     try:
+        if previous is not None:
+            _check_test_unseen(previous, ds, splits)
         return _fit_with_splits(opts, ds, previous, version, crop_mm, splits, say, on_step, started)
     except BaseException:
         # No model came of this snapshot: take it back, so the version number is free again.
@@ -227,13 +231,66 @@ def _previous_bundle(path: Path | None) -> _Previous | None:
         raise ModelError(f"{weights}: sha256 does not match the manifest's training.weights_sha256")
     if tuple(m.size) != (INPUT_SIZE, INPUT_SIZE):
         raise ModelError(f"{path}: input size {list(m.size)}; this trainer exports {INPUT_SIZE}x{INPUT_SIZE}")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
     width = float(m.raw.get("training", {}).get("width_mult", 1.0))
     stats = bool(m.raw.get("training", {}).get("config", {}).get("stone_stats", False))
+    state = _load_weights(weights, width, stats)
     # The manifest's own numbers (float64), not Manifest.mean (float32): kept exactly.
     inp = m.raw["input"]
     return _Previous(path, m.raw, state, width, stats, [float(v) for v in inp["mean"]],
                      [float(v) for v in inp["std"]], m.crop_mm)
+
+
+def _load_weights(path: Path, width_mult: float, stone_stats: bool) -> dict[str, torch.Tensor]:
+    """weights.pt as a state dict that fits the manifest's architecture; errors name the file.
+
+    weights_only=True: tensors and plain containers only, never arbitrary pickled objects.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        # (torch's own advice in these messages -- weights_only=False -- would run the file's code)
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else "empty or truncated"
+        raise ModelError(f"{path}: not a weights file written by `sorterd train` "
+                         f"({type(exc).__name__}: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ModelError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    try:
+        load_state(MobileNetV3Small(width_mult=width_mult, stone_stats=stone_stats), state)
+    except ValueError as exc:
+        raise ModelError(f"{path}: does not fit the manifest's model (width {width_mult}, stone_stats "
+                         f"{stone_stats}): {str(exc).splitlines()[0][:300]}") from None
+    return state
+
+
+def _check_test_unseen(previous: _Previous, ds: Dataset, splits: Splits) -> None:
+    """Fine-tuning: the new test split must hold no stone the --from model trained or validated on (§7.4).
+
+    Stone by stone where the previous snapshot of this dataset is still there; lot by lot
+    where the new test set claims to be held-out lots (the previous model's training lots
+    are its data lots but its test lots).
+    """
+    training = previous.manifest.get("training", {})
+    data, old = training.get("data") or {}, training.get("splits") or {}
+    seen: set[str] = set()
+    if isinstance(data, dict) and isinstance(old, dict) and data.get("dir") == str(ds.root.resolve()) \
+            and old.get("dir"):
+        for name in ("train", "val"):
+            path = Path(old["dir"]) / f"{name}.txt"
+            if path.is_file():
+                seen |= set(path.read_text().split())
+    seen_lots: set[str] = set()
+    if splits.lot_holdout and isinstance(data, dict):
+        held = set(old.get("test_lots") or []) if isinstance(old, dict) and old.get("lot_holdout") else set()
+        seen_lots = set(data.get("lots") or []) - held
+    by_id = ds.by_id()
+    leaked = [s for s in splits.test if s in seen or by_id[s].lot_id in seen_lots]
+    if leaked:
+        lots = sorted({by_id[s].lot_id for s in leaked})
+        raise DatasetError(
+            f"{previous.path}: was trained on {len(leaked)} of the {len(splits.test)} test stones "
+            f"(lots {', '.join(lots)}); fine-tuned from it, the new model's test figures would be optimistic "
+            "(§7.4). Hold out lots it never saw with --test-lots, or train from scratch")
 
 
 def _crop_mm(ds: Dataset, opts: FitOptions, previous: _Previous | None) -> float:
@@ -269,9 +326,10 @@ def _version_number(name: str) -> int:
 
 def _splits(ds: Dataset, opts: FitOptions, version: str, previous: _Previous | None, say: Say) -> Splits:
     if opts.splits:
+        # Its own name stays: the manifest and the model log must point at the snapshot that exists.
         splits = read_splits(ds, opts.splits)
         say(f"splits: reusing {ds.root / 'splits' / opts.splits}")
-        return replace(splits, version=version)
+        return splits
     kept, dups = dedupe(ds, ds.labels)
     if dups:
         differ = sum(1 for d in dups if not d.labels_agree)

@@ -259,9 +259,10 @@ def _gallery(ev: Evaluation, ds: Dataset) -> list[dict[str, str]]:
         said = f"{('blue', 'light', 'inky')[int(ev.p_color[i].argmax())]} " \
                f"{('transparent', 'translucent', 'opaque')[int(ev.p_clarity[i].argmax())]}"
         label = "non-gem" if lab.reject else f"{lab.color} {lab.clarity}"
-        flags = ", ".join(sorted(lab.flags)) or "—"
+        flags = ", ".join(sorted(lab.flags))
         if conf >= RECHECK_CONFIDENCE and lab.classified:
-            flags += " · confident disagreement: re-check the label (§5.3)"
+            flags = " · ".join(f for f in (flags, "confident disagreement: re-check the label (§5.3)") if f)
+        flags = flags or "—"
         out.append({"id": lab.stone_id, "lot": lab.lot_id, "label": label, "said": said,
                     "bins": f"{ev.true_bin[i]} → {ev.decided_bin[i]}", "cost": str(cost), "conf": f"{conf:.2f}",
                     "flags": flags, "notes": lab.notes, "backlit": thumbs[0], "toplit": thumbs[1]})

@@ -210,19 +210,34 @@ def read_splits(ds: Dataset, version: str) -> Splits:
         raise DatasetError(f"{folder}: no split snapshot {version!r}"
                            + (f"; this dataset has {', '.join(have)}" if have else ""))
     known = ds.by_id()
-    lists = {name: _read_ids(folder / f"{name}.txt", known) for name in SPLIT_NAMES}
+    where: dict[str, str] = {}
+    lists = {name: _read_ids(folder / f"{name}.txt", known, where) for name in SPLIT_NAMES}
     info: dict[str, Any] = {}
     if (folder / INFO_FILE).exists():
         try:
             info = json.loads((folder / INFO_FILE).read_text())
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{folder / INFO_FILE}: not valid JSON ({exc})") from None
+    _check_lot_holdout(lists, known, info, where, folder / INFO_FILE)
     return Splits(version=version, train=lists["train"], val=lists["val"], test=lists["test"],
                   test_lots=list(info.get("test_lots", [])), lot_holdout=bool(info.get("lot_holdout", False)),
                   seed=int(info.get("seed", 0)), info=info)
 
 
-def _read_ids(path: Path, known: dict[str, StoneLabel]) -> list[str]:
+def _check_lot_holdout(lists: dict[str, list[str]], known: dict[str, StoneLabel], info: dict[str, Any],
+                       where: dict[str, str], info_path: Path) -> None:
+    """A snapshot that holds out whole lots has no stone of a test lot in train or val (§7.4)."""
+    test_lots = set(info.get("test_lots") or []) if info.get("lot_holdout") else set()
+    for name in ("train", "val"):
+        for sid in lists[name]:
+            if known[sid].lot_id in test_lots:
+                raise DatasetError(f"{where[sid]}: stone {sid!r} is of lot {known[sid].lot_id}, which {info_path} "
+                                   "holds out whole for test (§7.4)")
+
+
+def _read_ids(path: Path, known: dict[str, StoneLabel], where: dict[str, str]) -> list[str]:
+    """One split file's ids; `where` (stone -> 'FILE:LINE', shared by the three files) refuses a
+    stone listed twice, in one split or in two."""
     if not path.exists():
         raise DatasetError(f"{path}: missing")
     ids = []
@@ -232,5 +247,9 @@ def _read_ids(path: Path, known: dict[str, StoneLabel]) -> list[str]:
             continue
         if sid not in known:
             raise DatasetError(f"{path}:{lineno}: stone {sid!r} is not in labels.jsonl")
+        if sid in where:
+            raise DatasetError(f"{path}:{lineno}: stone {sid!r} is also listed at {where[sid]}; "
+                               "a stone belongs to one split, once")
+        where[sid] = f"{path}:{lineno}"
         ids.append(sid)
     return ids

@@ -637,8 +637,11 @@ def _start_run(
 def _update_ema(run: _Run) -> None:
     """ema = d * ema + (1 - d) * weights, d ramping up over the first steps (no stale start).
 
-    Parameters only: BatchNorm statistics of the averaged model are
-    recomputed before each validation (`_recalibrate`).
+    Parameters are averaged; buffers (BatchNorm statistics) follow the live
+    model's, and with ``bn_recalibration`` are recomputed for the averaged
+    weights before each validation (`_recalibrate`).  Without that copy, and
+    with recalibration off, the averaged model kept its initial statistics
+    (mean 0, variance 1) and sat at chance in eval mode.
     """
     if run.ema is None:
         return
@@ -647,6 +650,8 @@ def _update_ema(run: _Run) -> None:
     with torch.no_grad():
         for avg, live in zip(run.ema.parameters(), run.model.parameters(), strict=True):
             avg.mul_(d).add_(live.detach(), alpha=1.0 - d)
+        for avg_buf, live_buf in zip(run.ema.buffers(), run.model.buffers(), strict=True):
+            avg_buf.copy_(live_buf)
 
 
 def _judged(run: _Run) -> MobileNetV3Small:
