@@ -12,16 +12,22 @@ Steps (§2.4, §8.4):
   white balance    gray card under the ring light -> WB matrix; dE > 3 vs baseline warns
   scale            a target of known size -> px/mm; > 2 % off the configured scale fails
   reference stones the kit through segmentation + model: < 90 % agreement fails
-  valve timing     test stones, pulses swept around the plan: each valve's delay measured
-                   and corrected in the profile
+  valve timing     test stones, pulses shifted around the plan: each valve's hit window
+                   bracketed and bisected (one dropped stone per probe), its delay
+                   measured and corrected in the profile
 
 The hardware actions go through a `Rig`.  `SimRig` drives the simulated
-machine (with its injected faults); a real rig needs the capture, strobe and
-controller backends of the machine.
+machine (with its injected faults); `sorterd.rig.MachineRig` drives a real one
+through its camera, strobe, trigger and valve backends.  A real machine needs
+a person for the gray card, the target, the reference kit and the valve test
+stones (`needs_operator`): a non-interactive session skips those steps, and a
+skipped required step means the profile does not pass.  Before a machine has
+a stored baseline (`sorterd calibrate --set-baseline`), the drift steps warn.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -45,6 +51,9 @@ SCALE_ERROR_MAX = 0.02
 AGREEMENT_MIN = 0.90  # §8.4 item 6
 VALVE_SWEEP_MS = 8.0
 VALVE_STEP_MS = 0.25
+VALVE_COARSE_MS = 2.0  # first probes at 0, +-2, +-4, ... ms until one hits
+OPTIONAL_STEPS = ("warm-up",)  # a skipped step other than these fails the profile
+NO_BASELINE = "no baseline yet: run `sorterd calibrate --set-baseline` on a healthy machine"
 
 
 @dataclass
@@ -95,7 +104,7 @@ class Rig(Protocol):
     def target(self) -> tuple[np.ndarray, np.ndarray, float]: ...  # backlit image, reference, diameter mm
     def reference_stones(self) -> list[tuple[np.ndarray, np.ndarray, str, str]]: ...
     def valve_hit(self, bin_name: str, latency_ms: float, offset_ms: float) -> bool: ...
-    def baseline(self) -> Baseline: ...
+    def baseline(self) -> Baseline | None: ...  # None: none stored yet (the drift steps warn)
 
 
 # -- measurements ---------------------------------------------------------------
@@ -123,6 +132,54 @@ def wb_matrix(gray_bgr: np.ndarray) -> list[list[float]]:
     return [[g / r, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, g / b]]  # R, G, B rows (§2.4 example order)
 
 
+def find_hit_window(probe: Callable[[float], bool], span_ms: float = VALVE_SWEEP_MS,
+                    step_ms: float = VALVE_STEP_MS, coarse_ms: float = VALVE_COARSE_MS
+                    ) -> tuple[tuple[float, float] | None, int]:
+    """The offsets (ms, on the step grid within +-span) where `probe` hits: (first, last), and
+    the number of probes it took; (None, n) when no coarse probe hit.
+
+    On a real machine every probe is a dropped stone, so the window is not swept:
+    offset 0 first, then +-coarse, +-2 coarse, ... until one hits; from there each
+    edge is bracketed (steps of `coarse` outwards until a miss or the span's end)
+    and bisected down to one grid step.  For a contiguous window (what a valve
+    gives) the edges are exactly those of a full sweep of the grid.
+    """
+    n = int(round(span_ms / step_ms))
+    c = max(1, int(round(coarse_ms / step_ms)))
+    seen: dict[int, bool] = {}
+
+    def hit(k: int) -> bool:
+        if k not in seen:
+            seen[k] = bool(probe(k * step_ms))
+        return seen[k]
+
+    order = [0] + [s * k for k in range(c, n + 1, c) for s in (1, -1)]
+    first = next((k for k in order if hit(k)), None)
+    if first is None:
+        return None, len(seen)
+
+    def edge(direction: int) -> int:
+        inside = first
+        while True:
+            nxt = max(-n, min(n, inside + direction * c))
+            if nxt == inside:  # hits up to the end of the span
+                return inside
+            if not hit(nxt):
+                break
+            inside = nxt
+        outside = nxt
+        while abs(outside - inside) > 1:
+            mid = (inside + outside) // 2
+            if hit(mid):
+                inside = mid
+            else:
+                outside = mid
+        return inside
+
+    lo, hi = edge(-1), edge(+1)
+    return (lo * step_ms, hi * step_ms), len(seen)
+
+
 def target_diameter_px(image: np.ndarray, reference: np.ndarray) -> float:
     """Equivalent-circle diameter of the largest object (the target disc)."""
     blobs = find_blobs(image, reference)
@@ -140,6 +197,8 @@ class Session:
         self.rig = rig
         self.out = out
         self.ask = ask  # None = non-interactive
+        # A real machine's gray card, target, kit and test stones need a person.
+        self.unattended = ask is None and bool(getattr(rig, "needs_operator", False))
         self.results: list[StepResult] = []
 
     def say(self, text: str) -> None:
@@ -154,6 +213,10 @@ class Session:
         mark = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "skip": "skip"}[r.status]
         self.say(f"  [{mark}] {r.name}: {r.message}")
         return r
+
+    def needs_operator(self, name: str, what: str) -> None:
+        self.record(StepResult(name, "skip", {}, f"needs an operator ({what}): not done in a non-interactive "
+                                                 "run (--yes), so the profile does not pass"))
 
     def warm_up(self, seconds: float) -> None:
         if seconds <= 0:
@@ -181,21 +244,31 @@ class Session:
         self.record(StepResult("reference frames", "pass", {"size": list(refs["backlit"].shape[:2])},
                                "empty channel captured in both modes (segmentation background)"))
         intensity = self.backlight(refs["backlit"], base)
-        self.prompt("Place the gray card / ColorChecker under the ring light. Press Enter.")
-        matrix = self.white_balance(base)
-        self.prompt("Place the calibration target (a disc of known size) in the channel. Press Enter.")
-        ppm = self.scale()
-        self.prompt("Feed the reference stone kit. Press Enter.")
-        self.reference_stones(model, ppm)
-        self.prompt("Drop the valve test stones. Press Enter.")
+        if self.unattended:
+            matrix = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+            self.needs_operator("white balance", "the gray card under the ring light")
+            ppm = float(self.cfg.camera.pixels_per_mm)
+            self.needs_operator("scale", "the calibration target in the channel")
+            self.needs_operator("reference stones", "feeding the reference stone kit")
+        else:
+            self.prompt("Place the gray card / ColorChecker under the ring light. Press Enter.")
+            matrix = self.white_balance(base)
+            self.prompt("Place the calibration target (a disc of known size) in the channel. Press Enter.")
+            ppm = self.scale()
+            self.prompt("Feed the reference stone kit. Press Enter.")
+            self.reference_stones(model, ppm)
+            self.prompt("Drop the valve test stones. Press Enter.")
         latency = self.valves()
-        passed = all(r.status != "fail" for r in self.results)
+        passed = all(r.status != "fail" and (r.status != "skip" or r.name in OPTIONAL_STEPS) for r in self.results)
         profile = Profile(date.today().isoformat(), self.cfg.machine.name, passed, ppm, matrix, intensity,
                           latency, "", self.results)
         return profile, refs
 
-    def backlight(self, backlit_ref: np.ndarray, base: Baseline) -> float:
+    def backlight(self, backlit_ref: np.ndarray, base: Baseline | None) -> float:
         level = float(centre_mean(backlit_ref).mean())
+        if base is None:
+            self.record(StepResult("backlight", "warn", {"intensity": round(level, 1), "baseline": None}, NO_BASELINE))
+            return level
         drift = level / base.backlight_intensity - 1.0
         m = {"intensity": round(level, 1), "baseline": round(base.backlight_intensity, 1), "drift": round(drift, 4)}
         if abs(drift) > BACKLIGHT_DRIFT_MAX:
@@ -206,10 +279,14 @@ class Session:
             self.record(StepResult("backlight", "pass", m, f"{level:.1f} DN, {drift:+.1%} vs baseline"))
         return level
 
-    def white_balance(self, base: Baseline) -> list[list[float]]:
+    def white_balance(self, base: Baseline | None) -> list[list[float]]:
         gray = centre_mean(self.rig.gray_card())
-        de = delta_e(gray, np.asarray(base.gray_bgr))
         matrix = wb_matrix(gray)
+        if base is None:
+            self.record(StepResult("white balance", "warn", {"gray_bgr": [round(float(v), 1) for v in gray],
+                                                             "delta_e": None, "matrix": matrix}, NO_BASELINE))
+            return matrix
+        de = delta_e(gray, np.asarray(base.gray_bgr))
         m = {"gray_bgr": [round(float(v), 1) for v in gray], "delta_e": round(de, 2), "matrix": matrix}
         if de > DELTA_E_WARN:
             self.record(StepResult("white balance", "warn", m,
@@ -265,17 +342,21 @@ class Session:
         latency = dict(self.cfg.ejection.opening_latency_ms)
         measured = {}
         for b in JET_BINS:
-            offsets = np.arange(-VALVE_SWEEP_MS, VALVE_SWEEP_MS + 1e-9, VALVE_STEP_MS)
-            hits = [float(o) for o in offsets if self.rig.valve_hit(b, latency[b], float(o))]
-            if not hits:
-                self.record(StepResult(f"valve {b}", "fail", {"latency_ms": latency[b]},
+            if self.unattended:
+                self.needs_operator(f"valve {b}", "dropping test stones and saying where they landed")
+                continue
+            window, probes = find_hit_window(functools.partial(self.rig.valve_hit, b, latency[b]))
+            if window is None:
+                self.record(StepResult(f"valve {b}", "fail", {"latency_ms": latency[b], "probes": probes},
                                        f"no test stone deflected within ±{VALVE_SWEEP_MS} ms of the plan: check air "
                                        "pressure, the valve driver and the nozzle aim"))
                 continue
             # The hit window is centred on perfect timing; its centre's offset is the latency error.
-            error = (hits[0] + hits[-1]) / 2.0
+            first, last = window
+            error = (first + last) / 2.0
             measured[b] = latency[b] - error
-            m = {"configured_ms": latency[b], "measured_ms": round(measured[b], 2), "hit_window_ms": [hits[0], hits[-1]]}
+            m = {"configured_ms": latency[b], "measured_ms": round(measured[b], 2), "hit_window_ms": [first, last],
+                 "probes": probes}
             if abs(error) > 0.5:
                 self.record(StepResult(f"valve {b}", "pass", m, f"opens {-error:+.2f} ms vs configured: corrected "
                                        f"to {measured[b]:.2f} ms in the profile"))
@@ -304,12 +385,45 @@ def save_profile(root: Path, profile: Profile, refs: dict[str, np.ndarray], meta
     return d
 
 
+def baseline_path(root: Path, machine: str) -> Path:
+    return profile_dir(root, machine) / "baseline.json"
+
+
+def load_baseline(root: Path, machine: str) -> Baseline | None:
+    """<dir>/<machine>/baseline.json, or None before the machine has one."""
+    path = baseline_path(root, machine)
+    if not path.exists():
+        return None
+    try:
+        return Baseline(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not a calibration baseline ({exc}); fix it, or delete it and run "
+                         "`sorterd calibrate --set-baseline` on a healthy machine") from exc
+
+
+def baseline_from(profile: Profile) -> Baseline:
+    """A passing profile's measurements as the machine's baseline."""
+    wb = next((s for s in profile.steps if s.name == "white balance" and s.status != "skip"), None)
+    if not profile.passed or wb is None:
+        raise ValueError("only a passing calibration with a white-balance measurement can become the baseline")
+    return Baseline(round(profile.backlight_intensity, 2), [float(v) for v in wb.measured["gray_bgr"]],
+                    float(profile.pixels_per_mm))
+
+
+def save_baseline(root: Path, machine: str, base: Baseline) -> Path:
+    """Store what a healthy machine measures: later sessions' drift is measured against it."""
+    path = baseline_path(root, machine)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, asdict(base))
+    return path
+
+
 def todays_profile(root: Path, machine: str) -> Profile | None:
     path = profile_dir(root, machine) / date.today().isoformat() / "profile.json"
     return Profile.load(path) if path.exists() else None
 
 
-def session_meta(profile: Profile, steps: list[StepResult], base: Baseline, cfg: Config) -> SessionMeta:
+def session_meta(profile: Profile, steps: list[StepResult], base: Baseline | None, cfg: Config) -> SessionMeta:
     now = datetime.now().astimezone().isoformat(timespec="seconds")
     return SessionMeta(
         session_id=f"{profile.date}_cal", timestamp_start=now,
@@ -352,11 +466,13 @@ class CalibrationRefused(RuntimeError):
 
 
 def run_session(cfg: Config, rig: Rig, model: Any, out: TextIO, interactive: bool, warmup_s: float
-                ) -> tuple[Profile, dict[str, np.ndarray], Baseline]:
+                ) -> tuple[Profile, dict[str, np.ndarray], Baseline | None]:
     session = Session(cfg, rig, out, interactive_ask if interactive else None)
     profile, refs = session.run(model, warmup_s)
     verdict = "PASSED" if profile.passed else "FAILED"
-    session.say(f"calibration {verdict} ({sum(r.status == 'warn' for r in session.results)} warnings)")
+    skipped = sum(r.status == "skip" and r.name not in OPTIONAL_STEPS for r in session.results)
+    extra = f", {skipped} required steps skipped" if skipped else ""
+    session.say(f"calibration {verdict} ({sum(r.status == 'warn' for r in session.results)} warnings{extra})")
     return profile, refs, rig.baseline()
 
 

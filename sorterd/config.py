@@ -482,6 +482,9 @@ class CalibrationConfig:
     dir: str = opt("calibration", "Where `sorterd calibrate` keeps profiles (<dir>/<machine>/<date>/); relative to the working directory.")
     required: bool = opt(True, "Refuse to sort without a passing calibration of the current day (override: run --uncalibrated, logged).")
     warmup_s: float = opt(300.0, "Light warm-up before measuring (§2.4: 5 minutes); 0 = skip.", minval=0.0, maxval=3600.0)
+    target_diameter_mm: float = opt(4.0, "Diameter of the calibration target's disc (the scale step measures px/mm on it).",
+                                    minval=0.5, maxval=50.0)
+    kit: str = opt("", "JSON-lines file of the reference stone kit's labels, in feeding order (real machines).")
 
 
 @dataclass(frozen=True)

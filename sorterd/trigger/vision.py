@@ -60,15 +60,15 @@ class VisionTrigger:
         self._end_ns: int | None = None
         self.period_ns = int(1e9 / cfg.preview_hz)
         self.strobe_ns = int(cfg.strobe_ms * 1e6)
-        ppm = float(camera.pixels_per_mm)
-        ref = camera.reference("backlit")
-        width = ref.shape[1]
-        self.x0 = min(width - 1, int(round(cfg.zone_from_mm * ppm)))
-        self.x1 = min(width, max(self.x0 + 1, int(round(cfg.zone_to_mm * ppm))))
-        if cfg.zone_from_mm * ppm >= width:
-            raise ValueError(f"trigger.zone_from_mm = {cfg.zone_from_mm} is outside the camera's view "
-                             f"({width / ppm:.1f} mm wide at {ppm} px/mm)")
-        self._ref = self._band(ref).astype(np.int16)
+        self.ppm = ppm = float(camera.pixels_per_mm)
+        self.x0, self.x1 = 0, 1
+        self._ref: np.ndarray | None = None
+        try:
+            self.set_reference(camera.reference("backlit"))
+        except CameraError:
+            # No empty-channel frame yet (a real camera before today's calibration has taken
+            # one): `sorterd calibrate` hands it over with set_reference() once it has it.
+            log.info("vision trigger: waiting for a backlit reference frame")
         px_per_mm = ppm / cfg.downscale
         self.min_px = max(1, int(round(cfg.min_area_mm2 * px_per_mm * px_per_mm)))
         self.max_px_per_ns = max_speed_mm_s * px_per_mm / 1e9  # top speed in preview columns
@@ -79,6 +79,17 @@ class VisionTrigger:
         self.triggers = 0
         self.preview_failures = 0
         self.reopens = 0
+
+    def set_reference(self, backlit: np.ndarray) -> None:
+        """The empty channel under the backlight: what 'nothing there' looks like."""
+        width, cfg = backlit.shape[1], self.cfg
+        if cfg.zone_from_mm * self.ppm >= width:
+            raise ValueError(f"trigger.zone_from_mm = {cfg.zone_from_mm} is outside the camera's view "
+                             f"({width / self.ppm:.1f} mm wide at {self.ppm} px/mm)")
+        self.x0 = min(width - 1, int(round(cfg.zone_from_mm * self.ppm)))
+        self.x1 = min(width, max(self.x0 + 1, int(round(cfg.zone_to_mm * self.ppm))))
+        self._ref = self._band(backlit).astype(np.int16)
+        self._known = []
 
     def _band(self, image: np.ndarray) -> np.ndarray:
         band = image[:, self.x0:self.x1]
@@ -93,6 +104,9 @@ class VisionTrigger:
         return int(np.count_nonzero(self._mask(image)))
 
     def _mask(self, image: np.ndarray) -> np.ndarray:
+        if self._ref is None:
+            raise CameraError("the vision trigger has no backlit reference frame: set camera.reference_dir "
+                              "or run `sorterd calibrate` first")
         diff = np.abs(self._band(image).astype(np.int16) - self._ref).max(axis=2)
         return diff > self.cfg.threshold_dn
 
@@ -131,6 +145,8 @@ class VisionTrigger:
     async def next(self) -> TriggerEvent | None:
         if self._end_ns is None and self._stop_at is not None:
             self._end_ns = self._stop_at()
+        if self._ref is None:
+            self.set_reference(self.camera.reference("backlit"))  # CameraError: still none
         while not self._closed:
             now = self.clock.now_ns()
             if self._end_ns is not None and now >= self._end_ns:
