@@ -146,3 +146,20 @@ def test_replay_camera_needs_a_session(tmp_path: Path) -> None:
 def test_opencv_camera_needs_a_real_trigger(tmp_path: Path) -> None:
     [msg] = problems_of(tmp_path, '[camera]\ntype = "opencv"\nsource = "/dev/video0"\n')
     assert msg.startswith("camera.type = 'opencv' with trigger.type = 'sim': a real camera needs a real trigger")
+
+
+def test_example_machine_config_is_valid() -> None:
+    from tests.conftest import REPO
+
+    cfg = config.load(REPO / "sorterd" / "configs" / "machine.toml")
+    assert (cfg.camera.type, cfg.lights.type, cfg.trigger.type, cfg.valves.type) == ("opencv", "mcu", "beam", "mcu")
+    assert not cfg.offline  # real hardware: the wall clock
+
+
+def test_hardware_triggered_camera_needs_a_camera_pin() -> None:
+    from tests.conftest import REPO
+
+    with pytest.raises(config.ConfigError, match="camera.trigger = 'hardware' needs a strobe backend"):
+        config.load(REPO / "sorterd" / "configs" / "machine.toml", {"lights": {"camera_pin": -1}})
+    with pytest.raises(config.ConfigError, match="a real camera needs a real trigger"):
+        config.load(REPO / "sorterd" / "configs" / "machine.toml", {"trigger": {"type": "sim"}})
