@@ -122,6 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sorterd import config
     from sorterd.app import RunOptions, run
     from sorterd.calibrate import CalibrationRefused
+    from sorterd.camera import CameraError
     from sorterd.infer import ModelError
     from sorterd.session import SessionError
 
@@ -152,8 +153,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except CalibrationRefused as exc:
         print(f"sorterd: refusing to sort: {exc}", file=sys.stderr)
         return 5
-    except OSError as exc:
-        print(f"sorterd: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # found only once the hardware is open (e.g. the trigger zone vs the view)
+        print(exc.report(), file=sys.stderr)
+        return 2
+    except (OSError, CameraError) as exc:
+        print(f"sorterd: cannot run the machine: {exc}", file=sys.stderr)
         return 4
     return 0
 

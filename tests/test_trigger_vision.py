@@ -119,7 +119,7 @@ def test_camera_lost_during_previews_is_reopened_and_previews_resume() -> None:
 
 
 def test_zone_outside_the_view_is_refused() -> None:
-    with pytest.raises(ValueError, match="outside the camera's view"):
+    with pytest.raises(config.ConfigError, match="outside the camera's view"):
         triggers([], 10 * MS, zone_from_mm=40.0, zone_to_mm=45.0)
     with pytest.raises(config.ConfigError, match="zone_to_mm = 5.0 must be above"):
         config.load(config.sim_config_path(), {"trigger": {"type": "vision", "zone_to_mm": 5.0}})

@@ -40,6 +40,7 @@ import numpy as np
 
 from sorterd.camera import CameraError, camera_lock
 from sorterd.clock import Clock
+from sorterd.configfile import ConfigError
 from sorterd.lights import StrobeError
 from sorterd.trigger import TriggerEvent
 
@@ -84,8 +85,8 @@ class VisionTrigger:
         """The empty channel under the backlight: what 'nothing there' looks like."""
         width, cfg = backlit.shape[1], self.cfg
         if cfg.zone_from_mm * self.ppm >= width:
-            raise ValueError(f"trigger.zone_from_mm = {cfg.zone_from_mm} is outside the camera's view "
-                             f"({width / self.ppm:.1f} mm wide at {self.ppm} px/mm)")
+            raise ConfigError([f"trigger.zone_from_mm = {cfg.zone_from_mm} is outside the camera's view "
+                               f"({width / self.ppm:.1f} mm wide at {self.ppm} px/mm)"])
         self.x0 = min(width - 1, int(round(cfg.zone_from_mm * self.ppm)))
         self.x1 = min(width, max(self.x0 + 1, int(round(cfg.zone_to_mm * self.ppm))))
         self._ref = self._band(backlit).astype(np.int16)
