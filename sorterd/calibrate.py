@@ -180,12 +180,45 @@ def find_hit_window(probe: Callable[[float], bool], span_ms: float = VALVE_SWEEP
     return (lo * step_ms, hi * step_ms), len(seen)
 
 
+TARGET_RING_PX = 8  # the target's edge light loss is summed this far outside its mask
+
+
 def target_diameter_px(image: np.ndarray, reference: np.ndarray) -> float:
-    """Equivalent-circle diameter of the largest object (the target disc)."""
+    """Equivalent-circle diameter of the largest object (the opaque target disc on the backlight).
+
+    Not the thresholded mask's area (its contour runs through the edge pixels'
+    centres, and a defocused edge moves wherever the threshold cuts it: +5 % at
+    a 2 px blur) but the light the disc takes away: each pixel's drop below the
+    reference, as a fraction of the full drop inside the disc, summed over the
+    disc and a ring around it.  Edge blur only spreads that sum out, so the
+    area is right to a few hundredths of a pixel whatever the focus.
+    """
     blobs = find_blobs(image, reference)
     if not blobs:
         raise RuntimeError("no target found in the frame")
-    return 2.0 * math.sqrt(max(b.area for b in blobs) / math.pi)
+    disc = max(blobs, key=lambda b: b.area)
+    pad = TARGET_RING_PX
+    x, y, w, h = disc.bbox
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = max(0, x - pad), max(0, y - pad), min(width, x + w + pad), min(height, y + h + pad)
+    mask = np.zeros((height, width), np.uint8)
+    cv2.drawContours(mask, [disc.contour], -1, 255, -1)
+    mask = mask[y0:y1, x0:x1]
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pad + 1, 2 * pad + 1))
+    ring = cv2.dilate(mask, kernel) > 0
+    # The full drop is read in the inner half of the disc, far from any blurred edge.
+    inner = max(pad, int(math.sqrt(disc.area / math.pi) / 2))
+    core = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * inner + 1, 2 * inner + 1))) > 0
+    if not core.any():  # a disc smaller than the ring: its centre pixels are still fully dark
+        small = cv2.erode(mask, np.ones((3, 3), np.uint8)) > 0
+        core = small if small.any() else mask > 0
+    gray = [cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)[y0:y1, x0:x1].astype(np.float32) for f in (reference, image)]
+    drop = gray[0] - gray[1]
+    full = float(drop[core].mean())  # (a median of integer levels would be off by up to half a level)
+    if full <= 0:
+        raise RuntimeError("the target is not darker than the empty channel: an opaque disc on the backlight is needed")
+    area = float(drop[ring].sum()) / full
+    return 2.0 * math.sqrt(max(area, 0.0) / math.pi)
 
 
 # -- the session ----------------------------------------------------------------
