@@ -181,8 +181,9 @@ def test_strobes_on_the_controller_firmware(tmp_path: Path) -> None:
     assert s["stones_seen"] >= 55
     assert s["strobe_error_us"]["p50"] is not None and s["strobe_error_us"]["p50"] < 500
     rows = read_rows(Path(s["batch_dir"]) / "stones.db")
-    lit = [r for r in rows if r["backlit_on_ns"] is not None]
-    assert len(lit) >= 50
+    # Pairs that passed the audit (a faulted pair may have one strobe's edges and not the other's).
+    lit = [r for r in rows if not r["reason"].startswith("lighting")]
+    assert len(lit) >= 50 and all(r["backlit_on_ns"] is not None and r["toplit_off_ns"] is not None for r in lit)
     # The controller's reported edges (through the clock sync) bracket the exposures.
     assert all(abs(r["backlit_on_ns"] - r["t_backlit_ns"]) < 1 * MS for r in lit)
     assert all(r["toplit_off_ns"] - r["backlit_on_ns"] == pytest.approx(20 * MS, abs=1 * MS) for r in lit)
