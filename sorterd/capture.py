@@ -9,6 +9,7 @@ lights' reports; `lighting_fault` audits them once they are in.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 from sorterd.camera import FramePair, camera_lock
@@ -21,37 +22,36 @@ CONFIRM_GRACE_NS = 30_000_000
 SWITCH_GAP_NS = 100_000  # backlight off this long before the ring light comes on
 
 
+def strobe_pair(lights: Any, t0: int, pair_interval_ns: int, lights_off_ns: int) -> list[Awaitable[StrobeResult]]:
+    """Schedule one pair's strobes from t0 (StrobeError if the lights refuse one)."""
+    t1 = t0 + pair_interval_ns
+    # The backlight goes off a little before the ring light comes on: LED drivers take
+    # microseconds to switch, and the toplit frame must see no backlight at all.
+    return [lights.strobe("backlit", t0, t1 - SWITCH_GAP_NS), lights.strobe("toplit", t1, t0 + lights_off_ns)]
+
+
 async def capture_pair(camera: Any, lights: Any, clock: Clock, seq: int, trigger_ns: int,
                        pair_interval_ns: int, lights_off_ns: int) -> FramePair:
-    """Strobe and expose one pair; CameraError / StrobeError propagate (the pair is lost)."""
-    if getattr(camera, "prelit", False):
-        # Recorded frames were lit when they were taken: nothing to strobe.
-        async with camera_lock(camera):
-            t0 = clock.now_ns()
-            back = await camera.grab("backlit", t0)
-            top = await camera.grab("toplit", t0 + pair_interval_ns)
-        return FramePair(seq, trigger_ns, back, top)
+    """Strobe and expose one pair; CameraError / StrobeError propagate (the pair is lost).
+
+    A camera whose frames were lit when they were recorded (`prelit`: replay) gets no strobes."""
+    prelit = getattr(camera, "prelit", False)
     async with camera_lock(camera):
-        t0 = clock.now_ns() + lights.lead_ns
-        t1 = t0 + pair_interval_ns
-        dark = t0 + lights_off_ns
-        # The backlight goes off a little before the ring light comes on: LED drivers take
-        # microseconds to switch, and the toplit frame must see no backlight at all.
-        reports = [lights.strobe("backlit", t0, t1 - SWITCH_GAP_NS), lights.strobe("toplit", t1, dark)]
-        gathered = asyncio.gather(*reports)
+        t0 = clock.now_ns() + (0 if prelit else lights.lead_ns)
+        reports = None if prelit else asyncio.gather(*strobe_pair(lights, t0, pair_interval_ns, lights_off_ns))
         try:
             back = await camera.grab("backlit", t0)
-            top = await camera.grab("toplit", t1)
+            top = await camera.grab("toplit", t0 + pair_interval_ns)
         except BaseException:
-            gathered.cancel()
-            gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody will read it
+            if reports is not None:
+                reports.cancel()
+                reports.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody will read it
             raise
-    synced = getattr(camera, "exposure_at_strobe", True)
-    meta = {"exposure_at_strobe": synced, "strobe_tolerance_ns": getattr(lights, "tolerance_ns", 0)}
-    return FramePair(seq, trigger_ns, back, top, meta=meta, strobes=gathered, dark_ns=dark)
+    return FramePair(seq, trigger_ns, back, top, strobes=reports, dark_ns=t0 + lights_off_ns)
 
 
-async def lighting_fault(pair: FramePair, clock: Clock) -> tuple[str | None, list[StrobeResult]]:
+async def lighting_fault(pair: FramePair, clock: Clock, camera: Any, lights: Any
+                         ) -> tuple[str | None, list[StrobeResult]]:
     """Wait for the pair's strobe reports; (what was wrong or None, the reports)."""
     if pair.strobes is None:
         return None, []
@@ -60,6 +60,7 @@ async def lighting_fault(pair: FramePair, clock: Clock) -> tuple[str | None, lis
         results = list(await asyncio.wait_for(asyncio.shield(pair.strobes), timeout))
     except asyncio.TimeoutError:
         return "strobe reports did not come in time", []
-    known = bool(pair.meta.get("exposure_at_strobe", True))
-    tol = int(pair.meta.get("strobe_tolerance_ns", 0))
-    return check_pair(results, pair.backlit.t_ns, pair.toplit.t_ns, pair.dark_ns, known, tol), results
+    fault = check_pair(results, pair.backlit.t_ns, pair.toplit.t_ns, pair.dark_ns,
+                       exposures_known=getattr(camera, "exposure_at_strobe", True),
+                       tolerance_ns=getattr(lights, "tolerance_ns", 0))
+    return fault, results

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from sorterd.config import JET_BINS, Config
 from sorterd.decide import Decision, decide, safe_route, unsortable_reason
 from sorterd.eject import Planner, Pulse, Track, plan_pulse
 from sorterd.infer import OnnxModel, Prediction
-from sorterd.lights import StrobeError, StrobeResult
+from sorterd.lights import StrobeError, strobe_edges
 from sorterd.metrics import Metrics
 from sorterd.parts import Parts
 from sorterd.record import ImageJob, Recorder, StoneRow, wall_time_iso
@@ -257,7 +257,8 @@ class Pipeline:
             # One worker call per pair: the frames stay in that core's cache
             # from segmentation to inference, and there is one hand-off only.
             done: Computed = await loop.run_in_executor(None, self._compute, pair, self.tracker.snapshot())
-            fault, strobes = await lighting_fault(pair, self.clock)
+            fault, strobes = await lighting_fault(pair, self.clock, self.parts.camera, self.parts.lights)
+            edges = strobe_edges(strobes)
             if fault:
                 # Frames not lit as §2.2 says cannot be trusted: the pair's stones take the safe route.
                 self.stats.lighting_faults += 1
@@ -269,9 +270,9 @@ class Pipeline:
                 t = time.perf_counter()
                 sid, dec, pulse = self._decide_and_plan(obs, done.preds.get(i), done.reasons[i])
                 if i == 0 and self.record_pairs:
-                    self._record_pair(sid, pair, strobes)
+                    self._record_pair(sid, pair, edges)
                 decide_s = time.perf_counter() - t
-                self._dispatch(sid, pair, obs, done.preds.get(i), dec, pulse, done.crops[i], strobes)
+                self._dispatch(sid, pair, obs, done.preds.get(i), dec, pulse, done.crops[i], edges)
                 if i in done.preds:
                     self._record_latency(done.segment_s, done.infer_s, decide_s, done.model_s)
                 self.stats.latency_s["exposure_to_pulse"].append((self.clock.now_ns() - obs.t_ns) / 1e9)
@@ -299,12 +300,9 @@ class Pipeline:
             preds = dict(zip(to_classify, out, strict=True))
         return Computed(new, reasons, crops, preds, segment_s, time.perf_counter() - t, model_s)
 
-    def _record_pair(self, sid: str, pair: FramePair, strobes: list[StrobeResult]) -> None:
+    def _record_pair(self, sid: str, pair: FramePair, edges: dict[str, int | None]) -> None:
         """`run --record`: the raw pair, named after the first new stone in it."""
-        lit = {r.mode: r for r in strobes}
-        times = PairTimes(pair.trigger_ns, pair.backlit.t_ns, pair.toplit.t_ns,
-                          **{f"{m}_{e}_ns": getattr(lit[m], f"{e}_ns") if m in lit else None
-                             for m in ("backlit", "toplit") for e in ("on", "off")})
+        times = PairTimes(pair.trigger_ns, pair.backlit.t_ns, pair.toplit.t_ns, **edges)
         self.recorder.submit_images(ImageJob(sid, None, None, raw=(pair.backlit.image, pair.toplit.image, times)))
 
     def _record_latency(self, seg_s: float, infer_s: float, decide_s: float, model_s: float) -> None:
@@ -333,13 +331,9 @@ class Pipeline:
 
     def _dispatch(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
                   dec: Decision, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],
-                  strobes: list[StrobeResult]) -> None:
+                  edges: dict[str, int | None]) -> None:
         """Send the pulse (or not), and hand the stone to the recorder."""
-        row = self._row(sid, pair, obs, pred, dec, pulse)
-        for r in strobes:  # the lights' actual edges for this stone's frames
-            if r.mode in ("backlit", "toplit"):
-                setattr(row, f"{r.mode}_on_ns", r.on_ns)
-                setattr(row, f"{r.mode}_off_ns", r.off_ns)
+        row = replace(self._row(sid, pair, obs, pred, dec, pulse), **edges)  # the lights' actual edges
         self._count(obs, dec)
         self._save_images(sid, pair, crop, dec.flagged)
         if pulse is None:

@@ -47,7 +47,7 @@ import numpy as np
 
 from sorterd.calibrate import Baseline, load_baseline
 from sorterd.camera import FramePair
-from sorterd.capture import capture_pair, lighting_fault
+from sorterd.capture import capture_pair, lighting_fault, strobe_pair
 from sorterd.clock import Clock, WallClock
 from sorterd.config import CLARITIES, COLORS, Config
 from sorterd.eject import Pulse, Track, plan_pulse
@@ -267,7 +267,7 @@ class MachineRig:
                                       int(lights.pair_interval_ms * 1e6), int(lights.lights_off_ms * 1e6))
         except StrobeError as exc:
             raise RigError(f"the strobes refused a pair: {exc}") from exc
-        fault, _ = await lighting_fault(pair, self.clock)
+        fault, _ = await lighting_fault(pair, self.clock, self.parts.camera, self.parts.lights)
         return pair, fault
 
     async def _lit_pairs(self, n: int, what: str) -> list[FramePair]:
@@ -310,7 +310,7 @@ class MachineRig:
         while (now := self.clock.now_ns()) < end:
             t0 = now + int(lights.lead_ns)
             try:
-                reports = [lights.strobe("backlit", t0, t0 + iv), lights.strobe("toplit", t0 + iv, t0 + off)]
+                reports = strobe_pair(lights, t0, iv, off)
             except StrobeError as exc:
                 raise RigError(f"warm-up: the strobes refused: {exc}") from exc
             try:

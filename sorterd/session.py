@@ -27,6 +27,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from sorterd.lights import EDGE_KEYS
+
 MODES = ("backlit", "toplit")
 STONE_ID = re.compile(r"^S\d{6,}$")
 
@@ -141,9 +143,6 @@ class PairTimes:
     toplit_off_ns: int | None = None
 
 
-STROBE_KEYS = ("backlit_on_ns", "backlit_off_ns", "toplit_on_ns", "toplit_off_ns")
-
-
 def read_image(path: Path) -> np.ndarray:
     if not path.exists():
         raise SessionError(f"{path}: missing")
@@ -191,7 +190,7 @@ class SessionReader:
                 continue
             try:
                 rec = json.loads(line)
-                strobes = {k: int(rec[k]) for k in STROBE_KEYS if rec.get(k) is not None}
+                strobes = {k: int(rec[k]) for k in EDGE_KEYS if rec.get(k) is not None}
                 times[rec["stone_id"]] = PairTimes(int(rec["t_trigger_ns"]), int(rec["t_backlit_ns"]),
                                                    int(rec["t_toplit_ns"]), **strobes)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

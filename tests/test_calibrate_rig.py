@@ -19,6 +19,7 @@ import pytest
 
 from sorterd import calibrate, config
 from sorterd.camera import CameraError, Frame
+from sorterd.capture import SWITCH_GAP_NS
 from sorterd.cli import main
 from sorterd.clock import WallClock
 from sorterd.eject import Pulse, plan_pulse
@@ -254,7 +255,8 @@ def test_warm_up_strobes_both_lights_at_the_sorting_duty_cycle(tmp_path: Path, f
     strobes = fakes.lights.strobes
     assert 8 <= len(strobes) <= 12 and [m for m, _, _ in strobes[:4]] == ["backlit", "toplit"] * 2
     (_, b_on, b_off), (_, t_on, t_off) = strobes[:2]
-    assert (b_off - b_on, t_on - b_on, t_off - b_on) == (10_000_000, 10_000_000, 20_000_000)
+    # The same sequence as sorting (capture.strobe_pair): backlight off just before the ring light.
+    assert (b_off - b_on, t_on - b_on, t_off - b_on) == (10_000_000 - SWITCH_GAP_NS, 10_000_000, 20_000_000)
     gaps = [strobes[i + 2][1] - strobes[i][1] for i in range(0, len(strobes) - 2, 2)]
     assert all(95e6 <= g <= 130e6 for g in gaps)  # a pair every ~100 ms
     assert ticks[0] == 0.0 and ticks[-1] == 1.0 and not fakes.camera.grabs  # lights only

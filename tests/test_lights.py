@@ -59,7 +59,7 @@ def test_gpio_strobes_light_each_frame_and_report_actual_edges() -> None:
         try:
             cam = StampCamera(clock)
             pair = await capture_pair(cam, lights, clock, 0, clock.now_ns(), 10 * MS, 20 * MS)
-            fault, results = await lighting_fault(pair, clock)
+            fault, results = await lighting_fault(pair, clock, cam, lights)
             return pair, results, fault
         finally:
             lights.all_off()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,9 +38,6 @@ class FramePair:
     trigger_ns: int
     backlit: Frame
     toplit: Frame
-    # Backend extras; the simulator puts ground truth here for the run summary.
-    # The pipeline never reads it.
-    meta: dict[str, Any] = field(default_factory=dict)
     # The lights' reports for this pair (sorterd.lights.StrobeResult list), and the
     # instant everything had to be dark; None for sources without strobes (replay).
     strobes: Awaitable[list[Any]] | None = None

@@ -57,6 +57,16 @@ class Lights(Protocol):
     def all_off(self) -> None: ...
 
 
+EDGE_KEYS = ("backlit_on_ns", "backlit_off_ns", "toplit_on_ns", "toplit_off_ns")
+
+
+def strobe_edges(results: list[StrobeResult]) -> dict[str, int | None]:
+    """A pair's actual light edges under the names the stone log and frames.jsonl use."""
+    by_mode = {r.mode: r for r in results}
+    return {f"{m}_{e}_ns": getattr(by_mode[m], f"{e}_ns") if m in by_mode else None
+            for m in ("backlit", "toplit") for e in ("on", "off")}
+
+
 def done(result: StrobeResult) -> asyncio.Future[StrobeResult]:
     """An already-known result (backends that learn the outcome at once)."""
     fut: asyncio.Future[StrobeResult] = asyncio.get_running_loop().create_future()
