@@ -348,8 +348,7 @@ class Session:
 
     def reference_stones(self, model: Any, ppm: float) -> None:
         kit = self.rig.reference_stones()
-        lim = PairingLimits(ppm, self.cfg.lights.pair_interval_ms / 1e3, self.cfg.geometry.speed_min_mm_s,
-                            self.cfg.geometry.speed_max_mm_s, self.cfg.decision.max_size_mm * 1.6)
+        lim = PairingLimits.from_config(self.cfg, ppm, self.cfg.lights.pair_interval_ms)
         refs = self.rig.reference_frames()
         agree, seen = 0, 0
         crop_px = int(round(model.manifest.crop_mm * ppm))

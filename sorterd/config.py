@@ -421,6 +421,11 @@ class DecisionConfig:
         if problems:
             raise ConfigError(problems)
 
+    @property
+    def max_single_length_mm(self) -> float:
+        """Longest a single rough stone may be (1.6 x max_size_mm); longer objects are clusters or oversize."""
+        return self.max_size_mm * 1.6
+
 
 def _check_bins(bins: dict[str, Any]) -> list[str]:
     problems = []

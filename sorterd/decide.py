@@ -64,6 +64,6 @@ def unsortable_reason(size_mm: float, length_mm: float, cluster_reason: str, cfg
         return cluster_reason
     if size_mm < cfg.min_size_mm:
         return f"debris: {size_mm:.2f} mm, below decision.min_size_mm"
-    if length_mm > cfg.max_size_mm * 1.6 or size_mm > cfg.max_size_mm:
+    if length_mm > cfg.max_single_length_mm or size_mm > cfg.max_size_mm:
         return f"oversize: {size_mm:.2f} x {length_mm:.2f} mm"
     return ""

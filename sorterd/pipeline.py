@@ -170,11 +170,7 @@ class Pipeline:
         # A replayed session brings its own pair interval; otherwise the strobes' setting.
         self.pair_interval_ms = float(getattr(cam, "pair_interval_ms", None) or cfg.lights.pair_interval_ms)
         self._refs = {m: cam.reference(m) for m in ("backlit", "toplit")}
-        self._limits = PairingLimits(
-            pixels_per_mm=cam.pixels_per_mm, dt_s=self.pair_interval_ms / 1e3,
-            speed_min_mm_s=cfg.geometry.speed_min_mm_s, speed_max_mm_s=cfg.geometry.speed_max_mm_s,
-            max_single_length_mm=cfg.decision.max_size_mm * 1.6,
-        )
+        self._limits = PairingLimits.from_config(cfg, cam.pixels_per_mm, self.pair_interval_ms)
         size = model.manifest.size
         self._input_px = int(size[0])
         self._crop_px = max(8, int(round(model.manifest.crop_mm * cam.pixels_per_mm)))

@@ -253,9 +253,8 @@ class MachineRig:
     def limits(self) -> PairingLimits:
         """Frame pairing as the pipeline and the Session build it."""
         cfg = self.cfg
-        return PairingLimits(float(getattr(self.parts.camera, "pixels_per_mm", cfg.camera.pixels_per_mm)),
-                             cfg.lights.pair_interval_ms / 1e3, cfg.geometry.speed_min_mm_s,
-                             cfg.geometry.speed_max_mm_s, cfg.decision.max_size_mm * 1.6)
+        ppm = float(getattr(self.parts.camera, "pixels_per_mm", cfg.camera.pixels_per_mm))
+        return PairingLimits.from_config(cfg, ppm, cfg.lights.pair_interval_ms)
 
     async def _pair(self, trigger_ns: int | None = None) -> tuple[FramePair, str | None]:
         """One strobed pair and what was wrong with its lighting (None: both lit as asked)."""

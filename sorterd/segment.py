@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -143,6 +144,12 @@ class PairingLimits:
     speed_min_mm_s: float
     speed_max_mm_s: float
     max_single_length_mm: float
+
+    @classmethod
+    def from_config(cls, cfg: Any, pixels_per_mm: float, pair_interval_ms: float) -> PairingLimits:
+        """The limits a run's config sets, for a camera of this scale and pair interval."""
+        return cls(pixels_per_mm, pair_interval_ms / 1e3, cfg.geometry.speed_min_mm_s, cfg.geometry.speed_max_mm_s,
+                   cfg.decision.max_single_length_mm)
 
 
 def pair_blobs(back: list[Blob], top: list[Blob], lim: PairingLimits) -> list[tuple[int, int]]:

@@ -46,8 +46,7 @@ def machine_captures(machine: SimMachine, cfg: Config, refs: dict[str, np.ndarra
     segmentation; each single stone is in `found` of the first pair that sees it."""
     cam = cfg.camera
     dt = int(cfg.lights.pair_interval_ms * 1e6)
-    lim = PairingLimits(cam.pixels_per_mm, dt / 1e9, cfg.geometry.speed_min_mm_s,
-                        cfg.geometry.speed_max_mm_s, cfg.decision.max_size_mm * 1.6)
+    lim = PairingLimits.from_config(cfg, cam.pixels_per_mm, cfg.lights.pair_interval_ms)
     seen: set[int] = set()
     for t_edge, _ in machine.world.beam_times(cfg.trigger.beam_x_mm):
         t0 = t_edge + int(cfg.trigger.latency_ms * 1e6)
