@@ -134,7 +134,8 @@ def open_gpio_lights(cfg: Any, clock: Clock, lib: Any = None) -> PulsedLights:
         max_on_ms=cfg.max_on_ms, late_limit_us=cfg.late_limit_us, min_lead_ms=cfg.min_lead_ms,
         spin_us=cfg.spin_us, rt_priority=cfg.rt_priority, switch_interval_us=cfg.switch_interval_us,
     )
-    driver = JetsonDriver(line_cfg, lib) if cfg.library == "jetson" else GpiodDriver(line_cfg, lib)
+    driver = (JetsonDriver(line_cfg, lib, "lights") if cfg.library == "jetson"
+              else GpiodDriver(line_cfg, lib, "lights"))
     try:
         lines = GpioValves(line_cfg, driver, clock, f"lights-{cfg.library}")
     except BaseException:

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib
 import logging
 import threading
 import time
@@ -71,7 +70,7 @@ from typing import Any
 from sorterd.clock import Clock
 from sorterd.config import BeamTriggerConfig
 from sorterd.trigger import TriggerEvent
-from sorterd.valves.gpio import GpioError
+from sorterd.valves.gpio import GpioError, import_gpio_library
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +86,6 @@ _HINTS = {
     errno.ENODEV: "the chip went away (device removed?)",
     errno.ENXIO: "the line cannot raise interrupts: choose another line for the sensor",
 }
-
-
-def _import(module: str, library: str, extra: str, where: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise GpioError(f"{where}: trigger.library = '{library}' needs the {module} library: "
-                        f"pip install 'sorterd[{extra}]' (on the target board), or choose trigger.library = "
-                        f"'{'jetson' if library == 'gpiod' else 'gpiod'}' or another trigger.type") from exc
-    except Exception as exc:  # noqa: BLE001 -- Jetson.GPIO raises plain Exception/RuntimeError on import
-        raise GpioError(f"{where}: the {module} library is installed but would not load ({exc}): "
-                        f"is this the board it is for, and may this user open /dev/gpiochip*?") from exc
 
 
 class BeamTrigger:
@@ -147,7 +134,8 @@ class BeamTrigger:
         self._thread: threading.Thread | None = None
         self._request: Any = None  # gpiod: owned by the reader thread once it runs
         if cfg.library == "gpiod":
-            self.lib = lib if lib is not None else _import("gpiod", "gpiod", "gpiod", self.where)
+            self.lib = lib if lib is not None else import_gpio_library(
+                "gpiod", f"{self.where}: trigger.library = 'gpiod'", "gpiod")
             edge_type = self.lib.EdgeEvent.Type
             self._broken_type = edge_type.FALLING_EDGE if cfg.broken_level == "low" else edge_type.RISING_EDGE
             self._settings = self._gpiod_settings()
@@ -155,7 +143,8 @@ class BeamTrigger:
             self._thread = threading.Thread(target=self._gpiod_run, name="sorterd-trigger-beam", daemon=True)
             self._thread.start()
         else:
-            self.lib = lib if lib is not None else _import("Jetson.GPIO", "jetson", "jetson", self.where)
+            self.lib = lib if lib is not None else import_gpio_library(
+                "Jetson.GPIO", f"{self.where}: trigger.library = 'jetson'", "jetson")
             self._jetson_open()
 
     # -- loop thread ---------------------------------------------------------------------

@@ -64,12 +64,17 @@ class GpioError(OSError):
     """The GPIO library is missing or refused the lines (an OSError: the CLI reports it plainly)."""
 
 
-def _import(module: str, backend: str, extra: str) -> Any:
+def import_gpio_library(module: str, what: str, extra: str) -> Any:
+    """The GPIO library `what` (a config setting, e.g. "valves.type = 'jetson'") needs, or a GpioError
+    that says how to get it.  Shared by every GPIO user: valves, strobe lines, the beam trigger."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise GpioError(f"valves.type = '{backend}' needs the {module} library: pip install 'sorterd[{extra}]' "
+        raise GpioError(f"{what} needs the {module} library: pip install 'sorterd[{extra}]' "
                         f"(on the target board)") from exc
+    except Exception as exc:  # noqa: BLE001 -- Jetson.GPIO raises plain Exception/RuntimeError off its board
+        raise GpioError(f"{what}: the {module} library is installed but would not load ({exc}): is this the "
+                        "board it is for, and may this user open /dev/gpiochip*?") from exc
 
 
 # -- drivers: the only code that touches the libraries ----------------------------------
@@ -86,8 +91,9 @@ class Driver(Protocol):
 class JetsonDriver:
     """Jetson.GPIO (RPi.GPIO-compatible API)."""
 
-    def __init__(self, cfg: Any, lib: Any = None) -> None:
-        self.gpio = lib if lib is not None else _import("Jetson.GPIO", "jetson", "jetson")
+    def __init__(self, cfg: Any, lib: Any = None, section: str = "valves") -> None:
+        self.gpio = lib if lib is not None else import_gpio_library("Jetson.GPIO", f"[{section}] on Jetson.GPIO",
+                                                                    "jetson")
         self.pins: dict[str, int] = {v: int(p) for v, p in cfg.pins.items()}
         self.on_level = self.gpio.LOW if cfg.active_low else self.gpio.HIGH
         self.off_level = self.gpio.HIGH if cfg.active_low else self.gpio.LOW
@@ -114,8 +120,8 @@ class JetsonDriver:
 class GpiodDriver:
     """libgpiod v2 Python bindings (gpiod >= 2.1): one request holds every valve line."""
 
-    def __init__(self, cfg: Any, lib: Any = None) -> None:
-        self.gpiod = lib if lib is not None else _import("gpiod", "gpiod", "gpiod")
+    def __init__(self, cfg: Any, lib: Any = None, section: str = "valves") -> None:
+        self.gpiod = lib if lib is not None else import_gpio_library("gpiod", f"[{section}] on libgpiod", "gpiod")
         line = self.gpiod.line
         self.active, self.inactive = line.Value.ACTIVE, line.Value.INACTIVE
         self.lines: dict[str, int] = {v: int(p) for v, p in cfg.pins.items()}
@@ -123,9 +129,9 @@ class GpiodDriver:
                                            active_low=bool(cfg.active_low))
         try:
             self.request = self.gpiod.request_lines(
-                cfg.chip, consumer="sorterd-valves", config={tuple(self.lines.values()): settings})
+                cfg.chip, consumer=f"sorterd-{section}", config={tuple(self.lines.values()): settings})
         except OSError as exc:
-            raise GpioError(f"valves.chip = {cfg.chip!r}, lines {sorted(self.lines.values())}: {exc}") from exc
+            raise GpioError(f"{section}.chip = {cfg.chip!r}, lines {sorted(self.lines.values())}: {exc}") from exc
 
     def set(self, valve: str, on: bool) -> None:
         self.request.set_value(self.lines[valve], self.active if on else self.inactive)
