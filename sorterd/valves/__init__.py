@@ -24,9 +24,11 @@ and the Prometheus collector read it).
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from sorterd.eject import Pulse
 
@@ -121,3 +123,28 @@ class ValveStats:
     def fired(self, intended_ns: int, actual_ns: int) -> None:
         self.fire_error_ns.append(actual_ns - intended_ns)
         self.fire_hist.observe(actual_ns - intended_ns)
+
+
+# -- outputs off on every exit path -------------------------------------------------
+
+_OPEN: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def close_at_exit(backend: Any) -> None:
+    """Register an open hardware backend: an exit that skips its close() (an exception
+    in main, sys.exit) still closes it, so lines go off and a controller is told to."""
+    _OPEN.add(backend)
+
+
+def closed(backend: Any) -> None:
+    """The backend closed itself: nothing left to do at exit."""
+    _OPEN.discard(backend)
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    for backend in list(_OPEN):
+        try:
+            backend.close()
+        except Exception:  # noqa: BLE001 -- at exit, try every one
+            pass

@@ -32,7 +32,6 @@ call_soon_threadsafe.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import ctypes
 import ctypes.util
 import heapq
@@ -43,7 +42,6 @@ import os
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -51,13 +49,12 @@ from typing import Any, Protocol
 from sorterd.clock import Clock
 from sorterd.config import JET_BINS
 from sorterd.eject import Pulse
-from sorterd.valves import PulseOutcome, ValveStats
+from sorterd.valves import PulseOutcome, ValveStats, close_at_exit, closed
 
 log = logging.getLogger(__name__)
 
 NEAR_NS = 1_500_000  # from this close to an edge the thread stops listening to the condition
 HOLD_GIL_S = 0.05  # switch interval while spinning to an edge (longer than any spin)
-_OPEN: weakref.WeakSet[GpioValves] = weakref.WeakSet()
 
 
 class GpioError(OSError):
@@ -255,7 +252,7 @@ class GpioValves:
         if cfg.switch_interval_us > 0:
             sys.setswitchinterval(cfg.switch_interval_us * 1e-6)
         self._thread = threading.Thread(target=self._run, name=f"sorterd-valves-{backend}", daemon=True)
-        _OPEN.add(self)
+        close_at_exit(self)
         self._thread.start()
 
     # -- loop thread ----------------------------------------------------------
@@ -347,7 +344,7 @@ class GpioValves:
         sys.setswitchinterval(self._old_switch)
         for job in list(self._jobs.values()):
             self._finish(job, PulseOutcome(job.pulse, False, None, None, "cancelled: valves closed"))
-        _OPEN.discard(self)
+        closed(self)
 
     # -- valve thread ----------------------------------------------------------
 
@@ -464,13 +461,3 @@ def open_gpio_valves(cfg: Any, clock: Clock, machine: Any = None, lib: Any = Non
     except BaseException:
         driver.close()
         raise
-
-
-@atexit.register
-def _all_off_at_exit() -> None:
-    """An exit that skipped close() (an exception in main, sys.exit): lines off."""
-    for v in list(_OPEN):
-        try:
-            v.close()
-        except Exception:  # noqa: BLE001 -- at exit, try every one
-            pass

@@ -30,12 +30,10 @@ on the caller's thread during the blocking startup before the loop serves.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
 import os
 import select
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +41,7 @@ from typing import Any
 from sorterd.clock import Clock
 from sorterd.config import JET_BINS
 from sorterd.eject import Pulse
-from sorterd.valves import ClockTruth, PulseOutcome, ValveStats
+from sorterd.valves import ClockTruth, PulseOutcome, ValveStats, close_at_exit, closed
 from sorterd.valves import proto as P
 from sorterd.valves.clocksync import ClockSync
 
@@ -54,7 +52,6 @@ HELLO_TIMEOUT_NS = 250_000_000  # SYN unanswered this long: send it again
 BURST_INTERVAL_NS = 3_000_000  # clock queries while the sync is being built
 REPORT_GRACE_NS = 500_000_000  # a pulse's report may come this long after its end
 
-_OPEN: weakref.WeakSet[McuValves] = weakref.WeakSet()
 
 
 @dataclass
@@ -103,7 +100,7 @@ class McuValves:
         self.identity: P.Identity | None = None
         self.controller_stats: P.Stats | None = None
         self._ms = 1_000_000
-        _OPEN.add(self)
+        close_at_exit(self)
 
     def _reset_session_state(self) -> None:
         self.state = "closed"
@@ -585,7 +582,7 @@ class McuValves:
                 fn()
             except Exception:  # noqa: BLE001 -- closing must go on
                 log.exception("closing %s failed", fn)
-        _OPEN.discard(self)
+        closed(self)
 
 
 _HANDLERS: dict[type, Callable[[McuValves, Any, int], None]] = {
@@ -601,14 +598,3 @@ _HANDLERS: dict[type, Callable[[McuValves, Any, int], None]] = {
     P.Error: McuValves._on_error,
     P.ResetDone: McuValves._on_reset_done,
 }
-
-
-@atexit.register
-def _all_off_at_exit() -> None:
-    """An exit that skipped close(): still tell every controller to switch off."""
-    for v in list(_OPEN):
-        try:
-            v.close()
-        except Exception:  # noqa: BLE001 -- at exit, try every one
-            pass
-
