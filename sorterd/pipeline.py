@@ -18,6 +18,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from sorterd.config import JET_BINS, Config
 from sorterd.decide import Decision, decide, safe_route, unsortable_reason
 from sorterd.eject import Planner, Pulse, Track, plan_pulse
 from sorterd.infer import OnnxModel, Prediction
+from sorterd.ledger import TriggerLedger
 from sorterd.lights import StrobeError, strobe_edges
 from sorterd.metrics import Metrics
 from sorterd.parts import Parts
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 STAGES = ("segment", "infer", "decide", "compute", "model_only")
 # Not a compute stage: from the toplit exposure to the pulse being handed to the
 # valves, including queueing and worker hand-offs (the budget that matters).
-LATENCIES = (*STAGES, "exposure_to_pulse")
+LATENCIES = (*STAGES, "exposure_to_pulse", "trigger_to_exposure")
 
 
 @dataclass
@@ -58,6 +60,12 @@ class RunStats:
     triggers_dropped: int = 0
     camera_failures: int = 0
     gap_triggers: int = 0  # triggers lost while the camera was away
+    passed_unseen: int = 0  # trigger edges no decided object explains (the ledger)
+    untriggered: int = 0  # decided objects no trigger edge explains
+    valve_unknown: int = 0  # pulses whose outcome the controller never reported (link lost)
+    late_off_edges: int = 0  # jets closed later than ejection.margin_ms after their planned end
+    # stone id -> the bin a neighbour's jet (too late to cancel) may have carried it into
+    co_deflection_risks: dict[str, str] = field(default_factory=dict)
     lighting_faults: int = 0  # pairs not lit as §2.2 says (their stones take the safe route)
     decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("CUT", "SELECT", "FLIP", "REJECT"), 0))
     latency_s: dict[str, deque[float]] = field(
@@ -99,13 +107,41 @@ class TriggerQueue:
             await self._ready.wait()
         return self._edges.popleft()
 
-    def drop_covered(self, t0_ns: int) -> int:
-        """Drop edges from before t0_ns; returns how many."""
-        n = 0
-        while self._edges and self._edges[0] is not None and self._edges[0].t_ns <= t0_ns:
-            self._edges.popleft()
-            n += 1
-        return n
+    def drop_covered(self, t0_ns: int) -> list[TriggerEvent]:
+        """Drop the edges from before t0_ns and return them."""
+        dropped = []
+        while self._edges and (ev := self._edges[0]) is not None and ev.t_ns <= t0_ns:
+            dropped.append(self._edges.popleft())
+        return dropped
+
+
+# A decision may explain its trigger edge this long after the edge (the stone is in
+# view, then its pair waits in the queue); after that an edge is a stone passed unseen.
+LEDGER_HORIZON_NS = 1_000_000_000
+# A stone's computed crossing vs its edge: the front found in the frame (a pixel or
+# two) and a beam's own width and threshold.
+LEDGER_TOLERANCE_MM = 0.5
+MIN_STONE_MM = 1.0  # melee: nothing smaller is sorted
+
+
+def _p99_ms(samples: deque[float]) -> float:
+    return float(np.percentile(np.asarray(samples), 99)) * 1e3 if samples else float("nan")
+
+
+def trigger_slack_ns(trigger_cfg: Any) -> int:
+    """How late after the front's crossing a trigger may stamp its edge: a callback's
+    latency (1 ms); a vision trigger sees a front only once per preview."""
+    rate = getattr(trigger_cfg, "preview_hz", None)
+    return 1_000_000 + (int(2e9 / rate) if rate else 0)
+
+
+def trigger_front_mm(trigger_cfg: Any) -> float | None:
+    """Where a stone's front is, from the view's left edge, when its trigger fires
+    (None: not tied to a place, as for replayed pairs)."""
+    for name in ("beam_x_mm", "zone_from_mm"):
+        if hasattr(trigger_cfg, name):
+            return float(getattr(trigger_cfg, name))
+    return None
 
 
 class Tracker:
@@ -171,6 +207,10 @@ class Pipeline:
         self.pair_interval_ms = float(getattr(cam, "pair_interval_ms", None) or cfg.lights.pair_interval_ms)
         self._refs = {m: cam.reference(m) for m in ("backlit", "toplit")}
         self._limits = PairingLimits.from_config(cfg, cam.pixels_per_mm, self.pair_interval_ms)
+        self._trigger_front_mm = trigger_front_mm(cfg.trigger)
+        self._trigger_slack_ns = trigger_slack_ns(cfg.trigger)
+        self.ledger = None if self._trigger_front_mm is None else TriggerLedger(
+            self._trigger_slack_ns, LEDGER_HORIZON_NS)
         size = model.manifest.size
         self._input_px = int(size[0])
         self._crop_px = max(8, int(round(model.manifest.crop_mm * cam.pixels_per_mm)))
@@ -180,6 +220,8 @@ class Pipeline:
 
     async def _trigger_loop(self) -> None:
         while (ev := await self.parts.trigger.next()) is not None:
+            if self.ledger is not None:
+                self.ledger.edge(ev.t_ns)  # queued or not, it is a stone to account for
             if not self._triggers.put_nowait(ev):
                 # The stone is still in view: the next pair will show it.
                 self.stats.triggers_dropped += 1
@@ -204,6 +246,7 @@ class Pipeline:
                 continue
             seq += 1
             self._triggers.drop_covered(pair.backlit.t_ns)
+            self.stats.latency_s["trigger_to_exposure"].append((pair.backlit.t_ns - ev.t_ns) / 1e9)
             self.stats.captures += 1
             self.metrics.captures.inc()
             try:
@@ -225,7 +268,7 @@ class Pipeline:
         backoff_ns = int(getattr(self.cfg.camera, "reopen_backoff_ms", 200.0) * 1e6)
         loop = asyncio.get_running_loop()
         while True:
-            lost += self._triggers.drop_covered(self.clock.now_ns())
+            lost += len(self._triggers.drop_covered(self.clock.now_ns()))
             try:
                 async with camera_lock(self.parts.camera):  # the vision trigger may be reopening it too
                     await loop.run_in_executor(None, self.parts.camera.reopen)
@@ -234,7 +277,7 @@ class Pipeline:
                 log.debug("camera reopen failed: %s", again)
                 await self.clock.sleep_until(self.clock.now_ns() + backoff_ns)
         # Triggers that came while it was away announce stones already past.
-        lost += self._triggers.drop_covered(self.clock.now_ns())
+        lost += len(self._triggers.drop_covered(self.clock.now_ns()))
         self.stats.gap_triggers += lost
         self.metrics.camera_gap_triggers.inc(lost)
         log.warning("camera back: %d triggers (stones) lost in the gap", lost)
@@ -272,7 +315,42 @@ class Pipeline:
                 if i in done.preds:
                     self._record_latency(done.segment_s, done.infer_s, decide_s, done.model_s)
                 self.stats.latency_s["exposure_to_pulse"].append((self.clock.now_ns() - obs.t_ns) / 1e9)
+                self._account(obs)
             self.planner.forget_before(self.clock.now_ns())
+            self._settle(self.clock.now_ns())
+        self._settle(None)  # end of input: edges nothing explained by now never will be
+
+    def _account(self, obs: Observation) -> None:
+        """The ledger: when did this object's front cross the trigger's place?"""
+        if self.ledger is None or obs.speed_mm_s <= 0 or self._trigger_front_mm is None:
+            return
+        x, _, w, _ = obs.toplit.bbox
+        front_mm = (x + w) / self._limits.pixels_per_mm
+        first = obs.t_ns + int((self._trigger_front_mm - front_mm) / obs.speed_mm_s * 1e9)
+        span = int(w / self._limits.pixels_per_mm / obs.speed_mm_s * 1e9)  # its length passing
+        tol = int(LEDGER_TOLERANCE_MM / obs.speed_mm_s * 1e9) + self._trigger_slack_ns
+        # A cluster's stones cross one after the other: the last one's front comes at
+        # most its length less the smallest stone's after the first one's.
+        last = first + max(0, span - int(MIN_STONE_MM / obs.speed_mm_s * 1e9)) if obs.cluster else None
+        behind = int(self.cfg.decision.max_single_length_mm / obs.speed_mm_s * 1e9)
+        self.ledger.decided(first, last, span, tol, behind)
+
+    def _settle(self, now_ns: int | None) -> None:
+        if self.ledger is None:
+            return
+        before = self.ledger.counts.untriggered
+        unseen = self.ledger.close() if now_ns is None else self.ledger.settle(now_ns)
+        untriggered = self.ledger.counts.untriggered - before
+        if unseen:
+            self.stats.passed_unseen += unseen
+            self.metrics.passed_unseen.inc(unseen)
+            log.warning("%d stone(s) passed unseen: trigger edges no decided stone explains (no record, no "
+                        "pulse: the default trajectory, REJECT); trigger to exposure p99 %.0f ms", unseen,
+                        _p99_ms(self.stats.latency_s["trigger_to_exposure"]))
+        if untriggered:
+            self.stats.untriggered += untriggered
+            self.metrics.untriggered.inc(untriggered)
+            log.warning("%d decided stone(s) with no trigger edge (a beam missing stones?)", untriggered)
 
     def _compute(self, pair: FramePair, known: tuple[tuple[Track, float], ...]) -> Computed:
         """Worker thread: segment, keep the objects not seen before, crop, classify."""
@@ -350,8 +428,19 @@ class Pipeline:
     def _resolve_neighbours(self, track: Track, dec: Decision) -> Decision:
         """No jet may catch a second stone: both stones take the default trajectory."""
         self.planner.add(track)
-        for other in self.planner.caught_by(track, dec.bin):
-            self._cancel_for_conflict(other)
+        stuck = [valve for other in self.planner.caught_by(track, dec.bin)
+                 if (valve := self._cancel_for_conflict(other)) is not None]
+        if stuck:
+            # Too late to cancel: that jet may carry this stone into its bin (how much of the
+            # stone it catches decides).  Its record says so and flags it for a look in that
+            # bin, rather than claim it went where it was decided.
+            into = min(stuck, key=lambda b: self.cfg.geometry.nozzle_drop_mm[b])  # the first jet it meets
+            self.stats.co_deflection_risks[track.stone_id] = into
+            self.metrics.co_deflection_risks.inc()
+            log.warning("%s: a neighbour's jet into %s could not be cancelled and may carry it", track.stone_id, into)
+            return Decision("REJECT", dec.color, dec.clarity, dec.confidence, True,
+                            f"co-deflection risk: a neighbour's jet into {into} could not be cancelled "
+                            f"(was {dec.bin})", may_be_carried_into=into)
         if dec.bin not in JET_BINS:
             return dec
         probe = plan_pulse(track, dec.bin, self.cfg.geometry, self.cfg.ejection)
@@ -362,18 +451,21 @@ class Pipeline:
                             f"neighbour conflict (was {dec.bin})")
         return dec
 
-    def _cancel_for_conflict(self, sid: str) -> None:
+    def _cancel_for_conflict(self, sid: str) -> str | None:
+        """Cancel a neighbour's pulse; the valve it will still fire on if it cannot be."""
         pend = self.pending.get(sid)
         if pend is None or pend.pulse is None:
-            return
+            pulse = self.planner.pulses.get(sid)  # already resolved: fired (or firing) as planned
+            return pulse.valve if pulse is not None else None
         if self.parts.valves.cancel(pend.pulse):
             self.planner.pulses.pop(sid, None)
             pend.row.reason = f"neighbour conflict (was {pend.row.bin})"
             pend.row.bin = pend.row.route = "REJECT"
             self.stats.conflicts += 1
             self.metrics.conflicts.inc()
-        else:
-            log.warning("%s: pulse could not be cancelled; a neighbour may be co-deflected", sid)
+            return None
+        log.warning("%s: pulse could not be cancelled; a neighbour will be co-deflected", sid)
+        return pend.pulse.valve
 
     async def _await_outcome(self, sid: str, pulse: Pulse) -> None:
         outcome = await self.parts.valves.outcome(pulse)
@@ -385,6 +477,20 @@ class Pipeline:
         if outcome.status.startswith("refused"):
             self._deadline_miss(row, outcome.status)
             return
+        if outcome.status.startswith("unknown"):
+            # The controller may or may not have fired it: the stone is in its bin or in REJECT.
+            self.stats.valve_unknown += 1
+            row.flagged = 1
+            row.reason = f"{row.reason}; valve outcome unknown: in {row.bin} or REJECT".lstrip("; ")
+        elif outcome.fired and outcome.actual_off_ns is not None:
+            late_off_ns = outcome.actual_off_ns - pulse.end_ns
+            if late_off_ns > self.cfg.ejection.margin_ms * 1e6:
+                # Off edges cannot be refused.  A jet open that much longer than planned may
+                # also catch the stone behind: counted, so a bin's contamination is explained.
+                self.stats.late_off_edges += 1
+                self.metrics.late_off_edges.inc()
+                log.warning("%s: valve %s closed %.1f ms late: a stone just behind may have been carried into %s",
+                            sid, pulse.valve, late_off_ns / 1e6, pulse.valve)
         self._finish(row)
 
     def _deadline_miss(self, row: StoneRow, why: str) -> None:

@@ -83,6 +83,12 @@ def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], world: World |
         "pairs_dropped": stats.pairs_dropped,
         "camera_failures": stats.camera_failures,
         "camera_gap_triggers": stats.gap_triggers,
+        "triggers_dropped": stats.triggers_dropped,
+        "passed_unseen": stats.passed_unseen,
+        "co_deflection_risks": len(stats.co_deflection_risks),
+        "valve_unknown": stats.valve_unknown,
+        "late_off_edges": stats.late_off_edges,
+        "untriggered": stats.untriggered,
         "lighting_faults": stats.lighting_faults,
         "decided": dict(stats.decided),
         "latency_ms": {s: percentiles_ms(stats.latency_s[s]) for s in LATENCIES},
@@ -90,7 +96,7 @@ def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], world: World |
         "wall_s": round(wall_s, 2),
     }
     if world is not None:
-        out.update(_sim_truth(cfg, world, rows))
+        out.update(_sim_truth(cfg, world, rows, stats.co_deflection_risks))
     out.update(valve_summary(rows, world, valves))
     if hasattr(lights, "timing"):
         out.update(lights.timing())  # strobe_error_us, strobe_refusals
@@ -160,11 +166,23 @@ def _backend_stats(st: Any) -> dict[str, Any]:
     }
 
 
-def _sim_truth(cfg: Config, world: World, rows: list[StoneRow]) -> dict[str, Any]:
+def _sim_truth(cfg: Config, world: World, rows: list[StoneRow], risks: dict[str, str] | None = None) -> dict[str, Any]:
     owner = match_rows(world, rows)
     landed = {s.sim_id: world.landing(s).bin for s in world.stones}
     true_bin = {s.sim_id: class_bin(s.color, s.clarity, s.size_mm, cfg.decision) for s in world.stones}
     as_decided = sum(1 for s in world.stones if s.sim_id in owner and owner[s.sim_id].bin == landed[s.sim_id])
+    # Routed: where the machine sent the stone after all -- its decided bin, the safe route
+    # after a refused pulse or a faulted pair, or, unseen, no pulse: the default trajectory
+    # (REJECT).  Below 100 %, a jet missed or hit the wrong stone: a fault no counter explains.
+    # A stone flagged as a co-deflection risk may also be in the bin of the jet it risked.
+    routed = {s.sim_id: owner[s.sim_id].route if s.sim_id in owner else "REJECT" for s in world.stones}
+    risk = {s.sim_id: (risks or {}).get(owner[s.sim_id].stone_id) for s in world.stones if s.sim_id in owner}
+    # A pulse whose outcome never came (link lost) may or may not have fired.
+    unsure = {s.sim_id for s in world.stones
+              if s.sim_id in owner and owner[s.sim_id].valve_status.startswith("unknown")}
+    misrouted = [s for s in world.stones
+                 if landed[s.sim_id] not in (routed[s.sim_id], risk.get(s.sim_id),
+                                             "REJECT" if s.sim_id in unsure else None)]
     classified = [(s, owner[s.sim_id]) for s in world.stones
                   if s.sim_id in owner and owner[s.sim_id].color is not None and not owner[s.sim_id].cluster]
     n = len(world.stones)
@@ -174,6 +192,7 @@ def _sim_truth(cfg: Config, world: World, rows: list[StoneRow]) -> dict[str, Any
         "stones_seen": len(owner),
         "bins": {b: sum(1 for i in ids if landed[i] == b) for b in BINS},
         "landed_as_decided_rate": round(as_decided / n, 5) if n else 0.0,
+        "landed_as_routed_rate": round(1 - len(misrouted) / n, 5) if n else 0.0,
         "accuracy": {
             "bin": _rate(sum(1 for i in ids if landed[i] == true_bin[i]), n),
             "color": _rate(sum(1 for s, r in classified if r.color == s.color), len(classified)),
@@ -181,6 +200,16 @@ def _sim_truth(cfg: Config, world: World, rows: list[StoneRow]) -> dict[str, Any
             "cost_weighted": round(cost_weighted_accuracy([true_bin[i] for i in ids], [landed[i] for i in ids]), 5),
         },
         "unseen_stones": n - len(owner),
+        # What the daemon's trigger ledger can know of them: beam interruptions none of whose
+        # stones was decided (touching stones break the beam once).  Sim trigger only.
+        "unseen_beam_events": (sum(1 for _, stones in world.beam_events(cfg.trigger.beam_x_mm)
+                                   if not any(s.sim_id in owner for s in stones))
+                               if cfg.trigger.type == "sim" else None),
+        # The first few stones that landed where they were not routed, to look up in stones.db.
+        "misrouted": [{"sim_id": s.sim_id, "stone_id": owner[s.sim_id].stone_id if s.sim_id in owner else None,
+                       "route": routed[s.sim_id], "landed": landed[s.sim_id],
+                       "valve_status": owner[s.sim_id].valve_status if s.sim_id in owner else "unseen"}
+                      for s in misrouted[:10]],
     }
 
 
@@ -194,7 +223,8 @@ def format_text(s: dict[str, Any]) -> str:
         lines.append(f"stones fed {s['stones_fed']}, seen {s['stones_seen']}, objects decided {s['objects_decided']}"
                      f" ({s['clusters']} clusters), captures {s['captures']}")
         lines.append("landed: " + "  ".join(f"{b} {s['bins'][b]}" for b in BINS)
-                     + f"   landed as decided {s['landed_as_decided_rate']:.2%}")
+                     + f"   landed as decided {s['landed_as_decided_rate']:.2%}"
+                     + f", as routed {s['landed_as_routed_rate']:.2%}")
         a = s["accuracy"]
         lines.append(f"accuracy vs truth: bin {_pct(a['bin'])}  color {_pct(a['color'])}  "
                      f"clarity {_pct(a['clarity'])}  cost-weighted {a['cost_weighted']:.3f}")
@@ -204,7 +234,13 @@ def format_text(s: dict[str, Any]) -> str:
                  f"neighbour conflicts {s['neighbour_conflicts']}  pairs dropped {s['pairs_dropped']}"
                  + (f"  camera lost {s['camera_failures']}x ({s['camera_gap_triggers']} triggers in the gap)"
                     if s["camera_failures"] else "")
-                 + (f"  lighting faults {s['lighting_faults']}" if s["lighting_faults"] else ""))
+                 + (f"  lighting faults {s['lighting_faults']}" if s["lighting_faults"] else "")
+                 + (f"  passed unseen {s['passed_unseen']}" if s["passed_unseen"] else "")
+                 + (f"  untriggered {s['untriggered']}" if s["untriggered"] else "")
+                 + (f"  co-deflection risks {s['co_deflection_risks']}" if s["co_deflection_risks"] else "")
+                 + (f"  valve outcomes unknown {s['valve_unknown']}" if s["valve_unknown"] else "")
+                 + (f"  late off edges {s['late_off_edges']}" if s["late_off_edges"] else "")
+                 + (f"  triggers dropped {s['triggers_dropped']}" if s["triggers_dropped"] else ""))
     if "fire_error_us" in s:
         sy, fi = s["sync_error_us"], s["fire_error_us"]
         lines.append(f"valve timing us p50/p99: sync {sy['p50']}/{sy['p99']}  fire {fi['p50']}/{fi['p99']}  "

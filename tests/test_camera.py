@@ -107,3 +107,7 @@ def test_camera_loss_mid_run_is_counted_and_survived(tmp_path: Path) -> None:
     assert round(s["landed_as_decided_rate"] * 150) + s["unseen_stones"] >= 149
     assert s["deadline_misses"] == 0
     assert s["stones_seen"] >= 150 - s["camera_gap_triggers"] - 1
+    # The daemon's own count of stones passing unseen (trigger edges no decision explains)
+    # is the simulator's truth.
+    assert s["passed_unseen"] == s["unseen_beam_events"] and s["untriggered"] == 0
+    assert s["landed_as_routed_rate"] == 1.0, s["misrouted"]

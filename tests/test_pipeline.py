@@ -38,6 +38,9 @@ def test_pair_queue_overflow_is_counted_and_safe(tmp_path: Path, monkeypatch: py
     failed = round(60 * (1 - s["landed_as_decided_rate"]))
     assert failed <= s["unseen_stones"] + s["deadline_misses"]
     assert s["bins"]["REJECT"] >= s["unseen_stones"] + s["deadline_misses"]
+    # The stones of the dropped pairs have no record; the ledger counts each one.
+    assert s["passed_unseen"] == s["unseen_beam_events"] > 0
+    assert s["landed_as_routed_rate"] == 1.0, s["misrouted"]
 
 
 @pytest.mark.slow
@@ -49,11 +52,12 @@ def test_close_neighbours_never_co_deflected(tmp_path: Path) -> None:
     assert s["neighbour_conflicts"] > 0
     assert s["clusters"] > 0
     # At 800 mm/s a stone is in view for 40 ms: on a loaded machine some are
-    # never captured (and fall to REJECT).  Every stone that was decided landed
-    # where it was decided: no jet caught a neighbour.
-    failed = round(200 * (1 - s["landed_as_decided_rate"]))
-    assert failed <= s["unseen_stones"] + s["deadline_misses"]
-    assert s["unseen_stones"] <= 20
+    # never captured (and fall to REJECT).
+    # Every stone landed where the machine sent it (no jet caught a neighbour), and the
+    # daemon counted each one it lost sight of itself.
+    assert s["landed_as_routed_rate"] == 1.0, s["misrouted"]
+    assert s["passed_unseen"] == s["unseen_beam_events"]
+    assert s["unseen_stones"] <= 100  # half: beyond that the pipeline is broken, not loaded
 
 
 @pytest.mark.slow
@@ -72,3 +76,22 @@ def test_safe_route_select_blows_clusters_to_select(tmp_path: Path) -> None:
         assert (r["bin"], r["valve_status"]) == ("SELECT", "fired") or r["reason"].startswith("neighbour conflict")
     assert sum(r["bin"] == "SELECT" for r in clusters) >= len(clusters) / 2
     assert s["landed_as_decided_rate"] >= 0.97
+
+
+@pytest.mark.slow
+def test_a_jet_too_late_to_cancel_and_the_neighbour_it_may_carry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Valves that can never cancel: a stone decided after its close neighbour's pulse was
+    sent may be carried by that jet.  Its record says which bin it may be in, and flags it."""
+    from sorterd.record import read_rows
+    from sorterd.valves.sim import SimValves
+
+    monkeypatch.setattr(SimValves, "cancel", lambda self, pulse: False)
+    res = run(sim(tmp_path, close_pair_prob=0.3, touching_pair_prob=0.0, seed=21, speed_mm_s=800.0),
+              RunOptions(stones=200, progress=False), io.StringIO())
+    s = res.summary
+    assert s["co_deflection_risks"] > 0
+    assert s["landed_as_routed_rate"] == 1.0, s["misrouted"]  # its route, or the bin it risked
+    risky = [r for r in read_rows(res.batch_dir / "stones.db") if r["reason"].startswith("co-deflection risk")]
+    assert len(risky) == s["co_deflection_risks"]
+    assert all(r["flagged"] and r["bin"] == r["route"] == "REJECT" and r["planned_on_ns"] is None for r in risky)

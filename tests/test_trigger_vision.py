@@ -150,3 +150,6 @@ def test_simulated_machine_sorts_with_the_vision_trigger(tmp_path: Path) -> None
     assert s["landed_as_decided_rate"] >= 0.93
     assert s["deadline_misses"] == 0
     assert s["captures"] <= 1.2 * s["stones_seen"]  # about one pair per stone, not a pair per preview
+    # Stones the previews missed have no edge: the ledger counts the triggered ones only.
+    assert s["passed_unseen"] <= s["unseen_stones"]
+    assert s["landed_as_routed_rate"] == 1.0, s["misrouted"]

@@ -172,18 +172,23 @@ class World:
 
         A touching pair blocks the beam continuously, so it is one event.
         """
+        return [span for span, _ in self.beam_events(beam_x_mm)]
+
+    def beam_events(self, beam_x_mm: float) -> list[tuple[tuple[int, int], list[StoneSpec]]]:
+        """Each beam interruption with the stones that made it (several if they touch)."""
         spans = []
         for s in self.stones:
             front = _half_extent_x(s.outline_mm, +1)
             back = _half_extent_x(s.outline_mm, -1)
-            spans.append((s.t_at_x_ns(beam_x_mm - front), s.t_at_x_ns(beam_x_mm + back)))
-        spans.sort()
-        merged: list[tuple[int, int]] = []
-        for on, off in spans:
-            if merged and on <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(off, merged[-1][1]))
+            spans.append((s.t_at_x_ns(beam_x_mm - front), s.t_at_x_ns(beam_x_mm + back), s))
+        spans.sort(key=lambda sp: sp[:2])
+        merged: list[tuple[tuple[int, int], list[StoneSpec]]] = []
+        for on, off, s in spans:
+            if merged and on <= merged[-1][0][1]:
+                (first_on, last_off), stones = merged[-1]
+                merged[-1] = ((first_on, max(off, last_off)), [*stones, s])
             else:
-                merged.append((on, off))
+                merged.append(((on, off), [s]))
         return merged
 
     # -- falling and jets -----------------------------------------------------
