@@ -54,6 +54,12 @@ def test_simulated_run_sorts_every_stone(tmp_path: Path) -> None:
     assert all(r["bin"] in BINS and r["model_version"] == s["model"]["version"] for r in rows)
     fired = [r for r in rows if r["valve_status"] == "fired"]
     assert fired and all(r["actual_on_ns"] is not None and r["planned_on_ns"] is not None for r in fired)
+    # The simulated valves are hardware-timed: their reported drive edges are the plan, and the
+    # daemon's own accounting has nothing to explain.
+    assert all((r["actual_on_ns"], r["actual_off_ns"]) == (r["planned_on_ns"], r["planned_off_ns"]) for r in fired)
+    assert s["late_off_edges"] == s["valve_unknown"] == s["untriggered"] == 0
+    assert s["passed_unseen"] == s["unseen_beam_events"]  # 0, unless a loaded box starves the capture loop
+    assert s["landed_as_routed_rate"] == 1.0
     assert len(list((res.batch_dir / "thumbnails").glob("*.jpg"))) == len(rows)
     flagged = sum(r["flagged"] for r in rows)
     assert len(list((res.batch_dir / "flagged").glob("*_toplit.png"))) == flagged

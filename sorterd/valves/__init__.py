@@ -42,7 +42,7 @@ SAMPLES = 200_000  # timing samples kept per series for the run summary
 class PulseOutcome:
     pulse: Pulse
     fired: bool
-    actual_on_ns: int | None  # device-reported jet instants (host time)
+    actual_on_ns: int | None  # device-reported drive edges of the valve (host time); the air lags them
     actual_off_ns: int | None
     status: str  # "fired", "refused: ...", "cancelled", "unknown: ..."
 

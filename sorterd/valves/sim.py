@@ -38,8 +38,9 @@ class SimValves:
         await self.clock.sleep_until(pulse.start_ns)
         if fut.done():  # cancelled meanwhile
             return
-        on, off = self.machine.world.open_jet(pulse.valve, pulse.start_ns, pulse.end_ns)
-        fut.set_result(PulseOutcome(pulse, True, on, off, "fired"))
+        self.machine.world.open_jet(pulse.valve, pulse.start_ns, pulse.end_ns)  # the air follows, later
+        # Like a controller, report the drive edges (exactly on time here), not the jet.
+        fut.set_result(PulseOutcome(pulse, True, pulse.start_ns, pulse.end_ns, "fired"))
 
     def cancel(self, pulse: Pulse) -> bool:
         fut = self._pending.get(pulse)
