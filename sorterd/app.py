@@ -99,8 +99,9 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
     summary = summarize(cfg, pipeline.stats, pipeline.rows, world, model.version, time.monotonic() - t_wall,
                         valves=parts.valves, lights=parts.lights)
     summary["batch_dir"] = str(batch_dir)
-    summary["record"] = {"rows_written": recorder.rows_written, "rows_overflow": recorder.rows_overflow,
-                         "images_overflow": recorder.images_overflow, "errors": recorder.errors}
+    summary["record"] = {"rows_written": recorder.rows_written, "unseen_written": recorder.unseen_written,
+                         "rows_overflow": recorder.rows_overflow, "images_overflow": recorder.images_overflow,
+                         "errors": recorder.errors}
     if session is not None:
         summary["recorded_session"] = str(session.dir)
     print(format_text(summary), file=out)

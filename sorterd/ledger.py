@@ -97,10 +97,12 @@ class TriggerLedger:
         else:
             self._explained.append(e)
 
-    def settle(self, now_ns: int) -> int:
-        """Close the books on everything older than the horizon; returns the new unseen stones."""
+    def settle(self, now_ns: int) -> list[int]:
+        """Close the books on everything older than the horizon; returns the edge times of
+        the stones newly found to have passed unseen."""
         cutoff = now_ns - self.horizon_ns
         n = bisect_left(self._edges, cutoff)
+        unseen = self._edges[:n]
         del self._edges[:n]
         self.counts.passed_unseen += n
         keep = []
@@ -113,13 +115,13 @@ class TriggerLedger:
                 self.counts.untriggered += 1
         self._expected = keep
         self._explained = [e for e in self._explained if e.first_ns + e.span_ns >= cutoff - self.horizon_ns]
-        return n
+        return unseen
 
     def _shares_an_edge(self, e: _Expected) -> bool:
         """A stone touching the one ahead of it crosses as that one's rear does: the beam
         never cleared between them, so one edge stands for both."""
         return any(abs(a.first_ns + a.span_ns - e.first_ns) <= max(a.tol_ns, e.tol_ns) for a in self._explained)
 
-    def close(self) -> int:
+    def close(self) -> list[int]:
         """End of input: nothing left can be explained any more."""
         return self.settle(2**62)

@@ -33,7 +33,7 @@ from sorterd.ledger import TriggerLedger
 from sorterd.lights import StrobeError, strobe_edges
 from sorterd.metrics import Metrics
 from sorterd.parts import Parts
-from sorterd.record import ImageJob, Recorder, StoneRow, wall_time_iso
+from sorterd.record import ImageJob, Recorder, StoneRow, UnseenRow, wall_time_iso
 from sorterd.segment import Observation, PairingLimits, crop_halves, segment_pair
 from sorterd.session import PairTimes
 from sorterd.trigger import TriggerEvent
@@ -342,11 +342,15 @@ class Pipeline:
         unseen = self.ledger.close() if now_ns is None else self.ledger.settle(now_ns)
         untriggered = self.ledger.counts.untriggered - before
         if unseen:
-            self.stats.passed_unseen += unseen
-            self.metrics.passed_unseen.inc(unseen)
-            log.warning("%d stone(s) passed unseen: trigger edges no decided stone explains (no record, no "
-                        "pulse: the default trajectory, REJECT); trigger to exposure p99 %.0f ms", unseen,
-                        _p99_ms(self.stats.latency_s["trigger_to_exposure"]))
+            self.stats.passed_unseen += len(unseen)
+            self.metrics.passed_unseen.inc(len(unseen))
+            p99 = _p99_ms(self.stats.latency_s["trigger_to_exposure"])
+            reason = f"passed unseen: no decided stone explains its trigger edge (trigger to exposure p99 {p99:.0f} ms)"
+            counted = self.clock.now_ns()
+            for t_ns in unseen:
+                self.recorder.submit(UnseenRow(t_ns, counted, wall_time_iso(), reason))
+            log.warning("%d stone(s) passed unseen (recorded in the batch's unseen table): no pulse, the default "
+                        "trajectory, REJECT (trigger to exposure p99 %.0f ms)", len(unseen), p99)
         if untriggered:
             self.stats.untriggered += untriggered
             self.metrics.untriggered.inc(untriggered)

@@ -28,7 +28,7 @@ from sorterd.session import PairTimes, SessionWriter
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: the strobes' actual edges per stone
+SCHEMA_VERSION = 3  # 2: the strobes' actual edges per stone; 3: the `unseen` table
 
 
 @dataclass
@@ -73,6 +73,22 @@ class StoneRow:
     toplit_off_ns: int | None = None
 
 
+@dataclass
+class UnseenRow:
+    """A stone the trigger counted that no decision explains (sorterd/ledger.py): it passed
+    the camera unseen, got no pulse and fell to REJECT.  Its record is this row."""
+
+    trigger_ns: int  # its trigger edge, host monotonic ns
+    counted_ns: int  # when the ledger gave up on explaining it
+    wall_time: str
+    reason: str
+
+
+UNSEEN_SQL = ("CREATE TABLE IF NOT EXISTS unseen (trigger_ns INTEGER PRIMARY KEY, counted_ns INTEGER NOT NULL, "
+              "wall_time TEXT NOT NULL, reason TEXT NOT NULL)")
+INSERT_UNSEEN_SQL = "INSERT OR REPLACE INTO unseen VALUES (?, ?, ?, ?)"
+
+
 def _create_sql() -> str:
     cols = []
     for f in fields(StoneRow):
@@ -93,6 +109,7 @@ def open_db(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(_create_sql())
+    conn.execute(UNSEEN_SQL)
     conn.execute("CREATE TABLE IF NOT EXISTS batch (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     conn.execute("INSERT OR REPLACE INTO batch VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     conn.commit()
@@ -132,13 +149,14 @@ class Recorder:
         self.dir = batch_dir
         self.db_path = batch_dir / "stones.db"
         self.commit_interval_s = commit_interval_s
-        self._rows: queue.Queue[StoneRow | None] = queue.Queue(maxsize=queue_size)
+        self._rows: queue.Queue[StoneRow | UnseenRow | None] = queue.Queue(maxsize=queue_size)
         self._images: queue.Queue[ImageJob | None] = queue.Queue(maxsize=256)
         # Counters: written by the loop thread (overflow) or the writer threads
         # (written, errors); read by anyone for metrics.
         self.rows_overflow = 0
         self.images_overflow = 0
         self.rows_written = 0
+        self.unseen_written = 0
         self.errors = 0
         self._ready = threading.Event()
         self._db_thread = threading.Thread(target=self._db_main, name="sorterd-sqlite", daemon=True)
@@ -150,13 +168,14 @@ class Recorder:
 
     # -- loop side ----------------------------------------------------------
 
-    def submit(self, row: StoneRow) -> bool:
+    def submit(self, row: StoneRow | UnseenRow) -> bool:
         try:
             self._rows.put_nowait(row)
             return True
         except queue.Full:
             self.rows_overflow += 1
-            log.error("record queue full: row %s not logged (writer stalled?)", row.stone_id)
+            what = row.stone_id if isinstance(row, StoneRow) else f"unseen stone at {row.trigger_ns}"
+            log.error("record queue full: row %s not logged (writer stalled?)", what)
             return False
 
     def submit_images(self, job: ImageJob) -> None:
@@ -180,7 +199,7 @@ class Recorder:
     def _db_main(self) -> None:
         conn = open_db(self.db_path)
         self._ready.set()
-        pending: list[StoneRow] = []
+        pending: list[StoneRow | UnseenRow] = []
         deadline = time.monotonic() + self.commit_interval_s
         running = True
         while running:
@@ -200,16 +219,20 @@ class Recorder:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, rows: list[StoneRow]) -> None:
+    def _commit(self, conn: sqlite3.Connection, items: list[StoneRow | UnseenRow]) -> None:
+        rows = [r for r in items if isinstance(r, StoneRow)]
+        unseen = [u for u in items if isinstance(u, UnseenRow)]
         try:
             with conn:
                 conn.executemany(INSERT_SQL, [tuple(asdict(r).values()) for r in rows])
+                conn.executemany(INSERT_UNSEEN_SQL, [tuple(asdict(u).values()) for u in unseen])
             self.rows_written += len(rows)
+            self.unseen_written += len(unseen)
             self._write_decisions(rows)
         except sqlite3.Error:
             self.errors += 1
-            log.exception("SQLite write of %d rows failed; rows kept in the spill file", len(rows))
-            self._spill(rows)
+            log.exception("SQLite write of %d rows failed; rows kept in the spill file", len(items))
+            self._spill(items)
 
     def _write_decisions(self, rows: list[StoneRow]) -> None:
         """`run --decisions PATH`: one JSON line per stone, exact floats."""
@@ -219,11 +242,13 @@ class Recorder:
             for r in rows:
                 fh.write(json.dumps(decision_record(r)) + "\n")
 
-    def _spill(self, rows: list[StoneRow]) -> None:
-        """Last resort when SQLite fails (disk full, corruption): rows as JSON lines."""
+    def _spill(self, items: list[StoneRow | UnseenRow]) -> None:
+        """Last resort when SQLite fails (disk full, corruption): rows as JSON lines
+        (an unseen stone's line has `"table": "unseen"`)."""
         with open(self.dir / "stones.spill.jsonl", "a") as fh:
-            for r in rows:
-                fh.write(json.dumps(asdict(r)) + "\n")
+            for r in items:
+                line = asdict(r) if isinstance(r, StoneRow) else {"table": "unseen", **asdict(r)}
+                fh.write(json.dumps(line) + "\n")
 
     def _img_main(self) -> None:
         while (job := self._images.get()) is not None:
@@ -259,6 +284,18 @@ def decision_record(r: StoneRow) -> dict[str, Any]:
 
 def wall_time_iso() -> str:
     return datetime.now(timezone.utc).astimezone().isoformat(timespec="milliseconds")
+
+
+def read_unseen(db_path: Path) -> list[dict[str, Any]]:
+    """The batch's unseen stones (schema 3; an older database has none recorded)."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'unseen'").fetchone():
+            return []
+        return [dict(r) for r in conn.execute("SELECT * FROM unseen ORDER BY trigger_ns")]
+    finally:
+        conn.close()
 
 
 def read_rows(db_path: Path) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from sorterd import config
 from sorterd.app import RunOptions, run
 from sorterd.ledger import TriggerLedger
 from sorterd.pipeline import Pipeline
+from sorterd.record import read_unseen
 
 MS = 1_000_000
 
@@ -26,7 +28,7 @@ def test_edges_explained_before_or_after_their_decision() -> None:
     lg.decided(101 * MS)  # decided after its edge
     lg.decided(200 * MS)  # decided before its front reached the beam
     lg.edge(198 * MS)
-    assert lg.settle(5000 * MS) == 0
+    assert len(lg.settle(5000 * MS)) == 0
     assert (lg.counts.edges, lg.counts.explained, lg.counts.passed_unseen, lg.counts.untriggered) == (2, 2, 0, 0)
 
 
@@ -34,9 +36,9 @@ def test_an_edge_nobody_explains_is_counted_once_the_horizon_has_passed() -> Non
     lg = ledger()
     lg.edge(100 * MS)
     lg.decided(150 * MS)  # another stone, 50 ms later: not this edge's
-    assert lg.settle(900 * MS) == 0  # a pair still in the queue may explain it
-    assert lg.settle(1101 * MS) == 1
-    assert lg.settle(1200 * MS) == 0  # counted once
+    assert len(lg.settle(900 * MS)) == 0  # a pair still in the queue may explain it
+    assert len(lg.settle(1101 * MS)) == 1
+    assert len(lg.settle(1200 * MS)) == 0  # counted once
     assert lg.counts.passed_unseen == 1 and lg.counts.untriggered == 1  # and the decision had no edge
 
 
@@ -46,7 +48,7 @@ def test_one_stone_takes_one_edge_the_nearest() -> None:
     lg.edge(102 * MS)  # a close neighbour, 2 ms behind
     lg.decided(102 * MS + 200_000)
     lg.decided(100 * MS - 300_000)
-    assert lg.close() == 0 and lg.counts.explained == 2
+    assert len(lg.close()) == 0 and lg.counts.explained == 2
 
 
 def test_a_cluster_explains_every_edge_along_its_length() -> None:
@@ -55,7 +57,7 @@ def test_a_cluster_explains_every_edge_along_its_length() -> None:
     for t in (100, 105, 111):
         lg.edge(t * MS)
     lg.edge(130 * MS)  # the next stone: not the cluster's
-    assert lg.close() == 1 and lg.counts.explained == 3 and lg.counts.untriggered == 0
+    assert len(lg.close()) == 1 and lg.counts.explained == 3 and lg.counts.untriggered == 0
 
 
 def test_a_stone_touching_the_one_ahead_shares_its_edge() -> None:
@@ -65,7 +67,7 @@ def test_a_stone_touching_the_one_ahead_shares_its_edge() -> None:
     lg.edge(100 * MS)
     lg.decided(100 * MS, span_ns=12 * MS)
     lg.decided(300 * MS, span_ns=12 * MS)  # a stone the beam really missed
-    assert lg.close() == 0
+    assert len(lg.close()) == 0
     assert lg.counts.explained == 1 and lg.counts.untriggered == 1
 
 
@@ -75,13 +77,13 @@ def test_a_stone_seen_behind_a_touching_stone_that_was_missed_explains_their_one
     lg.edge(150 * MS)  # the next stone's edge is in: the second one's own edge would be too
     lg.decided(110 * MS, span_ns=8 * MS, behind_ns=12 * MS)
     lg.decided(150 * MS, behind_ns=12 * MS)
-    assert lg.close() == 0 and lg.counts.explained == 2 and lg.counts.untriggered == 0
+    assert len(lg.close()) == 0 and lg.counts.explained == 2 and lg.counts.untriggered == 0
     # Without a touching stone: an edge further back than one stone's length is not taken.
     lg = ledger()
     lg.edge(100 * MS)
     lg.edge(150 * MS)
     lg.decided(120 * MS, behind_ns=12 * MS)
-    assert lg.close() == 2 and lg.counts.untriggered == 1
+    assert len(lg.close()) == 2 and lg.counts.untriggered == 1
 
 
 @pytest.mark.slow
@@ -99,8 +101,13 @@ def test_stones_a_late_capture_never_saw_are_counted(tmp_path: Path, monkeypatch
     monkeypatch.setattr(Pipeline, "_capture", late_capture)
     cfg = config.load(config.sim_config_path(), {
         "record": {"log_dir": str(tmp_path)}, "metrics": {"enabled": False}, "sim": {"rate_per_s": 40.0, "seed": 8}})
-    s = run(cfg, RunOptions(stones=120, progress=False), io.StringIO()).summary
+    res = run(cfg, RunOptions(stones=120, progress=False), io.StringIO())
+    s = res.summary
     assert s["unseen_stones"] > 0
+    # Each one has its record: a row in the batch's unseen table, at its trigger's time.
+    unseen = read_unseen(res.batch_dir / "stones.db")
+    assert len(unseen) == s["record"]["unseen_written"] == s["passed_unseen"]
+    assert all(u["reason"].startswith("passed unseen") and u["counted_ns"] > u["trigger_ns"] for u in unseen)
     assert s["passed_unseen"] == s["unseen_beam_events"]
     assert s["untriggered"] == 0
     assert s["landed_as_routed_rate"] == 1.0, s["misrouted"]
@@ -117,3 +124,17 @@ def test_close_and_touching_stones_are_accounted_for(tmp_path: Path) -> None:
     # Compute time is real on the virtual clock: a very loaded box loses sight of a few stones.
     assert s["passed_unseen"] == s["unseen_beam_events"] <= 10
     assert s["untriggered"] == 0
+
+
+def test_unseen_rows_reach_the_database_or_the_spill_file(tmp_path: Path) -> None:
+    from sorterd.record import Recorder, UnseenRow
+
+    rec = Recorder(tmp_path, 0.01, 16)
+    rec.submit(UnseenRow(123 * MS, 1200 * MS, "2026-11-23T00:00:00", "passed unseen: test"))
+    rec.close()
+    assert read_unseen(tmp_path / "stones.db") == [
+        {"trigger_ns": 123 * MS, "counted_ns": 1200 * MS, "wall_time": "2026-11-23T00:00:00",
+         "reason": "passed unseen: test"}]
+    rec._spill([UnseenRow(5, 6, "w", "r")])  # what a failed SQLite write leaves
+    line = json.loads((tmp_path / "stones.spill.jsonl").read_text())
+    assert line == {"table": "unseen", "trigger_ns": 5, "counted_ns": 6, "wall_time": "w", "reason": "r"}
