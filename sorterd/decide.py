@@ -25,9 +25,6 @@ class Decision:
     confidence: float
     flagged: bool
     reason: str
-    # A neighbour's jet that could not be cancelled in time may carry the stone into this
-    # bin instead of its own (None: no such risk).
-    may_be_carried_into: str | None = None
 
 
 def class_bin(color: str, clarity: str, size_mm: float, cfg: DecisionConfig) -> str:

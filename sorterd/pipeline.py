@@ -14,6 +14,7 @@ concerns take the default trajectory (REJECT).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
@@ -124,8 +125,10 @@ LEDGER_TOLERANCE_MM = 0.5
 MIN_STONE_MM = 1.0  # melee: nothing smaller is sorted
 
 
-def _p99_ms(samples: deque[float]) -> float:
-    return float(np.percentile(np.asarray(samples), 99)) * 1e3 if samples else float("nan")
+def _recent_p99_ms(samples: deque[float], n: int = 100) -> float:
+    """p99 of the last n samples (cheap on the loop; the lag that lost the stones is recent)."""
+    recent = list(itertools.islice(reversed(samples), n))
+    return float(np.percentile(recent, 99)) * 1e3 if recent else float("nan")
 
 
 def trigger_slack_ns(trigger_cfg: Any) -> int:
@@ -344,7 +347,7 @@ class Pipeline:
         if unseen:
             self.stats.passed_unseen += len(unseen)
             self.metrics.passed_unseen.inc(len(unseen))
-            p99 = _p99_ms(self.stats.latency_s["trigger_to_exposure"])
+            p99 = _recent_p99_ms(self.stats.latency_s["trigger_to_exposure"])
             reason = f"passed unseen: no decided stone explains its trigger edge (trigger to exposure p99 {p99:.0f} ms)"
             counted = self.clock.now_ns()
             for t_ns in unseen:
@@ -444,7 +447,7 @@ class Pipeline:
             log.warning("%s: a neighbour's jet into %s could not be cancelled and may carry it", track.stone_id, into)
             return Decision("REJECT", dec.color, dec.clarity, dec.confidence, True,
                             f"co-deflection risk: a neighbour's jet into {into} could not be cancelled "
-                            f"(was {dec.bin})", may_be_carried_into=into)
+                            f"(was {dec.bin})")
         if dec.bin not in JET_BINS:
             return dec
         probe = plan_pulse(track, dec.bin, self.cfg.geometry, self.cfg.ejection)

@@ -171,18 +171,8 @@ def _sim_truth(cfg: Config, world: World, rows: list[StoneRow], risks: dict[str,
     landed = {s.sim_id: world.landing(s).bin for s in world.stones}
     true_bin = {s.sim_id: class_bin(s.color, s.clarity, s.size_mm, cfg.decision) for s in world.stones}
     as_decided = sum(1 for s in world.stones if s.sim_id in owner and owner[s.sim_id].bin == landed[s.sim_id])
-    # Routed: where the machine sent the stone after all -- its decided bin, the safe route
-    # after a refused pulse or a faulted pair, or, unseen, no pulse: the default trajectory
-    # (REJECT).  Below 100 %, a jet missed or hit the wrong stone: a fault no counter explains.
-    # A stone flagged as a co-deflection risk may also be in the bin of the jet it risked.
-    routed = {s.sim_id: owner[s.sim_id].route if s.sim_id in owner else "REJECT" for s in world.stones}
-    risk = {s.sim_id: (risks or {}).get(owner[s.sim_id].stone_id) for s in world.stones if s.sim_id in owner}
-    # A pulse whose outcome never came (link lost) may or may not have fired.
-    unsure = {s.sim_id for s in world.stones
-              if s.sim_id in owner and owner[s.sim_id].valve_status.startswith("unknown")}
-    misrouted = [s for s in world.stones
-                 if landed[s.sim_id] not in (routed[s.sim_id], risk.get(s.sim_id),
-                                             "REJECT" if s.sim_id in unsure else None)]
+    # Below 100 % landed as routed, a jet missed or hit the wrong stone: a fault no record explains.
+    misrouted = [s for s in world.stones if landed[s.sim_id] not in _may_land(owner.get(s.sim_id), risks or {})]
     classified = [(s, owner[s.sim_id]) for s in world.stones
                   if s.sim_id in owner and owner[s.sim_id].color is not None and not owner[s.sim_id].cluster]
     n = len(world.stones)
@@ -206,15 +196,38 @@ def _sim_truth(cfg: Config, world: World, rows: list[StoneRow], risks: dict[str,
                                    if not any(s.sim_id in owner for s in stones))
                                if cfg.trigger.type == "sim" else None),
         # The first few stones that landed where they were not routed, to look up in stones.db.
-        "misrouted": [{"sim_id": s.sim_id, "stone_id": owner[s.sim_id].stone_id if s.sim_id in owner else None,
-                       "route": routed[s.sim_id], "landed": landed[s.sim_id],
-                       "valve_status": owner[s.sim_id].valve_status if s.sim_id in owner else "unseen"}
-                      for s in misrouted[:10]],
+        "misrouted": [_misrouted(s.sim_id, owner.get(s.sim_id), landed[s.sim_id]) for s in misrouted[:10]],
     }
+
+
+def _may_land(row: StoneRow | None, risks: dict[str, str]) -> set[str]:
+    """Where the records say a stone went: its route (a decided bin, or a safe route after a
+    refusal or a fault); REJECT, the default trajectory, for one never seen; also REJECT when
+    its pulse's outcome never came back; also the bin of a jet it was flagged as at risk from."""
+    if row is None:
+        return {"REJECT"}
+    bins = {row.route}
+    if row.valve_status.startswith("unknown"):
+        bins.add("REJECT")
+    if row.stone_id in risks:
+        bins.add(risks[row.stone_id])
+    return bins
+
+
+def _misrouted(sim_id: int, row: StoneRow | None, landed: str) -> dict[str, Any]:
+    return {"sim_id": sim_id, "stone_id": row.stone_id if row else None, "route": row.route if row else "REJECT",
+            "landed": landed, "valve_status": row.valve_status if row else "unseen"}
 
 
 def _rate(k: int, n: int) -> float | None:
     return round(k / n, 5) if n else None
+
+
+# Counts printed only when not zero: (summary key, label).
+FAULT_COUNTS = (("lighting_faults", "lighting faults"), ("passed_unseen", "passed unseen"),
+                ("untriggered", "untriggered"), ("co_deflection_risks", "co-deflection risks"),
+                ("valve_unknown", "valve outcomes unknown"), ("late_off_edges", "late off edges"),
+                ("triggers_dropped", "triggers dropped"))
 
 
 def format_text(s: dict[str, Any]) -> str:
@@ -234,13 +247,7 @@ def format_text(s: dict[str, Any]) -> str:
                  f"neighbour conflicts {s['neighbour_conflicts']}  pairs dropped {s['pairs_dropped']}"
                  + (f"  camera lost {s['camera_failures']}x ({s['camera_gap_triggers']} triggers in the gap)"
                     if s["camera_failures"] else "")
-                 + (f"  lighting faults {s['lighting_faults']}" if s["lighting_faults"] else "")
-                 + (f"  passed unseen {s['passed_unseen']}" if s["passed_unseen"] else "")
-                 + (f"  untriggered {s['untriggered']}" if s["untriggered"] else "")
-                 + (f"  co-deflection risks {s['co_deflection_risks']}" if s["co_deflection_risks"] else "")
-                 + (f"  valve outcomes unknown {s['valve_unknown']}" if s["valve_unknown"] else "")
-                 + (f"  late off edges {s['late_off_edges']}" if s["late_off_edges"] else "")
-                 + (f"  triggers dropped {s['triggers_dropped']}" if s["triggers_dropped"] else ""))
+                 + "".join(f"  {label} {s[key]}" for key, label in FAULT_COUNTS if s[key]))
     if "fire_error_us" in s:
         sy, fi = s["sync_error_us"], s["fire_error_us"]
         lines.append(f"valve timing us p50/p99: sync {sy['p50']}/{sy['p99']}  fire {fi['p50']}/{fi['p99']}  "
