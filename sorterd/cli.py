@@ -139,8 +139,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("sorterd: --rate, --seed and --clock only apply to the simulated machine", file=sys.stderr)
         return 2
     if cfg.simulated and not cfg.offline and cfg.sim.clock == "virtual":
-        print(f"sorterd: note: valves.type = {cfg.valves.type!r} is real time: the simulated machine runs on "
-              "the wall clock (sim.clock = 'virtual' is ignored)", file=sys.stderr)
+        parts = cfg.real_time_parts
+        print(f"sorterd: note: {', '.join(parts)} {'is' if len(parts) == 1 else 'are'} real time: the simulated "
+              "machine runs on the wall clock (sim.clock = 'virtual' is ignored)", file=sys.stderr)
     try:
         run(cfg, RunOptions(stones=args.stones, json_path=args.json_path, progress=not args.no_progress,
                             record_dir=args.record, decisions_path=args.decisions, uncalibrated=args.uncalibrated))

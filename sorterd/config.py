@@ -8,6 +8,7 @@ pick a backend with `type`, and each backend has its own options class.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from sorterd.configfile import ConfigError, build, describe, load_toml, opt
 
 BINS = ("CUT", "SELECT", "FLIP", "REJECT")
 JET_BINS = ("CUT", "SELECT", "FLIP")  # REJECT is the default trajectory: no jet
+LIGHT_MODES = ("backlit", "toplit")  # a pair's two strobes, in order
 COLORS = ("blue", "light", "inky")
 CLARITIES = ("transparent", "translucent", "opaque")
 
@@ -101,20 +103,6 @@ class SimLightsConfig:
                                f"{self.pair_interval_ms}: the ring light is on from t0 + pair_interval_ms until then"])
 
 
-def _check_strobe_pins(pins: dict[str, Any], camera_pin: int, hi: int) -> list[str]:
-    """lights.pins: one distinct output per lighting mode; the camera trigger on yet another."""
-    problems = []
-    if set(pins) != {"backlit", "toplit"}:
-        problems.append(f"lights.pins = {pins!r}: needs exactly the keys backlit, toplit")
-    for k, v in pins.items():
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
-            problems.append(f"lights.pins.{k} = {v!r}: must be an integer in [0, {hi}]")
-    used = [str(v) for v in pins.values()] + ([str(camera_pin)] if camera_pin >= 0 else [])
-    if len(set(used)) != len(used):
-        problems.append(f"lights.pins = {pins!r}, lights.camera_pin = {camera_pin}: every output needs its own pin")
-    return problems
-
-
 @dataclass(frozen=True)
 class McuLightsConfig(SimLightsConfig):
     type: str = opt("mcu", "Backend: mcu -- strobe outputs of the valve controller (hw/), timed by its hardware timer "
@@ -130,7 +118,7 @@ class McuLightsConfig(SimLightsConfig):
                            minval=1.0, maxval=1000.0)
 
     def __post_init__(self) -> None:
-        problems = _check_strobe_pins(self.pins, self.camera_pin, 255)
+        problems = _check_pins("lights", self.pins, LIGHT_MODES, 255, self.camera_pin)
         if self.max_on_ms < self.lights_off_ms - self.pair_interval_ms or self.max_on_ms < self.pair_interval_ms:
             problems.append(f"lights.max_on_ms = {self.max_on_ms} would cut a strobe short (pair_interval_ms = "
                             f"{self.pair_interval_ms}, lights_off_ms = {self.lights_off_ms})")
@@ -165,7 +153,7 @@ class GpioLightsConfig(SimLightsConfig):
                                     minval=0.0, maxval=5000.0)
 
     def __post_init__(self) -> None:
-        problems = _check_strobe_pins(self.pins, self.camera_pin, 1023)
+        problems = _check_pins("lights", self.pins, LIGHT_MODES, 1023, self.camera_pin)
         if self.lead_ms < self.min_lead_ms:
             problems.append(f"lights.lead_ms = {self.lead_ms} is below lights.min_lead_ms = {self.min_lead_ms}: "
                             "every strobe would be refused")
@@ -280,16 +268,19 @@ class DryValvesConfig:
     type: str = opt("dry", "Backend: dry run -- pulses are planned and logged, no output is driven.", choices=("dry",))
 
 
-def _check_pins(section: str, pins: dict[str, Any], hi: int) -> list[str]:
-    """valves.pins: exactly one distinct output number per jet bin."""
+def _check_pins(section: str, pins: dict[str, Any], keys: Sequence[str], hi: int, camera_pin: int = -1) -> list[str]:
+    """<section>.pins: one distinct output per key (a jet bin, a lighting mode), none of them
+    the camera trigger's (camera_pin, when >= 0)."""
     problems = []
-    if set(pins) != set(JET_BINS):
-        problems.append(f"{section}.pins = {pins!r}: needs exactly the keys {', '.join(JET_BINS)}")
+    if set(pins) != set(keys):
+        problems.append(f"{section}.pins = {pins!r}: needs exactly the keys {', '.join(keys)}")
     for k, v in pins.items():
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
             problems.append(f"{section}.pins.{k} = {v!r}: must be an integer in [0, {hi}]")
-    if len(set(map(str, pins.values()))) != len(pins):
-        problems.append(f"{section}.pins = {pins!r}: every valve needs its own pin")
+    used = [str(v) for v in pins.values()] + ([str(camera_pin)] if camera_pin >= 0 else [])
+    if len(set(used)) != len(used):
+        camera = f", {section}.camera_pin = {camera_pin}" if camera_pin >= 0 else ""
+        problems.append(f"{section}.pins = {pins!r}{camera}: every output needs its own pin")
     return problems
 
 
@@ -331,7 +322,7 @@ class McuValvesConfig:
     sim_realtime: bool = opt(True, "port = 'sim': run the firmware process SCHED_FIFO with memory locked, when permitted.")
 
     def __post_init__(self) -> None:
-        problems = _check_pins("valves", self.pins, 255)
+        problems = _check_pins("valves", self.pins, JET_BINS, 255)
         if self.heartbeat_ms * 3 > self.silence_ms:
             problems.append(f"valves.heartbeat_ms = {self.heartbeat_ms} must be at most a third of "
                             f"valves.silence_ms = {self.silence_ms} (one lost heartbeat must not trip the watchdog)")
@@ -363,7 +354,7 @@ class GpioValvesConfig:
     active_low: bool = opt(False, "The valve drivers switch on at a low level.")
 
     def __post_init__(self) -> None:
-        problems = _check_pins("valves", self.pins, 1023)
+        problems = _check_pins("valves", self.pins, JET_BINS, 1023)
         if problems:
             raise ConfigError(problems)
 
@@ -608,7 +599,13 @@ class Config:
     @property
     def offline(self) -> bool:
         """No real hardware at all: the run may use the virtual clock (sim.clock)."""
-        return all(getattr(self, p).type in ("sim", "replay", "dry") for p in ("camera", "trigger", "valves", "lights"))
+        return not self.real_time_parts
+
+    @property
+    def real_time_parts(self) -> list[str]:
+        """The parts whose backend runs on the wall clock, as `section.type = 'x'`."""
+        return [f"{p}.type = {getattr(self, p).type!r}" for p in ("camera", "trigger", "valves", "lights")
+                if getattr(self, p).type not in ("sim", "replay", "dry")]
 
     def resolve(self, path: str) -> Path:
         """A path from the config file, relative to the file's directory."""

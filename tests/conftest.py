@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from sorterd import config
+from sorterd.configfile import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,3 +19,10 @@ def write_toml(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
     p = tmp_path / name
     p.write_text(text)
     return p
+
+
+def problems_of(tmp_path: Path, text: str) -> list[str]:
+    """The problems a config file's refusal lists."""
+    with pytest.raises(ConfigError) as exc:
+        config.load(write_toml(tmp_path, text))
+    return exc.value.problems

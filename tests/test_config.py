@@ -9,13 +9,7 @@ import pytest
 from sorterd import config
 from sorterd.cli import main
 from sorterd.configfile import ConfigError
-from tests.conftest import write_toml
-
-
-def problems_of(tmp_path: Path, text: str) -> list[str]:
-    with pytest.raises(ConfigError) as exc:
-        config.load(write_toml(tmp_path, text))
-    return exc.value.problems
+from tests.conftest import problems_of, write_toml
 
 
 def test_shipped_sim_config_is_valid() -> None:

@@ -8,14 +8,7 @@ import pytest
 
 from sorterd import config
 from sorterd.cli import _overrides, build_parser
-from sorterd.configfile import ConfigError
-from tests.conftest import write_toml
-
-
-def problems_of(tmp_path: Path, text: str) -> list[str]:
-    with pytest.raises(ConfigError) as exc:
-        config.load(write_toml(tmp_path, text))
-    return exc.value.problems
+from tests.conftest import problems_of
 
 
 def test_mcu_defaults_are_valid_for_the_simulated_machine() -> None:
@@ -36,7 +29,7 @@ def test_options_of_one_backend_are_refused_by_another(tmp_path: Path) -> None:
 def test_pins_need_every_bin_once(tmp_path: Path) -> None:
     probs = problems_of(tmp_path, '[valves]\ntype = "mcu"\npins = { CUT = 2, SELECT = 2 }\n')
     assert "valves.pins = {'CUT': 2, 'SELECT': 2}: needs exactly the keys CUT, SELECT, FLIP" in probs
-    assert "valves.pins = {'CUT': 2, 'SELECT': 2}: every valve needs its own pin" in probs
+    assert "valves.pins = {'CUT': 2, 'SELECT': 2}: every output needs its own pin" in probs
     [msg] = problems_of(tmp_path, '[valves]\ntype = "mcu"\npins = { CUT = 2, SELECT = 3, FLIP = 300 }\n')
     assert msg == "valves.pins.FLIP = 300: must be an integer in [0, 255]"
 
