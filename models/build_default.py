@@ -45,7 +45,7 @@ def main() -> int:
     if code:
         return code
     return sorterd(["evaluate", "--model", str(args.out), "--data", str(args.data),
-                    "--report", str(args.data / "report"), "--json", str(args.data / "report" / "metrics.json")])
+                    "--report", str(args.data / "report")])  # the report folder has metrics.json too
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import functools
 import json
 import math
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime
@@ -483,14 +482,6 @@ def interactive_ask(text: str) -> None:
     if not sys.stdin.isatty():
         raise RuntimeError("calibrate needs a terminal for its prompts; use --yes for a non-interactive run")
     input(f"  > {text} ")
-
-
-def timed_warmup(seconds: float, tick: Callable[[float], None]) -> None:
-    t0 = time.monotonic()
-    while (elapsed := time.monotonic() - t0) < seconds:
-        tick(elapsed / seconds)
-        time.sleep(min(1.0, seconds - elapsed))
-    tick(1.0)
 
 
 class CalibrationRefused(RuntimeError):

@@ -164,8 +164,6 @@ class MachineRig:
         self._refs: dict[str, np.ndarray] | None = None
         self._seq = 0
         self.probes: list[Probe] = []
-        self.warmup_strobes = 0
-        self.warmup_faults = 0
         self._closed = False
         self._loop = self.clock.new_event_loop()
         self._thread = threading.Thread(target=self._serve, name="sorterd-calibrate-rig", daemon=True)
@@ -316,11 +314,9 @@ class MachineRig:
                 results = await asyncio.wait_for(asyncio.gather(*reports), timeout=1.0)
             except asyncio.TimeoutError:
                 results = []
-            self.warmup_strobes += 2
             ok = sum(bool(r.lit) for r in results)
             lit += ok
             if ok < 2:
-                self.warmup_faults += 2 - ok
                 log.warning("warm-up strobe not confirmed: %s", [r.status for r in results] or "no report")
             await self.clock.sleep_until(t0 + int(WARMUP_PAIR_S * 1e9))
         if seconds > 0.5 and lit == 0:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from sorterd.config import Config
-from sorterd.segment import Observation, PairingLimits, crop_pair, segment_pair
+from sorterd.segment import Observation, PairingLimits, segment_pair
 from sorterd.sim.machine import SimMachine
-from sorterd.sim.stones import CLARITIES, COLORS, StoneSpec
+from sorterd.sim.stones import StoneSpec
 
 
 @dataclass(frozen=True)
@@ -27,17 +27,6 @@ class Capture:
     t_backlit_ns: int
     t_toplit_ns: int
     found: list[tuple[Observation, StoneSpec]]  # single stones matched to the truth
-
-
-def captures(cfg: Config, n_stones: int, seed: int) -> Iterator[tuple[SimMachine, Capture]]:
-    """One capture per beam edge; every stone appears in (usually) one capture."""
-    from dataclasses import replace
-
-    machine = SimMachine(replace(cfg, sim=replace(cfg.sim, seed=seed)))
-    machine.world.feed(n_stones, 0)
-    refs = {m: machine.render_reference(m) for m in ("backlit", "toplit")}
-    for cap in machine_captures(machine, cfg, refs):
-        yield machine, cap
 
 
 def machine_captures(machine: SimMachine, cfg: Config, refs: dict[str, np.ndarray]) -> Iterator[Capture]:
@@ -69,24 +58,3 @@ def _truth(machine: SimMachine, obs: Observation) -> StoneSpec | None:
         if d < best_d:
             best, best_d = s, d
     return best
-
-
-@dataclass
-class LabelledCrops:
-    x: np.ndarray  # N x H x W x 6 uint8 (backlit RGB, toplit RGB)
-    color: np.ndarray  # N int64, index into COLORS
-    clarity: np.ndarray  # N int64, index into CLARITIES
-    size_mm: np.ndarray
-
-
-def labelled_crops(cfg: Config, n_stones: int, seed: int, crop_mm: float, size: int) -> LabelledCrops:
-    crop_px = int(round(crop_mm * cfg.camera.pixels_per_mm))
-    xs, colors, clarities, sizes = [], [], [], []
-    for _, cap in captures(cfg, n_stones, seed):
-        for obs, stone in cap.found:
-            xs.append(crop_pair(cap.backlit, cap.toplit, obs, crop_px, size))
-            colors.append(COLORS.index(stone.color))
-            clarities.append(CLARITIES.index(stone.clarity))
-            sizes.append(stone.size_mm)
-    return LabelledCrops(np.stack(xs), np.array(colors, np.int64), np.array(clarities, np.int64),
-                         np.array(sizes, np.float64))

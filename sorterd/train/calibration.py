@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sorterd.infer import softmax as infer_softmax
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
@@ -120,7 +122,5 @@ def calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int =
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    """The daemon's softmax (sorterd.infer), in float64 for fitting and calibration figures."""
+    return infer_softmax(np.asarray(logits, dtype=np.float64), temperature)

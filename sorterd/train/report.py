@@ -25,7 +25,7 @@ import numpy as np
 
 from sorterd.config import BINS
 from sorterd.dataset import CLASSES, Dataset, read_crop
-from sorterd.evaluate import MILESTONES, Evaluation
+from sorterd.evaluate import ECE_TARGET, MILESTONES, Evaluation
 from sorterd.summary import COST
 
 GALLERY = 24  # costliest mistakes shown
@@ -312,7 +312,7 @@ def _cards(m: dict[str, Any]) -> str:
         ("Clarity", m["clarity"], p3[2], st[2], True), ("Cost-weighted", m["cost_weighted"], p3[3], st[3], True),
         ("Flagged", m["flagged_rate"], p3[4], st[4], False), ("CUT purity", m["cut_purity"], 0.95, None, True),
         ("CUT recall", m["cut_recall"], 0.85, None, True),
-        ("ECE (worst head)", _worst_ece(m), 0.05, None, False),
+        ("ECE (worst head)", _worst_ece(m), ECE_TARGET, None, False),
     ]
     cells = []
     for name, value, target, stretch, higher in items:

@@ -173,6 +173,3 @@ class ClockSync:
     def drift_ppm(self) -> float | None:
         f = self.freq_hz
         return None if f is None else (f / self.nominal_hz - 1.0) * 1e6
-
-    def span_s(self) -> float:
-        return (self._good[-1].t_mid_ns - self._good[0].t_mid_ns) * 1e-9 if len(self._good) > 1 else 0.0

@@ -61,7 +61,6 @@ class _InFlight:
     pulse: Pulse
     pulse_id: int
     fut: asyncio.Future[PulseOutcome] | None
-    cancel_sent: bool = False
 
 
 class McuError(OSError):
@@ -540,7 +539,6 @@ class McuValves:
         margin = max(self.cfg.min_lead_ms * self._ms, 4 * (self.sync.min_rtt_ns if self.sync else 0))
         if pulse.start_ns - self.clock.now_ns() < margin:
             return False
-        inf.cancel_sent = True
         return self._send(P.Cancel(inf.pulse_id))
 
     async def outcome(self, pulse: Pulse) -> PulseOutcome:
