@@ -251,10 +251,11 @@ def test_an_edge_the_thread_reaches_too_late_is_refused_not_fired() -> None:
 
     try:
         # A limit well above this VM's ordinary wake-up lateness (up to ~2 ms seen), well below 9 ms.
-        with_valves(GpiodValvesConfig(rt_priority=0, late_limit_us=3000.0), lib, body)
+        v = with_valves(GpiodValvesConfig(rt_priority=0, late_limit_us=3000.0), lib, body)
     finally:
         FakeRequest.set_value = real_set  # type: ignore[method-assign]
     assert outs[0] == "fired" and outs[1].startswith("refused: late at fire")
+    assert v.stats().late_at_fire == 1  # the summary's figure (was always 0 for gpio)
     assert 22 not in [a[0] for n, a, _ in lib.calls if n == "set_value"]
 
 

@@ -115,10 +115,17 @@ class ValveStats:
     clock_offset_ns: float | None = None  # last sync sample vs the fitted line
     clock_rtt_ns: int | None = None
     clock_drift_ppm: float | None = None
-    late_at_fire: int = 0
 
-    def refuse(self, reason: str) -> None:
-        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+    def refuse(self, kind: str, detail: str = "") -> str:
+        """Count a refusal under a fixed kind (a metric label); returns the status text,
+        which may say more."""
+        self.refusals[kind] = self.refusals.get(kind, 0) + 1
+        return f"refused: {kind}" + (f" ({detail})" if detail else "")
+
+    @property
+    def late_at_fire(self) -> int:
+        """Pulses refused because the timer woke past the late limit (a controller's or the thread's)."""
+        return sum(n for kind, n in self.refusals.items() if kind.endswith("late at fire"))
 
     def fired(self, intended_ns: int, actual_ns: int) -> None:
         self.fire_error_ns.append(actual_ns - intended_ns)

@@ -259,29 +259,24 @@ class GpioValves:
 
     def schedule(self, pulse: Pulse) -> str | None:
         if self._failed:
-            return self._refuse("valve thread failed", self._failed)
+            return self.stats_.refuse("valve thread failed", self._failed)
         lead = pulse.start_ns - time.monotonic_ns()
         if lead < self.cfg.min_lead_ms * 1e6:
-            return self._refuse("late", f"start {lead / 1e6:.2f} ms ahead, needs {self.cfg.min_lead_ms:.2f} ms")
+            return self.stats_.refuse("late", f"start {lead / 1e6:.2f} ms ahead, needs {self.cfg.min_lead_ms:.2f} ms")
         if pulse.duration_ns <= 0 or pulse.duration_ns > self.max_on_ns:
-            return self._refuse("bad duration", f"{pulse.duration_ns / 1e6:.2f} ms, max on {self.cfg.max_on_ms} ms")
+            return self.stats_.refuse("bad duration", f"{pulse.duration_ns / 1e6:.2f} ms, max on {self.cfg.max_on_ms} ms")
         job = _Job(pulse)
         with self._cond:
             if self._stopping:
-                return self._refuse("valves closed")
+                return self.stats_.refuse("valves closed")
             if any(e.job.pulse.valve == pulse.valve and e.job.state in ("queued", "on")
                    and e.job.pulse.start_ns < pulse.end_ns and pulse.start_ns < e.job.pulse.end_ns
                    for e in self._heap):
-                return self._refuse("overlap")
+                return self.stats_.refuse("overlap")
             heapq.heappush(self._heap, _Edge(pulse.start_ns, next(self._seq), True, job))
             self._cond.notify()
         self._jobs[pulse] = job
         return None
-
-    def _refuse(self, kind: str, detail: str = "") -> str:
-        """Count a refusal under a fixed kind (a metric label); the text says more."""
-        self.stats_.refuse(kind)
-        return f"refused: {kind}" + (f" ({detail})" if detail else "")
 
     def cancel(self, pulse: Pulse) -> bool:
         job = self._jobs.get(pulse)

@@ -366,8 +366,6 @@ class McuValves:
         inf = self._by_id.get(msg.pulse_id)
         stats = self.strobe_stats if inf is not None and inf.pulse.valve in self._extra else self.stats_
         stats.refuse(f"controller: {reason}")
-        if msg.reason == 7:
-            stats.late_at_fire += 1
         if inf is not None:
             self._resolve(inf, PulseOutcome(inf.pulse, False, None, None, f"refused: controller: {reason}"))
 
@@ -491,11 +489,6 @@ class McuValves:
 
     # -- the Valves interface --------------------------------------------------
 
-    def _refuse(self, kind: str, detail: str = "", stats: ValveStats | None = None) -> str:
-        """Count a refusal under a fixed kind (a metric label); the text says more."""
-        (stats or self.stats_).refuse(kind)
-        return f"refused: {kind}" + (f" ({detail})" if detail else "")
-
     def _not_ready(self, now: int) -> tuple[str, str] | None:
         if self.state != "ready":
             return ("controller disconnected", "") if self.state == "closed" else ("controller not ready", self.state)
@@ -511,17 +504,17 @@ class McuValves:
         stats = self.strobe_stats if pulse.valve in self._extra else self.stats_
         why = self._not_ready(now)
         if why:
-            return self._refuse(*why, stats=stats)
+            return stats.refuse(*why)
         lead = pulse.start_ns - now
         if lead < self.cfg.min_lead_ms * self._ms:
-            return self._refuse("late", f"start {lead / 1e6:.2f} ms ahead, needs {self.cfg.min_lead_ms:.2f} ms", stats)
+            return stats.refuse("late", f"start {lead / 1e6:.2f} ms ahead, needs {self.cfg.min_lead_ms:.2f} ms")
         assert self.sync is not None
         start = self.sync.clock_at(pulse.start_ns)
         pid = self._next_pulse_id
         self._next_pulse_id = (self._next_pulse_id + 1) & 0xFFFFFFFF or 1
         msg = P.Schedule(pid, self._valves.index(pulse.valve), start, max(1, self.sync.ticks(pulse.duration_ns)))
         if not self.link.send(msg.encode()):
-            return self._refuse("link congested", stats=stats)
+            return stats.refuse("link congested")
         inf = _InFlight(pulse, pid, None)
         self._by_id[pid] = inf
         self._by_pulse[pulse] = inf
