@@ -97,7 +97,7 @@ def _calibrate_machine(cfg: Any, model: Any, interactive: bool, warmup_s: float)
     """A real machine: its parts through MachineRig.  (profile, refs, baseline), or an exit status."""
     from sorterd import calibrate
     from sorterd.camera import CameraError
-    from sorterd.rig import KitError, MachineRig, RigError, load_kit, terminal_answer
+    from sorterd.rig import KitError, MachineRig, RigError, configured_kit, kit_labels, terminal_answer
 
     if interactive:
         if not sys.stdin.isatty():
@@ -106,10 +106,7 @@ def _calibrate_machine(cfg: Any, model: Any, interactive: bool, warmup_s: float)
                   "then does not pass", file=sys.stderr)
             return 2
         try:  # before anything warms up: the kit file must be right
-            if not cfg.calibration.kit:
-                raise KitError("calibration.kit is not set: the reference stone kit's labels, one JSON object per "
-                               'line in feeding order, e.g. {"color": "blue", "clarity": "transparent"}')
-            load_kit(Path(cfg.calibration.kit).expanduser())
+            kit_labels(configured_kit(cfg))
         except KitError as exc:
             print(f"sorterd calibrate: {exc}", file=sys.stderr)
             return 2

@@ -86,6 +86,19 @@ class Probe:
     result: str  # "hit", "miss", or why the drop did not count
 
 
+def configured_kit(cfg: Config) -> Path | None:
+    """calibration.kit as a path (None: not set)."""
+    return Path(cfg.calibration.kit).expanduser() if cfg.calibration.kit else None
+
+
+def kit_labels(path: Path | None) -> list[tuple[str, str]]:
+    """The kit file's labels; KitError when there is none or it is bad."""
+    if path is None:
+        raise KitError("calibration.kit is not set: the reference stone kit's labels, one JSON object per "
+                       'line in feeding order, e.g. {"color": "blue", "clarity": "transparent"}')
+    return load_kit(path)
+
+
 def load_kit(path: Path) -> list[tuple[str, str]]:
     """(color, clarity) per stone, in feeding order, from a JSON-lines file.
 
@@ -159,8 +172,7 @@ class MachineRig:
         self.answer = answer
         self.say = say or _print_say
         self.stone_timeout_s = stone_timeout_s
-        self._kit_path = kit if kit is not None else (Path(cfg.calibration.kit).expanduser()
-                                                      if cfg.calibration.kit else None)
+        self._kit_path = kit if kit is not None else configured_kit(cfg)
         self._refs: dict[str, np.ndarray] | None = None
         self._seq = 0
         self.probes: list[Probe] = []
@@ -397,10 +409,7 @@ class MachineRig:
 
     def kit(self) -> list[tuple[str, str]]:
         """The reference kit's labels (KitError when calibration.kit is unset or bad)."""
-        if self._kit_path is None:
-            raise KitError("calibration.kit is not set: the reference stone kit's labels, one JSON object per "
-                           'line in feeding order, e.g. {"color": "blue", "clarity": "transparent"}')
-        return load_kit(self._kit_path)
+        return kit_labels(self._kit_path)
 
     def reference_stones(self) -> list[tuple[np.ndarray, np.ndarray, str, str]]:
         labels = self.kit()
