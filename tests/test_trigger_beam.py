@@ -275,7 +275,7 @@ def test_gpiod_kernel_timestamps_pass_through_with_latency_subtracted() -> None:
             lib.requests[0].push_edges(("F", T), ("R", T + 2 * MS))
             lib.requests[0].push_edges(("F", T + 20 * MS), ("R", T + 23 * MS))
             got = await take(trig, 2)
-            await asyncio.sleep(0.02)
+            await until(lambda: trig.stats()["edges"] == 4)  # the reader has seen every edge
             return got, trig.stats(), lib.requests[0].threads
         finally:
             trig.close()
@@ -334,7 +334,7 @@ def test_broken_level_chooses_the_edge() -> None:
         try:
             lib.requests[0].push_edges(("F", T), ("R", T + 3 * MS), ("F", T + 10 * MS), ("R", T + 12 * MS))
             got = await take(trig, 2)
-            await asyncio.sleep(0.02)
+            await until(lambda: trig.stats()["edges"] == 4)  # the reader has seen every edge
             assert trig.stats()["triggers"] == 2  # and no third
             return got
         finally:
@@ -354,7 +354,7 @@ def test_holdoff_suppresses_the_same_stone_flickering() -> None:
                                        ("F", T + int(4.9 * MS)), ("R", T + int(5.5 * MS)),
                                        ("F", T + 6 * MS), ("R", T + 8 * MS))
             got = await take(trig, 2)
-            await asyncio.sleep(0.02)
+            await until(lambda: trig.stats()["edges"] == 8)  # the reader has seen every edge
             return got, trig.stats()
         finally:
             trig.close()
@@ -376,7 +376,7 @@ def test_gpiod_software_debounce_on_kernel_timestamps_catches_the_release_bounce
                 # past the holdoff, so without debounce the F at +10.03 ms would be a second stone
                 ("F", T + 30 * MS), ("R", T + 32 * MS))
             got = await take(trig, 2)
-            await asyncio.sleep(0.02)
+            await until(lambda: trig.stats()["edges"] == 8)  # the reader has seen every edge
             return got, trig.stats()
         finally:
             trig.close()
@@ -517,7 +517,7 @@ def test_jetson_stamps_on_callback_debounces_and_holds_off_in_software() -> None
         try:
             lib.fire(18, 5)
             got = await take(trig, 2)
-            await asyncio.sleep(0.02)
+            await until(lambda: trig.stats()["edges"] == 5)  # the reader has seen every edge
             return got, trig.stats()
         finally:
             trig.close()
