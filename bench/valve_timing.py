@@ -125,7 +125,7 @@ async def bench_mcu(args: argparse.Namespace, busy: Busy) -> dict[str, Any]:
     st = valves.stats()
     refused = sum(1 for o in outcomes if o is None or o.status.startswith("refused"))
     return {"sync": stats_us(list(st.sync_error_ns)), "wake": stats_us(wake),
-            "fire": stats_us(list(st.true_fire_error_ns)), "refused": refused, "late": st.late_at_fire}
+            "fire": stats_us(list(st.true_fire_errors())), "refused": refused, "late": st.late_at_fire}
 
 
 class NoopDriver:
@@ -150,7 +150,7 @@ async def bench_gpio(args: argparse.Namespace, busy: Busy) -> dict[str, Any]:
     st = valves.stats()
     refused = sum(1 for o in outcomes if o is None or o.status.startswith("refused"))
     rt = valves.realtime
-    return {"fire": stats_us(list(st.true_fire_error_ns)), "refused": refused,
+    return {"fire": stats_us(list(st.true_fire_errors())), "refused": refused,
             "rt": "SCHED_FIFO" if rt and rt.fifo else "normal"}
 
 

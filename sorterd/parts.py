@@ -114,7 +114,8 @@ def _trigger(cfg: Config, machine: Any, clock: Clock, replay: Any, camera: Camer
 
         return VisionTrigger(cfg.trigger, camera, lights, clock,
                              stop_at=_all_past(machine) if machine is not None else None,
-                             max_speed_mm_s=cfg.geometry.speed_max_mm_s)
+                             max_speed_mm_s=cfg.geometry.speed_max_mm_s,
+                             reopen_backoff_ms=getattr(cfg.camera, "reopen_backoff_ms", 200.0))
     if cfg.trigger.type == "beam":
         from sorterd.trigger.beam import BeamTrigger
 

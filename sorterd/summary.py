@@ -134,7 +134,7 @@ def valve_summary(rows: list[StoneRow], world: World | None, valves: Any = None)
     if st is not None:
         out["valves"] = _backend_stats(st)
         out.setdefault("sync_error_us", _us(st.sync_error_ns))
-        out.setdefault("fire_error_us", _us(st.true_fire_error_ns))
+        out.setdefault("fire_error_us", _us(st.true_fire_errors()))
         out.setdefault("watchdog_trips", st.watchdog_trips)
         out.setdefault("reconnects", st.reconnects)
     return out

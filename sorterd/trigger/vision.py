@@ -46,13 +46,13 @@ from sorterd.trigger import TriggerEvent
 
 log = logging.getLogger(__name__)
 
-REOPEN_BACKOFF_NS = 200_000_000
 GAP_COLS = 2  # changed columns this close (preview columns) are one object
 
 
 class VisionTrigger:
     def __init__(self, cfg: Any, camera: Any, lights: Any, clock: Clock,
-                 stop_at: Callable[[], int | None] | None = None, max_speed_mm_s: float = 1000.0) -> None:
+                 stop_at: Callable[[], int | None] | None = None, max_speed_mm_s: float = 1000.0,
+                 reopen_backoff_ms: float = 200.0) -> None:
         self.cfg = cfg
         self.camera = camera
         self.lights = lights
@@ -60,6 +60,7 @@ class VisionTrigger:
         self._stop_at = stop_at  # simulation: when the fed stones are all past (None: run forever)
         self._end_ns: int | None = None
         self.period_ns = int(1e9 / cfg.preview_hz)
+        self.reopen_backoff_ns = int(reopen_backoff_ms * 1e6)  # the camera's own setting, as the pipeline uses
         self.strobe_ns = int(cfg.strobe_ms * 1e6)
         self.ppm = ppm = float(camera.pixels_per_mm)
         self.x0, self.x1 = 0, 1
@@ -193,7 +194,7 @@ class VisionTrigger:
                 return
             except CameraError as exc:
                 log.debug("camera reopen failed: %s", exc)
-                await self.clock.sleep_until(self.clock.now_ns() + REOPEN_BACKOFF_NS)
+                await self.clock.sleep_until(self.clock.now_ns() + self.reopen_backoff_ns)
 
     def stats(self) -> dict[str, int]:
         return {"previews": self.previews, "triggers": self.triggers,

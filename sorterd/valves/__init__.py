@@ -109,7 +109,8 @@ class ValveStats:
     fire_hist: ErrorHistogram = field(default_factory=ErrorHistogram)
     # Against the simulator's truth (sim only): the host's estimate of the
     # controller clock at each start vs the true clock then, and each edge's
-    # actual time (true relation) vs the intended instant.
+    # actual time (true relation) vs the intended instant.  A host-side backend
+    # (gpio) stamps edges on the host clock itself: its fire_error_ns is the truth.
     sync_error_ns: deque[int] = field(default_factory=lambda: deque(maxlen=SAMPLES))
     true_fire_error_ns: deque[int] = field(default_factory=lambda: deque(maxlen=SAMPLES))
     clock_offset_ns: float | None = None  # last sync sample vs the fitted line
@@ -126,6 +127,9 @@ class ValveStats:
     def late_at_fire(self) -> int:
         """Pulses refused because the timer woke past the late limit (a controller's or the thread's)."""
         return sum(n for kind, n in self.refusals.items() if kind.endswith("late at fire"))
+
+    def true_fire_errors(self) -> deque[int]:
+        return self.true_fire_error_ns or self.fire_error_ns
 
     def fired(self, intended_ns: int, actual_ns: int) -> None:
         self.fire_error_ns.append(actual_ns - intended_ns)

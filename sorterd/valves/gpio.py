@@ -311,8 +311,6 @@ class GpioValves:
         if outcome.fired and outcome.actual_on_ns is not None and outcome.actual_off_ns is not None:
             self.stats_.fired(job.pulse.start_ns, outcome.actual_on_ns)
             self.stats_.fired(job.pulse.end_ns, outcome.actual_off_ns)
-            self.stats_.true_fire_error_ns.extend((outcome.actual_on_ns - job.pulse.start_ns,
-                                                   outcome.actual_off_ns - job.pulse.end_ns))
             if self.observer is not None:
                 self.observer(job.pulse.valve, outcome.actual_on_ns, outcome.actual_off_ns)
         elif outcome.status.startswith("refused"):
