@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from sorterd.config import CLARITIES, COLORS
+from sorterd.segment import DIFF_THRESHOLD
 
 CLASSES = tuple(f"{c}_{k}" for c in COLORS for k in CLARITIES)  # the 9 §1.3 classes
 FLAGS = ("uncertain", "mixed", "damaged", "reject")
@@ -48,7 +49,6 @@ DEFAULT_CROP_MM = 6.4  # the shipped models' crop: 128 px at 20 px/mm
 UNKNOWN_LOT = "LOT-UNKNOWN"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _STRING_FIELDS = ("lot_id", "session_id", "annotator", "timestamp", "notes")
-_BORDER_DIFF = 18  # DN: as the segmenter's DIFF_THRESHOLD (sorterd.segment)
 
 
 class DatasetError(ValueError):
@@ -399,7 +399,7 @@ def measure_size_mm(backlit: np.ndarray, pixels_per_mm: float) -> float | None:
     border = np.concatenate([backlit[0], backlit[-1], backlit[:, 0], backlit[:, -1]])
     background = np.median(border, axis=0).astype(np.int16)
     diff = np.abs(backlit.astype(np.int16) - background).max(axis=2)
-    mask = (diff > _BORDER_DIFF).astype(np.uint8)
+    mask = (diff > DIFF_THRESHOLD).astype(np.uint8)
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return None

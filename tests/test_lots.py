@@ -242,3 +242,13 @@ def test_chipped_outline_is_smaller_and_still_one_stone() -> None:
 
 def test_class_names_match_the_stones() -> None:
     assert all(set(lot.class_mix) == {f"{c}_{k}" for c in COLORS for k in CLARITIES} for lot in LOTS.values())
+
+
+def test_session_drift_applies_on_top_of_the_machines_own_optics() -> None:
+    """A lot's session drift must not undo a fault the simulated machine was given (sim.faults)."""
+    from sorterd.sim.lots import SessionDrift
+
+    faulty = Optics(backlight_level=200.0, ring_gain=0.8, wb_gains=(1.1, 1.0, 1.0))
+    o = SessionDrift(backlight_scale=0.9, ring_gain=1.05, wb_gains=(1.0, 1.0, 0.9)).optics(faulty)
+    assert o.backlight_level == pytest.approx(180.0) and o.ring_gain == pytest.approx(0.84)
+    assert o.wb_gains == pytest.approx((1.1, 1.0, 0.9))

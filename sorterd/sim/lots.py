@@ -68,14 +68,12 @@ from sorterd.sim.render import Optics
 from sorterd.sim.stones import CLARITIES, COLORS, Appearance, StoneSpec
 from sorterd.sim.world import THAI_MELEE_MIX
 
-FLAGS = ("uncertain", "mixed", "damaged", "reject")  # §3.4
 CASES = ("clean", "borderline_color", "borderline_clarity", "mixed", "damaged", "pleochroic", "debris")
 BORDERLINE_W = (0.0, 1.0)  # where in the gap between two class boxes a borderline look lies
 LABEL_SOFTNESS = 0.15  # width (in w) of the annotator's uncertainty: ~1 label in 5 crosses over
 MIDDLE_BIAS = 0.6  # logit: borderline clarity calls lean to Translucent (§3.2.2)
 ZONE_OFFSET = (0.1, 0.45)  # second zone ~44 % .. ~21 % of a round stone
 DOMINANCE_SOFTNESS = 0.05  # how sharply "dominant zone" labels follow the zone areas
-NOMINAL_BACKLIGHT = 225.0  # DN of the panel (Optics default)
 NOMINAL_EXPOSURE_US = {"backlit": 1000.0, "toplit": 3000.0}  # §2.4 typical values
 
 
@@ -240,8 +238,10 @@ class SessionDrift:
     wb_gains: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def optics(self, base: Optics) -> Optics:
-        return replace(base, backlight_level=min(255.0, NOMINAL_BACKLIGHT * self.backlight_scale),
-                       ring_gain=self.ring_gain, wb_gains=self.wb_gains)
+        """The session's optics: this drift on top of the machine's own (faults included)."""
+        wb = tuple(b * d for b, d in zip(base.wb_gains, self.wb_gains, strict=True))
+        return replace(base, backlight_level=min(255.0, base.backlight_level * self.backlight_scale),
+                       ring_gain=base.ring_gain * self.ring_gain, wb_gains=wb)
 
     @property
     def worst_deviation(self) -> float:
