@@ -153,3 +153,16 @@ def test_simulated_machine_sorts_with_the_vision_trigger(tmp_path: Path) -> None
     # Stones the previews missed have no edge: the ledger counts the triggered ones only.
     assert s["passed_unseen"] <= s["unseen_stones"]
     assert s["landed_as_routed_rate"] == 1.0, s["misrouted"]
+
+
+def test_a_preview_whose_strobe_was_not_lit_is_never_a_stone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused or unlit preview strobe gives a dark frame, unlike the reference everywhere:
+    it must be dropped (counted), not read as a stone entering."""
+    from sorterd.lights import StrobeResult, done
+
+    def unlit(self: SimLights, mode: str, t_on: int, t_off: int) -> Any:
+        return done(StrobeResult(mode, None, None, "refused: controller: late at fire"))
+
+    monkeypatch.setattr(SimLights, "strobe", unlit)
+    ts, trig = triggers([(0, 400.0, 2.0)], 100 * MS)
+    assert ts == [] and trig.previews == 0 and trig.preview_failures >= 15

@@ -171,8 +171,15 @@ class VisionTrigger:
         async with camera_lock(self.camera):
             t = self.clock.now_ns() + self.lights.lead_ns
             try:
-                self.lights.strobe("backlit", t, t + self.strobe_ns)
-                return await self.camera.grab("backlit", t)
+                report = self.lights.strobe("backlit", t, t + self.strobe_ns)
+                frame = await self.camera.grab("backlit", t)
+                # An unlit preview differs from the reference everywhere: it would read as a stone.
+                # (Reports that come later -- a controller's, over serial -- are not waited for.)
+                if report.done() and not report.cancelled() and report.exception() is None and not report.result().lit:
+                    self.preview_failures += 1
+                    log.debug("preview strobe not lit: %s", report.result().status)
+                    return None
+                return frame
             except StrobeError as exc:
                 self.preview_failures += 1
                 log.debug("preview strobe refused: %s", exc)
