@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sorterd import config
-from sorterd.app import RunOptions, run
+from sorterd.cli.run import RunOptions, run
 
 ROWS: dict[str, dict[str, dict[str, Any]]] = {
     "beam": {},

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from sorterd import config
-from sorterd.app import RunOptions, run
+from sorterd.cli.run import RunOptions, run
 
 
 def main() -> int:

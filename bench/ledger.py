@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from sorterd import config
-from sorterd.app import RunOptions, run
-from sorterd.pipeline import Pipeline
+from sorterd.cli.run import RunOptions, run
+from sorterd.sorting.pipeline import Pipeline
 
 # (name, every Nth pair late, by ms, sim overrides)
 ROWS: list[tuple[str, int, float, dict[str, Any]]] = [

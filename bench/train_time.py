@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from sorterd.train.fit import FitOptions, default_config, fit
-from sorterd.train.recipe import TEST_LOTS, TRAIN_SEED, generate_default_dataset
+from sorterd.sim.recipe import TEST_LOTS, TRAIN_SEED, generate_default_dataset
+from sorterd.train.job import FitOptions, default_config, fit
 
 BUDGET_S = 20 * 60
 

@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sorterd.clock import WallClock  # noqa: E402
 from sorterd.config import GpiodValvesConfig, McuValvesConfig  # noqa: E402
-from sorterd.eject import Pulse  # noqa: E402
+from sorterd.controller.gpio import GpioValves  # noqa: E402
+from sorterd.controller.mcu import McuValves  # noqa: E402
 from sorterd.sim.firmware import HostFirmware  # noqa: E402
-from sorterd.valves.gpio import GpioValves  # noqa: E402
-from sorterd.valves.mcu import McuValves  # noqa: E402
+from sorterd.sorting.eject import Pulse  # noqa: E402
 
 VALVES = ("CUT", "SELECT", "FLIP")
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from sorterd.cli import main as sorterd
-from sorterd.train.recipe import TEST_LOTS, TRAIN_SEED, generate_default_dataset
+from sorterd.sim.recipe import TEST_LOTS, TRAIN_SEED, generate_default_dataset
 
 HERE = Path(__file__).resolve().parent
 

@@ -10,9 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from sorterd import calibrate, config
+from sorterd import config
+from sorterd.calibration import checklist as calibrate
 from sorterd.cli import main
-from sorterd.infer import OnnxModel, resolve_bundle
+from sorterd.parts.inference.onnxruntime import OnnxModel, resolve_bundle
 from sorterd.sim.rig import SimRig
 
 

@@ -17,18 +17,19 @@ import cv2
 import numpy as np
 import pytest
 
-from sorterd import calibrate, config
-from sorterd.camera import CameraError, Frame
-from sorterd.capture import SWITCH_GAP_NS
+from sorterd import config
+from sorterd.calibration import checklist as calibrate
+from sorterd.calibration.rig import KitError, MachineRig, load_kit
 from sorterd.cli import main
+from sorterd.cli.compose import Parts
 from sorterd.clock import WallClock
-from sorterd.eject import Pulse, plan_pulse
-from sorterd.lights import StrobeResult, check_pair, done
-from sorterd.parts import Parts
-from sorterd.rig import KitError, MachineRig, load_kit
+from sorterd.parts.camera import CameraError, Frame
+from sorterd.parts.lights import StrobeResult, check_pair, done
+from sorterd.parts.trigger import TriggerEvent
+from sorterd.parts.valves import PulseOutcome
 from sorterd.sim.rig import SimRig
-from sorterd.trigger import TriggerEvent
-from sorterd.valves import PulseOutcome
+from sorterd.sorting.capture import SWITCH_GAP_NS
+from sorterd.sorting.eject import Pulse, plan_pulse
 
 H, W = 160, 480  # 8 x 24 mm at 20 px/mm
 BACK, TOP = 220, 120
@@ -331,7 +332,7 @@ def test_valve_hit_needs_exactly_one_stone_and_a_fired_pulse(tmp_path: Path, fak
 
 
 def test_vision_trigger_waits_for_todays_reference_then_watches_it(tmp_path: Path, fakes: Fakes) -> None:
-    from sorterd.trigger.vision import VisionTrigger
+    from sorterd.parts.trigger.vision import VisionTrigger
 
     (tmp_path / "real.toml").write_text(REAL_TOML.format(dir=tmp_path / "cal", kit="").replace(
         'type = "beam"', 'type = "vision"'))
@@ -341,7 +342,7 @@ def test_vision_trigger_waits_for_todays_reference_then_watches_it(tmp_path: Pat
         raise CameraError("no reference frame yet")
 
     fakes.camera.reference = no_reference  # a real camera before today's calibration: none yet
-    # The real vision trigger on the fake camera, as sorterd.parts opens it.
+    # The real vision trigger on the fake camera, as sorterd.cli.compose opens it.
     fakes.trigger = VisionTrigger(cfg.trigger, fakes.camera, fakes.lights, fakes.clock)  # type: ignore[assignment]
     with rig_on(cfg, fakes) as rig:
         trigger = rig.parts.trigger
@@ -442,7 +443,7 @@ def test_yes_on_a_real_machine_skips_operator_steps_and_does_not_pass(
         opened.append(cfg)
         return fakes.parts()
 
-    monkeypatch.setattr("sorterd.rig.open_parts", fake_open_parts)
+    monkeypatch.setattr("sorterd.calibration.rig.open_parts", fake_open_parts)
     code = main(["calibrate", "--config", str(tmp_path / "real.toml"), "--yes", "--warmup-s", "0", "--set-baseline"])
     captured = capsys.readouterr()
     out = captured.out

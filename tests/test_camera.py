@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from sorterd import config
-from sorterd.app import RunOptions, run
-from sorterd.camera import CameraError
-from sorterd.camera.opencv import OpenCVCamera
+from sorterd.cli.run import RunOptions, run
 from sorterd.clock import WallClock
+from sorterd.parts.camera import CameraError
+from sorterd.parts.camera.opencv import OpenCVCamera
 
 
 def frames(n: int, w: int = 160, h: int = 96) -> list[np.ndarray]:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sorterd.valves.clocksync import ClockSync
+from sorterd.controller.clocksync import ClockSync
 
 F_NOM = 12_000_000.0
 

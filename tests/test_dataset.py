@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sorterd import config
-from sorterd.dataset import (
+from sorterd.data.dataset import (
     Dataset,
     DatasetError,
     StoneLabel,
@@ -24,10 +24,10 @@ from sorterd.dataset import (
     read_crop,
     stone_sizes,
 )
-from sorterd.segment import PairingLimits, crop_halves, segment_pair
-from sorterd.session import SessionReader
+from sorterd.data.session import SessionReader
 from sorterd.sim.generate import GenerateOptions, generate
 from sorterd.sim.lots import LOTS
+from sorterd.sorting.segment import PairingLimits, crop_halves, segment_pair
 from sorterd.train.splits import Splits, choose_test_lots, make_splits, read_splits, write_splits
 
 SECTION_3_4 = {"stone_id", "color", "clarity", "lot_id", "session_id", "annotator", "timestamp",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sorterd.config import CLARITIES, COLORS, DEFAULT_BINS, DecisionConfig
-from sorterd.decide import class_bin, decide, unsortable_reason
+from sorterd.sorting.decide import class_bin, decide, unsortable_reason
 
 CFG = DecisionConfig()
 

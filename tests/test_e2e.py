@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from sorterd import config
-from sorterd.app import RunOptions, run
 from sorterd.cli import main
+from sorterd.cli.run import RunOptions, run
 from sorterd.config import BINS
-from sorterd.record import COLUMNS, read_rows
+from sorterd.sorting.record import COLUMNS, read_rows
 
 STABLE_KEYS = {"stones_fed", "stones_seen", "deadline_misses", "flagged", "flagged_rate", "bins",
                "landed_as_decided_rate", "accuracy", "latency_ms", "model"}

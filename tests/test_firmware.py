@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from sorterd.controller import proto as P
 from sorterd.sim.firmware import (
     TRACE_EDGE,
     TRACE_WATCHDOG,
@@ -25,7 +26,6 @@ from sorterd.sim.firmware import (
     firmware_binary,
     firmware_source,
 )
-from sorterd.valves import proto as P
 
 FREQ = 12_000_000.0
 MS = FREQ / 1000  # ticks per ms (nominal)

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from sorterd import config
-from sorterd.app import RunOptions, run
-from sorterd.ledger import TriggerLedger
-from sorterd.pipeline import Pipeline
-from sorterd.record import read_unseen
+from sorterd.cli.run import RunOptions, run
+from sorterd.sorting.ledger import TriggerLedger
+from sorterd.sorting.pipeline import Pipeline
+from sorterd.sorting.record import read_unseen
 
 MS = 1_000_000
 
@@ -127,7 +127,7 @@ def test_close_and_touching_stones_are_accounted_for(tmp_path: Path) -> None:
 
 
 def test_unseen_rows_reach_the_database_or_the_spill_file(tmp_path: Path) -> None:
-    from sorterd.record import Recorder, UnseenRow
+    from sorterd.sorting.record import Recorder, UnseenRow
 
     rec = Recorder(tmp_path, 0.01, 16)
     rec.submit(UnseenRow(123 * MS, 1200 * MS, "2026-11-23T00:00:00", "passed unseen: test"))

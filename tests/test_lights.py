@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from sorterd import config
-from sorterd.app import RunOptions, run
-from sorterd.camera import Frame
-from sorterd.capture import capture_pair, lighting_fault
+from sorterd.cli.run import RunOptions, run
 from sorterd.clock import WallClock
 from sorterd.config import GpioLightsConfig
-from sorterd.lights import StrobeError, StrobeResult, check_pair
-from sorterd.lights import sim as simlights
-from sorterd.lights.pulsed import open_gpio_lights
-from sorterd.record import read_rows
+from sorterd.parts.camera import Frame
+from sorterd.parts.lights import StrobeError, StrobeResult, check_pair
+from sorterd.parts.lights.pulsed import open_gpio_lights
+from sorterd.sim.parts import lights as simlights
+from sorterd.sorting.capture import capture_pair, lighting_fault
+from sorterd.sorting.record import read_rows
 from tests.test_valves_gpio import FakeGpiod, FakeJetsonGPIO, Value
 
 MS = 1_000_000

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from sorterd import config
-from sorterd.app import RunOptions, run
-from sorterd.pipeline import Pipeline
+from sorterd.cli.run import RunOptions, run
+from sorterd.sorting.pipeline import Pipeline
 
 
 def sim(tmp_path: Path, **sim_over: object) -> config.Config:
@@ -67,7 +67,7 @@ def test_safe_route_select_blows_clusters_to_select(tmp_path: Path) -> None:
     res = run(cfg, RunOptions(stones=80, progress=False), io.StringIO())
     s = res.summary
     assert s["clusters"] > 0
-    from sorterd.record import read_rows
+    from sorterd.sorting.record import read_rows
 
     clusters = [r for r in read_rows(res.batch_dir / "stones.db") if r["cluster"]]
     assert clusters
@@ -83,8 +83,8 @@ def test_a_jet_too_late_to_cancel_and_the_neighbour_it_may_carry(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Valves that can never cancel: a stone decided after its close neighbour's pulse was
     sent may be carried by that jet.  Its record says which bin it may be in, and flags it."""
-    from sorterd.record import read_rows
-    from sorterd.valves.sim import SimValves
+    from sorterd.sim.parts.valves import SimValves
+    from sorterd.sorting.record import read_rows
 
     monkeypatch.setattr(SimValves, "cancel", lambda self, pulse: False)
     res = run(sim(tmp_path, close_pair_prob=0.3, touching_pair_prob=0.0, seed=21, speed_mm_s=800.0),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sorterd.cli import main
-from sorterd.session import SessionError, SessionMeta, SessionReader, SessionWriter
+from sorterd.data.session import SessionError, SessionMeta, SessionReader, SessionWriter
 from sorterd.sim.appearance import make_stone_look
 from sorterd.sim.render import Optics, render_frame, render_reference
 from sorterd.sim.stones import StoneSpec

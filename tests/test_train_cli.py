@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from sorterd.cli import build_parser, main
+from sorterd.train.loop import StepEvent
 from sorterd.train.progress import ProgressBar
-from sorterd.train.trainer import StepEvent
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--epochs-heads", "1", "--epochs", "1", "--width", "0.25", "--batch-size", "16", "--threads", "2"]
@@ -253,9 +253,9 @@ def test_progress_in_a_log_is_periodic_lines() -> None:
 def test_prior_correction_turns_balanced_sampling_back_into_the_real_mix() -> None:
     import torch
 
-    from sorterd.train.fit import apply_prior_correction
+    from sorterd.train.job import apply_prior_correction
+    from sorterd.train.loop import prior_correction
     from sorterd.train.mobilenet import MobileNetV3Small
-    from sorterd.train.trainer import prior_correction
 
     # 6 blue + 2 inky stones, all translucent: the sampler shows blue and inky equally often.
     color = np.array([0] * 6 + [2] * 2)
@@ -276,8 +276,8 @@ def test_prior_correction_turns_balanced_sampling_back_into_the_real_mix() -> No
 def test_moving_average_of_the_weights_is_what_training_returns() -> None:
     import torch
 
-    from sorterd.train.fit import default_config
-    from sorterd.train.trainer import TrainConfig, TrainData, _Run, _start_run, _update_ema, train
+    from sorterd.train.job import default_config
+    from sorterd.train.loop import TrainConfig, TrainData, _Run, _start_run, _update_ema, train
 
     rng = np.random.default_rng(0)
     n = 48
@@ -305,7 +305,7 @@ def test_moving_average_of_the_weights_is_what_training_returns() -> None:
 def test_stone_stats_see_the_stone_against_its_background(tmp_path: Path) -> None:
     import torch
 
-    from sorterd.infer import OnnxModel
+    from sorterd.parts.inference.onnxruntime import OnnxModel
     from sorterd.train.export import export_bundle
     from sorterd.train.mobilenet import MobileNetV3Small
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from sorterd.train.export import ExportError, export_bundle, verify_onnx
-from sorterd.train.mobilenet import MobileNetV3Small, count_parameters
-from sorterd.train.trainer import (
+from sorterd.train.loop import (
     AugmentParams,
     TrainConfig,
     TrainData,
@@ -30,6 +29,7 @@ from sorterd.train.trainer import (
     to_unit,
     train,
 )
+from sorterd.train.mobilenet import MobileNetV3Small, count_parameters
 
 SIZE = 128
 # Toplit body colours (R,G,B) per colour class and backlit transmission per clarity class.
@@ -342,8 +342,8 @@ def bundle_without_weights_hash(tmp_path: Path) -> Path:
 
 
 def test_fine_tuning_from_bad_weights_names_the_file(tmp_path: Path) -> None:
-    from sorterd.infer import ModelError
-    from sorterd.train.fit import _previous_bundle
+    from sorterd.parts.inference.onnxruntime import ModelError
+    from sorterd.train.job import _previous_bundle
 
     bundle = bundle_without_weights_hash(tmp_path)
     weights = bundle / "weights.pt"
@@ -378,8 +378,8 @@ def small_dataset(root: Path) -> Path:
 
 
 def test_fine_tuning_refuses_a_test_split_the_old_model_learnt_from(tmp_path: Path) -> None:
-    from sorterd.dataset import DatasetError, open_dataset
-    from sorterd.train.fit import _check_test_unseen, _Previous
+    from sorterd.data.dataset import DatasetError, open_dataset
+    from sorterd.train.job import _check_test_unseen, _Previous
     from sorterd.train.splits import make_splits, write_splits
 
     ds = open_dataset(small_dataset(tmp_path / "ds"))
@@ -409,8 +409,8 @@ def test_a_reused_split_snapshot_is_the_one_the_bundle_records(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """--splits v001 for model v002: manifest and log name v001, so `sorterd evaluate` finds its test split."""
     from sorterd.cli import main
-    from sorterd.dataset import open_dataset
-    from sorterd.train.fit import FitOptions, fit
+    from sorterd.data.dataset import open_dataset
+    from sorterd.train.job import FitOptions, fit
     from sorterd.train.splits import make_splits, write_splits
 
     ds = open_dataset(small_dataset(tmp_path / "ds"))

@@ -29,9 +29,9 @@ import pytest
 
 from sorterd.clock import VirtualClock, WallClock
 from sorterd.config import BeamTriggerConfig
-from sorterd.trigger import TriggerEvent
-from sorterd.trigger.beam import BeamTrigger
-from sorterd.valves.gpio import GpioError
+from sorterd.controller.gpio import GpioError
+from sorterd.parts.trigger import TriggerEvent
+from sorterd.parts.trigger.beam import BeamTrigger
 
 T = 5_000_000_000_000  # some kernel CLOCK_MONOTONIC instant (ns)
 MS = 1_000_000
@@ -488,7 +488,7 @@ def test_reader_error_then_re_request_resumes(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_parts_opens_the_beam_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sorterd import parts
+    from sorterd.cli import compose as parts
 
     lib = FakeGpiod()
     monkeypatch.setitem(sys.modules, "gpiod", lib)  # what `import gpiod` finds

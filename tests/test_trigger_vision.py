@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from sorterd import config
-from sorterd.app import RunOptions, run
-from sorterd.camera import CameraError, Frame
+from sorterd.cli.run import RunOptions, run
 from sorterd.config import VisionTriggerConfig
-from sorterd.lights.sim import SimLights
-from sorterd.trigger.vision import VisionTrigger
+from sorterd.parts.camera import CameraError, Frame
+from sorterd.parts.trigger.vision import VisionTrigger
+from sorterd.sim.parts.lights import SimLights
 
 PPM = 20.0
 W, H = 640, 120
@@ -158,7 +158,7 @@ def test_simulated_machine_sorts_with_the_vision_trigger(tmp_path: Path) -> None
 def test_a_preview_whose_strobe_was_not_lit_is_never_a_stone(monkeypatch: pytest.MonkeyPatch) -> None:
     """A refused or unlit preview strobe gives a dark frame, unlike the reference everywhere:
     it must be dropped (counted), not read as a stone entering."""
-    from sorterd.lights import StrobeResult, done
+    from sorterd.parts.lights import StrobeResult, done
 
     def unlit(self: SimLights, mode: str, t_on: int, t_off: int) -> Any:
         return done(StrobeResult(mode, None, None, "refused: controller: late at fire"))

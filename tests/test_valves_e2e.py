@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from sorterd import config
-from sorterd.app import RunOptions, run
 from sorterd.cli import main
+from sorterd.cli.run import RunOptions, run
 from sorterd.sim import firmware as simfw
 from sorterd.sim.firmware import TRACE_EDGE, TRACE_SESSION, TRACE_WATCHDOG, HostFirmware
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-import sorterd.valves
+import sorterd.parts.valves
 from sorterd.clock import WallClock
 from sorterd.config import GpiodValvesConfig, JetsonValvesConfig
-from sorterd.eject import Pulse
-from sorterd.valves import PulseOutcome
-from sorterd.valves import gpio as G
+from sorterd.controller import gpio as G
+from sorterd.parts.valves import PulseOutcome
+from sorterd.sorting.eject import Pulse
 
 Call = tuple[str, tuple[Any, ...], int]
 
@@ -285,7 +285,7 @@ def test_interpreter_exit_switches_open_backends_off() -> None:
         v.schedule(pulse("CUT", 5, 30))
         await asyncio.sleep(0.015)  # open now
         assert lib.value[17] == Value.ACTIVE
-        sorterd.valves._close_all_at_exit()  # what atexit runs when close() was never called
+        sorterd.parts.valves._close_all_at_exit()  # what atexit runs when close() was never called
 
     asyncio.run(main())
     assert lib.value == {17: Value.INACTIVE, 27: Value.INACTIVE, 22: Value.INACTIVE}

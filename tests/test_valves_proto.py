@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sorterd.valves import proto as P
+from sorterd.controller import proto as P
 
 
 def test_crc16_ccitt_check_value() -> None:

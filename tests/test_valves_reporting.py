@@ -8,10 +8,10 @@ from types import SimpleNamespace
 from typing import Any
 
 from sorterd.metrics import Metrics
-from sorterd.record import StoneRow
+from sorterd.parts.valves import ValveStats
 from sorterd.sim.firmware import TRACE_EDGE, TRACE_SESSION, TRACE_WATCHDOG, TraceRecord, TrueClock, ValveTrace
-from sorterd.summary import valve_summary
-from sorterd.valves import ValveStats
+from sorterd.sorting.record import StoneRow
+from sorterd.sorting.summary import valve_summary
 
 TRUTH = TrueClock(t0_ns=1_000_000_000, offset=5_000_000, freq_hz=12_000_000.0)
 

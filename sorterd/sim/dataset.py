@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from sorterd.config import Config
-from sorterd.segment import Observation, PairingLimits, segment_pair
 from sorterd.sim.machine import SimMachine
 from sorterd.sim.stones import StoneSpec
+from sorterd.sorting.segment import Observation, PairingLimits, segment_pair
 
 
 @dataclass(frozen=True)

@@ -385,13 +385,13 @@ class BlockingClient:
     """Talks the controller protocol over a port with plain blocking I/O.
 
     For tests, benchmarks and bring-up of a new board; the daemon uses
-    `sorterd.valves.mcu.McuValves`.  One thread only.
+    `sorterd.controller.mcu.McuValves`.  One thread only.
     """
 
     def __init__(self, port: str) -> None:
         import serial
 
-        from sorterd.valves import proto
+        from sorterd.controller import proto
 
         self.P = proto
         self.ser = serial.Serial(port, 250000, timeout=0)

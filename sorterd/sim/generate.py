@@ -3,7 +3,7 @@
 For every capture session (at most `session_stones` stones each) the lot's
 stones are fed down the simulated channel with that session's lighting drift
 (`sorterd.sim.lots.SessionDrift`), the beam triggers frame pairs as on the
-machine, and the daemon's own segmentation (`sorterd.segment`) finds and
+machine, and the daemon's own segmentation (`sorterd.sorting.segment`) finds and
 crops them -- so the crops are what the sorter feeds its model.  Written:
 
     DIR/images/raw/<session_id>/backlit|toplit/<stone_id>.png  the frame pair
@@ -16,7 +16,7 @@ crops them -- so the crops are what the sorter feeds its model.  Written:
     DIR/sessions/<session_id>.json                       copy of the meta (§7.1)
     DIR/labels.jsonl                                     §3.4, appended
 
-Raw pairs follow `sorterd.session` (what `sorterd run --record` writes and
+Raw pairs follow `sorterd.data.session` (what `sorterd run --record` writes and
 `--replay` reads): one pair per capture, named after the first new stone in
 it; a stone that shared its capture with another records that pair's id in
 ``raw_pair``.  Stones in a touching cluster are not labelled (the sorter
@@ -43,13 +43,13 @@ from typing import Any
 import numpy as np
 
 from sorterd import config
-from sorterd.dataset import DEFAULT_CROP_MM, LABELS_FILE, PROCESSED_META, DatasetError, read_labels
-from sorterd.segment import Observation, crop_halves
-from sorterd.session import PairTimes, SessionMeta, SessionWriter, new_session_id, write_json, write_png
+from sorterd.data.dataset import DEFAULT_CROP_MM, LABELS_FILE, PROCESSED_META, DatasetError, read_labels
+from sorterd.data.session import PairTimes, SessionMeta, SessionWriter, new_session_id, write_json, write_png
 from sorterd.sim.dataset import machine_captures
 from sorterd.sim.lots import NOMINAL_EXPOSURE_US, Lot, SessionDrift
 from sorterd.sim.machine import SimMachine
 from sorterd.sim.stones import StoneSpec
+from sorterd.sorting.segment import Observation, crop_halves
 
 COLLECTION_RATE_PER_S = 2.0  # the feeder runs slowly while collecting (§1.2: ~1,200 stones/h)
 WORKSHOP_TZ = timezone(timedelta(hours=7))  # §3.4 examples: Thailand
@@ -134,7 +134,7 @@ def _check_crop_mm(out: Path, crop_mm: float) -> None:
                                "two crop sizes")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"crop_mm": crop_mm, "cut_by": "sorterd.segment (the daemon's segmentation)"})
+    write_json(path, {"crop_mm": crop_mm, "cut_by": "sorterd.sorting.segment (the daemon's segmentation)"})
 
 
 def _next_stone_number(out: Path) -> int:

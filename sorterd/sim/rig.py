@@ -14,14 +14,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sorterd.calibrate import Baseline, centre_mean
+from sorterd.calibration.checklist import Baseline, centre_mean
 from sorterd.config import Config
-from sorterd.eject import Track, plan_pulse
 from sorterd.sim.appearance import make_stone_look
 from sorterd.sim.machine import SimMachine
 from sorterd.sim.render import render_frame
 from sorterd.sim.stones import CLARITIES, COLORS, Appearance, StoneSpec
 from sorterd.sim.world import World
+from sorterd.sorting.eject import Track, plan_pulse
 
 KIT_SIZE = 20
 KIT_SEED = 777

@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 
 from sorterd.config import JET_BINS, GeometryConfig, SimCameraConfig, SimConfig
-from sorterd.physics import fall_time_s, passage_window_ns
 from sorterd.sim.appearance import make_stone_look
 from sorterd.sim.stones import CLARITIES, COLORS, StoneSpec
+from sorterd.sorting.physics import fall_time_s, passage_window_ns
 
 # §1.3 expected frequencies in Thai rough melee (mid-points of the ranges).
 THAI_MELEE_MIX = {

@@ -17,7 +17,7 @@ from typing import Protocol, TextIO
 
 
 class StepLike(Protocol):
-    """What the bar reads of a `sorterd.train.trainer.StepEvent` (read-only)."""
+    """What the bar reads of a `sorterd.train.loop.StepEvent` (read-only)."""
 
     @property
     def epoch(self) -> int: ...

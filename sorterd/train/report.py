@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 
 from sorterd.config import BINS
-from sorterd.dataset import CLASSES, Dataset, read_crop
-from sorterd.evaluate import ECE_TARGET, MILESTONES, Evaluation
-from sorterd.summary import COST
+from sorterd.data.dataset import CLASSES, Dataset, read_crop
+from sorterd.sorting.summary import COST
+from sorterd.train.evaluate import ECE_TARGET, MILESTONES, Evaluation
 
 GALLERY = 24  # costliest mistakes shown
 RECHECK_CONFIDENCE = 0.95  # a model this sure against the label often means a labelling slip

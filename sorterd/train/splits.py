@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from sorterd.dataset import Dataset, DatasetError, Duplicate, StoneLabel
+from sorterd.data.dataset import Dataset, DatasetError, Duplicate, StoneLabel
 
 SPLIT_NAMES = ("train", "val", "test")
 INFO_FILE = "split_info.json"

@@ -1,0 +1,193 @@
+"""The `sorterd` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from sorterd.configfile import ConfigError
+
+# Modules that contribute subcommands: each has add_commands(subparsers).
+COMMAND_MODULES: list[str] = ["sorterd.cli.calibrate", "sorterd.cli.train"]
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number")
+    return v
+
+
+def _fault(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=NUMBER, e.g. backlight=-0.08") from None
+
+
+def _backend_types(part: str) -> tuple[str, ...]:
+    from sorterd.config import BACKENDS
+
+    return tuple(k for k in BACKENDS[part] if k != "replay")  # replay: --replay sets camera and trigger together
+
+
+def _valve_types() -> tuple[str, ...]:
+    return _backend_types("valves")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sorterd", description="Optical sorter for rough sapphire melee.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the sorter (real hardware, or the simulated machine)")
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--config", type=Path, help="TOML config file")
+    src.add_argument("--sim", action="store_true", help="the simulated machine (the shipped example config)")
+    r.add_argument("--replay", type=Path, metavar="SESSION_DIR",
+                   help="feed a recorded session folder (§7.1 images/raw/<session>) through the pipeline, "
+                        "valves dry; with --config, that config's model and decision settings")
+    r.add_argument("--record", type=Path, metavar="DATA_DIR",
+                   help="record every frame pair as a §7.1 session under DATA_DIR/images/raw/")
+    r.add_argument("--decisions", type=Path, metavar="PATH", help="write one JSON line per stone here")
+    r.add_argument("--valves", choices=_valve_types(), metavar="TYPE",
+                   help="valve backend for this run, overriding [valves] type: " + ", ".join(_valve_types())
+                        + " (mcu with the simulated machine runs the controller firmware's host build on a pty)")
+    r.add_argument("--trigger", choices=_backend_types("trigger"), metavar="TYPE",
+                   help="trigger backend for this run, overriding [trigger] type: "
+                        + ", ".join(_backend_types("trigger")) + " (vision works with the simulated camera)")
+    r.add_argument("--lights", choices=_backend_types("lights"), metavar="TYPE",
+                   help="strobe backend for this run, overriding [lights] type: " + ", ".join(_backend_types("lights"))
+                        + " (mcu needs --valves mcu: the strobes are outputs of the valve controller)")
+    r.add_argument("--stones", type=_positive_int, default=500, help="simulation: stones to feed (default 500)")
+    r.add_argument("--rate", type=_positive_float, help="simulation: stones per second (sim.rate_per_s)")
+    r.add_argument("--seed", type=int, help="simulation: world seed (sim.seed)")
+    r.add_argument("--clock", choices=("virtual", "wall"), help="simulation: clock (sim.clock)")
+    r.add_argument("--log-dir", type=Path, help="where the batch folder goes (record.log_dir)")
+    r.add_argument("--batch", help="batch name (record.batch)")
+    r.add_argument("--json", type=Path, dest="json_path", help="write the run summary as JSON here")
+    r.add_argument("--sim-fault", action="append", default=[], type=_fault, metavar="NAME=VALUE",
+                   help="simulation: inject a fault or drift (repeatable), e.g. camera_drop_at_s=2 "
+                        "camera_down_s=0.5 backlight=-0.08 scale=0.1")
+    r.add_argument("--metrics-port", type=int, help="Prometheus port (metrics.port; 0 = any free port)")
+    r.add_argument("--no-progress", action="store_true", help="no live progress line")
+    r.add_argument("--uncalibrated", action="store_true",
+                   help="sort without a passing calibration of today (operator override, logged in the batch)")
+
+    c = sub.add_parser("check-config", help="validate a config file; non-zero exit on any error")
+    c.add_argument("file", type=Path, nargs="?", help="TOML config file")
+    c.add_argument("--reference", action="store_true", help="print the config reference instead")
+    r.set_defaults(func=cmd_run)
+    c.set_defaults(func=cmd_check_config)
+    for name in COMMAND_MODULES:
+        # Each module adds its subcommands with set_defaults(func=...); heavy
+        # imports (torch) happen inside the command functions, not here.
+        importlib.import_module(name).add_commands(sub)
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    o: dict[str, dict[str, Any]] = {}
+    if args.replay is not None:
+        o["camera"] = {"type": "replay", "session": str(args.replay.resolve())}
+        o["trigger"] = {"type": "replay"}
+        o["valves"] = {"type": "dry"}
+    for part in ("valves", "trigger", "lights"):
+        if getattr(args, part) is not None:
+            o[part] = {"type": getattr(args, part)}
+    pairs = [("sim", "rate_per_s", args.rate), ("sim", "seed", args.seed), ("sim", "clock", args.clock),
+             ("record", "log_dir", str(args.log_dir.resolve()) if args.log_dir else None),
+             ("record", "batch", args.batch), ("metrics", "port", args.metrics_port)]
+    for section, key, value in pairs:
+        if value is not None:
+            o.setdefault(section, {})[key] = value
+    if args.sim_fault:
+        o.setdefault("sim", {})["faults"] = dict(args.sim_fault)  # checked by the config schema
+    return o
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sorterd import config
+    from sorterd.calibration.checklist import CalibrationRefused
+    from sorterd.cli.run import RunOptions, run
+    from sorterd.data.session import SessionError
+    from sorterd.parts.camera import CameraError
+    from sorterd.parts.inference.onnxruntime import ModelError
+
+    if not (args.sim or args.config or args.replay):
+        print("sorterd run: give --config FILE, --sim or --replay SESSION_DIR", file=sys.stderr)
+        return 2
+    path = args.config or config.sim_config_path()
+    try:
+        cfg = config.load(path, _overrides(args))
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return 2
+    if not cfg.simulated and any(v is not None for v in (args.rate, args.seed)):
+        print("sorterd: --rate, --seed and --clock only apply to the simulated machine", file=sys.stderr)
+        return 2
+    if cfg.simulated and not cfg.offline and cfg.sim.clock == "virtual":
+        parts = cfg.real_time_parts
+        print(f"sorterd: note: {', '.join(parts)} {'is' if len(parts) == 1 else 'are'} real time: the simulated "
+              "machine runs on the wall clock (sim.clock = 'virtual' is ignored)", file=sys.stderr)
+    try:
+        run(cfg, RunOptions(stones=args.stones, json_path=args.json_path, progress=not args.no_progress,
+                            record_dir=args.record, decisions_path=args.decisions, uncalibrated=args.uncalibrated))
+    except ModelError as exc:
+        print(f"sorterd: model error: {exc}", file=sys.stderr)
+        return 3
+    except SessionError as exc:
+        print(f"sorterd: cannot replay: {exc}", file=sys.stderr)
+        return 3
+    except CalibrationRefused as exc:
+        print(f"sorterd: refusing to sort: {exc}", file=sys.stderr)
+        return 5
+    except ConfigError as exc:  # found only once the hardware is open (e.g. the trigger zone vs the view)
+        print(exc.report(), file=sys.stderr)
+        return 2
+    except (OSError, CameraError) as exc:
+        print(f"sorterd: cannot run the machine: {exc}", file=sys.stderr)
+        return 4
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from sorterd import config
+
+    if args.reference:
+        print(config.reference())
+        return 0
+    if args.file is None:
+        print("sorterd check-config: give a FILE (or --reference)", file=sys.stderr)
+        return 2
+    try:
+        cfg = config.load(args.file)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return 2
+    kinds = ", ".join(f"{p}={getattr(cfg, p).type}" for p in ("camera", "lights", "trigger", "valves", "inference"))
+    print(f"{args.file}: OK ({kinds})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Cameras: a frame pair per trigger, and the empty-channel reference frames.
+
+Backends (chosen by `[camera] type`): `sim` (the simulated machine), `opencv`
+(V4L2, GStreamer, files), `replay` (a recorded session).  Frame timestamps are
+host monotonic ns of the exposure, converted from the camera's own clock
+inside the backend.
+
+One camera, two users: pair capture and the `vision` trigger's previews.  They
+take turns through `camera_lock(camera)`; a pair always goes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+MODES = ("backlit", "toplit")
+
+
+class CameraError(RuntimeError):
+    """The camera failed (disconnected, timed out); stones in the gap take the safe route."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    image: np.ndarray  # H x W x 3 uint8, BGR
+    t_ns: int  # exposure instant, host monotonic ns
+    mode: str
+
+
+@dataclass(frozen=True)
+class FramePair:
+    seq: int
+    trigger_ns: int
+    backlit: Frame
+    toplit: Frame
+    # The lights' reports for this pair (sorterd.parts.lights.StrobeResult list), and the
+    # instant everything had to be dark; None for sources without strobes (replay).
+    strobes: Awaitable[list[Any]] | None = None
+    dark_ns: int = 0
+
+
+class Camera(Protocol):
+    pixels_per_mm: float
+
+    def reference(self, mode: str) -> np.ndarray:
+        """The empty channel in that lighting mode (segmentation background)."""
+        ...
+
+    async def grab(self, mode: str, t_ns: int) -> Frame:
+        """Expose one frame at host time t_ns (already strobed by the lights); CameraError on failure."""
+        ...
+
+    def reopen(self) -> None:
+        """Try to get a lost camera back; CameraError while it is still gone."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def camera_lock(camera: Any) -> asyncio.Lock:
+    """The lock that serialises everyone who exposes frames on this camera."""
+    lock = getattr(camera, "_sorterd_lock", None)
+    if lock is None:
+        lock = asyncio.Lock()
+        camera._sorterd_lock = lock
+    return lock

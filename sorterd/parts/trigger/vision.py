@@ -1,0 +1,211 @@
+"""The `vision` trigger: cheap backlit previews of the entry zone, compared with the reference.
+
+No sensor to wire: the camera itself watches a band of the view (the entry
+zone; stones come in from the left and move right) at `preview_hz`.  Each
+preview is a short backlight strobe and one frame; the zone is cut out,
+shrunk by `downscale` (INTER_AREA: an average, so sensor noise drops too) and
+compared with the same band of the empty-channel reference.  Pixels that
+differ by more than `threshold_dn` in any channel are "something there";
+columns with such pixels form runs (objects along the channel), and a run
+with at least `min_area_mm2` of them is a stone.  Each stone's front (its
+right end) is followed from one preview to the next: a front that no stone
+of the previous preview can have moved to (at most the top speed times the
+period, never backwards) is a new stone, and the trigger fires with that
+preview's exposure instant as the edge time.  So stones closer together
+than the zone's length are still one trigger each, and a stone that stays in
+the zone for several previews is still one trigger.  `clear_frames` is how
+many previews a front may go unseen (a faint stone flickering under the
+threshold) before it is forgotten.
+
+Timing: a stone is seen at most one preview period (5 ms at 200 Hz) after its
+front enters the zone; the zone's far edge must leave the whole stone in view
+by the time its pair is exposed (`zone_to_mm` + top speed x (period + lead +
+pair interval) < view width).
+
+The camera is shared with pair capture through `camera_lock`; a pair waits at
+most one preview.  A camera that fails during previews is reopened here (with
+backoff): stones passing meanwhile are not seen at all and, unlike with a
+beam, cannot be counted -- they fall to REJECT by the default trajectory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import cv2
+import numpy as np
+
+from sorterd.clock import Clock
+from sorterd.configfile import ConfigError
+from sorterd.parts.camera import CameraError, camera_lock
+from sorterd.parts.lights import StrobeError
+from sorterd.parts.trigger import TriggerEvent
+
+log = logging.getLogger(__name__)
+
+GAP_COLS = 2  # changed columns this close (preview columns) are one object
+
+
+class VisionTrigger:
+    def __init__(self, cfg: Any, camera: Any, lights: Any, clock: Clock,
+                 stop_at: Callable[[], int | None] | None = None, max_speed_mm_s: float = 1000.0,
+                 reopen_backoff_ms: float = 200.0) -> None:
+        self.cfg = cfg
+        self.camera = camera
+        self.lights = lights
+        self.clock = clock
+        self._stop_at = stop_at  # simulation: when the fed stones are all past (None: run forever)
+        self._end_ns: int | None = None
+        self.period_ns = int(1e9 / cfg.preview_hz)
+        self.reopen_backoff_ns = int(reopen_backoff_ms * 1e6)  # the camera's own setting, as the pipeline uses
+        self.strobe_ns = int(cfg.strobe_ms * 1e6)
+        self.ppm = ppm = float(camera.pixels_per_mm)
+        self.x0, self.x1 = 0, 1
+        self._ref: np.ndarray | None = None
+        try:
+            self.set_reference(camera.reference("backlit"))
+        except CameraError:
+            # No empty-channel frame yet (a real camera before today's calibration has taken
+            # one): `sorterd calibrate` hands it over with set_reference() once it has it.
+            log.info("vision trigger: waiting for a backlit reference frame")
+        px_per_mm = ppm / cfg.downscale
+        self.min_px = max(1, int(round(cfg.min_area_mm2 * px_per_mm * px_per_mm)))
+        self.max_px_per_ns = max_speed_mm_s * px_per_mm / 1e9  # top speed in preview columns
+        self._known: list[tuple[int, int]] = []  # (front column, when last seen) of stones in the zone
+        self._next_ns: int | None = None
+        self._closed = False
+        self.previews = 0
+        self.triggers = 0
+        self.preview_failures = 0
+        self.reopens = 0
+
+    def set_reference(self, backlit: np.ndarray) -> None:
+        """The empty channel under the backlight: what 'nothing there' looks like."""
+        width, cfg = backlit.shape[1], self.cfg
+        if cfg.zone_from_mm * self.ppm >= width:
+            raise ConfigError([f"trigger.zone_from_mm = {cfg.zone_from_mm} is outside the camera's view "
+                               f"({width / self.ppm:.1f} mm wide at {self.ppm} px/mm)"])
+        self.x0 = min(width - 1, int(round(cfg.zone_from_mm * self.ppm)))
+        self.x1 = min(width, max(self.x0 + 1, int(round(cfg.zone_to_mm * self.ppm))))
+        self._ref = self._band(backlit).astype(np.int16)
+        self._known = []
+
+    def _band(self, image: np.ndarray) -> np.ndarray:
+        band = image[:, self.x0:self.x1]
+        d = self.cfg.downscale
+        if d == 1:
+            return band
+        h, w = band.shape[:2]
+        return cv2.resize(band, (max(1, w // d), max(1, h // d)), interpolation=cv2.INTER_AREA)
+
+    def occupied_px(self, image: np.ndarray) -> int:
+        """Preview pixels in the zone that differ from the empty channel."""
+        return int(np.count_nonzero(self._mask(image)))
+
+    def _mask(self, image: np.ndarray) -> np.ndarray:
+        if self._ref is None:
+            raise CameraError("the vision trigger has no backlit reference frame: set camera.reference_dir "
+                              "or run `sorterd calibrate` first")
+        diff = np.abs(self._band(image).astype(np.int16) - self._ref).max(axis=2)
+        return diff > self.cfg.threshold_dn
+
+    def fronts(self, image: np.ndarray) -> list[int]:
+        """Front (right end, preview columns) of each stone-sized run of changed columns."""
+        per_col = self._mask(image).sum(axis=0)
+        cols = np.flatnonzero(per_col)
+        if cols.size == 0:
+            return []
+        # Runs of occupied columns; gaps of up to GAP_COLS columns belong to the same object.
+        breaks = np.flatnonzero(np.diff(cols) > GAP_COLS + 1)
+        starts = np.concatenate(([cols[0]], cols[breaks + 1]))
+        ends = np.concatenate((cols[breaks], [cols[-1]]))
+        return [int(e) for b, e in zip(starts, ends, strict=True) if per_col[b:e + 1].sum() >= self.min_px]
+
+    def _new_stones(self, fronts: list[int], t_ns: int) -> int:
+        """How many of these fronts (seen at t_ns) no known stone can have moved to; updates the known ones."""
+        new = 0
+        seen: list[tuple[int, int]] = []
+        known = list(self._known)
+        for f in fronts:
+            # A known front can be here now if it moved forward at most at top speed since it
+            # was last seen (pair captures pause the previews), and not backwards beyond jitter.
+            match = next((k for k in known if -GAP_COLS <= f - k[0] <= self.max_px_per_ns * (t_ns - k[1]) + 1.0),
+                         None)
+            if match is None:
+                new += 1
+            else:
+                known.remove(match)
+            seen.append((f, t_ns))
+        # Fronts not seen this time are remembered for clear_frames preview periods.
+        forget_ns = self.cfg.clear_frames * self.period_ns
+        self._known = seen + [k for k in known if t_ns - k[1] < forget_ns]
+        return new
+
+    async def next(self) -> TriggerEvent | None:
+        if self._end_ns is None and self._stop_at is not None:
+            self._end_ns = self._stop_at()
+        if self._ref is None:
+            self.set_reference(self.camera.reference("backlit"))  # CameraError: still none
+        while not self._closed:
+            now = self.clock.now_ns()
+            if self._end_ns is not None and now >= self._end_ns:
+                return None
+            # Previews on a fixed grid; sleeping first lets a pending pair take the camera.
+            self._next_ns = now if self._next_ns is None or self._next_ns < now else self._next_ns
+            await self.clock.sleep_until(self._next_ns)
+            self._next_ns += self.period_ns
+            frame = await self._preview()
+            if frame is None:
+                continue
+            self.previews += 1
+            # A few thousand pixels: tens of microseconds, fine on the loop.
+            if self._new_stones(self.fronts(frame.image), frame.t_ns):
+                self.triggers += 1
+                return TriggerEvent(frame.t_ns)
+        return None
+
+    async def _preview(self) -> Any:
+        async with camera_lock(self.camera):
+            t = self.clock.now_ns() + self.lights.lead_ns
+            try:
+                report = self.lights.strobe("backlit", t, t + self.strobe_ns)
+                frame = await self.camera.grab("backlit", t)
+                # An unlit preview differs from the reference everywhere: it would read as a stone.
+                # (Reports that come later -- a controller's, over serial -- are not waited for.)
+                if report.done() and not report.cancelled() and report.exception() is None and not report.result().lit:
+                    self.preview_failures += 1
+                    log.debug("preview strobe not lit: %s", report.result().status)
+                    return None
+                return frame
+            except StrobeError as exc:
+                self.preview_failures += 1
+                log.debug("preview strobe refused: %s", exc)
+                return None
+            except CameraError as exc:
+                self.preview_failures += 1
+                log.error("camera lost during previews (%s): no stone can trigger until it is back", exc)
+                await self._reopen()
+                return None
+
+    async def _reopen(self) -> None:
+        """Called with the camera lock held: nobody else can use the camera meanwhile anyway."""
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            try:
+                await loop.run_in_executor(None, self.camera.reopen)
+                self.reopens += 1
+                log.warning("camera back: previews resume")
+                return
+            except CameraError as exc:
+                log.debug("camera reopen failed: %s", exc)
+                await self.clock.sleep_until(self.clock.now_ns() + self.reopen_backoff_ns)
+
+    def stats(self) -> dict[str, int]:
+        return {"previews": self.previews, "triggers": self.triggers,
+                "preview_failures": self.preview_failures, "reopens": self.reopens}
+
+    def close(self) -> None:
+        self._closed = True

@@ -1,0 +1,41 @@
+"""Dry-run valves: pulses are planned, checked for lateness and logged; nothing is driven.
+
+For replaying recorded sessions and for commissioning a sorter with the air off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from sorterd.clock import Clock
+from sorterd.parts.valves import PulseOutcome
+from sorterd.sorting.eject import Pulse
+
+
+class DryValves:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        # Loop thread only.
+        self._cancelled: set[Pulse] = set()
+
+    def schedule(self, pulse: Pulse) -> str | None:
+        if pulse.start_ns <= self.clock.now_ns():
+            return "refused: start already passed"
+        return None
+
+    def cancel(self, pulse: Pulse) -> bool:
+        if pulse.start_ns <= self.clock.now_ns():
+            return False
+        self._cancelled.add(pulse)
+        return True
+
+    async def outcome(self, pulse: Pulse) -> PulseOutcome:
+        await self.clock.sleep_until(pulse.end_ns)
+        if pulse in self._cancelled:
+            self._cancelled.discard(pulse)
+            return PulseOutcome(pulse, False, None, None, "cancelled")
+        await asyncio.sleep(0)
+        return PulseOutcome(pulse, False, None, None, "dry run")
+
+    def close(self) -> None:
+        self._cancelled.clear()

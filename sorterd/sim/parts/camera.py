@@ -1,0 +1,53 @@
+"""The simulated camera: renders the world at each exposure instant."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from sorterd.clock import Clock
+from sorterd.config import SimCameraConfig
+from sorterd.parts.camera import CameraError, Frame
+from sorterd.sim.machine import SimMachine
+
+
+class SimCamera:
+    def __init__(self, cfg: SimCameraConfig, machine: SimMachine, clock: Clock) -> None:
+        self.cfg = cfg
+        self.machine = machine
+        self.clock = clock
+        self.pixels_per_mm = cfg.pixels_per_mm
+        self._refs = {m: machine.render_reference(m) for m in ("backlit", "toplit")}
+        faults = machine.faults
+        self._down_from_s = faults.get("camera_drop_at_s")
+        self._down_for_s = faults.get("camera_down_s", 1.0)
+        self._t_start = clock.now_ns()
+        self.reopens = 0
+
+    def _unplugged(self) -> bool:
+        """The injected camera loss: gone over [drop_at, drop_at + down) of the run."""
+        if self._down_from_s is None:
+            return False
+        t = (self.clock.now_ns() - self._t_start) / 1e9
+        return self._down_from_s <= t < self._down_from_s + self._down_for_s
+
+    def reopen(self) -> None:
+        self.reopens += 1
+        if self._unplugged():
+            raise CameraError("simulated camera still disconnected")
+
+    def reference(self, mode: str) -> np.ndarray:
+        return self._refs[mode]
+
+    async def grab(self, mode: str, t_ns: int) -> Frame:
+        await self.clock.sleep_until(t_ns)
+        if self._unplugged():
+            raise CameraError("simulated camera disconnected")
+        # Rendering stands in for sensor readout: a worker thread, not the loop.
+        loop = asyncio.get_running_loop()
+        image = await loop.run_in_executor(None, self.machine.render, mode, t_ns)
+        return Frame(image, t_ns, mode)
+
+    def close(self) -> None:
+        pass

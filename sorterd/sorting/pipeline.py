@@ -1,0 +1,568 @@
+"""The sorting pipeline: one asyncio daemon, stages connected by bounded queues.
+
+  trigger ──▶ [trigger queue] ──▶ capture pair ──▶ [pair queue] ──▶ process
+  process = segment (worker) → track → crop+infer (worker) → decide → plan
+            pulse → valves → (outcome) → record (writer threads)
+
+Threads: the event loop owns all pipeline state (tracker, planner, pending
+stones, stats); segmentation, cropping and inference run in the default
+executor; SQLite and image files have their own writer threads.  Nothing on
+the loop blocks.  Overflow of either queue is counted; the stones it
+concerns take the default trajectory (REJECT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from sorterd.cli.compose import Parts
+from sorterd.clock import Clock
+from sorterd.config import JET_BINS, Config
+from sorterd.data.session import PairTimes
+from sorterd.metrics import Metrics
+from sorterd.parts.camera import CameraError, FramePair, camera_lock
+from sorterd.parts.inference.onnxruntime import OnnxModel, Prediction
+from sorterd.parts.lights import StrobeError, strobe_edges
+from sorterd.parts.trigger import TriggerEvent
+from sorterd.sorting.capture import capture_pair, lighting_fault
+from sorterd.sorting.decide import Decision, decide, safe_route, unsortable_reason
+from sorterd.sorting.eject import Planner, Pulse, Track, plan_pulse
+from sorterd.sorting.ledger import TriggerLedger
+from sorterd.sorting.record import ImageJob, Recorder, StoneRow, UnseenRow, wall_time_iso
+from sorterd.sorting.segment import Observation, PairingLimits, crop_halves, segment_pair
+
+log = logging.getLogger(__name__)
+
+STAGES = ("segment", "infer", "decide", "compute", "model_only")
+# Not a compute stage: from the toplit exposure to the pulse being handed to the
+# valves, including queueing and worker hand-offs (the budget that matters).
+LATENCIES = (*STAGES, "exposure_to_pulse", "trigger_to_exposure")
+
+
+@dataclass
+class RunStats:
+    """Counters and latency samples for the run summary (loop thread only)."""
+
+    captures: int = 0
+    objects: int = 0
+    clusters: int = 0
+    flagged: int = 0
+    deadline_misses: int = 0
+    conflicts: int = 0
+    pairs_dropped: int = 0
+    triggers_dropped: int = 0
+    camera_failures: int = 0
+    gap_triggers: int = 0  # triggers lost while the camera was away
+    passed_unseen: int = 0  # trigger edges no decided object explains (the ledger)
+    untriggered: int = 0  # decided objects no trigger edge explains
+    valve_unknown: int = 0  # pulses whose outcome the controller never reported (link lost)
+    late_off_edges: int = 0  # jets closed later than ejection.margin_ms after their planned end
+    # stone id -> the bin a neighbour's jet (too late to cancel) may have carried it into
+    co_deflection_risks: dict[str, str] = field(default_factory=dict)
+    lighting_faults: int = 0  # pairs not lit as §2.2 says (their stones take the safe route)
+    decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("CUT", "SELECT", "FLIP", "REJECT"), 0))
+    latency_s: dict[str, deque[float]] = field(
+        default_factory=lambda: {s: deque(maxlen=200_000) for s in LATENCIES}
+    )
+
+
+@dataclass
+class Pending:
+    """A decided stone whose pulse has not resolved yet."""
+
+    row: StoneRow
+    pulse: Pulse | None
+
+
+class TriggerQueue:
+    """Bounded FIFO of trigger edges (loop thread only).
+
+    Unlike asyncio.Queue it can drop the edges a capture already covered:
+    a stone whose edge came before the exposure is in that frame pair.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._edges: deque[TriggerEvent | None] = deque()
+        self._maxsize = maxsize
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, ev: TriggerEvent | None) -> bool:
+        """False when full (an end marker, None, is always accepted)."""
+        if ev is not None and len(self._edges) >= self._maxsize:
+            return False
+        self._edges.append(ev)
+        self._ready.set()
+        return True
+
+    async def get(self) -> TriggerEvent | None:
+        while not self._edges:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._edges.popleft()
+
+    def drop_covered(self, t0_ns: int) -> list[TriggerEvent]:
+        """Drop the edges from before t0_ns and return them."""
+        dropped = []
+        while self._edges and (ev := self._edges[0]) is not None and ev.t_ns <= t0_ns:
+            dropped.append(self._edges.popleft())
+        return dropped
+
+
+# A decision may explain its trigger edge this long after the edge (the stone is in
+# view, then its pair waits in the queue); after that an edge is a stone passed unseen.
+LEDGER_HORIZON_NS = 1_000_000_000
+# A stone's computed crossing vs its edge: the front found in the frame (a pixel or
+# two) and a beam's own width and threshold.
+LEDGER_TOLERANCE_MM = 0.5
+MIN_STONE_MM = 1.0  # melee: nothing smaller is sorted
+
+
+def _recent_p99_ms(samples: deque[float], n: int = 100) -> float:
+    """p99 of the last n samples (cheap on the loop; the lag that lost the stones is recent)."""
+    recent = list(itertools.islice(reversed(samples), n))
+    return float(np.percentile(recent, 99)) * 1e3 if recent else float("nan")
+
+
+def trigger_slack_ns(trigger_cfg: Any) -> int:
+    """How late after the front's crossing a trigger may stamp its edge: a callback's
+    latency (1 ms); a vision trigger sees a front only once per preview."""
+    rate = getattr(trigger_cfg, "preview_hz", None)
+    return 1_000_000 + (int(2e9 / rate) if rate else 0)
+
+
+def trigger_front_mm(trigger_cfg: Any) -> float | None:
+    """Where a stone's front is, from the view's left edge, when its trigger fires
+    (None: not tied to a place, as for replayed pairs)."""
+    for name in ("beam_x_mm", "zone_from_mm"):
+        if hasattr(trigger_cfg, name):
+            return float(getattr(trigger_cfg, name))
+    return None
+
+
+class Tracker:
+    """Recognises a stone seen again in a later capture (it is still in view).
+
+    Owned by the loop thread; workers get an immutable `snapshot()`.
+    """
+
+    def __init__(self, tolerance_mm: float) -> None:
+        self.tolerance_mm = tolerance_mm
+        self.tracks: deque[tuple[Track, float]] = deque(maxlen=64)  # (track, y_mm)
+
+    def add(self, track: Track, y_mm: float) -> None:
+        self.tracks.append((track, y_mm))
+
+    def snapshot(self) -> tuple[tuple[Track, float], ...]:
+        return tuple(self.tracks)
+
+
+def is_known(x_mm: float, y_mm: float, t_ns: int, known: tuple[tuple[Track, float], ...], tolerance_mm: float) -> bool:
+    """Is there, at (x_mm, y_mm) at t_ns, a stone that was already decided?"""
+    for tr, y in known:
+        predicted = tr.x_mm + tr.speed_mm_s * (t_ns - tr.t_obs_ns) * 1e-9
+        if abs(predicted - x_mm) < tolerance_mm and abs(y - y_mm) < 1.0:
+            return True
+    return False
+
+
+@dataclass
+class Computed:
+    """What a worker made of one frame pair: the new objects and their classes."""
+
+    new: list[Observation]
+    reasons: list[str]  # why an object cannot be classified ('' = it can)
+    crops: list[tuple[np.ndarray, np.ndarray]]  # (backlit, toplit) BGR crop per new object
+    preds: dict[int, Prediction]
+    segment_s: float
+    infer_s: float
+    model_s: float
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, clock: Clock, parts: Parts, model: OnnxModel,
+                 recorder: Recorder, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.parts = parts
+        self.model = model
+        self.recorder = recorder
+        self.metrics = metrics
+        self.stats = RunStats()
+        self.planner = Planner(cfg.geometry, cfg.ejection)
+        self.tracker = Tracker(cfg.pipeline.track_tolerance_mm)
+        self.pending: dict[str, Pending] = {}
+        self.rows: list[StoneRow] = []  # every finished row, for the run summary
+        self.record_pairs = recorder.session is not None
+        self._next_id = 1
+        self._triggers = TriggerQueue(maxsize=16)
+        self._pairs: asyncio.Queue[FramePair | None] = asyncio.Queue(maxsize=cfg.pipeline.queue_size)
+        self._outcomes: set[asyncio.Task[None]] = set()
+        cam = parts.camera
+        # A replayed session brings its own pair interval; otherwise the strobes' setting.
+        self.pair_interval_ms = float(getattr(cam, "pair_interval_ms", None) or cfg.lights.pair_interval_ms)
+        self._refs = {m: cam.reference(m) for m in ("backlit", "toplit")}
+        self._limits = PairingLimits.from_config(cfg, cam.pixels_per_mm, self.pair_interval_ms)
+        self._trigger_front_mm = trigger_front_mm(cfg.trigger)
+        self._trigger_slack_ns = trigger_slack_ns(cfg.trigger)
+        self.ledger = None if self._trigger_front_mm is None else TriggerLedger(
+            self._trigger_slack_ns, LEDGER_HORIZON_NS)
+        size = model.manifest.size
+        self._input_px = int(size[0])
+        self._crop_px = max(8, int(round(model.manifest.crop_mm * cam.pixels_per_mm)))
+        metrics.model.info({"version": model.version, "sha256": model.manifest.onnx_sha256})
+
+    # -- stage 1: triggers ----------------------------------------------------
+
+    async def _trigger_loop(self) -> None:
+        while (ev := await self.parts.trigger.next()) is not None:
+            if self.ledger is not None:
+                self.ledger.edge(ev.t_ns)  # queued or not, it is a stone to account for
+            if not self._triggers.put_nowait(ev):
+                # The stone is still in view: the next pair will show it.
+                self.stats.triggers_dropped += 1
+                self.metrics.overflow.labels("trigger").inc()
+        self._triggers.put_nowait(None)  # end of input
+
+    # -- stage 2: capture -----------------------------------------------------
+
+    async def _capture_loop(self) -> None:
+        seq = 0
+        while (ev := await self._triggers.get()) is not None:
+            try:
+                pair = await self._capture(seq, ev)
+            except CameraError as exc:
+                await self._camera_lost(exc)
+                continue
+            except StrobeError as exc:
+                # No light, no picture worth sorting: the stone falls to REJECT.
+                self.stats.lighting_faults += 1
+                self.metrics.lighting_faults.inc()
+                log.error("capture %d: strobe refused (%s): its stone falls to REJECT", seq, exc)
+                continue
+            seq += 1
+            self._triggers.drop_covered(pair.backlit.t_ns)
+            self.stats.latency_s["trigger_to_exposure"].append((pair.backlit.t_ns - ev.t_ns) / 1e9)
+            self.stats.captures += 1
+            self.metrics.captures.inc()
+            try:
+                self._pairs.put_nowait(pair)
+            except asyncio.QueueFull:
+                self.stats.pairs_dropped += 1
+                self.metrics.overflow.labels("pairs").inc()
+                log.warning("pair queue full: capture %d dropped, its stones fall to REJECT", pair.seq)
+            self.metrics.queue_depth.labels("pairs").set(self._pairs.qsize())
+        await self._pairs.put(None)
+
+    async def _camera_lost(self, exc: Exception) -> None:
+        """Count the gap and get the camera back; stones passing meanwhile are never
+        seen, get no pulse and fall to REJECT (the default trajectory)."""
+        self.stats.camera_failures += 1
+        self.metrics.camera_failures.inc()
+        lost = 1  # the trigger whose capture failed
+        log.error("camera lost (%s): stones fall to REJECT until it is back", exc)
+        backoff_ns = int(getattr(self.cfg.camera, "reopen_backoff_ms", 200.0) * 1e6)
+        loop = asyncio.get_running_loop()
+        while True:
+            lost += len(self._triggers.drop_covered(self.clock.now_ns()))
+            try:
+                async with camera_lock(self.parts.camera):  # the vision trigger may be reopening it too
+                    await loop.run_in_executor(None, self.parts.camera.reopen)
+                break
+            except CameraError as again:
+                log.debug("camera reopen failed: %s", again)
+                await self.clock.sleep_until(self.clock.now_ns() + backoff_ns)
+        # Triggers that came while it was away announce stones already past.
+        lost += len(self._triggers.drop_covered(self.clock.now_ns()))
+        self.stats.gap_triggers += lost
+        self.metrics.camera_gap_triggers.inc(lost)
+        log.warning("camera back: %d triggers (stones) lost in the gap", lost)
+
+    async def _capture(self, seq: int, ev: TriggerEvent) -> FramePair:
+        """§2.2: backlit strobe + frame at t0, ring light + frame at t0+10 ms, dark by t0+20 ms."""
+        return await capture_pair(self.parts.camera, self.parts.lights, self.clock, seq, ev.t_ns,
+                                  int(self.pair_interval_ms * 1e6), int(self.cfg.lights.lights_off_ms * 1e6))
+
+    # -- stage 3: process -----------------------------------------------------
+
+    async def _process_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (pair := await self._pairs.get()) is not None:
+            self.metrics.queue_depth.labels("pairs").set(self._pairs.qsize())
+            # One worker call per pair: the frames stay in that core's cache
+            # from segmentation to inference, and there is one hand-off only.
+            done: Computed = await loop.run_in_executor(None, self._compute, pair, self.tracker.snapshot())
+            fault, strobes = await lighting_fault(pair, self.clock, self.parts.camera, self.parts.lights)
+            edges = strobe_edges(strobes)
+            if fault:
+                # Frames not lit as §2.2 says cannot be trusted: the pair's stones take the safe route.
+                self.stats.lighting_faults += 1
+                self.metrics.lighting_faults.inc()
+                log.error("capture %d: %s: its %d stone(s) take the safe route", pair.seq, fault, len(done.new))
+                done.preds.clear()
+                done.reasons[:] = [f"lighting: {fault}"] * len(done.new)
+            for i, obs in enumerate(done.new):
+                t = time.perf_counter()
+                sid, dec, pulse = self._decide_and_plan(obs, done.preds.get(i), done.reasons[i])
+                if i == 0 and self.record_pairs:
+                    self._record_pair(sid, pair, edges)
+                decide_s = time.perf_counter() - t
+                self._dispatch(sid, pair, obs, done.preds.get(i), dec, pulse, done.crops[i], edges)
+                if i in done.preds:
+                    self._record_latency(done.segment_s, done.infer_s, decide_s, done.model_s)
+                self.stats.latency_s["exposure_to_pulse"].append((self.clock.now_ns() - obs.t_ns) / 1e9)
+                self._account(obs)
+            self.planner.forget_before(self.clock.now_ns())
+            self._settle(self.clock.now_ns())
+        self._settle(None)  # end of input: edges nothing explained by now never will be
+
+    def _account(self, obs: Observation) -> None:
+        """The ledger: when did this object's front cross the trigger's place?"""
+        if self.ledger is None or obs.speed_mm_s <= 0 or self._trigger_front_mm is None:
+            return
+        x, _, w, _ = obs.toplit.bbox
+        front_mm = (x + w) / self._limits.pixels_per_mm
+        first = obs.t_ns + int((self._trigger_front_mm - front_mm) / obs.speed_mm_s * 1e9)
+        span = int(w / self._limits.pixels_per_mm / obs.speed_mm_s * 1e9)  # its length passing
+        tol = int(LEDGER_TOLERANCE_MM / obs.speed_mm_s * 1e9) + self._trigger_slack_ns
+        # A cluster's stones cross one after the other: the last one's front comes at
+        # most its length less the smallest stone's after the first one's.
+        last = first + max(0, span - int(MIN_STONE_MM / obs.speed_mm_s * 1e9)) if obs.cluster else None
+        behind = int(self.cfg.decision.max_single_length_mm / obs.speed_mm_s * 1e9)
+        self.ledger.decided(first, last, span, tol, behind)
+
+    def _settle(self, now_ns: int | None) -> None:
+        if self.ledger is None:
+            return
+        before = self.ledger.counts.untriggered
+        unseen = self.ledger.close() if now_ns is None else self.ledger.settle(now_ns)
+        untriggered = self.ledger.counts.untriggered - before
+        if unseen:
+            self.stats.passed_unseen += len(unseen)
+            self.metrics.passed_unseen.inc(len(unseen))
+            p99 = _recent_p99_ms(self.stats.latency_s["trigger_to_exposure"])
+            reason = f"passed unseen: no decided stone explains its trigger edge (trigger to exposure p99 {p99:.0f} ms)"
+            counted = self.clock.now_ns()
+            for t_ns in unseen:
+                self.recorder.submit(UnseenRow(t_ns, counted, wall_time_iso(), reason))
+            log.warning("%d stone(s) passed unseen (recorded in the batch's unseen table): no pulse, the default "
+                        "trajectory, REJECT (trigger to exposure p99 %.0f ms)", len(unseen), p99)
+        if untriggered:
+            self.stats.untriggered += untriggered
+            self.metrics.untriggered.inc(untriggered)
+            log.warning("%d decided stone(s) with no trigger edge (a beam missing stones?)", untriggered)
+
+    def _compute(self, pair: FramePair, known: tuple[tuple[Track, float], ...]) -> Computed:
+        """Worker thread: segment, keep the objects not seen before, crop, classify."""
+        t = time.perf_counter()
+        tol = self.cfg.pipeline.track_tolerance_mm
+        seg = segment_pair(pair.backlit.image, pair.toplit.image, self._refs["backlit"],
+                           self._refs["toplit"], pair.toplit.t_ns, self._limits,
+                           known=lambda x, y: is_known(x, y, pair.toplit.t_ns, known, tol))
+        segment_s = time.perf_counter() - t
+        new = seg.observations
+        reasons = [unsortable_reason(o.size_mm, o.length_mm, o.reason, self.cfg.decision) for o in new]
+        if not new:
+            return Computed([], [], [], {}, segment_s, 0.0, 0.0)
+        t = time.perf_counter()
+        crops = [crop_halves(pair.backlit.image, pair.toplit.image, o, self._crop_px, self._input_px) for o in new]
+        to_classify = [i for i, r in enumerate(reasons) if not r]
+        preds: dict[int, Prediction] = {}
+        model_s = 0.0
+        if to_classify:
+            out, model_s = self.model.predict_halves([crops[i] for i in to_classify])
+            preds = dict(zip(to_classify, out, strict=True))
+        return Computed(new, reasons, crops, preds, segment_s, time.perf_counter() - t, model_s)
+
+    def _record_pair(self, sid: str, pair: FramePair, edges: dict[str, int | None]) -> None:
+        """`run --record`: the raw pair, named after the first new stone in it."""
+        times = PairTimes(pair.trigger_ns, pair.backlit.t_ns, pair.toplit.t_ns, **edges)
+        self.recorder.submit_images(ImageJob(sid, None, None, raw=(pair.backlit.image, pair.toplit.image, times)))
+
+    def _record_latency(self, seg_s: float, infer_s: float, decide_s: float, model_s: float) -> None:
+        values = {"segment": seg_s, "infer": infer_s, "decide": decide_s,
+                  "compute": seg_s + infer_s + decide_s, "model_only": model_s}
+        for stage, v in values.items():
+            self.stats.latency_s[stage].append(v)
+            self.metrics.stage.labels(stage).observe(v)
+
+    # -- decide, plan, fire ---------------------------------------------------
+
+    def _decide_and_plan(self, obs: Observation, pred: Prediction | None, reason: str) -> tuple[str, Decision, Pulse | None]:
+        sid = f"S{self._next_id:06d}"
+        self._next_id += 1
+        if pred is None:
+            dec = safe_route(self.cfg.machine.safe_route, reason)
+        else:
+            m = self.model.manifest
+            dec = decide(pred.p_color, pred.p_clarity, obs.size_mm, self.cfg.decision, m.color_classes, m.clarity_classes)
+        track = Track(sid, obs.t_ns, obs.x_mm, obs.speed_mm_s, obs.length_mm,
+                      spread_mm=obs.length_mm if obs.cluster else 0.0)
+        self.tracker.add(track, obs.y_mm)
+        dec = self._resolve_neighbours(track, dec)
+        pulse = plan_pulse(track, dec.bin, self.cfg.geometry, self.cfg.ejection) if dec.bin in JET_BINS else None
+        return sid, dec, pulse
+
+    def _dispatch(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
+                  dec: Decision, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],
+                  edges: dict[str, int | None]) -> None:
+        """Send the pulse (or not), and hand the stone to the recorder."""
+        row = replace(self._row(sid, pair, obs, pred, dec, pulse), **edges)  # the lights' actual edges
+        self._count(obs, dec)
+        self._save_images(sid, pair, crop, dec.flagged)
+        if pulse is None:
+            self._finish(row)
+            return
+        lead_ns = pulse.start_ns - self.clock.now_ns()
+        refusal = None if lead_ns >= self.cfg.ejection.min_lead_ms * 1e6 else f"late: {lead_ns / 1e6:.2f} ms lead"
+        refusal = refusal or self.parts.valves.schedule(pulse)
+        if refusal:
+            self._deadline_miss(row, refusal)
+            return
+        self.planner.pulses[sid] = pulse
+        self.pending[sid] = Pending(row, pulse)
+        task = asyncio.get_running_loop().create_task(self._await_outcome(sid, pulse))
+        self._outcomes.add(task)
+        task.add_done_callback(self._outcomes.discard)
+
+    def _resolve_neighbours(self, track: Track, dec: Decision) -> Decision:
+        """No jet may catch a second stone: both stones take the default trajectory."""
+        self.planner.add(track)
+        stuck = [valve for other in self.planner.caught_by(track, dec.bin)
+                 if (valve := self._cancel_for_conflict(other)) is not None]
+        if stuck:
+            # Too late to cancel: that jet may carry this stone into its bin (how much of the
+            # stone it catches decides).  Its record says so and flags it for a look in that
+            # bin, rather than claim it went where it was decided.
+            into = min(stuck, key=lambda b: self.cfg.geometry.nozzle_drop_mm[b])  # the first jet it meets
+            self.stats.co_deflection_risks[track.stone_id] = into
+            self.metrics.co_deflection_risks.inc()
+            log.warning("%s: a neighbour's jet into %s could not be cancelled and may carry it", track.stone_id, into)
+            return Decision("REJECT", dec.color, dec.clarity, dec.confidence, True,
+                            f"co-deflection risk: a neighbour's jet into {into} could not be cancelled "
+                            f"(was {dec.bin})")
+        if dec.bin not in JET_BINS:
+            return dec
+        probe = plan_pulse(track, dec.bin, self.cfg.geometry, self.cfg.ejection)
+        if self.planner.conflicts(probe):
+            self.stats.conflicts += 1
+            self.metrics.conflicts.inc()
+            return Decision("REJECT", dec.color, dec.clarity, dec.confidence, dec.flagged,
+                            f"neighbour conflict (was {dec.bin})")
+        return dec
+
+    def _cancel_for_conflict(self, sid: str) -> str | None:
+        """Cancel a neighbour's pulse; the valve it will still fire on if it cannot be."""
+        pend = self.pending.get(sid)
+        if pend is None or pend.pulse is None:
+            pulse = self.planner.pulses.get(sid)  # already resolved: fired (or firing) as planned
+            return pulse.valve if pulse is not None else None
+        if self.parts.valves.cancel(pend.pulse):
+            self.planner.pulses.pop(sid, None)
+            pend.row.reason = f"neighbour conflict (was {pend.row.bin})"
+            pend.row.bin = pend.row.route = "REJECT"
+            self.stats.conflicts += 1
+            self.metrics.conflicts.inc()
+            return None
+        log.warning("%s: pulse could not be cancelled; a neighbour will be co-deflected", sid)
+        return pend.pulse.valve
+
+    async def _await_outcome(self, sid: str, pulse: Pulse) -> None:
+        outcome = await self.parts.valves.outcome(pulse)
+        pend = self.pending.pop(sid)
+        row = pend.row
+        row.valve_status = outcome.status
+        row.actual_on_ns, row.actual_off_ns = outcome.actual_on_ns, outcome.actual_off_ns
+        self.metrics.pulses.labels(pulse.valve, outcome.status.split(":")[0]).inc()
+        if outcome.status.startswith("refused"):
+            self._deadline_miss(row, outcome.status)
+            return
+        if outcome.status.startswith("unknown"):
+            # The controller may or may not have fired it: the stone is in its bin or in REJECT.
+            self.stats.valve_unknown += 1
+            row.flagged = 1
+            row.reason = f"{row.reason}; valve outcome unknown: in {row.bin} or REJECT".lstrip("; ")
+        elif outcome.fired and outcome.actual_off_ns is not None:
+            late_off_ns = outcome.actual_off_ns - pulse.end_ns
+            if late_off_ns > self.cfg.ejection.margin_ms * 1e6:
+                # Off edges cannot be refused.  A jet open that much longer than planned may
+                # also catch the stone behind: counted, so a bin's contamination is explained.
+                self.stats.late_off_edges += 1
+                self.metrics.late_off_edges.inc()
+                log.warning("%s: valve %s closed %.1f ms late: a stone just behind may have been carried into %s",
+                            sid, pulse.valve, late_off_ns / 1e6, pulse.valve)
+        self._finish(row)
+
+    def _deadline_miss(self, row: StoneRow, why: str) -> None:
+        row.deadline_miss = 1
+        row.valve_status = why
+        row.route = "REJECT"
+        self.stats.deadline_misses += 1
+        self.metrics.deadline_misses.inc()
+        self.planner.pulses.pop(row.stone_id, None)
+        log.warning("%s: deadline miss (%s): falls to REJECT", row.stone_id, why)
+        self._finish(row)
+
+    def _finish(self, row: StoneRow) -> None:
+        """The stone's fate is sealed: count it and hand the row to the recorder."""
+        self.stats.decided[row.bin] += 1
+        self.metrics.stones.labels(row.bin).inc()
+        self.rows.append(row)
+        self.recorder.submit(row)
+        self.metrics.queue_depth.labels("record").set(self.recorder.depth)
+
+    def _count(self, obs: Observation, dec: Decision) -> None:
+        self.stats.objects += 1
+        if obs.cluster:
+            self.stats.clusters += 1
+            self.metrics.clusters.inc()
+        if dec.flagged:
+            self.stats.flagged += 1
+            self.metrics.flagged.inc()
+
+    def _row(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
+             dec: Decision, pulse: Pulse | None) -> StoneRow:
+        pc = [float(v) for v in pred.p_color] if pred is not None else [None] * 3
+        pk = [float(v) for v in pred.p_clarity] if pred is not None else [None] * 3
+        return StoneRow(
+            stone_id=sid, capture_seq=pair.seq, t_trigger_ns=pair.trigger_ns,
+            t_backlit_ns=pair.backlit.t_ns, t_toplit_ns=pair.toplit.t_ns, t_decided_ns=self.clock.now_ns(),
+            x_mm=obs.x_mm, y_mm=obs.y_mm, speed_mm_s=obs.speed_mm_s, size_mm=obs.size_mm,
+            length_mm=obs.length_mm, cluster=int(obs.cluster),
+            p_blue=pc[0], p_light=pc[1], p_inky=pc[2],
+            p_transparent=pk[0], p_translucent=pk[1], p_opaque=pk[2],
+            color=dec.color, clarity=dec.clarity, confidence=dec.confidence, bin=dec.bin,
+            route=dec.bin, reason=dec.reason, flagged=int(dec.flagged), deadline_miss=0,
+            planned_on_ns=pulse.start_ns if pulse else None, planned_off_ns=pulse.end_ns if pulse else None,
+            actual_on_ns=None, actual_off_ns=None, valve_status="no pulse" if pulse is None else "scheduled",
+            model_version=self.model.version, wall_time=wall_time_iso(),
+        )
+
+    def _save_images(self, sid: str, pair: FramePair, crop: tuple[np.ndarray, np.ndarray], flagged: bool) -> None:
+        """Queue the thumbnail (backlit | toplit crop) and, if flagged, the full frames."""
+        rc = self.cfg.record
+        thumb = np.hstack(crop) if rc.thumbnail_px else None  # resized by the image thread
+        full = {"backlit": pair.backlit.image, "toplit": pair.toplit.image} if flagged and rc.flagged_images else None
+        if thumb is not None or full:
+            self.recorder.submit_images(ImageJob(sid, thumb, full))
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until the trigger source ends (simulation) or the task is cancelled."""
+        tasks = [asyncio.create_task(c, name=n) for n, c in (
+            ("trigger", self._trigger_loop()), ("capture", self._capture_loop()), ("process", self._process_loop()))]
+        try:
+            await asyncio.gather(*tasks)
+            while self._outcomes:
+                await asyncio.gather(*list(self._outcomes))
+        finally:
+            for t in tasks:
+                t.cancel()
