@@ -14,19 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sorterd.configfile import ConfigError, build, describe, load_toml, opt
-
-BINS = ("CUT", "SELECT", "FLIP", "REJECT")
-JET_BINS = ("CUT", "SELECT", "FLIP")  # REJECT is the default trajectory: no jet
-LIGHT_MODES = ("backlit", "toplit")  # a pair's two strobes, in order
-COLORS = ("blue", "light", "inky")
-CLARITIES = ("transparent", "translucent", "opaque")
-
-# §8.2 decision mapping (CUT additionally needs size >= cut_min_size_mm).
-DEFAULT_BINS: dict[str, dict[str, str]] = {
-    "blue": {"transparent": "CUT", "translucent": "FLIP", "opaque": "FLIP"},
-    "light": {"transparent": "SELECT", "translucent": "FLIP", "opaque": "FLIP"},
-    "inky": {"transparent": "SELECT", "translucent": "SELECT", "opaque": "REJECT"},
-}
+from sorterd.domain import BINS, CLARITIES, COLORS, DEFAULT_BINS, JET_BINS, LIGHT_MODES
 
 
 @dataclass(frozen=True)

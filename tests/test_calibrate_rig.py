@@ -23,13 +23,13 @@ from sorterd.calibration.rig import KitError, MachineRig, load_kit
 from sorterd.cli import main
 from sorterd.cli.compose import Parts
 from sorterd.clock import WallClock
+from sorterd.controller.outputs import Pulse, PulseOutcome
 from sorterd.parts.camera import CameraError, Frame
 from sorterd.parts.lights import StrobeResult, check_pair, done
 from sorterd.parts.trigger import TriggerEvent
-from sorterd.parts.valves import PulseOutcome
 from sorterd.sim.rig import SimRig
 from sorterd.sorting.capture import SWITCH_GAP_NS
-from sorterd.sorting.eject import Pulse, plan_pulse
+from sorterd.sorting.eject import plan_pulse
 
 H, W = 160, 480  # 8 x 24 mm at 20 px/mm
 BACK, TOP = 220, 120

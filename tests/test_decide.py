@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from sorterd.config import CLARITIES, COLORS, DEFAULT_BINS, DecisionConfig
+from sorterd.config import DecisionConfig
+from sorterd.domain import CLARITIES, COLORS, DEFAULT_BINS
 from sorterd.sorting.decide import class_bin, decide, unsortable_reason
 
 CFG = DecisionConfig()

@@ -17,7 +17,7 @@ import pytest
 from sorterd import config
 from sorterd.cli import main
 from sorterd.cli.run import RunOptions, run
-from sorterd.config import BINS
+from sorterd.domain import BINS
 from sorterd.sorting.record import COLUMNS, read_rows
 
 STABLE_KEYS = {"stones_fed", "stones_seen", "deadline_misses", "flagged", "flagged_rate", "bins",

@@ -7,8 +7,9 @@ import math
 import pytest
 
 from sorterd.config import EjectionConfig, GeometryConfig
-from sorterd.sorting.eject import Planner, Track, jet_interval, lip_time_ns, nozzle_passage, nozzles_passed, plan_pulse
+from sorterd.sorting.eject import Planner, jet_interval, lip_time_ns, nozzle_passage, nozzles_passed, plan_pulse
 from sorterd.sorting.physics import G_MM_S2, fall_time_s
+from sorterd.sorting.track import Track
 
 GEO = GeometryConfig()
 EJ = EjectionConfig()

@@ -12,11 +12,11 @@ import pytest
 from sorterd import config
 from sorterd.config import DecisionConfig
 from sorterd.data.dataset import StoneLabel, open_dataset, stone_sizes
+from sorterd.domain import cost_weighted_accuracy
 from sorterd.parts.inference.onnxruntime import OnnxModel, resolve_bundle
 from sorterd.sim.generate import GenerateOptions, generate
 from sorterd.sim.lots import LOTS
 from sorterd.sorting.decide import class_bin
-from sorterd.sorting.summary import cost_weighted_accuracy
 from sorterd.train.evaluate import compare, evaluate, format_comparison, format_text, predict
 from sorterd.train.temperature import calibration_error, expected_calibration_error, reliability_bins
 

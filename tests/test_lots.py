@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from sorterd import config
+from sorterd.domain import CLARITIES, COLORS
 from sorterd.sim.appearance import COLOR_CLASSES, chip_outline, sample_outline
 from sorterd.sim.lots import LOTS, HardCaseRates, Lot, LotLook, get_lot
 from sorterd.sim.render import Optics, render_frame, render_reference
-from sorterd.sim.stones import CLARITIES, COLORS, Appearance, StoneSpec
+from sorterd.sim.stones import Appearance, StoneSpec
 from sorterd.sim.world import THAI_MELEE_MIX, World
 from sorterd.sorting.segment import PairingLimits, segment_pair
 

@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
+from sorterd.domain import CLARITIES, COLORS
 from sorterd.sim import render
 from sorterd.sim.appearance import (
     CLARITY_CLASSES,
@@ -22,7 +23,7 @@ from sorterd.sim.appearance import (
     solidity,
 )
 from sorterd.sim.render import Optics, render_frame, render_reference
-from sorterd.sim.stones import CLARITIES, COLORS, Appearance, StoneSpec
+from sorterd.sim.stones import Appearance, StoneSpec
 
 MODES = ("backlit", "toplit")
 OPTICS = Optics()

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from sorterd import config
+from sorterd.domain import CLARITIES, COLORS
 from sorterd.sim.appearance import make_stone_look
 from sorterd.sim.machine import SimMachine
 from sorterd.sim.render import render_frame
-from sorterd.sim.stones import CLARITIES, COLORS, StoneSpec
+from sorterd.sim.stones import StoneSpec
 from sorterd.sorting.segment import PairingLimits, crop_pair, segment_pair
 
 PPM = 20.0

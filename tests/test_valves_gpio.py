@@ -22,8 +22,7 @@ import sorterd.parts.valves
 from sorterd.clock import WallClock
 from sorterd.config import GpiodValvesConfig, JetsonValvesConfig
 from sorterd.controller import gpio as G
-from sorterd.parts.valves import PulseOutcome
-from sorterd.sorting.eject import Pulse
+from sorterd.controller.outputs import Pulse, PulseOutcome
 
 Call = tuple[str, tuple[Any, ...], int]
 

@@ -16,9 +16,8 @@ import pytest
 from sorterd.clock import WallClock
 from sorterd.config import McuValvesConfig
 from sorterd.controller.mcu import McuValves
-from sorterd.parts.valves import PulseOutcome
+from sorterd.controller.outputs import Pulse, PulseOutcome
 from sorterd.sim.firmware import TRACE_EDGE, TRACE_WATCHDOG, HostFirmware, TraceRecord
-from sorterd.sorting.eject import Pulse
 
 CFG = McuValvesConfig(port="unused", reconnect_ms=50.0)
 

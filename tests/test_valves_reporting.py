@@ -7,8 +7,8 @@ from dataclasses import fields
 from types import SimpleNamespace
 from typing import Any
 
+from sorterd.controller.outputs import ValveStats
 from sorterd.metrics import Metrics
-from sorterd.parts.valves import ValveStats
 from sorterd.sim.firmware import TRACE_EDGE, TRACE_SESSION, TRACE_WATCHDOG, TraceRecord, TrueClock, ValveTrace
 from sorterd.sorting.record import StoneRow
 from sorterd.sorting.summary import valve_summary

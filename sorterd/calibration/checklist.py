@@ -40,8 +40,9 @@ from typing import Any, Protocol, TextIO
 import cv2
 import numpy as np
 
-from sorterd.config import JET_BINS, Config
+from sorterd.config import Config
 from sorterd.data.session import SessionMeta, write_json, write_png
+from sorterd.domain import JET_BINS
 from sorterd.sorting.segment import PairingLimits, crop_pair, find_blobs, segment_pair
 
 BACKLIGHT_DRIFT_MAX = 0.05  # §2.4 step 3

@@ -48,12 +48,15 @@ import numpy as np
 from sorterd.calibration.checklist import Baseline, load_baseline
 from sorterd.cli.compose import Parts, open_parts
 from sorterd.clock import Clock, WallClock
-from sorterd.config import CLARITIES, COLORS, Config
+from sorterd.config import Config
+from sorterd.controller.outputs import Pulse
+from sorterd.domain import CLARITIES, COLORS
 from sorterd.parts.camera import FramePair
 from sorterd.parts.lights import StrobeError
 from sorterd.sorting.capture import capture_pair, lighting_fault, strobe_pair
-from sorterd.sorting.eject import Pulse, Track, plan_pulse
+from sorterd.sorting.eject import plan_pulse
 from sorterd.sorting.segment import PairingLimits, segment_pair
+from sorterd.sorting.track import Track
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ from sorterd import sdnotify
 from sorterd.calibration import checklist as calibrate
 from sorterd.cli.compose import Parts, open_parts
 from sorterd.clock import Clock, make_clock
-from sorterd.config import BINS, Config
+from sorterd.config import Config
 from sorterd.data.session import SessionMeta, SessionWriter, new_session_id
+from sorterd.domain import BINS, LIGHT_MODES
 from sorterd.metrics import Metrics
 from sorterd.parts.inference.onnxruntime import OnnxModel, resolve_bundle
 from sorterd.sorting.pipeline import Pipeline
@@ -185,7 +186,7 @@ def _open_session(cfg: Config, parts: Parts, data_dir: Path) -> SessionWriter:
         notes=f"recorded by sorterd run on {cfg.machine.name}",
     )
     writer = SessionWriter(data_dir, meta)
-    for mode in ("backlit", "toplit"):
+    for mode in LIGHT_MODES:
         writer.write_reference(mode, cam.reference(mode))
     return writer
 

@@ -47,9 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sorterd.clock import Clock
-from sorterd.config import JET_BINS
-from sorterd.parts.valves import PulseOutcome, ValveStats, close_at_exit, closed
-from sorterd.sorting.eject import Pulse
+from sorterd.controller.outputs import Pulse, PulseOutcome, ValveStats, close_at_exit, closed
+from sorterd.domain import JET_BINS
 
 log = logging.getLogger(__name__)
 

@@ -39,11 +39,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sorterd.clock import Clock
-from sorterd.config import JET_BINS
 from sorterd.controller import proto as P
 from sorterd.controller.clocksync import ClockSync
-from sorterd.parts.valves import ClockTruth, PulseOutcome, ValveStats, close_at_exit, closed
-from sorterd.sorting.eject import Pulse
+from sorterd.controller.outputs import ClockTruth, Pulse, PulseOutcome, ValveStats, close_at_exit, closed
+from sorterd.domain import JET_BINS
 
 log = logging.getLogger(__name__)
 

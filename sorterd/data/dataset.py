@@ -37,12 +37,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from sorterd.config import CLARITIES, COLORS
+from sorterd.domain import CLARITIES, COLORS, FLAGS, LIGHT_MODES
 from sorterd.sorting.segment import DIFF_THRESHOLD
 
-CLASSES = tuple(f"{c}_{k}" for c in COLORS for k in CLARITIES)  # the 9 §1.3 classes
-FLAGS = ("uncertain", "mixed", "damaged", "reject")
-MODES = ("backlit", "toplit")
 LABELS_FILE = "labels.jsonl"
 PROCESSED_META = "processed_meta.json"  # images/processed/: {"crop_mm": ...}, written by sim generate
 DEFAULT_CROP_MM = 6.4  # the shipped models' crop: 128 px at 20 px/mm
@@ -158,7 +155,7 @@ def open_dataset(root: Path, check_images: bool = True) -> Dataset:
     ds = Dataset(root, labels, read_sessions(root))
     if check_images:
         for lab in labels:
-            for mode in MODES:
+            for mode in LIGHT_MODES:
                 if not ds.image_path(mode, lab.stone_id).is_file():
                     raise DatasetError(f"{ds.where(lab)}: stone {lab.stone_id}: missing image "
                                        f"{ds.image_path(mode, lab.stone_id)}")
@@ -332,7 +329,7 @@ def load_crops(ds: Dataset, labels: Sequence[StoneLabel], size: int) -> np.ndarr
     """(N, size, size, 6) uint8: backlit RGB then toplit RGB, the daemon's crop_pair layout."""
     out = np.empty((len(labels), size, size, 6), dtype=np.uint8)
     for i, lab in enumerate(labels):
-        for k, mode in enumerate(MODES):
+        for k, mode in enumerate(LIGHT_MODES):
             out[i, :, :, 3 * k:3 * k + 3] = fit_to(read_crop(ds, lab, mode), size)[:, :, ::-1]
     return out
 
@@ -340,7 +337,7 @@ def load_crops(ds: Dataset, labels: Sequence[StoneLabel], size: int) -> np.ndarr
 def pixel_hash(ds: Dataset, label: StoneLabel) -> str:
     """sha256 of both crops' decoded pixels: the same capture saved twice hashes alike (§3.5)."""
     h = hashlib.sha256()
-    for mode in MODES:
+    for mode in LIGHT_MODES:
         image = read_crop(ds, label, mode)
         h.update(f"{image.shape}".encode())
         h.update(np.ascontiguousarray(image).tobytes())

@@ -27,9 +27,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from sorterd.domain import LIGHT_MODES
 from sorterd.parts.lights import EDGE_KEYS
 
-MODES = ("backlit", "toplit")
 STONE_ID = re.compile(r"^S\d{6,}$")
 
 
@@ -111,7 +111,7 @@ class SessionWriter:
     def __init__(self, data_dir: Path, meta: SessionMeta) -> None:
         self.meta = meta
         self.dir = data_dir / "images" / "raw" / meta.session_id
-        for sub in (*MODES, "reference"):
+        for sub in (*LIGHT_MODES, "reference"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.write_meta()
 
@@ -160,7 +160,7 @@ class SessionReader:
         if not session_dir.is_dir():
             raise SessionError(f"{session_dir}: not a session folder")
         self.meta = SessionMeta.from_json(session_dir / "session_meta.json")
-        self.references = {m: read_image(session_dir / "reference" / f"{m}.png") for m in MODES}
+        self.references = {m: read_image(session_dir / "reference" / f"{m}.png") for m in LIGHT_MODES}
         shapes = {m: r.shape for m, r in self.references.items()}
         if shapes["backlit"] != shapes["toplit"]:
             raise SessionError(f"{session_dir}/reference: backlit {shapes['backlit']} and toplit "
@@ -169,7 +169,7 @@ class SessionReader:
         self.times = self._read_times()
 
     def _pair_ids(self) -> list[str]:
-        ids = {m: {p.stem for p in (self.dir / m).glob("*.png")} for m in MODES}
+        ids = {m: {p.stem for p in (self.dir / m).glob("*.png")} for m in LIGHT_MODES}
         only_b, only_t = ids["backlit"] - ids["toplit"], ids["toplit"] - ids["backlit"]
         if only_b or only_t:
             missing = sorted(f"toplit/{s}.png" for s in only_b) + sorted(f"backlit/{s}.png" for s in only_t)

@@ -45,6 +45,7 @@ import numpy as np
 from sorterd import config
 from sorterd.data.dataset import DEFAULT_CROP_MM, LABELS_FILE, PROCESSED_META, DatasetError, read_labels
 from sorterd.data.session import PairTimes, SessionMeta, SessionWriter, new_session_id, write_json, write_png
+from sorterd.domain import LIGHT_MODES
 from sorterd.sim.dataset import machine_captures
 from sorterd.sim.lots import NOMINAL_EXPOSURE_US, Lot, SessionDrift
 from sorterd.sim.machine import SimMachine
@@ -172,7 +173,7 @@ def _session(cfg: config.Config, opts: GenerateOptions, writer: _Writer, index: 
     day = opts.day or date.today()
     session_id = new_session_id(writer.out, datetime(day.year, day.month, day.day))
     start = datetime(day.year, day.month, day.day, 9, 0, tzinfo=WORKSHOP_TZ) + timedelta(hours=2 * index)
-    refs = {m: machine.render_reference(m) for m in ("backlit", "toplit")}
+    refs = {m: machine.render_reference(m) for m in LIGHT_MODES}
     meta = _session_meta(cfg, opts, session_id, start, drift, refs["backlit"])
     session = SessionWriter(writer.out, meta)
     _write_meta(writer.out, session, meta, opts, drift)
@@ -235,7 +236,7 @@ def _write_stone(writer: _Writer, opts: GenerateOptions, cfg: config.Config, cap
     crop_px = round(opts.crop_mm * cfg.camera.pixels_per_mm)
     # Native scale (out_size = crop_px): consumers resize to their model's input.
     halves = crop_halves(cap.backlit, cap.toplit, obs, crop_px, crop_px)
-    for mode, image in zip(("backlit", "toplit"), halves, strict=True):
+    for mode, image in zip(LIGHT_MODES, halves, strict=True):
         path = writer.out / "images" / "processed" / mode / f"{sid}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_png(path, image)

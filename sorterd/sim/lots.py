@@ -55,6 +55,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from sorterd.domain import CLARITIES, COLORS
 from sorterd.sim.appearance import (
     CLARITY_CLASSES,
     COLOR_CLASSES,
@@ -65,7 +66,7 @@ from sorterd.sim.appearance import (
     sample_outline,
 )
 from sorterd.sim.render import Optics
-from sorterd.sim.stones import CLARITIES, COLORS, Appearance, StoneSpec
+from sorterd.sim.stones import Appearance, StoneSpec
 from sorterd.sim.world import THAI_MELEE_MIX
 
 CASES = ("clean", "borderline_color", "borderline_clarity", "mixed", "damaged", "pleochroic", "debris")

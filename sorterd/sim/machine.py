@@ -7,7 +7,8 @@ from dataclasses import replace
 import cv2
 import numpy as np
 
-from sorterd.config import JET_BINS, Config, SimConfig
+from sorterd.config import Config, SimConfig
+from sorterd.domain import JET_BINS
 from sorterd.sim.render import Optics, render_frame, render_reference
 from sorterd.sim.world import World
 

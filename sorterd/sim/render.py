@@ -48,9 +48,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from sorterd.domain import LIGHT_MODES
 from sorterd.sim.stones import Appearance, StoneSpec
-
-MODES = ("backlit", "toplit")
 
 # -- look constants (why each value: see where it is used) ----------------------
 _SUPERSAMPLE = 4  # coverage of the outline from a 4x4 supersampled fill
@@ -202,8 +201,8 @@ def clear_look_cache() -> None:
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"Bad mode {mode!r}: valid modes are {list(MODES)}")
+    if mode not in LIGHT_MODES:
+        raise ValueError(f"Bad mode {mode!r}: valid modes are {list(LIGHT_MODES)}")
 
 
 # -- background and noise -------------------------------------------------------

@@ -16,12 +16,14 @@ import numpy as np
 
 from sorterd.calibration.checklist import Baseline, centre_mean
 from sorterd.config import Config
+from sorterd.domain import CLARITIES, COLORS, LIGHT_MODES
 from sorterd.sim.appearance import make_stone_look
 from sorterd.sim.machine import SimMachine
 from sorterd.sim.render import render_frame
-from sorterd.sim.stones import CLARITIES, COLORS, Appearance, StoneSpec
+from sorterd.sim.stones import Appearance, StoneSpec
 from sorterd.sim.world import World
-from sorterd.sorting.eject import Track, plan_pulse
+from sorterd.sorting.eject import plan_pulse
+from sorterd.sorting.track import Track
 
 KIT_SIZE = 20
 KIT_SEED = 777
@@ -45,7 +47,7 @@ class SimRig:
 
     def reference_frames(self) -> dict[str, np.ndarray]:
         if self._refs is None:
-            self._refs = {m: self.machine.render_reference(m) for m in ("backlit", "toplit")}
+            self._refs = {m: self.machine.render_reference(m) for m in LIGHT_MODES}
         return self._refs
 
     def gray_card(self) -> np.ndarray:
@@ -96,6 +98,6 @@ class SimRig:
         return world.landing(stone).bin == bin_name
 
     def baseline(self) -> Baseline:
-        refs = {m: self.healthy.render_reference(m) for m in ("backlit", "toplit")}
+        refs = {m: self.healthy.render_reference(m) for m in LIGHT_MODES}
         return Baseline(float(centre_mean(refs["backlit"]).mean()),
                         [float(v) for v in centre_mean(refs["toplit"])], float(self.cfg.camera.pixels_per_mm))

@@ -11,9 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-COLORS = ("blue", "light", "inky")
-CLARITIES = ("transparent", "translucent", "opaque")
-
 
 @dataclass(frozen=True)
 class Appearance:

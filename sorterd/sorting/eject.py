@@ -22,36 +22,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from sorterd.config import JET_BINS, EjectionConfig, GeometryConfig
+from sorterd.config import EjectionConfig, GeometryConfig
+from sorterd.controller.outputs import Pulse
+from sorterd.domain import JET_BINS
 from sorterd.sorting.physics import fall_time_s, passage_window_ns
-
-
-@dataclass(frozen=True)
-class Pulse:
-    """A valve command: open `valve` over [start_ns, end_ns) (host time)."""
-
-    valve: str
-    start_ns: int
-    end_ns: int
-    stone_id: str
-
-    @property
-    def duration_ns(self) -> int:
-        return self.end_ns - self.start_ns
-
-
-@dataclass(frozen=True)
-class Track:
-    """Where a stone will be: enough to predict all its nozzle passages."""
-
-    stone_id: str
-    t_obs_ns: int
-    x_mm: float
-    speed_mm_s: float
-    length_mm: float
-    # Spread of several stones along the channel (a cluster): its members leave
-    # the lip, and so pass every nozzle, spread_mm / speed apart.  0 = one stone.
-    spread_mm: float = 0.0
+from sorterd.sorting.track import Track
 
 
 def lip_time_ns(track: Track, geometry: GeometryConfig) -> int:

@@ -25,8 +25,10 @@ import numpy as np
 
 from sorterd.cli.compose import Parts
 from sorterd.clock import Clock
-from sorterd.config import JET_BINS, Config
+from sorterd.config import Config
+from sorterd.controller.outputs import Pulse
 from sorterd.data.session import PairTimes
+from sorterd.domain import JET_BINS, LIGHT_MODES
 from sorterd.metrics import Metrics
 from sorterd.parts.camera import CameraError, FramePair, camera_lock
 from sorterd.parts.inference.onnxruntime import OnnxModel, Prediction
@@ -34,10 +36,12 @@ from sorterd.parts.lights import StrobeError, strobe_edges
 from sorterd.parts.trigger import TriggerEvent
 from sorterd.sorting.capture import capture_pair, lighting_fault
 from sorterd.sorting.decide import Decision, decide, safe_route, unsortable_reason
-from sorterd.sorting.eject import Planner, Pulse, Track, plan_pulse
+from sorterd.sorting.eject import Planner, plan_pulse
 from sorterd.sorting.ledger import TriggerLedger
 from sorterd.sorting.record import ImageJob, Recorder, StoneRow, UnseenRow, wall_time_iso
 from sorterd.sorting.segment import Observation, PairingLimits, crop_halves, segment_pair
+from sorterd.sorting.track import Known, Track, Tracker, is_known
+from sorterd.sorting.trigger_queue import TriggerQueue
 
 log = logging.getLogger(__name__)
 
@@ -82,40 +86,6 @@ class Pending:
     pulse: Pulse | None
 
 
-class TriggerQueue:
-    """Bounded FIFO of trigger edges (loop thread only).
-
-    Unlike asyncio.Queue it can drop the edges a capture already covered:
-    a stone whose edge came before the exposure is in that frame pair.
-    """
-
-    def __init__(self, maxsize: int) -> None:
-        self._edges: deque[TriggerEvent | None] = deque()
-        self._maxsize = maxsize
-        self._ready = asyncio.Event()
-
-    def put_nowait(self, ev: TriggerEvent | None) -> bool:
-        """False when full (an end marker, None, is always accepted)."""
-        if ev is not None and len(self._edges) >= self._maxsize:
-            return False
-        self._edges.append(ev)
-        self._ready.set()
-        return True
-
-    async def get(self) -> TriggerEvent | None:
-        while not self._edges:
-            self._ready.clear()
-            await self._ready.wait()
-        return self._edges.popleft()
-
-    def drop_covered(self, t0_ns: int) -> list[TriggerEvent]:
-        """Drop the edges from before t0_ns and return them."""
-        dropped = []
-        while self._edges and (ev := self._edges[0]) is not None and ev.t_ns <= t0_ns:
-            dropped.append(self._edges.popleft())
-        return dropped
-
-
 # A decision may explain its trigger edge this long after the edge (the stone is in
 # view, then its pair waits in the queue); after that an edge is a stone passed unseen.
 LEDGER_HORIZON_NS = 1_000_000_000
@@ -145,32 +115,6 @@ def trigger_front_mm(trigger_cfg: Any) -> float | None:
         if hasattr(trigger_cfg, name):
             return float(getattr(trigger_cfg, name))
     return None
-
-
-class Tracker:
-    """Recognises a stone seen again in a later capture (it is still in view).
-
-    Owned by the loop thread; workers get an immutable `snapshot()`.
-    """
-
-    def __init__(self, tolerance_mm: float) -> None:
-        self.tolerance_mm = tolerance_mm
-        self.tracks: deque[tuple[Track, float]] = deque(maxlen=64)  # (track, y_mm)
-
-    def add(self, track: Track, y_mm: float) -> None:
-        self.tracks.append((track, y_mm))
-
-    def snapshot(self) -> tuple[tuple[Track, float], ...]:
-        return tuple(self.tracks)
-
-
-def is_known(x_mm: float, y_mm: float, t_ns: int, known: tuple[tuple[Track, float], ...], tolerance_mm: float) -> bool:
-    """Is there, at (x_mm, y_mm) at t_ns, a stone that was already decided?"""
-    for tr, y in known:
-        predicted = tr.x_mm + tr.speed_mm_s * (t_ns - tr.t_obs_ns) * 1e-9
-        if abs(predicted - x_mm) < tolerance_mm and abs(y - y_mm) < 1.0:
-            return True
-    return False
 
 
 @dataclass
@@ -208,7 +152,7 @@ class Pipeline:
         cam = parts.camera
         # A replayed session brings its own pair interval; otherwise the strobes' setting.
         self.pair_interval_ms = float(getattr(cam, "pair_interval_ms", None) or cfg.lights.pair_interval_ms)
-        self._refs = {m: cam.reference(m) for m in ("backlit", "toplit")}
+        self._refs = {m: cam.reference(m) for m in LIGHT_MODES}
         self._limits = PairingLimits.from_config(cfg, cam.pixels_per_mm, self.pair_interval_ms)
         self._trigger_front_mm = trigger_front_mm(cfg.trigger)
         self._trigger_slack_ns = trigger_slack_ns(cfg.trigger)
@@ -359,7 +303,7 @@ class Pipeline:
             self.metrics.untriggered.inc(untriggered)
             log.warning("%d decided stone(s) with no trigger edge (a beam missing stones?)", untriggered)
 
-    def _compute(self, pair: FramePair, known: tuple[tuple[Track, float], ...]) -> Computed:
+    def _compute(self, pair: FramePair, known: Known) -> Computed:
         """Worker thread: segment, keep the objects not seen before, crop, classify."""
         t = time.perf_counter()
         tol = self.cfg.pipeline.track_tolerance_mm

@@ -17,30 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from sorterd.config import BINS, Config
+from sorterd.config import Config
+from sorterd.domain import BINS, cost_weighted_accuracy
 from sorterd.sim.world import World
 from sorterd.sorting.decide import class_bin
 from sorterd.sorting.pipeline import LATENCIES, STAGES, RunStats
 from sorterd.sorting.record import StoneRow
-
-# §8.2 cost matrix, cost[true][landed], bins in BINS order (CUT, SELECT, FLIP, REJECT).
-COST = np.array([
-    [0, 3, 10, 8],
-    [5, 0, 3, 4],
-    [7, 1, 0, 2],
-    [1, 1, 1, 0],
-])
-
-
-def cost_weighted_accuracy(true_bins: list[str], got_bins: list[str]) -> float:
-    """§8.2: 1 - total cost / worst possible cost for these stones."""
-    if not true_bins:
-        return float("nan")
-    t = [BINS.index(b) for b in true_bins]
-    g = [BINS.index(b) for b in got_bins]
-    total = sum(COST[i, j] for i, j in zip(t, g, strict=True))
-    worst = sum(COST[i].max() for i in t)
-    return 1.0 - total / worst
 
 
 def percentiles_ms(samples: Any) -> dict[str, float | None]:

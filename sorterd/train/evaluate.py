@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from sorterd.config import BINS, CLARITIES, COLORS, DecisionConfig
-from sorterd.data.dataset import CLASSES, Dataset, StoneLabel, load_crops
+from sorterd.config import DecisionConfig
+from sorterd.data.dataset import Dataset, StoneLabel, load_crops
+from sorterd.domain import BINS, CLARITIES, CLASSES, COLORS, COST, cost_weighted_accuracy
 from sorterd.parts.inference.onnxruntime import OnnxModel
 from sorterd.sorting.decide import class_bin, decide
-from sorterd.sorting.summary import COST, cost_weighted_accuracy
 from sorterd.train.temperature import calibration_error, expected_calibration_error, reliability_bins
 
 SMALL_STONE_MM = 1.5  # §6.4

@@ -47,7 +47,6 @@ import torch
 
 from sorterd.config import DecisionConfig
 from sorterd.data.dataset import (
-    CLASSES,
     DEFAULT_CROP_MM,
     Dataset,
     DatasetError,
@@ -57,6 +56,7 @@ from sorterd.data.dataset import (
     open_dataset,
     stone_sizes,
 )
+from sorterd.domain import CLASSES
 from sorterd.parts.inference.onnxruntime import ModelError, OnnxModel, read_manifest
 from sorterd.train.evaluate import Evaluation, evaluate, predict
 from sorterd.train.export import INPUT_SIZE, export_bundle, sha256_file, write_json_atomic

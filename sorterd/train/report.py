@@ -23,9 +23,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from sorterd.config import BINS
-from sorterd.data.dataset import CLASSES, Dataset, read_crop
-from sorterd.sorting.summary import COST
+from sorterd.data.dataset import Dataset, read_crop
+from sorterd.domain import BINS, CLASSES, COST, LIGHT_MODES
 from sorterd.train.evaluate import ECE_TARGET, MILESTONES, Evaluation
 
 GALLERY = 24  # costliest mistakes shown
@@ -255,7 +254,7 @@ def _gallery(ev: Evaluation, ds: Dataset) -> list[dict[str, str]]:
     out = []
     for cost, conf, i in rows[:GALLERY]:
         lab = ev.labels[i]
-        thumbs = [_thumb(read_crop(ds, lab, mode)) for mode in ("backlit", "toplit")]
+        thumbs = [_thumb(read_crop(ds, lab, mode)) for mode in LIGHT_MODES]
         said = f"{('blue', 'light', 'inky')[int(ev.p_color[i].argmax())]} " \
                f"{('transparent', 'translucent', 'opaque')[int(ev.p_clarity[i].argmax())]}"
         label = "non-gem" if lab.reject else f"{lab.color} {lab.clarity}"

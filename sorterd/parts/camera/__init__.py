@@ -18,8 +18,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-MODES = ("backlit", "toplit")
-
 
 class CameraError(RuntimeError):
     """The camera failed (disconnected, timed out); stones in the gap take the safe route."""

@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from sorterd.clock import Clock
+from sorterd.domain import LIGHT_MODES
 from sorterd.parts.camera import CameraError, Frame
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class OpenCVCamera:
         if not self.cfg.reference_dir:
             return {}
         refs = {}
-        for mode in ("backlit", "toplit"):
+        for mode in LIGHT_MODES:
             path = Path(self.cfg.reference_dir).expanduser() / f"{mode}.png"
             image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if image is None:

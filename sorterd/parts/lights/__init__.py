@@ -24,6 +24,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
+from sorterd.domain import LIGHT_MODES
+
 
 class StrobeError(RuntimeError):
     """A strobe could not be scheduled (too late, controller not ready, lines failed)."""
@@ -64,7 +66,7 @@ def strobe_edges(results: list[StrobeResult]) -> dict[str, int | None]:
     """A pair's actual light edges under the names the stone log and frames.jsonl use."""
     by_mode = {r.mode: r for r in results}
     return {f"{m}_{e}_ns": getattr(by_mode[m], f"{e}_ns") if m in by_mode else None
-            for m in ("backlit", "toplit") for e in ("on", "off")}
+            for m in LIGHT_MODES for e in ("on", "off")}
 
 
 def done(result: StrobeResult) -> asyncio.Future[StrobeResult]:
@@ -92,7 +94,7 @@ def check_pair(results: list[StrobeResult], t_backlit: int, t_toplit: int, t_dar
         if exposures_known and not r.covers(t, tolerance_ns):
             return f"{mode} strobe on [{r.on_ns}, {r.off_ns}) missed its exposure at {t}"
     for r in results:
-        if r.mode in ("backlit", "toplit") and r.off_ns is not None and r.off_ns > t_dark + tolerance_ns:
+        if r.mode in LIGHT_MODES and r.off_ns is not None and r.off_ns > t_dark + tolerance_ns:
             return f"{r.mode} strobe still on {(r.off_ns - t_dark) / 1e6:.2f} ms after t0 + lights_off_ms"
     back = by_mode["backlit"]
     if back.off_ns is not None and back.off_ns > t_toplit + tolerance_ns:

@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 
 from sorterd.clock import Clock
+from sorterd.controller.outputs import SAMPLES, Pulse, PulseOutcome
 from sorterd.parts.lights import StrobeError, StrobeResult
-from sorterd.parts.valves import SAMPLES, PulseOutcome
-from sorterd.sorting.eject import Pulse
 
 log = logging.getLogger(__name__)
 

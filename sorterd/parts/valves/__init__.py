@@ -24,27 +24,9 @@ and the Prometheus collector read it).
 
 from __future__ import annotations
 
-import atexit
-import weakref
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-from sorterd.sorting.eject import Pulse
-
-# Fire-time error histogram buckets (seconds of |actual - intended|): a valve
-# edge matters at the 0.1 ms scale, a stone at the 1 ms scale.
-FIRE_ERROR_BUCKETS_S = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
-SAMPLES = 200_000  # timing samples kept per series for the run summary
-
-
-@dataclass(frozen=True)
-class PulseOutcome:
-    pulse: Pulse
-    fired: bool
-    actual_on_ns: int | None  # device-reported drive edges of the valve (host time); the air lags them
-    actual_off_ns: int | None
-    status: str  # "fired", "refused: ...", "cancelled", "unknown: ..."
+from sorterd.controller.outputs import Pulse, PulseOutcome
 
 
 class Valves(Protocol):
@@ -61,101 +43,3 @@ class Valves(Protocol):
     def close(self) -> None:
         """All valves off, now and on every exit path."""
         ...
-
-
-class ClockTruth(Protocol):
-    """The true relation of a simulated controller's clock to host time.
-
-    Only a simulator knows it (it started the controller with that offset and
-    drift); backends use it to measure their own errors, never to schedule.
-    """
-
-    def host_to_mcu(self, t_ns: int) -> int: ...
-
-    def mcu_to_host(self, clock: int) -> int: ...
-
-
-@dataclass
-class ErrorHistogram:
-    """Cumulative |error| histogram in seconds, for a Prometheus collector."""
-
-    buckets: tuple[float, ...] = FIRE_ERROR_BUCKETS_S
-    counts: list[int] = field(default_factory=lambda: [0] * len(FIRE_ERROR_BUCKETS_S))
-    count: int = 0
-    sum_s: float = 0.0
-
-    def observe(self, error_ns: int) -> None:
-        err = abs(error_ns) * 1e-9
-        self.count += 1
-        self.sum_s += err
-        for i, le in enumerate(self.buckets):
-            if err <= le:
-                self.counts[i] += 1
-
-
-@dataclass
-class ValveStats:
-    """Timing and fault figures of a valve backend.  Owned by the thread that
-    updates it (the event loop's); readers take a snapshot via stats()."""
-
-    backend: str
-    state: str = "ready"
-    refusals: dict[str, int] = field(default_factory=dict)  # reason -> count
-    watchdog_trips: int = 0
-    reconnects: int = 0
-    # Intended vs actual edge as the host sees it (device stamps converted with
-    # the host's clock estimate): what a real deployment can measure.
-    fire_error_ns: deque[int] = field(default_factory=lambda: deque(maxlen=SAMPLES))
-    fire_hist: ErrorHistogram = field(default_factory=ErrorHistogram)
-    # Against the simulator's truth (sim only): the host's estimate of the
-    # controller clock at each start vs the true clock then, and each edge's
-    # actual time (true relation) vs the intended instant.  A host-side backend
-    # (gpio) stamps edges on the host clock itself: its fire_error_ns is the truth.
-    sync_error_ns: deque[int] = field(default_factory=lambda: deque(maxlen=SAMPLES))
-    true_fire_error_ns: deque[int] = field(default_factory=lambda: deque(maxlen=SAMPLES))
-    clock_offset_ns: float | None = None  # last sync sample vs the fitted line
-    clock_rtt_ns: int | None = None
-    clock_drift_ppm: float | None = None
-
-    def refuse(self, kind: str, detail: str = "") -> str:
-        """Count a refusal under a fixed kind (a metric label); returns the status text,
-        which may say more."""
-        self.refusals[kind] = self.refusals.get(kind, 0) + 1
-        return f"refused: {kind}" + (f" ({detail})" if detail else "")
-
-    @property
-    def late_at_fire(self) -> int:
-        """Pulses refused because the timer woke past the late limit (a controller's or the thread's)."""
-        return sum(n for kind, n in self.refusals.items() if kind.endswith("late at fire"))
-
-    def true_fire_errors(self) -> deque[int]:
-        return self.true_fire_error_ns or self.fire_error_ns
-
-    def fired(self, intended_ns: int, actual_ns: int) -> None:
-        self.fire_error_ns.append(actual_ns - intended_ns)
-        self.fire_hist.observe(actual_ns - intended_ns)
-
-
-# -- outputs off on every exit path -------------------------------------------------
-
-_OPEN: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def close_at_exit(backend: Any) -> None:
-    """Register an open hardware backend: an exit that skips its close() (an exception
-    in main, sys.exit) still closes it, so lines go off and a controller is told to."""
-    _OPEN.add(backend)
-
-
-def closed(backend: Any) -> None:
-    """The backend closed itself: nothing left to do at exit."""
-    _OPEN.discard(backend)
-
-
-@atexit.register
-def _close_all_at_exit() -> None:
-    for backend in list(_OPEN):
-        try:
-            backend.close()
-        except Exception:  # noqa: BLE001 -- at exit, try every one
-            pass

@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from sorterd.clock import Clock
-from sorterd.parts.valves import PulseOutcome
-from sorterd.sorting.eject import Pulse
+from sorterd.controller.outputs import Pulse, PulseOutcome
 
 
 class DryValves:

@@ -8,6 +8,7 @@ import numpy as np
 
 from sorterd.clock import Clock
 from sorterd.config import SimCameraConfig
+from sorterd.domain import LIGHT_MODES
 from sorterd.parts.camera import CameraError, Frame
 from sorterd.sim.machine import SimMachine
 
@@ -18,7 +19,7 @@ class SimCamera:
         self.machine = machine
         self.clock = clock
         self.pixels_per_mm = cfg.pixels_per_mm
-        self._refs = {m: machine.render_reference(m) for m in ("backlit", "toplit")}
+        self._refs = {m: machine.render_reference(m) for m in LIGHT_MODES}
         faults = machine.faults
         self._down_from_s = faults.get("camera_drop_at_s")
         self._down_for_s = faults.get("camera_down_s", 1.0)

@@ -12,9 +12,8 @@ import asyncio
 
 from sorterd.clock import Clock
 from sorterd.config import SimValvesConfig
-from sorterd.parts.valves import PulseOutcome
+from sorterd.controller.outputs import Pulse, PulseOutcome
 from sorterd.sim.machine import SimMachine
-from sorterd.sorting.eject import Pulse
 
 
 class SimValves:
