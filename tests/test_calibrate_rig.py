@@ -1,4 +1,4 @@
-"""`MachineRig` (sorterd/rig.py) on fake parts, the few-probe valve search, and calibrating a
+"""`MachineRig` (sorterd/calibration/rig.py) on fake parts, the few-probe valve search, and calibrating a
 real-machine config without an operator or a baseline."""
 
 from __future__ import annotations
