@@ -57,7 +57,7 @@ class Metrics:
 
 
 class ValveCollector:
-    """The valve backend's own figures (sorterd.parts.valves.ValveStats), as Prometheus metrics.
+    """The valve backend's own figures (sorterd.controller.outputs.ValveStats), as Prometheus metrics.
 
     The backend keeps its counters on the event loop's thread; a scrape (HTTP
     thread) reads a snapshot of plain ints and floats -- no lock needed for

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-import sorterd.parts.valves
+import sorterd.controller.outputs
 from sorterd.clock import WallClock
 from sorterd.config import GpiodValvesConfig, JetsonValvesConfig
 from sorterd.controller import gpio as G
@@ -284,7 +284,7 @@ def test_interpreter_exit_switches_open_backends_off() -> None:
         v.schedule(pulse("CUT", 5, 30))
         await asyncio.sleep(0.015)  # open now
         assert lib.value[17] == Value.ACTIVE
-        sorterd.parts.valves._close_all_at_exit()  # what atexit runs when close() was never called
+        sorterd.controller.outputs._close_all_at_exit()  # what atexit runs when close() was never called
 
     asyncio.run(main())
     assert lib.value == {17: Value.INACTIVE, 27: Value.INACTIVE, 22: Value.INACTIVE}
