@@ -209,6 +209,26 @@ def test_gpiod_one_request_pulses_and_release_last() -> None:
     assert lib.calls[-2][1][0] == {17: Value.INACTIVE, 27: Value.INACTIVE, 22: Value.INACTIVE}
 
 
+def test_the_edge_observer_hears_each_fired_pulse_at_its_actual_edges() -> None:
+    lib = FakeGpiod()
+    heard: list[tuple[str, int, int]] = []
+
+    async def main() -> list[PulseOutcome]:
+        v = G.open_gpio_valves(GPIOD, WallClock(), lambda valve, on, off: heard.append((valve, on, off)), lib=lib)
+        try:
+            ps = [pulse("CUT", 10, 3, "S1"), pulse("FLIP", 16, 3, "S2"), pulse("SELECT", 30, 3, "S3")]
+            for p in ps:
+                v.schedule(p)
+            v.cancel(ps[2])  # never fired: nothing to hear
+            return [await v.outcome(p) for p in ps]
+        finally:
+            v.close()
+
+    outs = asyncio.run(main())
+    assert [o.status for o in outs] == ["fired", "fired", "cancelled"]
+    assert heard == [(o.pulse.valve, o.actual_on_ns, o.actual_off_ns) for o in outs[:2]]
+
+
 def test_refusals_late_too_long_overlap_and_cancel() -> None:
     lib = FakeGpiod()
     got: dict[str, Any] = {}

@@ -54,7 +54,7 @@ def test_edges_open_jets_at_their_true_times_and_give_sync_and_fire_errors() -> 
     rows = [row("S1", "CUT", planned_on, planned_off, "fired"),
             row("S2", "SELECT", 2_100_000_000, 2_105_000_000, "refused: controller disconnected"),
             row("S3", "SELECT", 2_200_000_000, 2_205_000_000, "refused: controller not ready (sync)")]
-    s = valve_summary(rows, world)  # type: ignore[arg-type]
+    s = valve_summary(rows, world.valve_trace)
     assert world.jets == [("CUT", planned_on + 4000, planned_off + 6000)]
     assert s["sync_error_us"]["p50"] == 1.0 and s["sync_error_us"]["n"] == 1
     assert s["fire_error_us"]["n"] == 2 and s["fire_error_us"]["max"] == 6.0

@@ -500,19 +500,19 @@ def run_session(cfg: Config, rig: Rig, model: Any, out: TextIO, interactive: boo
     return profile, refs, rig.baseline()
 
 
-def for_run(cfg: Config, model: Any, out: TextIO, uncalibrated: bool) -> tuple[Config, dict[str, Any]]:
+def for_run(cfg: Config, model: Any, out: TextIO, uncalibrated: bool,
+            rig: Rig | None = None) -> tuple[Config, dict[str, Any]]:
     """The config a run sorts with, after today's calibration; and what to log about it.
 
-    The simulated machine calibrates itself now, without prompts; a replayed
-    session brings its own references and scale; a real machine needs a
-    passing profile written by `sorterd calibrate` today.
+    rig: a machine that calibrates itself now, without prompts (the composition
+    root hands in the simulated machine's rig); a replayed session brings its
+    own references and scale; a real machine needs a passing profile written by
+    `sorterd calibrate` today.
     """
     if cfg.camera.type == "replay":
         return cfg, {"calibration": "replay: the session's own references and scale"}
-    if cfg.camera.type == "sim":
-        from sorterd.sim.rig import SimRig
-
-        profile, _, _ = run_session(cfg, SimRig(cfg), model, out, interactive=False,
+    if rig is not None:
+        profile, _, _ = run_session(cfg, rig, model, out, interactive=False,
                                     warmup_s=cfg.calibration.warmup_s)
     else:
         profile = todays_profile(Path(cfg.calibration.dir), cfg.machine.name)  # type: ignore[assignment]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sorterd.clock import Clock
 from sorterd.config import Config
@@ -13,7 +13,24 @@ from sorterd.parts.lights import Lights
 from sorterd.parts.trigger import Trigger
 from sorterd.parts.valves import Valves
 
+if TYPE_CHECKING:
+    from sorterd.sorting.summary import RunTruth
+
 log = logging.getLogger(__name__)
+
+
+class SimulatedMachine(Protocol):
+    """What `sorterd run` does with the simulated machine: the one seam to the world (sorterd.sim.machine)."""
+
+    def feed(self, n: int) -> None: ...
+
+    def start_at(self, t_ns: int) -> None: ...
+
+    def fed_by(self, t_ns: int) -> int: ...
+
+    def last_landing_ns(self) -> int: ...
+
+    def truth(self) -> RunTruth: ...
 
 
 @dataclass
@@ -22,7 +39,7 @@ class Parts:
     lights: Lights
     trigger: Trigger
     valves: Valves
-    machine: Any = None  # the SimMachine when any part is simulated
+    machine: SimulatedMachine | None = None  # when any part is simulated
 
     def close(self) -> None:
         # Valves first: whatever else fails, the jets must end up off.
@@ -113,7 +130,7 @@ def _trigger(cfg: Config, machine: Any, clock: Clock, replay: Any, camera: Camer
         from sorterd.parts.trigger.vision import VisionTrigger
 
         return VisionTrigger(cfg.trigger, camera, lights, clock,
-                             stop_at=_all_past(machine) if machine is not None else None,
+                             stop_at=machine.all_past_ns if machine is not None else None,
                              max_speed_mm_s=cfg.geometry.speed_max_mm_s,
                              reopen_backoff_ms=getattr(cfg.camera, "reopen_backoff_ms", 200.0))
     if cfg.trigger.type == "beam":
@@ -123,15 +140,6 @@ def _trigger(cfg: Config, machine: Any, clock: Clock, replay: Any, camera: Camer
     from sorterd.sim.parts.trigger import SimTrigger
 
     return SimTrigger(cfg.trigger, machine, clock)
-
-
-def _all_past(machine: Any) -> Any:
-    """Simulation: when the last fed stone has left the view (the run's end)."""
-    def end() -> int:
-        world = machine.world
-        spans = world.beam_times(world.view_mm[0])
-        return max((clear for _, clear in spans), default=0) + 100_000_000
-    return end
 
 
 def _valves(cfg: Config, machine: Any, clock: Clock) -> Valves:
@@ -144,7 +152,8 @@ def _valves(cfg: Config, machine: Any, clock: Clock) -> Valves:
     if cfg.valves.type in ("jetson", "gpiod"):
         from sorterd.controller.gpio import open_gpio_valves
 
-        return open_gpio_valves(cfg.valves, clock, machine)
+        # Lines driving the simulated machine: their actual edges open its jets.
+        return open_gpio_valves(cfg.valves, clock, machine.open_jet if machine is not None else None)
     from sorterd.sim.parts.valves import SimValves
 
     return SimValves(cfg.valves, machine, clock)

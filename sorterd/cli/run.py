@@ -72,7 +72,7 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
     # creating anything; everything opened is closed on every exit path.
     model = OnnxModel(resolve_bundle(cfg.inference.model, cfg.source.parent if cfg.source else None),
                       cfg.inference.threads, cfg.inference.providers)
-    cfg, calibration = calibrate.for_run(cfg, model, out, opts.uncalibrated)
+    cfg, calibration = calibrate.for_run(cfg, model, out, opts.uncalibrated, rig=_self_calibrating_rig(cfg))
     with contextlib.ExitStack() as stack:
         parts = open_parts(cfg, clock)
         stack.callback(parts.close)
@@ -97,8 +97,8 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
               + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
         t_wall = time.monotonic()
         await _run_pipeline(pipeline, parts, clock, opts, out, t_wall)
-    world = parts.machine.world if parts.machine is not None else None
-    summary = summarize(cfg, pipeline.stats, pipeline.rows, world, model.version, time.monotonic() - t_wall,
+    truth = parts.machine.truth() if parts.machine is not None else None
+    summary = summarize(cfg, pipeline.stats, pipeline.rows, truth, model.version, time.monotonic() - t_wall,
                         valves=parts.valves, lights=parts.lights)
     summary["batch_dir"] = str(batch_dir)
     summary["record"] = {"rows_written": recorder.rows_written, "unseen_written": recorder.unseen_written,
@@ -113,6 +113,15 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
     return RunResult(summary, batch_dir)
 
 
+def _self_calibrating_rig(cfg: Config) -> calibrate.Rig | None:
+    """The simulated machine calibrates itself at every run; a real one brings today's profile."""
+    if cfg.camera.type != "sim":
+        return None
+    from sorterd.sim.rig import SimRig
+
+    return SimRig(cfg)
+
+
 async def _run_pipeline(pipeline: Pipeline, parts: Parts, clock: Clock, opts: RunOptions,
                         out: TextIO, t_wall: float) -> None:
     loop = asyncio.get_running_loop()
@@ -125,14 +134,14 @@ async def _run_pipeline(pipeline: Pipeline, parts: Parts, clock: Clock, opts: Ru
     sdnotify.notify("READY=1")
     if parts.machine is not None:
         # Feed the simulated channel only now that every stage is ready.
-        parts.machine.world.feed(opts.stones, 0)
-        parts.machine.world.start_at(clock.now_ns() + 20_000_000)
+        parts.machine.feed(opts.stones)
+        parts.machine.start_at(clock.now_ns() + 20_000_000)
     reporter = asyncio.create_task(_progress(pipeline, parts, opts, out, t_wall))
     try:
         await pipeline.run()
         if parts.machine is not None:
             # Let the last stones fall into their bins before counting them.
-            await clock.sleep_until(parts.machine.world.last_landing_ns())
+            await clock.sleep_until(parts.machine.last_landing_ns())
     except asyncio.CancelledError:
         print("\nsorterd: stopping (signal)", file=out)
     finally:
@@ -166,9 +175,7 @@ def _progress_line(pipeline: Pipeline, parts: Parts, opts: RunOptions, elapsed: 
     s = pipeline.stats
     fed = ""
     if parts.machine is not None:
-        now = pipeline.clock.now_ns()
-        entered = sum(1 for st in parts.machine.world.stones if st.t_entry_ns <= now)
-        fed = f"fed {entered}/{opts.stones}  "
+        fed = f"fed {parts.machine.fed_by(pipeline.clock.now_ns())}/{opts.stones}  "
     bins = " ".join(f"{b} {s.decided[b]}" for b in BINS)
     recent = list(itertools.islice(reversed(s.latency_s["compute"]), 500))
     p50 = f"{statistics.median(recent) * 1e3:.1f} ms" if recent else "-"

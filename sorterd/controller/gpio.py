@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 NEAR_NS = 1_500_000  # from this close to an edge the thread stops listening to the condition
 HOLD_GIL_S = 0.05  # switch interval while spinning to an edge (longer than any spin)
 
+# Told (valve, actual_on_ns, actual_off_ns) of each fired pulse, on the event loop's thread.
+EdgeObserver = Callable[[str, int, int], object]
+
 
 class GpioError(OSError):
     """The GPIO library is missing or refused the lines (an OSError: the CLI reports it plainly)."""
@@ -228,13 +231,13 @@ class _Edge:
 
 class GpioValves:
     def __init__(self, cfg: Any, driver: Driver, clock: Clock, backend: str,
-                 observer: Callable[[str, int, int], None] | None = None) -> None:
+                 observer: EdgeObserver | None = None) -> None:
         if clock.virtual:
             raise GpioError(f"valves.type = '{backend}' drives real lines: it needs the wall clock")
         self.cfg = cfg
         self.driver = driver
         self.clock = clock
-        self.observer = observer  # the simulated world, if any: (valve, on_ns, off_ns) on the loop thread
+        self.observer = observer  # called on the loop thread with each fired pulse's actual edges
         self.max_on_ns = int(cfg.max_on_ms * 1e6)
         self.late_limit_ns = int(cfg.late_limit_us * 1e3)
         self.spin_ns = int(cfg.spin_us * 1e3)
@@ -442,12 +445,15 @@ class GpioValves:
             log.exception("could not switch the valves off")
 
 
-def open_gpio_valves(cfg: Any, clock: Clock, machine: Any = None, lib: Any = None) -> GpioValves:
-    """The `jetson` or `gpiod` backend (lib: a stand-in for the library, in tests)."""
+def open_gpio_valves(cfg: Any, clock: Clock, observer: EdgeObserver | None = None, lib: Any = None) -> GpioValves:
+    """The `jetson` or `gpiod` backend (lib: a stand-in for the library, in tests).
+
+    observer: told each fired pulse's actual edges; the composition root passes
+    the simulated machine's jets when the lines drive a simulated machine.
+    """
     driver: Driver = JetsonDriver(cfg, lib) if cfg.type == "jetson" else GpiodDriver(cfg, lib)
     if set(cfg.pins) != set(JET_BINS):
         raise GpioError(f"valves.pins needs exactly {', '.join(JET_BINS)}")
-    observer = machine.world.open_jet if machine is not None else None
     try:
         return GpioValves(cfg, driver, clock, cfg.type, observer)
     except BaseException:

@@ -73,7 +73,7 @@ class McuValves:
         self.cfg = cfg
         self.clock = clock
         self.port = port
-        self.truth = truth  # the simulator's true clock relation (sim only)
+        self.truth = truth  # the true clock relation, when the composition root has one (a simulated controller)
         self._on_close = list(on_close or [])
         # Output i of the controller: the valves first, then other timed outputs
         # (strobes, the camera trigger) as name -> (pin, max_on_ms, active_low).

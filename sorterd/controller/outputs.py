@@ -43,10 +43,12 @@ class PulseOutcome:
 
 
 class ClockTruth(Protocol):
-    """The true relation of a simulated controller's clock to host time.
+    """The true relation of a controller's clock to host time, known from outside the link.
 
-    Only a simulator knows it (it started the controller with that offset and
-    drift); backends use it to measure their own errors, never to schedule.
+    A backend is handed one by the composition root (the simulated machine
+    knows it: it started the controller with that offset and drift) and uses
+    it to measure its own errors, never to schedule.  Without one, the
+    truth-side figures (ValveStats.sync_error_ns, true_fire_error_ns) stay empty.
     """
 
     def host_to_mcu(self, t_ns: int) -> int: ...

@@ -1,4 +1,9 @@
-"""The simulated machine: the world plus its optics, shared by the sim backends."""
+"""The simulated machine: the world plus its optics, shared by the sim backends.
+
+Beyond the backends, `sorterd run` drives it only through its run seam (feed,
+start_at, fed_by, all_past_ns, last_landing_ns, open_jet, truth): the world's
+internals stay in sorterd.sim.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,13 @@ import numpy as np
 from sorterd.config import Config, SimConfig
 from sorterd.domain import JET_BINS
 from sorterd.sim.render import Optics, render_frame, render_reference
+from sorterd.sim.truth import SimTruth
 from sorterd.sim.world import World
 
 
 class SimMachine:
     def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
         faults = cfg.sim.faults
         # The machine's true scale; the camera still reports the configured one
         # (a scale fault is what calibration must catch).
@@ -42,6 +49,37 @@ class SimMachine:
         """The empty channel, averaged over several frames as calibration does."""
         stack = [render_reference(mode, self.optics, self._rng(i, mode)) for i in range(frames)]
         return np.mean(stack, axis=0).round().astype(np.uint8)
+
+    # -- the run seam ---------------------------------------------------------
+
+    def feed(self, n: int) -> None:
+        """Put n stones on the feeder (relative to 0: generating them takes real time)."""
+        self.world.feed(n, 0)
+
+    def start_at(self, t_ns: int) -> None:
+        """The fed stones start arriving at t_ns."""
+        self.world.start_at(t_ns)
+
+    def fed_by(self, t_ns: int) -> int:
+        """How many stones have entered the view by t_ns (the progress line)."""
+        return sum(1 for s in self.world.stones if s.t_entry_ns <= t_ns)
+
+    def all_past_ns(self) -> int:
+        """When the last fed stone has left the view (the run's end, for the vision trigger)."""
+        spans = self.world.beam_times(self.world.view_mm[0])
+        return max((clear for _, clear in spans), default=0) + 100_000_000
+
+    def last_landing_ns(self) -> int:
+        """When the last fed stone has fallen into its bin."""
+        return self.world.last_landing_ns()
+
+    def open_jet(self, valve: str, on_ns: int, off_ns: int) -> None:
+        """A valve line was driven over [on, off): the jet opens (a GPIO backend's edge observer)."""
+        self.world.open_jet(valve, on_ns, off_ns)
+
+    def truth(self) -> SimTruth:
+        """What the world knows of the run, for the summary's truth section."""
+        return SimTruth(self.cfg, self.world)
 
 
 def true_valves(cfg: Config) -> SimConfig:
