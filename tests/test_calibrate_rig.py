@@ -359,6 +359,9 @@ def test_vision_trigger_waits_for_todays_reference_then_watches_it(tmp_path: Pat
 class WindowRig:
     """valve_hit is True exactly inside a known window per valve."""
 
+    needs_operator = False
+    instant_warmup = True
+
     def __init__(self, windows: dict[str, tuple[float, float]]) -> None:
         self.windows = windows
         self.calls: dict[str, list[float]] = {b: [] for b in windows}

@@ -31,7 +31,8 @@ from sorterd.data.session import PairTimes
 from sorterd.domain import JET_BINS, LIGHT_MODES
 from sorterd.metrics import Metrics
 from sorterd.parts.camera import CameraError, FramePair, camera_lock
-from sorterd.parts.inference.onnxruntime import OnnxModel, Prediction
+from sorterd.parts.inference import Model
+from sorterd.parts.inference.onnxruntime import Prediction
 from sorterd.parts.lights import StrobeError, strobe_edges
 from sorterd.parts.trigger import TriggerEvent
 from sorterd.sorting.capture import capture_pair, lighting_fault
@@ -131,7 +132,7 @@ class Computed:
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, clock: Clock, parts: Parts, model: OnnxModel,
+    def __init__(self, cfg: Config, clock: Clock, parts: Parts, model: Model,
                  recorder: Recorder, metrics: Metrics) -> None:
         self.cfg = cfg
         self.clock = clock
