@@ -19,6 +19,8 @@ import numpy as np
 
 from sorterd.config import Config
 from sorterd.domain import BINS, cost_weighted_accuracy
+from sorterd.parts.lights import Lights
+from sorterd.parts.valves import Valves
 from sorterd.sim.world import World
 from sorterd.sorting.decide import class_bin
 from sorterd.sorting.pipeline import LATENCIES, STAGES, RunStats
@@ -53,7 +55,8 @@ def match_rows(world: World, rows: list[StoneRow]) -> dict[int, StoneRow]:
 
 
 def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], world: World | None,
-              model_version: str, wall_s: float, valves: Any = None, lights: Any = None) -> dict[str, Any]:
+              model_version: str, wall_s: float, valves: Valves | None = None,
+              lights: Lights | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "objects_decided": len(rows),
         "captures": stats.captures,
@@ -80,12 +83,13 @@ def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], world: World |
     if world is not None:
         out.update(_sim_truth(cfg, world, rows, stats.co_deflection_risks))
     out.update(valve_summary(rows, world, valves))
-    if hasattr(lights, "timing"):
-        out.update(lights.timing())  # strobe_error_us, strobe_refusals
+    timing = lights.timing() if lights is not None else None
+    if timing is not None:
+        out.update(timing)  # strobe_error_us, strobe_refusals
     return out
 
 
-def valve_summary(rows: list[StoneRow], world: World | None, valves: Any = None) -> dict[str, Any]:
+def valve_summary(rows: list[StoneRow], world: World | None, valves: Valves | None = None) -> dict[str, Any]:
     """Valve timing and faults, where a backend or the simulated controller has them.
 
     sync_error_us / fire_error_us (|error| p50, p99, max; bias = signed median)
@@ -97,7 +101,7 @@ def valve_summary(rows: list[StoneRow], world: World | None, valves: Any = None)
     """
     out: dict[str, Any] = {}
     trace = getattr(world, "valve_trace", None) if world is not None else None
-    st = valves.stats() if valves is not None and hasattr(valves, "stats") else None
+    st = valves.stats() if valves is not None else None
     if trace is None and st is None:
         return out
     refused = [r.valve_status for r in rows if r.valve_status.startswith("refused")]
