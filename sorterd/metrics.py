@@ -12,6 +12,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from sorterd.parts.valves import Valves
+
 # Stage latencies are milliseconds-scale; buckets from 0.1 ms to 0.5 s.
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 
@@ -39,10 +41,9 @@ class Metrics:
         self.model = Info("sorterd_model", "The active model bundle.", registry=r)
         self.server: Any = None
 
-    def watch_valves(self, valves: Any) -> None:
-        """Expose a valve backend's timing and faults (if it has `stats()`), read at scrape time."""
-        if hasattr(valves, "stats"):
-            self.registry.register(ValveCollector(valves))
+    def watch_valves(self, valves: Valves) -> None:
+        """Expose a valve backend's timing and faults, read at scrape time (none for backends without)."""
+        self.registry.register(ValveCollector(valves))
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port."""
@@ -64,7 +65,7 @@ class ValveCollector:
     figures that are only ever replaced or incremented.
     """
 
-    def __init__(self, valves: Any) -> None:
+    def __init__(self, valves: Valves) -> None:
         self.valves = valves
 
     def describe(self) -> list[Any]:
@@ -72,6 +73,8 @@ class ValveCollector:
 
     def collect(self) -> Iterator[Any]:
         st = self.valves.stats()
+        if st is None:
+            return
         h = st.fire_hist
         cumulative = [(str(le), float(n)) for le, n in zip(h.buckets, h.counts, strict=True)]
         yield HistogramMetricFamily(

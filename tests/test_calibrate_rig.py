@@ -23,7 +23,7 @@ from sorterd.calibration.rig import KitError, MachineRig, load_kit
 from sorterd.cli import main
 from sorterd.cli.compose import Parts
 from sorterd.clock import WallClock
-from sorterd.controller.outputs import Pulse, PulseOutcome
+from sorterd.controller.outputs import Pulse, PulseOutcome, ValveStats
 from sorterd.parts.camera import CameraError, Frame
 from sorterd.parts.lights import StrobeResult, check_pair, done
 from sorterd.parts.trigger import TriggerEvent
@@ -74,6 +74,9 @@ class FakeCamera:
         self.world = world
         self.pixels_per_mm = 20.0
         self.exposure_at_strobe = True
+        self.prelit = False
+        self.pair_interval_ms: float | None = None
+        self.lock = asyncio.Lock()
         self.grabs: list[tuple[str, int]] = []
         self.closed = False
 
@@ -121,6 +124,9 @@ class FakeLights:
         self.strobes.append((mode, t_on_ns, t_off_ns))
         return done(StrobeResult(mode, t_on_ns, t_off_ns, "lit"))
 
+    def timing(self) -> dict[str, Any] | None:
+        return None
+
     def all_off(self) -> None:
         self.off = True
 
@@ -133,6 +139,7 @@ class FakeTrigger:
         self.clock = clock
         self.stale = [TriggerEvent(1)]  # e.g. the target broke the beam long ago
         self.calls = 0
+        self.references = 0  # set_reference() calls
         self.closed = False
 
     async def next(self) -> TriggerEvent | None:
@@ -145,6 +152,9 @@ class FakeTrigger:
             w.stones_now = w.stones_per_drop.pop(0)
         w.t_enter = self.clock.now_ns()
         return TriggerEvent(w.t_enter)
+
+    def set_reference(self, backlit: np.ndarray) -> None:
+        self.references += 1
 
     def close(self) -> None:
         self.closed = True
@@ -168,6 +178,9 @@ class FakeValves:
 
     async def outcome(self, pulse: Pulse) -> PulseOutcome:
         return PulseOutcome(pulse, True, pulse.start_ns, pulse.end_ns, "fired")
+
+    def stats(self) -> ValveStats | None:
+        return None
 
     def close(self) -> None:
         self.closed = True
@@ -218,6 +231,7 @@ def test_reference_frames_are_the_mean_of_lit_pairs_and_cached(tmp_path: Path, f
     with rig_on(real_cfg(tmp_path), fakes) as rig:
         refs = rig.reference_frames()
         assert rig.reference_frames() is refs  # cached: no second capture
+        assert fakes.trigger.references == 1  # handed to the trigger once (a beam ignores it)
     # Frame k is base - 10 + 2k, k = 0..7: the mean is base - 3 everywhere.
     assert refs["backlit"].dtype == np.uint8 and refs["backlit"].shape == (H, W, 3)
     assert (refs["backlit"] == BACK - 3).all() and (refs["toplit"] == TOP - 3).all()
@@ -358,6 +372,9 @@ def test_vision_trigger_waits_for_todays_reference_then_watches_it(tmp_path: Pat
 
 class WindowRig:
     """valve_hit is True exactly inside a known window per valve."""
+
+    needs_operator = False
+    instant_warmup = True
 
     def __init__(self, windows: dict[str, tuple[float, float]]) -> None:
         self.windows = windows

@@ -32,9 +32,12 @@ class StampCamera:
 
     pixels_per_mm = 20.0
     exposure_at_strobe = True
+    prelit = False
+    pair_interval_ms = None
 
     def __init__(self, clock: WallClock) -> None:
         self.clock = clock
+        self.lock = asyncio.Lock()
         self.grabs: list[tuple[str, int]] = []
 
     async def grab(self, mode: str, t_ns: int) -> Frame:

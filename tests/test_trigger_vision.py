@@ -28,6 +28,9 @@ class MovingStones:
     """A backlit channel with dark discs moving right: (t_enter_ns at x=0, speed mm/s, diameter mm)."""
 
     pixels_per_mm = PPM
+    prelit = False
+    exposure_at_strobe = True
+    pair_interval_ms = None
 
     def __init__(self, clock: Any, stones: list[tuple[int, float, float]], down: tuple[int, int] | None = None,
                  noise: float = 2.0) -> None:
@@ -37,6 +40,7 @@ class MovingStones:
         self.rng = np.random.default_rng(0)
         self.noise = noise
         self.reopens = 0
+        self.lock = asyncio.Lock()
 
     def reference(self, mode: str) -> np.ndarray:
         return np.full((H, W, 3), GRAY, np.uint8)

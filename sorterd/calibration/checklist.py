@@ -43,6 +43,7 @@ import numpy as np
 from sorterd.config import Config
 from sorterd.data.session import SessionMeta, write_json, write_png
 from sorterd.domain import JET_BINS
+from sorterd.parts.inference import Model
 from sorterd.sorting.segment import PairingLimits, crop_pair, find_blobs, segment_pair
 
 BACKLIGHT_DRIFT_MAX = 0.05  # §2.4 step 3
@@ -97,6 +98,9 @@ class Profile:
 
 class Rig(Protocol):
     """The hardware actions calibration needs."""
+
+    needs_operator: bool  # gray card, target, kit and test stones are placed by a person (skipped unattended)
+    instant_warmup: bool  # the lights are at temperature at once (simulated): warm-up passes with 0 s
 
     def warm_up(self, seconds: float, tick: Callable[[float], None]) -> None: ...
     def reference_frames(self) -> dict[str, np.ndarray]: ...
@@ -231,7 +235,7 @@ class Session:
         self.out = out
         self.ask = ask  # None = non-interactive
         # A real machine's gray card, target, kit and test stones need a person.
-        self.unattended = ask is None and bool(getattr(rig, "needs_operator", False))
+        self.unattended = ask is None and rig.needs_operator
         self.results: list[StepResult] = []
 
     def say(self, text: str) -> None:
@@ -263,12 +267,12 @@ class Session:
 
         self.rig.warm_up(seconds, tick)
         print(file=self.out)
-        if getattr(self.rig, "instant_warmup", False):
+        if self.rig.instant_warmup:
             self.record(StepResult("warm-up", "pass", {"seconds": 0}, "simulated lights are at temperature at once"))
         else:
             self.record(StepResult("warm-up", "pass", {"seconds": seconds}, f"lights on for {seconds:.0f} s"))
 
-    def run(self, model: Any, warmup_s: float) -> tuple[Profile, dict[str, np.ndarray]]:
+    def run(self, model: Model, warmup_s: float) -> tuple[Profile, dict[str, np.ndarray]]:
         base = self.rig.baseline()
         self.say("sorterd calibrate: session checklist (§2.4)")
         self.warm_up(warmup_s)
@@ -346,7 +350,7 @@ class Session:
         # churn it); outside it the step fails and the operator decides.
         return configured
 
-    def reference_stones(self, model: Any, ppm: float) -> None:
+    def reference_stones(self, model: Model, ppm: float) -> None:
         kit = self.rig.reference_stones()
         lim = PairingLimits.from_config(self.cfg, ppm, self.cfg.lights.pair_interval_ms)
         refs = self.rig.reference_frames()
@@ -489,7 +493,7 @@ class CalibrationRefused(RuntimeError):
     """`run` without a passing calibration of the day, and no override."""
 
 
-def run_session(cfg: Config, rig: Rig, model: Any, out: TextIO, interactive: bool, warmup_s: float
+def run_session(cfg: Config, rig: Rig, model: Model, out: TextIO, interactive: bool, warmup_s: float
                 ) -> tuple[Profile, dict[str, np.ndarray], Baseline | None]:
     session = Session(cfg, rig, out, interactive_ask if interactive else None)
     profile, refs = session.run(model, warmup_s)
@@ -500,7 +504,7 @@ def run_session(cfg: Config, rig: Rig, model: Any, out: TextIO, interactive: boo
     return profile, refs, rig.baseline()
 
 
-def for_run(cfg: Config, model: Any, out: TextIO, uncalibrated: bool,
+def for_run(cfg: Config, model: Model, out: TextIO, uncalibrated: bool,
             rig: Rig | None = None) -> tuple[Config, dict[str, Any]]:
     """The config a run sorts with, after today's calibration; and what to log about it.
 

@@ -266,7 +266,7 @@ class MachineRig:
     def limits(self) -> PairingLimits:
         """Frame pairing as the pipeline and the Session build it."""
         cfg = self.cfg
-        ppm = float(getattr(self.parts.camera, "pixels_per_mm", cfg.camera.pixels_per_mm))
+        ppm = float(self.parts.camera.pixels_per_mm)
         return PairingLimits.from_config(cfg, ppm, cfg.lights.pair_interval_ms)
 
     async def _pair(self, trigger_ns: int | None = None) -> tuple[FramePair, str | None]:
@@ -393,8 +393,7 @@ class MachineRig:
             refs = {"backlit": mean_u8([p.backlit.image for p in pairs]),
                     "toplit": mean_u8([p.toplit.image for p in pairs])}
             self._refs = refs
-            if hasattr(self.parts.trigger, "set_reference"):
-                self._call(self._set_trigger_reference(refs), 10.0, "giving the vision trigger today's reference")
+            self._call(self._set_trigger_reference(refs), 10.0, "giving the vision trigger today's reference")
         return self._refs
 
     async def _set_trigger_reference(self, refs: dict[str, np.ndarray]) -> None:

@@ -189,7 +189,7 @@ def _open_session(cfg: Config, parts: Parts, data_dir: Path) -> SessionWriter:
     meta = SessionMeta(
         session_id=new_session_id(data_dir), timestamp_start=datetime.now().astimezone().isoformat(timespec="seconds"),
         pixels_per_mm=cam.pixels_per_mm, reference_check_passed=False,
-        pair_interval_ms=float(getattr(cam, "pair_interval_ms", None) or cfg.lights.pair_interval_ms),
+        pair_interval_ms=float(cam.pair_interval_ms or cfg.lights.pair_interval_ms),
         notes=f"recorded by sorterd run on {cfg.machine.name}",
     )
     writer = SessionWriter(data_dir, meta)

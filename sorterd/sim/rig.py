@@ -33,6 +33,7 @@ TEST_SPEED = 400.0
 
 
 class SimRig:
+    needs_operator = False  # the simulated machine places its own card, target and stones
     instant_warmup = True
 
     def __init__(self, cfg: Config) -> None:

@@ -30,8 +30,9 @@ from sorterd.controller.outputs import Pulse
 from sorterd.data.session import PairTimes
 from sorterd.domain import JET_BINS, LIGHT_MODES
 from sorterd.metrics import Metrics
-from sorterd.parts.camera import CameraError, FramePair, camera_lock
-from sorterd.parts.inference.onnxruntime import OnnxModel, Prediction
+from sorterd.parts.camera import CameraError, FramePair
+from sorterd.parts.inference import Model
+from sorterd.parts.inference.onnxruntime import Prediction
 from sorterd.parts.lights import StrobeError, strobe_edges
 from sorterd.parts.trigger import TriggerEvent
 from sorterd.sorting.capture import capture_pair, lighting_fault
@@ -131,7 +132,7 @@ class Computed:
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, clock: Clock, parts: Parts, model: OnnxModel,
+    def __init__(self, cfg: Config, clock: Clock, parts: Parts, model: Model,
                  recorder: Recorder, metrics: Metrics) -> None:
         self.cfg = cfg
         self.clock = clock
@@ -151,7 +152,7 @@ class Pipeline:
         self._outcomes: set[asyncio.Task[None]] = set()
         cam = parts.camera
         # A replayed session brings its own pair interval; otherwise the strobes' setting.
-        self.pair_interval_ms = float(getattr(cam, "pair_interval_ms", None) or cfg.lights.pair_interval_ms)
+        self.pair_interval_ms = float(cam.pair_interval_ms or cfg.lights.pair_interval_ms)
         self._refs = {m: cam.reference(m) for m in LIGHT_MODES}
         self._limits = PairingLimits.from_config(cfg, cam.pixels_per_mm, self.pair_interval_ms)
         self._trigger_front_mm = trigger_front_mm(cfg.trigger)
@@ -217,7 +218,7 @@ class Pipeline:
         while True:
             lost += len(self._triggers.drop_covered(self.clock.now_ns()))
             try:
-                async with camera_lock(self.parts.camera):  # the vision trigger may be reopening it too
+                async with self.parts.camera.lock:  # the vision trigger may be reopening it too
                     await loop.run_in_executor(None, self.parts.camera.reopen)
                 break
             except CameraError as again:

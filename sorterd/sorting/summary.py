@@ -17,6 +17,8 @@ import numpy as np
 
 from sorterd.config import Config
 from sorterd.domain import BINS
+from sorterd.parts.lights import Lights
+from sorterd.parts.valves import Valves
 from sorterd.sorting.pipeline import LATENCIES, STAGES, RunStats
 from sorterd.sorting.record import StoneRow
 
@@ -48,7 +50,8 @@ class RunTruth(Protocol):
 
 
 def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], truth: RunTruth | None,
-              model_version: str, wall_s: float, valves: Any = None, lights: Any = None) -> dict[str, Any]:
+              model_version: str, wall_s: float, valves: Valves | None = None,
+              lights: Lights | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "objects_decided": len(rows),
         "captures": stats.captures,
@@ -75,12 +78,13 @@ def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], truth: RunTrut
     if truth is not None:
         out.update(truth.stones_summary(rows, stats.co_deflection_risks))
     out.update(valve_summary(rows, truth.valve_trace if truth is not None else None, valves))
-    if hasattr(lights, "timing"):
-        out.update(lights.timing())  # strobe_error_us, strobe_refusals
+    timing = lights.timing() if lights is not None else None
+    if timing is not None:
+        out.update(timing)  # strobe_error_us, strobe_refusals
     return out
 
 
-def valve_summary(rows: list[StoneRow], trace: ValveTiming | None, valves: Any = None) -> dict[str, Any]:
+def valve_summary(rows: list[StoneRow], trace: ValveTiming | None, valves: Valves | None = None) -> dict[str, Any]:
     """Valve timing and faults, where a backend or the simulated controller has them.
 
     sync_error_us / fire_error_us (|error| p50, p99, max; bias = signed median)
@@ -91,7 +95,7 @@ def valve_summary(rows: list[StoneRow], trace: ValveTiming | None, valves: Any =
     come from the controller (simulated) or the backend.
     """
     out: dict[str, Any] = {}
-    st = valves.stats() if valves is not None and hasattr(valves, "stats") else None
+    st = valves.stats() if valves is not None else None
     if trace is None and st is None:
         return out
     refused = [r.valve_status for r in rows if r.valve_status.startswith("refused")]

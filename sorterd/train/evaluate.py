@@ -34,7 +34,7 @@ import numpy as np
 from sorterd.config import DecisionConfig
 from sorterd.data.dataset import Dataset, StoneLabel, load_crops
 from sorterd.domain import BINS, CLARITIES, CLASSES, COLORS, COST, cost_weighted_accuracy
-from sorterd.parts.inference.onnxruntime import OnnxModel
+from sorterd.parts.inference import Model
 from sorterd.sorting.decide import class_bin, decide
 from sorterd.train.temperature import calibration_error, expected_calibration_error, reliability_bins
 
@@ -80,7 +80,7 @@ class Evaluation:
 # -- predicting --------------------------------------------------------------------------
 
 
-def predict(model: OnnxModel, ds: Dataset, labels: Sequence[StoneLabel]) -> tuple[np.ndarray, np.ndarray]:
+def predict(model: Model, ds: Dataset, labels: Sequence[StoneLabel]) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated probabilities (p_color, p_clarity) in COLORS / CLARITIES order."""
     m = model.manifest
     size = int(m.size[0])

@@ -6,7 +6,7 @@ host monotonic ns of the exposure, converted from the camera's own clock
 inside the backend.
 
 One camera, two users: pair capture and the `vision` trigger's previews.  They
-take turns through `camera_lock(camera)`; a pair always goes first.
+take turns through the camera's own `lock`; a pair always goes first.
 """
 
 from __future__ import annotations
@@ -43,7 +43,13 @@ class FramePair:
 
 
 class Camera(Protocol):
-    pixels_per_mm: float
+    """What the pipeline, the vision trigger and calibration use of a camera; every backend declares each member."""
+
+    pixels_per_mm: float  # image scale of its frames
+    prelit: bool  # its frames were lit when they were recorded (replay): capture strobes nothing
+    exposure_at_strobe: bool  # frame timestamps are the exposure instants the strobes were timed for
+    pair_interval_ms: float | None  # the interval its pairs were taken at (replay); None: lights.pair_interval_ms
+    lock: asyncio.Lock  # held by whoever exposes frames on it (pair capture, vision previews), one at a time
 
     def reference(self, mode: str) -> np.ndarray:
         """The empty channel in that lighting mode (segmentation background)."""
@@ -58,12 +64,3 @@ class Camera(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def camera_lock(camera: Any) -> asyncio.Lock:
-    """The lock that serialises everyone who exposes frames on this camera."""
-    lock = getattr(camera, "_sorterd_lock", None)
-    if lock is None:
-        lock = asyncio.Lock()
-        camera._sorterd_lock = lock
-    return lock

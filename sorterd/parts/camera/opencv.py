@@ -49,6 +49,9 @@ class OpenCVCamera:
         # Hardware-triggered: the strobe controller starts each exposure, so the frame
         # must fall inside its strobe; free-running: only the strobes can be checked.
         self.exposure_at_strobe = cfg.trigger == "hardware"
+        self.prelit = False
+        self.pair_interval_ms: float | None = None
+        self.lock = asyncio.Lock()
         self._cap: cv2.VideoCapture | None = None  # used by one worker at a time (grabs are sequential)
         self._mode: str | None = None
         self._refs: dict[str, np.ndarray] = {}

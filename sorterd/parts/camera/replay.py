@@ -60,17 +60,22 @@ class ReplayTrigger:
         await self.source.clock.sleep_until(t_trigger)
         return TriggerEvent(t_trigger)
 
+    def set_reference(self, backlit: np.ndarray) -> None:
+        """Recorded pairs come at their recorded times: nothing to compare with."""
+
     def close(self) -> None:
         pass
 
 
 class ReplayCamera:
     prelit = True  # the frames were lit when they were recorded: nothing is strobed
+    exposure_at_strobe = True  # the recorded times are the exposure instants (no strobes to check anyway)
 
     def __init__(self, source: ReplaySource) -> None:
         self.source = source
         self.pixels_per_mm = source.reader.meta.pixels_per_mm
-        self.pair_interval_ms = source.reader.meta.pair_interval_ms
+        self.pair_interval_ms: float | None = source.reader.meta.pair_interval_ms
+        self.lock = asyncio.Lock()
         self._index = -1
         self._pair: tuple[np.ndarray, np.ndarray] | None = None
 

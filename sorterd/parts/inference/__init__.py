@@ -1,0 +1,34 @@
+"""Inference: a model bundle (§4) run on 6-channel crops, dual head out.
+
+Backends (`[inference] type`): `onnxruntime` (CPU/CUDA: `inference/onnxruntime.py`);
+`tensorrt` is to come.  The sorting pipeline, calibration's reference-stone
+check and the trainer's evaluation use a model only through `Model`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from sorterd.parts.inference.onnxruntime import Manifest, Prediction
+
+
+class Model(Protocol):
+    """What the pipeline, calibration and evaluation use of a loaded model bundle."""
+
+    manifest: Manifest  # preprocessing (size, crop_mm, mean/std) and class order, from the bundle
+
+    @property
+    def version(self) -> str:
+        """The bundle's version (every stone row and the run summary name it)."""
+        ...
+
+    def predict(self, crops_hwc: np.ndarray) -> tuple[list[Prediction], float]:
+        """Probabilities for (N, H, W, 6) uint8 RGB crops, and the bare model call's seconds."""
+        ...
+
+    def predict_halves(self, halves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Prediction], float]:
+        """Probabilities for (backlit, toplit) BGR crop pairs (the pipeline's hot path), and the model's seconds."""
+        ...

@@ -8,8 +8,8 @@ Backends (`[lights] type`):
   * `gpio`  strobe lines driven by the same real-time thread design as the
             GPIO valves (`sorterd/lights/pulsed.py`).
 
-`strobe()` schedules one light over [t_on, t_off) in host time and returns an
-awaitable `StrobeResult`: the actual on/off instants as the device reports
+`strobe()` schedules one light over [t_on, t_off) in host time and returns a
+future `StrobeResult` (the vision trigger looks whether it is in yet): the actual on/off instants as the device reports
 them (never the requested ones), or why the light did not come on.  A strobe
 that cannot be scheduled raises `StrobeError` at once.  The pipeline checks
 every pair's results before its stones are sorted (§2.2: each frame lit by
@@ -20,9 +20,8 @@ not classified and its stones take the safe route.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sorterd.domain import LIGHT_MODES
 
@@ -49,11 +48,17 @@ class StrobeResult:
 
 
 class Lights(Protocol):
+    """What capture, the vision trigger, calibration and the run summary use of the strobes."""
+
     lead_ns: int  # a pair's t0 must be at least this far ahead when its strobes are scheduled
     tolerance_ns: int  # the latest an edge may fire (later ones are refused by the backend)
 
-    def strobe(self, mode: str, t_on_ns: int, t_off_ns: int) -> Awaitable[StrobeResult]:
+    def strobe(self, mode: str, t_on_ns: int, t_off_ns: int) -> asyncio.Future[StrobeResult]:
         """Light `mode` over [t_on_ns, t_off_ns) (host time); StrobeError if it cannot be scheduled."""
+        ...
+
+    def timing(self) -> dict[str, Any] | None:
+        """The edges' timing for the run summary (strobe_error_us, strobe_refusals); None: not measured."""
         ...
 
     def all_off(self) -> None: ...

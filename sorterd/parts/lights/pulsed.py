@@ -28,6 +28,7 @@ import numpy as np
 from sorterd.clock import Clock
 from sorterd.controller.outputs import SAMPLES, Pulse, PulseOutcome
 from sorterd.parts.lights import StrobeError, StrobeResult
+from sorterd.parts.valves import Valves
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class PulsedLights:
         # mcu: the valves' close() resets the controller (every output off)
 
 
-def open_mcu_lights(cfg: Any, valves: Any, clock: Clock) -> PulsedLights:
+def open_mcu_lights(cfg: Any, valves: Valves, clock: Clock) -> PulsedLights:
     """The strobes on the valve controller (configured as extra outputs of `valves`)."""
     return PulsedLights(cfg, valves, clock, owns_outputs=False)
 

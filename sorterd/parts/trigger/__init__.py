@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class TriggerEvent:
@@ -19,8 +21,14 @@ class TriggerEvent:
 
 
 class Trigger(Protocol):
+    """What the pipeline and calibration use of a trigger."""
+
     async def next(self) -> TriggerEvent | None:
         """The next edge, or None when the source is exhausted (end of a simulated run)."""
+        ...
+
+    def set_reference(self, backlit: np.ndarray) -> None:
+        """Today's empty channel under the backlight (calibration); a no-op for triggers that do not look."""
         ...
 
     def close(self) -> None: ...

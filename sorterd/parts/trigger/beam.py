@@ -67,6 +67,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
+
 from sorterd.clock import Clock
 from sorterd.config import BeamTriggerConfig
 from sorterd.controller.gpio import GpioError, import_gpio_library
@@ -183,6 +185,9 @@ class BeamTrigger:
                 self._loop.call_soon_threadsafe(self._end_waiters)
             except RuntimeError:
                 pass  # the loop is closed: nobody waits any more
+
+    def set_reference(self, backlit: np.ndarray) -> None:
+        """A beam does not look at frames: nothing to do."""
 
     def stats(self) -> dict[str, int]:
         """edges seen (both kinds), triggers accepted, break edges within the holdoff (suppressed),

@@ -22,7 +22,7 @@ front enters the zone; the zone's far edge must leave the whole stone in view
 by the time its pair is exposed (`zone_to_mm` + top speed x (period + lead +
 pair interval) < view width).
 
-The camera is shared with pair capture through `camera_lock`; a pair waits at
+The camera is shared with pair capture through its `lock`; a pair waits at
 most one preview.  A camera that fails during previews is reopened here (with
 backoff): stones passing meanwhile are not seen at all and, unlike with a
 beam, cannot be counted -- they fall to REJECT by the default trajectory.
@@ -40,8 +40,8 @@ import numpy as np
 
 from sorterd.clock import Clock
 from sorterd.configfile import ConfigError
-from sorterd.parts.camera import CameraError, camera_lock
-from sorterd.parts.lights import StrobeError
+from sorterd.parts.camera import Camera, CameraError, Frame
+from sorterd.parts.lights import Lights, StrobeError
 from sorterd.parts.trigger import TriggerEvent
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ GAP_COLS = 2  # changed columns this close (preview columns) are one object
 
 
 class VisionTrigger:
-    def __init__(self, cfg: Any, camera: Any, lights: Any, clock: Clock,
+    def __init__(self, cfg: Any, camera: Camera, lights: Lights, clock: Clock,
                  stop_at: Callable[[], int | None] | None = None, max_speed_mm_s: float = 1000.0,
                  reopen_backoff_ms: float = 200.0) -> None:
         self.cfg = cfg
@@ -167,8 +167,8 @@ class VisionTrigger:
                 return TriggerEvent(frame.t_ns)
         return None
 
-    async def _preview(self) -> Any:
-        async with camera_lock(self.camera):
+    async def _preview(self) -> Frame | None:
+        async with self.camera.lock:
             t = self.clock.now_ns() + self.lights.lead_ns
             try:
                 report = self.lights.strobe("backlit", t, t + self.strobe_ns)

@@ -18,18 +18,20 @@ actually happened: fired (with the actual on/off instants, as reported by
 the device, never the scheduled ones), refused, cancelled, or unknown (the
 link to the controller was lost before it reported).
 
-Backends with timing figures also have `stats() -> ValveStats` (the summary
-and the Prometheus collector read it).
+Backends with timing figures return them from `stats()` (the summary and the
+Prometheus collector read it); the others return None.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from sorterd.controller.outputs import Pulse, PulseOutcome
+from sorterd.controller.outputs import Pulse, PulseOutcome, ValveStats
 
 
 class Valves(Protocol):
+    """What the pipeline, the pulsed lights, calibration, the summary and the metrics use of the valves."""
+
     def schedule(self, pulse: Pulse) -> str | None:
         """Queue a pulse; None if accepted, else the reason it was refused."""
         ...
@@ -39,6 +41,10 @@ class Valves(Protocol):
         ...
 
     async def outcome(self, pulse: Pulse) -> PulseOutcome: ...
+
+    def stats(self) -> ValveStats | None:
+        """Device-stamped timing and faults (a snapshot, read from any thread); None: not measured."""
+        ...
 
     def close(self) -> None:
         """All valves off, now and on every exit path."""

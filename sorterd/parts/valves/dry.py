@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from sorterd.clock import Clock
-from sorterd.controller.outputs import Pulse, PulseOutcome
+from sorterd.controller.outputs import Pulse, PulseOutcome, ValveStats
 
 
 class DryValves:
@@ -35,6 +35,10 @@ class DryValves:
             return PulseOutcome(pulse, False, None, None, "cancelled")
         await asyncio.sleep(0)
         return PulseOutcome(pulse, False, None, None, "dry run")
+
+    def stats(self) -> ValveStats | None:
+        """Nothing is driven, so there are no edges to time."""
+        return None
 
     def close(self) -> None:
         self._cancelled.clear()

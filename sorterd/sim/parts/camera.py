@@ -19,6 +19,10 @@ class SimCamera:
         self.machine = machine
         self.clock = clock
         self.pixels_per_mm = cfg.pixels_per_mm
+        self.prelit = False
+        self.exposure_at_strobe = True  # rendered at exactly the instant asked, under its strobe
+        self.pair_interval_ms: float | None = None
+        self.lock = asyncio.Lock()
         self._refs = {m: machine.render_reference(m) for m in LIGHT_MODES}
         faults = machine.faults
         self._down_from_s = faults.get("camera_drop_at_s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from sorterd.config import SimLightsConfig
 from sorterd.parts.lights import StrobeResult, done
@@ -16,6 +17,10 @@ class SimLights:
 
     def strobe(self, mode: str, t_on_ns: int, t_off_ns: int) -> asyncio.Future[StrobeResult]:
         return done(StrobeResult(mode, t_on_ns, t_off_ns, "lit"))
+
+    def timing(self) -> dict[str, Any] | None:
+        """Simulated edges are exact: nothing to report."""
+        return None
 
     def all_off(self) -> None:
         pass

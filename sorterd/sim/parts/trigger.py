@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
+
 from sorterd.clock import Clock
 from sorterd.config import SimTriggerConfig
 from sorterd.parts.trigger import TriggerEvent
@@ -27,6 +29,9 @@ class SimTrigger:
         # The host learns of the edge after the sensor latency; the event carries the edge time.
         await self.clock.sleep_until(t + self.latency_ns)
         return TriggerEvent(t)
+
+    def set_reference(self, backlit: np.ndarray) -> None:
+        """A simulated beam does not look at frames: nothing to do."""
 
     def close(self) -> None:
         pass

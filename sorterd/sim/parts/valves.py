@@ -12,7 +12,7 @@ import asyncio
 
 from sorterd.clock import Clock
 from sorterd.config import SimValvesConfig
-from sorterd.controller.outputs import Pulse, PulseOutcome
+from sorterd.controller.outputs import Pulse, PulseOutcome, ValveStats
 from sorterd.sim.machine import SimMachine
 
 
@@ -57,6 +57,10 @@ class SimValves:
         finally:
             if fut.done():
                 self._pending.pop(pulse, None)
+
+    def stats(self) -> ValveStats | None:
+        """Ideal timers fire exactly when commanded: nothing to measure."""
+        return None
 
     def close(self) -> None:
         for fut in self._pending.values():
