@@ -13,7 +13,8 @@ import pytest
 from sorterd import config
 from sorterd.calibration import checklist as calibrate
 from sorterd.cli import main
-from sorterd.parts.inference.onnxruntime import OnnxModel, resolve_bundle
+from sorterd.data.bundle import resolve_bundle
+from sorterd.parts.inference.onnxruntime import OnnxModel
 from sorterd.sim.rig import SimRig
 
 

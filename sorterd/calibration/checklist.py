@@ -41,7 +41,8 @@ import cv2
 import numpy as np
 
 from sorterd.config import Config
-from sorterd.data.session import SessionMeta, write_json, write_png
+from sorterd.data.files import write_json_atomic, write_png_atomic
+from sorterd.data.session import SessionMeta
 from sorterd.domain import JET_BINS
 from sorterd.sorting.segment import PairingLimits, crop_pair, find_blobs, segment_pair
 
@@ -86,7 +87,7 @@ class Profile:
     steps: list[StepResult] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
-        write_json(path, asdict(self))
+        write_json_atomic(path, asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> Profile:
@@ -410,10 +411,10 @@ def save_profile(root: Path, profile: Profile, refs: dict[str, np.ndarray], meta
     d = profile_dir(root, profile.machine) / profile.date
     (d / "reference").mkdir(parents=True, exist_ok=True)
     for mode, img in refs.items():
-        write_png(d / "reference" / f"{mode}.png", img)
+        write_png_atomic(d / "reference" / f"{mode}.png", img)
     profile.reference_dir = str(d / "reference")
     profile.save(d / "profile.json")
-    write_json(d / "session_meta.json", asdict(meta))
+    write_json_atomic(d / "session_meta.json", asdict(meta))
     return d
 
 
@@ -446,7 +447,7 @@ def save_baseline(root: Path, machine: str, base: Baseline) -> Path:
     """Store what a healthy machine measures: later sessions' drift is measured against it."""
     path = baseline_path(root, machine)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, asdict(base))
+    write_json_atomic(path, asdict(base))
     return path
 
 

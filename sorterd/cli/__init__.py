@@ -122,9 +122,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sorterd import config
     from sorterd.calibration.checklist import CalibrationRefused
     from sorterd.cli.run import RunOptions, run
+    from sorterd.data.bundle import ModelError
     from sorterd.data.session import SessionError
     from sorterd.parts.camera import CameraError
-    from sorterd.parts.inference.onnxruntime import ModelError
 
     if not (args.sim or args.config or args.replay):
         print("sorterd run: give --config FILE, --sim or --replay SESSION_DIR", file=sys.stderr)

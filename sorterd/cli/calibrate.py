@@ -47,7 +47,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from sorterd import config
     from sorterd.calibration import checklist as calibrate
-    from sorterd.parts.inference.onnxruntime import ModelError, OnnxModel, resolve_bundle
+    from sorterd.data.bundle import ModelError, resolve_bundle
+    from sorterd.parts.inference.onnxruntime import OnnxModel
 
     over = {"sim": {"faults": dict(args.sim_fault)}} if args.sim_fault else {}
     try:

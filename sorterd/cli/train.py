@@ -23,8 +23,8 @@ from typing import Any
 
 from sorterd.cli import _positive_int
 from sorterd.configfile import ConfigError
+from sorterd.data.bundle import ModelError
 from sorterd.data.dataset import DatasetError
-from sorterd.parts.inference.onnxruntime import ModelError
 
 EXTRA_HINT = "install the train extra: pip install -e '.[train]' (or pip install 'sorterd[train]')"
 EXIT_DATA, EXIT_MODEL, EXIT_MISSING = 2, 3, 5
@@ -308,8 +308,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _evaluate_bundle(name: str, args: argparse.Namespace, stones: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
     """Evaluate one bundle on the chosen stones of args.data; (Evaluation, info for the output)."""
+    from sorterd.data.bundle import resolve_bundle
     from sorterd.data.dataset import dedupe, open_dataset, stone_sizes
-    from sorterd.parts.inference.onnxruntime import OnnxModel, resolve_bundle
+    from sorterd.parts.inference.onnxruntime import OnnxModel
     from sorterd.train.evaluate import evaluate, predict
     from sorterd.train.splits import read_splits
 
