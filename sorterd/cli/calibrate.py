@@ -70,7 +70,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
         # Prompts need a person at a terminal; --yes (or no terminal, on the simulated machine) runs straight through.
         interactive = not args.yes and (sys.stdin.isatty() or not args.sim)
-        profile, refs, base = calibrate.run_session(cfg, SimRig(cfg), model, sys.stdout, interactive, warmup)
+        profile, refs, base = calibrate.run_checklist(cfg, SimRig(cfg), model, sys.stdout, interactive, warmup)
     else:
         result = _calibrate_machine(cfg, model, interactive=not args.yes, warmup_s=warmup)
         if isinstance(result, int):
@@ -118,7 +118,7 @@ def _calibrate_machine(cfg: Any, model: Any, interactive: bool, warmup_s: float)
         return 1
     try:
         with rig:
-            return calibrate.run_session(cfg, rig, model, sys.stdout, interactive, warmup_s)
+            return calibrate.run_checklist(cfg, rig, model, sys.stdout, interactive, warmup_s)
     except (RigError, CameraError, ValueError) as exc:  # ValueError: a bad kit or baseline file
         print(f"\nsorterd calibrate: stopped, no profile written: {exc}", file=sys.stderr)
         return 1
