@@ -13,7 +13,8 @@ import pytest
 from sorterd import config
 from sorterd.calibration import checklist as calibrate
 from sorterd.cli import main
-from sorterd.parts.inference.onnxruntime import OnnxModel, resolve_bundle
+from sorterd.data.bundle import resolve_bundle
+from sorterd.parts.inference.onnxruntime import OnnxModel
 from sorterd.sim.rig import SimRig
 
 
@@ -22,16 +23,16 @@ def model() -> OnnxModel:
     return OnnxModel(resolve_bundle("default", None))
 
 
-def session(model: OnnxModel, **faults: float) -> dict[str, calibrate.StepResult]:
+def checklist_steps(model: OnnxModel, **faults: float) -> dict[str, calibrate.StepResult]:
     cfg = config.load(config.sim_config_path(), {"sim": {"faults": faults}} if faults else None)
-    profile, _, _ = calibrate.run_session(cfg, SimRig(cfg), model, io.StringIO(), interactive=False, warmup_s=0)
+    profile, _, _ = calibrate.run_checklist(cfg, SimRig(cfg), model, io.StringIO(), interactive=False, warmup_s=0)
     steps = {s.name: s for s in profile.steps}
     steps["_profile"] = profile  # type: ignore[assignment]
     return steps
 
 
 def test_healthy_machine_passes(model: OnnxModel) -> None:
-    steps = session(model)
+    steps = checklist_steps(model)
     assert steps["_profile"].passed  # type: ignore[attr-defined]
     statuses = {k: v.status for k, v in steps.items() if k != "_profile"}
     assert statuses == {"warm-up": "skip", "reference frames": "pass", "backlight": "pass", "white balance": "pass",
@@ -41,14 +42,14 @@ def test_healthy_machine_passes(model: OnnxModel) -> None:
 
 
 def test_dimmer_backlight_fails(model: OnnxModel) -> None:
-    s = session(model, backlight=-0.08)
+    s = checklist_steps(model, backlight=-0.08)
     assert s["backlight"].status == "fail"
     assert s["backlight"].message.startswith("-8.0% vs baseline (limit ±5%): adjust the LED driver current")
     assert not s["_profile"].passed  # type: ignore[attr-defined]
 
 
 def test_white_balance_shift_warns(model: OnnxModel) -> None:
-    s = session(model, wb_delta_e=5.0)
+    s = checklist_steps(model, wb_delta_e=5.0)
     assert s["white balance"].status == "warn"
     assert s["white balance"].measured["delta_e"] == pytest.approx(5.0, abs=0.3)
     assert "dirty lens" in s["white balance"].message
@@ -56,21 +57,21 @@ def test_white_balance_shift_warns(model: OnnxModel) -> None:
 
 
 def test_scale_error_fails_with_the_measured_value(model: OnnxModel) -> None:
-    s = session(model, scale=0.10)
+    s = checklist_steps(model, scale=0.10)
     assert s["scale"].status == "fail"
     assert s["scale"].measured["measured_px_per_mm"] == pytest.approx(22.0, rel=0.01)
     assert "set camera.pixels_per_mm = 22.0" in s["scale"].message
 
 
 def test_mislabelled_reference_stones_fail(model: OnnxModel) -> None:
-    s = session(model, reference_mislabel=0.3)
+    s = checklist_steps(model, reference_mislabel=0.3)
     assert s["reference stones"].status == "fail"
     assert s["reference stones"].measured["agree"] == 14
     assert "< 90%" in s["reference stones"].message
 
 
 def test_slow_valve_is_measured_and_corrected(model: OnnxModel) -> None:
-    s = session(model, cut_valve_slow_ms=3.0)
+    s = checklist_steps(model, cut_valve_slow_ms=3.0)
     assert s["valve CUT"].status == "pass"
     assert s["valve CUT"].measured["measured_ms"] == pytest.approx(6.0, abs=0.3)
     assert s["_profile"].opening_latency_ms["CUT"] == pytest.approx(6.0, abs=0.3)  # type: ignore[attr-defined]
@@ -79,7 +80,7 @@ def test_slow_valve_is_measured_and_corrected(model: OnnxModel) -> None:
 
 def test_profile_round_trip_and_apply(model: OnnxModel, tmp_path: Path) -> None:
     cfg = config.load(config.sim_config_path(), {"sim": {"faults": {"flip_valve_slow_ms": 2.0}}})
-    profile, refs, base = calibrate.run_session(cfg, SimRig(cfg), model, io.StringIO(), False, 0)
+    profile, refs, base = calibrate.run_checklist(cfg, SimRig(cfg), model, io.StringIO(), False, 0)
     calibrate.save_profile(tmp_path, profile, refs, calibrate.session_meta(profile, profile.steps, base, cfg))
     loaded = calibrate.todays_profile(tmp_path, cfg.machine.name)
     assert loaded is not None and loaded.passed and (Path(loaded.reference_dir) / "toplit.png").exists()

@@ -389,9 +389,9 @@ class WindowRig:
 def test_bracketing_finds_the_window_with_few_probes(sim_cfg: config.Config) -> None:
     windows = {"CUT": (-3.75, 1.25), "SELECT": (-7.5, -2.0), "FLIP": (-1.0, 1.0)}
     rig = WindowRig(windows)
-    session = calibrate.Session(sim_cfg, rig, io.StringIO(), ask=lambda s: None)  # type: ignore[arg-type]
-    latency = session.valves()
-    steps = {r.name: r for r in session.results}
+    checklist = calibrate.Checklist(sim_cfg, rig, io.StringIO(), ask=lambda s: None)  # type: ignore[arg-type]
+    latency = checklist.valves()
+    steps = {r.name: r for r in checklist.results}
     for b, (lo, hi) in windows.items():
         m = steps[f"valve {b}"].measured
         assert m["hit_window_ms"] == [lo, hi]
@@ -436,15 +436,15 @@ def test_missing_baseline_warns_and_a_stored_one_is_used(tmp_path: Path, fakes: 
     with rig_on(cfg, fakes) as rig:
         assert rig.baseline() is None
         refs = rig.reference_frames()
-        session = calibrate.Session(cfg, rig, io.StringIO(), ask=None)
-        session.backlight(refs["backlit"], None)
+        checklist = calibrate.Checklist(cfg, rig, io.StringIO(), ask=None)
+        checklist.backlight(refs["backlit"], None)
         fakes.world.scene = "gray"
-        session.white_balance(None)
+        checklist.white_balance(None)
         base = calibrate.Baseline(float(calibrate.centre_mean(refs["backlit"]).mean()), [110.0, 120.0, 130.0], 20.0)
         calibrate.save_baseline(Path(cfg.calibration.dir), cfg.machine.name, base)
         assert rig.baseline() == base
-        session.backlight(refs["backlit"], rig.baseline())
-    back, wb, back2 = session.results
+        checklist.backlight(refs["backlit"], rig.baseline())
+    back, wb, back2 = checklist.results
     assert (back.status, wb.status) == ("warn", "warn")
     assert back.message == wb.message == "no baseline yet: run `sorterd calibrate --set-baseline` on a healthy machine"
     assert back2.status == "pass" and back2.measured["drift"] == pytest.approx(0.0, abs=1e-3)

@@ -11,9 +11,10 @@ import pytest
 
 from sorterd import config
 from sorterd.config import DecisionConfig
+from sorterd.data.bundle import resolve_bundle
 from sorterd.data.dataset import StoneLabel, open_dataset, stone_sizes
 from sorterd.domain import cost_weighted_accuracy
-from sorterd.parts.inference.onnxruntime import OnnxModel, resolve_bundle
+from sorterd.parts.inference.onnxruntime import OnnxModel
 from sorterd.sim.generate import GenerateOptions, generate
 from sorterd.sim.lots import LOTS
 from sorterd.sorting.decide import class_bin

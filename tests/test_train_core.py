@@ -342,7 +342,7 @@ def bundle_without_weights_hash(tmp_path: Path) -> Path:
 
 
 def test_fine_tuning_from_bad_weights_names_the_file(tmp_path: Path) -> None:
-    from sorterd.parts.inference.onnxruntime import ModelError
+    from sorterd.data.bundle import ModelError
     from sorterd.train.job import _previous_bundle
 
     bundle = bundle_without_weights_hash(tmp_path)

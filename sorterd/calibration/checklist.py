@@ -1,4 +1,4 @@
-"""`sorterd calibrate`: the §2.4 session checklist as a guided session.
+"""`sorterd calibrate`: the §2.4 session checklist, run step by step (`Checklist`).
 
 Every step measures something, passes, warns or fails, and on failure says
 what to do.  The result is a calibration profile (today's date, scale,
@@ -20,7 +20,7 @@ The hardware actions go through a `Rig`.  `SimRig` drives the simulated
 machine (with its injected faults); `sorterd.calibration.rig.MachineRig` drives a real one
 through its camera, strobe, trigger and valve backends.  A real machine needs
 a person for the gray card, the target, the reference kit and the valve test
-stones (`needs_operator`): a non-interactive session skips those steps, and a
+stones (`needs_operator`): a non-interactive run skips those steps, and a
 skipped required step means the profile does not pass.  Before a machine has
 a stored baseline (`sorterd calibrate --set-baseline`), the drift steps warn.
 """
@@ -41,7 +41,8 @@ import cv2
 import numpy as np
 
 from sorterd.config import Config
-from sorterd.data.session import SessionMeta, write_json, write_png
+from sorterd.data.files import write_json_atomic, write_png_atomic
+from sorterd.data.session import SessionMeta
 from sorterd.domain import JET_BINS
 from sorterd.parts.inference import Model
 from sorterd.sorting.segment import PairingLimits, crop_pair, find_blobs, segment_pair
@@ -87,7 +88,7 @@ class Profile:
     steps: list[StepResult] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
-        write_json(path, asdict(self))
+        write_json_atomic(path, asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> Profile:
@@ -225,10 +226,12 @@ def target_diameter_px(image: np.ndarray, reference: np.ndarray) -> float:
     return 2.0 * math.sqrt(max(area, 0.0) / math.pi)
 
 
-# -- the session ----------------------------------------------------------------
+# -- the checklist --------------------------------------------------------------
 
 
-class Session:
+class Checklist:
+    """One calibration run: the §2.4 steps in order, each result recorded and printed."""
+
     def __init__(self, cfg: Config, rig: Rig, out: TextIO, ask: Callable[[str], None] | None) -> None:
         self.cfg = cfg
         self.rig = rig
@@ -414,10 +417,10 @@ def save_profile(root: Path, profile: Profile, refs: dict[str, np.ndarray], meta
     d = profile_dir(root, profile.machine) / profile.date
     (d / "reference").mkdir(parents=True, exist_ok=True)
     for mode, img in refs.items():
-        write_png(d / "reference" / f"{mode}.png", img)
+        write_png_atomic(d / "reference" / f"{mode}.png", img)
     profile.reference_dir = str(d / "reference")
     profile.save(d / "profile.json")
-    write_json(d / "session_meta.json", asdict(meta))
+    write_json_atomic(d / "session_meta.json", asdict(meta))
     return d
 
 
@@ -450,7 +453,7 @@ def save_baseline(root: Path, machine: str, base: Baseline) -> Path:
     """Store what a healthy machine measures: later sessions' drift is measured against it."""
     path = baseline_path(root, machine)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, asdict(base))
+    write_json_atomic(path, asdict(base))
     return path
 
 
@@ -493,14 +496,14 @@ class CalibrationRefused(RuntimeError):
     """`run` without a passing calibration of the day, and no override."""
 
 
-def run_session(cfg: Config, rig: Rig, model: Model, out: TextIO, interactive: bool, warmup_s: float
+def run_checklist(cfg: Config, rig: Rig, model: Model, out: TextIO, interactive: bool, warmup_s: float
                 ) -> tuple[Profile, dict[str, np.ndarray], Baseline | None]:
-    session = Session(cfg, rig, out, interactive_ask if interactive else None)
-    profile, refs = session.run(model, warmup_s)
+    checklist = Checklist(cfg, rig, out, interactive_ask if interactive else None)
+    profile, refs = checklist.run(model, warmup_s)
     verdict = "PASSED" if profile.passed else "FAILED"
-    skipped = sum(r.status == "skip" and r.name not in OPTIONAL_STEPS for r in session.results)
+    skipped = sum(r.status == "skip" and r.name not in OPTIONAL_STEPS for r in checklist.results)
     extra = f", {skipped} required steps skipped" if skipped else ""
-    session.say(f"calibration {verdict} ({sum(r.status == 'warn' for r in session.results)} warnings{extra})")
+    checklist.say(f"calibration {verdict} ({sum(r.status == 'warn' for r in checklist.results)} warnings{extra})")
     return profile, refs, rig.baseline()
 
 
@@ -516,7 +519,7 @@ def for_run(cfg: Config, model: Model, out: TextIO, uncalibrated: bool,
     if cfg.camera.type == "replay":
         return cfg, {"calibration": "replay: the session's own references and scale"}
     if rig is not None:
-        profile, _, _ = run_session(cfg, rig, model, out, interactive=False,
+        profile, _, _ = run_checklist(cfg, rig, model, out, interactive=False,
                                     warmup_s=cfg.calibration.warmup_s)
     else:
         profile = todays_profile(Path(cfg.calibration.dir), cfg.machine.name)  # type: ignore[assignment]

@@ -1,7 +1,7 @@
 """The calibration rig of a real machine: the §2.4 checklist's hardware actions
 on the machine's own camera, strobes, trigger and valves.
 
-`Session` (sorterd/calibrate.py) is synchronous; the parts are not: they live
+`Checklist` (sorterd/calibration/checklist.py) is synchronous; the parts are not: they live
 on an asyncio loop (the mcu valves attach to one, lights return awaitables,
 triggers and cameras are awaited).  `MachineRig` therefore runs its own event
 loop in a background thread, opens the parts there (`sorterd.cli.compose.open_parts`,
@@ -11,7 +11,7 @@ for the result.  `close()` closes the parts (valves first) and stops the loop.
 What a person does, the rig asks for through two callables: `say(text)` (an
 instruction: "feed stone 3/10") and `answer(question) -> bool` (a y/n question:
 "did the stone land in the CUT bin?").  Without `answer` the valve test cannot
-be done; `Session` does not ask for it then (`needs_operator`).
+be done; `Checklist` does not ask for it then (`needs_operator`).
 
 Actions:
   warm_up          both strobes at the sorting duty cycle (a pair every 100 ms)
@@ -264,7 +264,7 @@ class MachineRig:
 
     @property
     def limits(self) -> PairingLimits:
-        """Frame pairing as the pipeline and the Session build it."""
+        """Frame pairing as the pipeline and the Checklist build it."""
         cfg = self.cfg
         ppm = float(self.parts.camera.pixels_per_mm)
         return PairingLimits.from_config(cfg, ppm, cfg.lights.pair_interval_ms)

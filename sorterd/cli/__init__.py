@@ -3,38 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from sorterd.cli import calibrate, train
+from sorterd.cli.args import fault, positive_float, positive_int
 from sorterd.configfile import ConfigError
-
-# Modules that contribute subcommands: each has add_commands(subparsers).
-COMMAND_MODULES: list[str] = ["sorterd.cli.calibrate", "sorterd.cli.train"]
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number")
-    return v
-
-
-def _fault(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
-    try:
-        return name.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=NUMBER, e.g. backlight=-0.08") from None
 
 
 def _backend_types(part: str) -> tuple[str, ...]:
@@ -71,14 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lights", choices=_backend_types("lights"), metavar="TYPE",
                    help="strobe backend for this run, overriding [lights] type: " + ", ".join(_backend_types("lights"))
                         + " (mcu needs --valves mcu: the strobes are outputs of the valve controller)")
-    r.add_argument("--stones", type=_positive_int, default=500, help="simulation: stones to feed (default 500)")
-    r.add_argument("--rate", type=_positive_float, help="simulation: stones per second (sim.rate_per_s)")
+    r.add_argument("--stones", type=positive_int, default=500, help="simulation: stones to feed (default 500)")
+    r.add_argument("--rate", type=positive_float, help="simulation: stones per second (sim.rate_per_s)")
     r.add_argument("--seed", type=int, help="simulation: world seed (sim.seed)")
     r.add_argument("--clock", choices=("virtual", "wall"), help="simulation: clock (sim.clock)")
     r.add_argument("--log-dir", type=Path, help="where the batch folder goes (record.log_dir)")
     r.add_argument("--batch", help="batch name (record.batch)")
     r.add_argument("--json", type=Path, dest="json_path", help="write the run summary as JSON here")
-    r.add_argument("--sim-fault", action="append", default=[], type=_fault, metavar="NAME=VALUE",
+    r.add_argument("--sim-fault", action="append", default=[], type=fault, metavar="NAME=VALUE",
                    help="simulation: inject a fault or drift (repeatable), e.g. camera_drop_at_s=2 "
                         "camera_down_s=0.5 backlight=-0.08 scale=0.1")
     r.add_argument("--metrics-port", type=int, help="Prometheus port (metrics.port; 0 = any free port)")
@@ -91,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reference", action="store_true", help="print the config reference instead")
     r.set_defaults(func=cmd_run)
     c.set_defaults(func=cmd_check_config)
-    for name in COMMAND_MODULES:
-        # Each module adds its subcommands with set_defaults(func=...); heavy
-        # imports (torch) happen inside the command functions, not here.
-        importlib.import_module(name).add_commands(sub)
+    for commands in (calibrate, train):
+        # Each adds its subcommands with set_defaults(func=...); heavy imports
+        # (torch, the pipeline) happen inside the command functions, not here.
+        commands.add_commands(sub)
     return p
 
 
@@ -122,9 +98,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sorterd import config
     from sorterd.calibration.checklist import CalibrationRefused
     from sorterd.cli.run import RunOptions, run
+    from sorterd.data.bundle import ModelError
     from sorterd.data.session import SessionError
     from sorterd.parts.camera import CameraError
-    from sorterd.parts.inference.onnxruntime import ModelError
 
     if not (args.sim or args.config or args.replay):
         print("sorterd run: give --config FILE, --sim or --replay SESSION_DIR", file=sys.stderr)

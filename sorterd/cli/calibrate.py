@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sorterd.cli.args import fault
 from sorterd.configfile import ConfigError
 
 DESCRIPTION = """\
@@ -20,8 +21,6 @@ session), 2 bad config or kit file, 3 model error."""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from sorterd.cli import _fault
-
     c = sub.add_parser("calibrate", help="the session checklist (§2.4): run it before every sorting session",
                        description=DESCRIPTION)
     src = c.add_mutually_exclusive_group(required=True)
@@ -37,7 +36,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                         "(<calibration.dir>/<machine>/baseline.json), the reference for backlight and white-balance "
                         "drift in later sessions -- only on a healthy machine, and only if the session passes; "
                         "until a baseline exists those two steps warn")
-    c.add_argument("--sim-fault", action="append", default=[], type=_fault, metavar="NAME=VALUE",
+    c.add_argument("--sim-fault", action="append", default=[], type=fault, metavar="NAME=VALUE",
                    help="simulation: inject a drift or fault, e.g. backlight=-0.08 wb_delta_e=5 scale=0.1 "
                         "reference_mislabel=0.3 cut_valve_slow_ms=3")
     c.add_argument("--json", type=Path, dest="json_path", help="write the profile as JSON here too")
@@ -47,7 +46,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from sorterd import config
     from sorterd.calibration import checklist as calibrate
-    from sorterd.parts.inference.onnxruntime import ModelError, OnnxModel, resolve_bundle
+    from sorterd.data.bundle import ModelError, resolve_bundle
+    from sorterd.parts.inference.onnxruntime import OnnxModel
 
     over = {"sim": {"faults": dict(args.sim_fault)}} if args.sim_fault else {}
     try:
@@ -70,7 +70,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
         # Prompts need a person at a terminal; --yes (or no terminal, on the simulated machine) runs straight through.
         interactive = not args.yes and (sys.stdin.isatty() or not args.sim)
-        profile, refs, base = calibrate.run_session(cfg, SimRig(cfg), model, sys.stdout, interactive, warmup)
+        profile, refs, base = calibrate.run_checklist(cfg, SimRig(cfg), model, sys.stdout, interactive, warmup)
     else:
         result = _calibrate_machine(cfg, model, interactive=not args.yes, warmup_s=warmup)
         if isinstance(result, int):
@@ -118,7 +118,7 @@ def _calibrate_machine(cfg: Any, model: Any, interactive: bool, warmup_s: float)
         return 1
     try:
         with rig:
-            return calibrate.run_session(cfg, rig, model, sys.stdout, interactive, warmup_s)
+            return calibrate.run_checklist(cfg, rig, model, sys.stdout, interactive, warmup_s)
     except (RigError, CameraError, ValueError) as exc:  # ValueError: a bad kit or baseline file
         print(f"\nsorterd calibrate: stopped, no profile written: {exc}", file=sys.stderr)
         return 1

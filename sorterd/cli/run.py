@@ -22,10 +22,11 @@ from sorterd.calibration import checklist as calibrate
 from sorterd.cli.compose import Parts, open_parts
 from sorterd.clock import Clock, make_clock
 from sorterd.config import Config
+from sorterd.data.bundle import resolve_bundle
 from sorterd.data.session import SessionMeta, SessionWriter, new_session_id
 from sorterd.domain import BINS, LIGHT_MODES
 from sorterd.metrics import Metrics
-from sorterd.parts.inference.onnxruntime import OnnxModel, resolve_bundle
+from sorterd.parts.inference.onnxruntime import OnnxModel
 from sorterd.sorting.pipeline import Pipeline
 from sorterd.sorting.record import Recorder, make_batch_dir
 from sorterd.sorting.summary import format_text, summarize

@@ -13,7 +13,6 @@ is missing.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Callable
@@ -21,10 +20,11 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from sorterd.cli import _positive_int
+from sorterd.cli.args import positive_int
 from sorterd.configfile import ConfigError
+from sorterd.data.bundle import ModelError
 from sorterd.data.dataset import DatasetError
-from sorterd.parts.inference.onnxruntime import ModelError
+from sorterd.data.files import write_json_atomic
 
 EXTRA_HINT = "install the train extra: pip install -e '.[train]' (or pip install 'sorterd[train]')"
 EXIT_DATA, EXIT_MODEL, EXIT_MISSING = 2, 3, 5
@@ -67,12 +67,12 @@ def _add_sim(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "would: raw frame pairs + session_meta.json + reference frames per session, ROI crops cut "
                     "by the daemon's segmentation, and labels.jsonl (§3.4). Appends to an existing DIR.")
     g.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset folder (created or appended to)")
-    g.add_argument("--stones", type=_positive_int, required=True, metavar="N", help="labelled stones to write")
+    g.add_argument("--stones", type=positive_int, required=True, metavar="N", help="labelled stones to write")
     g.add_argument("--lot", required=True, metavar="LOT", help="preset lot (see `sorterd sim lots`)")
     g.add_argument("--lot-id", metavar="ID", help="lot_id to record instead of the preset's (another parcel "
                    "of the same kind)")
     g.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    g.add_argument("--session-stones", type=_positive_int, default=1500, metavar="K",
+    g.add_argument("--session-stones", type=positive_int, default=1500, metavar="K",
                    help="stones per capture session; each session has its own lighting drift (default 1500)")
     g.add_argument("--date", type=_day, metavar="YYYY-MM-DD", help="date of the sessions (default today)")
     g.add_argument("--crop-mm", type=float, metavar="MM", help="side of the ROI crops in mm (default 6.4, "
@@ -100,16 +100,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="end-to-end epochs at most, early stopping on validation (default 14; 8 with --from)")
     t.add_argument("--epochs-heads", type=_non_negative_int, metavar="N",
                    help="heads-only epochs first (default 2; 1 with --from)")
-    t.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="default 64")
+    t.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="default 64")
     t.add_argument("--lr", type=float, metavar="LR", help="backbone learning rate (default 3e-4; 1e-4 with --from)")
     t.add_argument("--lr-heads", type=float, metavar="LR", help="heads learning rate (default 1e-3; 3e-4 with --from)")
-    t.add_argument("--patience", type=_positive_int, default=4, metavar="N",
+    t.add_argument("--patience", type=positive_int, default=4, metavar="N",
                    help="stop after N epochs without a better validation loss (default 4)")
     t.add_argument("--width", type=float, default=1.0, metavar="W", help="MobileNetV3 width multiplier (default 1.0)")
     t.add_argument("--ema-epochs", type=float, metavar="E",
                    help="validate and keep a moving average of the weights over about E epochs (default 2; 0 = off)")
     t.add_argument("--seed", type=_non_negative_int, default=0, help="seed for splits, init, sampling (default 0)")
-    t.add_argument("--threads", type=_positive_int, metavar="N", help="torch threads (default: all cores)")
+    t.add_argument("--threads", type=positive_int, metavar="N", help="torch threads (default: all cores)")
     t.add_argument("--crop-mm", type=float, metavar="MM", help="crop side the dataset's images cover, if it "
                    "does not record it (default 6.4)")
     t.add_argument("--no-stone-stats", action="store_true",
@@ -159,7 +159,7 @@ def _add_split_args(p: argparse.ArgumentParser, whose: str = "the model's") -> N
                    "the model was trained with")
     p.add_argument("--config", type=Path, metavar="FILE", help="sorter config whose [decision] gates and bins "
                    "to use (default: the built-in §5.2/§8.2 defaults)")
-    p.add_argument("--threads", type=_positive_int, default=2, metavar="N", help="onnxruntime threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, metavar="N", help="onnxruntime threads (default 2)")
 
 
 # -- sim -------------------------------------------------------------------------------------
@@ -308,8 +308,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _evaluate_bundle(name: str, args: argparse.Namespace, stones: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
     """Evaluate one bundle on the chosen stones of args.data; (Evaluation, info for the output)."""
+    from sorterd.data.bundle import resolve_bundle
     from sorterd.data.dataset import dedupe, open_dataset, stone_sizes
-    from sorterd.parts.inference.onnxruntime import OnnxModel, resolve_bundle
+    from sorterd.parts.inference.onnxruntime import OnnxModel
     from sorterd.train.evaluate import evaluate, predict
     from sorterd.train.splits import read_splits
 
@@ -394,7 +395,7 @@ def _report(ev: Any, info: dict[str, Any], out: Path) -> Path | None:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    write_json_atomic(path, obj)
 
 
 def _guarded(name: str, run: Callable[[], int], verbose: bool = False) -> int:

@@ -17,16 +17,15 @@ reader never assumes which made it.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 
+from sorterd.data.files import write_json_atomic, write_png_atomic
 from sorterd.domain import LIGHT_MODES
 from sorterd.parts.lights import EDGE_KEYS
 
@@ -89,22 +88,6 @@ def new_session_id(data_dir: Path, day: datetime | None = None) -> str:
     return f"{day_s}_{n:03d}"
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
-    """Lossless, atomically (a reader never sees half a file)."""
-    ok, buf = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    tmp = path.with_suffix(".png.tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 class SessionWriter:
     """Writes one session; call from a writer thread, not the event loop."""
 
@@ -116,14 +99,14 @@ class SessionWriter:
         self.write_meta()
 
     def write_meta(self) -> None:
-        write_json(self.dir / "session_meta.json", asdict(self.meta))
+        write_json_atomic(self.dir / "session_meta.json", asdict(self.meta))
 
     def write_reference(self, mode: str, image: np.ndarray) -> None:
-        write_png(self.dir / "reference" / f"{mode}.png", image)
+        write_png_atomic(self.dir / "reference" / f"{mode}.png", image)
 
     def write_pair(self, stone_id: str, backlit: np.ndarray, toplit: np.ndarray, times: PairTimes | None = None) -> None:
-        write_png(self.dir / "backlit" / f"{stone_id}.png", backlit)
-        write_png(self.dir / "toplit" / f"{stone_id}.png", toplit)
+        write_png_atomic(self.dir / "backlit" / f"{stone_id}.png", backlit)
+        write_png_atomic(self.dir / "toplit" / f"{stone_id}.png", toplit)
         if times is not None:
             with open(self.dir / "frames.jsonl", "a") as fh:
                 fh.write(json.dumps({"stone_id": stone_id, **asdict(times)}) + "\n")

@@ -44,7 +44,8 @@ import numpy as np
 
 from sorterd import config
 from sorterd.data.dataset import DEFAULT_CROP_MM, LABELS_FILE, PROCESSED_META, DatasetError, read_labels
-from sorterd.data.session import PairTimes, SessionMeta, SessionWriter, new_session_id, write_json, write_png
+from sorterd.data.files import write_json_atomic, write_png_atomic
+from sorterd.data.session import PairTimes, SessionMeta, SessionWriter, new_session_id
 from sorterd.domain import LIGHT_MODES
 from sorterd.sim.dataset import machine_captures
 from sorterd.sim.lots import NOMINAL_EXPOSURE_US, Lot, SessionDrift
@@ -135,7 +136,7 @@ def _check_crop_mm(out: Path, crop_mm: float) -> None:
                                "two crop sizes")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"crop_mm": crop_mm, "cut_by": "sorterd.sorting.segment (the daemon's segmentation)"})
+    write_json_atomic(path, {"crop_mm": crop_mm, "cut_by": "sorterd.sorting.segment (the daemon's segmentation)"})
 
 
 def _next_stone_number(out: Path) -> int:
@@ -226,9 +227,9 @@ def _write_meta(out: Path, session: SessionWriter, meta: SessionMeta, opts: Gene
     """session_meta.json with what the simulator knows on top, and the §7.1 sessions/ copy."""
     full = asdict(meta) | {"sim": {"lot": opts.lot.name, "seed": opts.seed, "drift": asdict(drift),
                                    "crop_mm": opts.crop_mm}}
-    write_json(session.dir / "session_meta.json", full)
+    write_json_atomic(session.dir / "session_meta.json", full)
     (out / "sessions").mkdir(exist_ok=True)
-    write_json(out / "sessions" / f"{meta.session_id}.json", full)
+    write_json_atomic(out / "sessions" / f"{meta.session_id}.json", full)
 
 
 def _write_stone(writer: _Writer, opts: GenerateOptions, cfg: config.Config, cap: _Capture, obs: Observation,
@@ -239,7 +240,7 @@ def _write_stone(writer: _Writer, opts: GenerateOptions, cfg: config.Config, cap
     for mode, image in zip(LIGHT_MODES, halves, strict=True):
         path = writer.out / "images" / "processed" / mode / f"{sid}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_png(path, image)
+        write_png_atomic(path, image)
     writer.labels.write(json.dumps(_label(opts, obs, stone, sid, pair_id, session_id, start, cap)) + "\n")
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from sorterd.data.files import write_png_atomic
 from sorterd.data.session import PairTimes, SessionWriter
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ class Recorder:
             cv2.imwrite(str(self.dir / "thumbnails" / f"{job.stone_id}.jpg"), thumb,
                         [cv2.IMWRITE_JPEG_QUALITY, 95])
         for mode, image in (job.full or {}).items():
-            cv2.imwrite(str(self.dir / "flagged" / f"{job.stone_id}_{mode}.png"), image)
+            write_png_atomic(self.dir / "flagged" / f"{job.stone_id}_{mode}.png", image)  # the outbox reads these
         if job.raw is not None and self.session is not None:
             self.session.write_pair(job.stone_id, *job.raw)
 

@@ -1,34 +1,16 @@
-"""Write a model bundle: ``model.onnx`` + ``manifest.json`` (DESIGN §4).
+"""Write a model bundle: ``model.onnx`` + ``manifest.json`` (DESIGN §4), the torch side.
 
-Manifest schema ``sorterd-model/1``::
-
-    {"format": "sorterd-model/1", "version": "v001", "created": "<ISO-8601 UTC>",
-     "classes": {"color": ["blue","light","inky"],
-                 "clarity": ["transparent","translucent","opaque"]},
-     "input": {"name": "input", "size": [128,128], "layout": "NCHW", "dtype": "float32",
-               "channel_order": ["backlit_R","backlit_G","backlit_B",
-                                 "toplit_R","toplit_G","toplit_B"],
-               "scale": 0.00392156862745098, "mean": [6 floats], "std": [6 floats],
-               "crop_mm": 6.4},
-     "outputs": {"color": "color_logits", "clarity": "clarity_logits", "kind": "logits"},
-     "temperature": {"color": 1.0, "clarity": 1.0},
-     "onnx_sha256": "<hex sha256 of model.onnx>",
-     "metrics": {...}, "training": {...}}
-
-Meaning: input tensor = ((pixel_uint8 * scale) - mean) / std per channel, in
-channel_order; probabilities = softmax(logits / temperature[head]).
+The format -- manifest schema, channel and class order, input names -- is
+`sorterd.data.bundle`'s; this module exports the network to ONNX, checks
+onnxruntime reproduces torch, and writes the manifest that module builds.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +18,19 @@ import numpy as np
 import torch
 from torch import nn
 
-FORMAT = "sorterd-model/1"
-INPUT_NAME = "input"
-OUTPUT_NAMES = ("color_logits", "clarity_logits")
-INPUT_SIZE = 128
+from sorterd.data.bundle import (
+    CHANNEL_ORDER,
+    HEADS,
+    INPUT_NAME,
+    INPUT_SIZE,
+    OUTPUT_NAMES,
+    build_manifest,
+    sha256_file,
+)
+from sorterd.data.files import write_json_atomic
+
 OPSET = 17
-COLOR_CLASSES = ("blue", "light", "inky")
-CLARITY_CLASSES = ("transparent", "translucent", "opaque")
-CHANNEL_ORDER = ("backlit_R", "backlit_G", "backlit_B", "toplit_R", "toplit_G", "toplit_B")
-PIXEL_SCALE = 1.0 / 255.0
 VERIFY_TOLERANCE = 1e-4
-HEADS = ("color", "clarity")
 
 
 class ExportError(RuntimeError):
@@ -146,64 +130,3 @@ def verify_onnx(net: nn.Module, path: Path, batch: int = 4) -> float:
         raise ExportError(f"{path}: onnxruntime differs from torch by {worst:.3g} "
                           f"(allowed {VERIFY_TOLERANCE})")
     return worst
-
-
-def build_manifest(
-    *,
-    version: str,
-    mean: Sequence[float],
-    std: Sequence[float],
-    crop_mm: float,
-    temperatures: Mapping[str, float],
-    onnx_sha256: str,
-    metrics: Mapping[str, Any] | None,
-    training: Mapping[str, Any] | None,
-) -> dict[str, Any]:
-    """The manifest dict (schema in the module docstring)."""
-    return {
-        "format": FORMAT,
-        "version": version,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "classes": {"color": list(COLOR_CLASSES), "clarity": list(CLARITY_CLASSES)},
-        "input": {
-            "name": INPUT_NAME,
-            "size": [INPUT_SIZE, INPUT_SIZE],
-            "layout": "NCHW",
-            "dtype": "float32",
-            "channel_order": list(CHANNEL_ORDER),
-            "scale": PIXEL_SCALE,
-            "mean": [float(v) for v in mean],
-            "std": [float(v) for v in std],
-            "crop_mm": float(crop_mm),
-        },
-        "outputs": {"color": OUTPUT_NAMES[0], "clarity": OUTPUT_NAMES[1], "kind": "logits"},
-        "temperature": {head: float(temperatures[head]) for head in HEADS},
-        "onnx_sha256": onnx_sha256,
-        "metrics": dict(metrics or {}),
-        "training": dict(training or {}),
-    }
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON to a temp file in the same directory, fsync, then os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; readers may be another user
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

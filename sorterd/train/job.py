@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from sorterd.config import DecisionConfig
+from sorterd.data.bundle import INPUT_SIZE, ModelError, read_manifest, sha256_file, softmax
 from sorterd.data.dataset import (
     DEFAULT_CROP_MM,
     Dataset,
@@ -56,10 +57,11 @@ from sorterd.data.dataset import (
     open_dataset,
     stone_sizes,
 )
+from sorterd.data.files import write_json_atomic
 from sorterd.domain import CLASSES
-from sorterd.parts.inference.onnxruntime import ModelError, OnnxModel, read_manifest
+from sorterd.parts.inference.onnxruntime import OnnxModel
 from sorterd.train.evaluate import Evaluation, evaluate, predict
-from sorterd.train.export import INPUT_SIZE, export_bundle, sha256_file, write_json_atomic
+from sorterd.train.export import export_bundle
 from sorterd.train.loop import (
     StepHook,
     TrainConfig,
@@ -72,7 +74,7 @@ from sorterd.train.loop import (
 )
 from sorterd.train.mobilenet import MobileNetV3Small
 from sorterd.train.splits import Splits, make_splits, read_splits, write_splits
-from sorterd.train.temperature import expected_calibration_error, softmax
+from sorterd.train.temperature import expected_calibration_error
 
 WEIGHTS_FILE = "weights.pt"
 # `sorterd train` defaults: from scratch, and (second value) fine-tuning with --from (§5.4).
@@ -382,6 +384,7 @@ def _calibrate(result: TrainResult, val: TrainData) -> tuple[dict[str, float], d
     """One temperature per head on validation; ECE before and after."""
     color, clarity = predict_logits(result.model, val.x, result.mean, result.std)
     temps = {"color": fit_temperature(color, val.color), "clarity": fit_temperature(clarity, val.clarity)}
+    color, clarity = color.astype(np.float64), clarity.astype(np.float64)  # figures in float64, like the fit
     before = {"color": expected_calibration_error(softmax(color), val.color),
               "clarity": expected_calibration_error(softmax(clarity), val.clarity)}
     after = {"color": expected_calibration_error(softmax(color, temps["color"]), val.color),

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sorterd.parts.inference.onnxruntime import softmax as infer_softmax
-
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
@@ -119,8 +117,3 @@ def calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int =
     if n == 0:
         return float("nan")
     return float(sum(b.count * abs((b.accuracy or 0.0) - (b.confidence or 0.0)) for b in bins) / n)
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """The daemon's softmax (sorterd.parts.inference.onnxruntime), in float64 for fitting and calibration figures."""
-    return infer_softmax(np.asarray(logits, dtype=np.float64), temperature)

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import numpy as np
 
-    from sorterd.parts.inference.onnxruntime import Manifest, Prediction
+    from sorterd.data.bundle import Manifest
+    from sorterd.parts.inference.onnxruntime import Prediction
 
 
 class Model(Protocol):

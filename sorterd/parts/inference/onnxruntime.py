@@ -1,113 +1,26 @@
-"""Model bundles and dual-head inference.
+"""Dual-head inference with onnxruntime.
 
-A bundle is a directory with `model.onnx` and `manifest.json`.  Everything
-about the input (size, channel order, scale, mean/std, physical crop size)
-and the output (head names, class order, temperatures) is read from the
-manifest -- never from constants here -- so the sorter and the trainer cannot
-disagree about preprocessing.
+`OnnxModel` runs a model bundle (`sorterd.data.bundle`: the format, the
+manifest and its checks live there) and applies the manifest's pre- and
+post-processing -- never constants of its own -- so the sorter and the
+trainer cannot disagree about preprocessing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-MANIFEST_FORMAT = "sorterd-model/1"
-CHANNEL_ORDER = ["backlit_R", "backlit_G", "backlit_B", "toplit_R", "toplit_G", "toplit_B"]
-
-
-class ModelError(ValueError):
-    """A model bundle that cannot be used, and why."""
-
-
-@dataclass(frozen=True)
-class Manifest:
-    version: str
-    color_classes: tuple[str, ...]
-    clarity_classes: tuple[str, ...]
-    input_name: str
-    size: tuple[int, int]
-    scale: float
-    mean: np.ndarray
-    std: np.ndarray
-    crop_mm: float
-    color_output: str
-    clarity_output: str
-    temperature: dict[str, float]
-    onnx_sha256: str
-    raw: dict[str, Any]
-
-
-def _need(d: dict[str, Any], key: str, path: Path) -> Any:
-    if key not in d:
-        raise ModelError(f"{path}: manifest lacks {key!r}")
-    return d[key]
-
-
-def read_manifest(bundle: Path) -> Manifest:
-    path = bundle / "manifest.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{bundle}: not a model bundle (no manifest.json)") from None
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc})") from None
-    if raw.get("format") != MANIFEST_FORMAT:
-        raise ModelError(f"{path}: format {raw.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    inp, out = _need(raw, "input", path), _need(raw, "outputs", path)
-    if list(_need(inp, "channel_order", path)) != CHANNEL_ORDER:
-        raise ModelError(f"{path}: input.channel_order {inp['channel_order']!r}, sorterd feeds {CHANNEL_ORDER!r}")
-    if out.get("kind", "logits") != "logits":
-        raise ModelError(f"{path}: outputs.kind {out.get('kind')!r}: only 'logits' is supported")
-    classes = _need(raw, "classes", path)
-    mean = np.asarray(_need(inp, "mean", path), dtype=np.float32)
-    std = np.asarray(_need(inp, "std", path), dtype=np.float32)
-    if mean.shape != (6,) or std.shape != (6,) or np.any(std <= 0):
-        raise ModelError(f"{path}: input.mean/std must be 6 numbers each, std > 0")
-    temps = raw.get("temperature", {})
-    return Manifest(
-        version=str(_need(raw, "version", path)),
-        color_classes=tuple(_need(classes, "color", path)),
-        clarity_classes=tuple(_need(classes, "clarity", path)),
-        input_name=str(inp.get("name", "input")),
-        size=tuple(_need(inp, "size", path)),  # type: ignore[arg-type]
-        scale=float(_need(inp, "scale", path)),
-        mean=mean,
-        std=std,
-        crop_mm=float(_need(inp, "crop_mm", path)),
-        color_output=str(_need(out, "color", path)),
-        clarity_output=str(_need(out, "clarity", path)),
-        temperature={"color": float(temps.get("color", 1.0)), "clarity": float(temps.get("clarity", 1.0))},
-        onnx_sha256=str(_need(raw, "onnx_sha256", path)),
-        raw=raw,
-    )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from sorterd.data.bundle import ModelError, read_manifest, sha256_file, softmax
 
 
 @dataclass(frozen=True)
 class Prediction:
     p_color: np.ndarray  # (3,) in manifest class order
     p_clarity: np.ndarray
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class OnnxModel:
@@ -187,13 +100,3 @@ class OnnxModel:
         t = self.manifest.temperature
         pc, pk = softmax(color, t["color"]), softmax(clarity, t["clarity"])
         return [Prediction(pc[i], pk[i]) for i in range(len(pc))], model_s
-
-
-def resolve_bundle(name: str, base: Path | None) -> Path:
-    """'default' -> the repository's models/default; otherwise a path."""
-    if name == "default":
-        return Path(__file__).resolve().parents[3] / "models" / "default"
-    p = Path(name).expanduser()
-    if not p.is_absolute() and base is not None:
-        p = base / p
-    return p

@@ -1,0 +1,61 @@
+"""Files written by atomic rename: a reader, or a process killed at any instant, sees the old file or the new one.
+
+Every state file on both sides (manifests, session metadata, calibration
+profiles and baselines, reference frames, recorded frames) goes through here
+(DESIGN §4a).  The bytes go to a temporary file in the target's own directory
+(os.replace is only atomic within one filesystem), which is then renamed over
+the target.  Files are mode 0644 whatever the umask of the writer: the daemon,
+the trainer and an operator's tools may run as different users.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+FILE_MODE = 0o644
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, durably (fsync before the rename).
+
+    NaN and infinity are refused (ValueError): they are not JSON, and the
+    files are read by other tools.
+    """
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    _replace(path, text.encode("utf-8"), durable=True)
+
+
+def write_png_atomic(path: Path, image: np.ndarray) -> None:
+    """Write ``image`` as a lossless PNG (BGR as OpenCV holds it).
+
+    Not fsynced: frames are bulk data written by the dozen per second while
+    recording, where a flush per file would stall an SD card; the rename alone
+    already means no reader ever sees half an image.
+    """
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    _replace(path, buf.tobytes(), durable=False)
+
+
+def _replace(path: Path, payload: bytes, *, durable: bool) -> None:
+    """Write payload to a temp file beside path, then rename it over path; the temp never survives a failure."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
