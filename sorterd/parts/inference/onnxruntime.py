@@ -18,6 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from sorterd.configfile import opt
+from sorterd.parts.inference import InferenceOptions
+from sorterd.parts.registry import Backend
+
 MANIFEST_FORMAT = "sorterd-model/1"
 CHANNEL_ORDER = ["backlit_R", "backlit_G", "backlit_B", "toplit_R", "toplit_G", "toplit_B"]
 
@@ -197,3 +201,14 @@ def resolve_bundle(name: str, base: Path | None) -> Path:
     if not p.is_absolute() and base is not None:
         p = base / p
     return p
+
+
+@dataclass(frozen=True)
+class OnnxInferenceConfig(InferenceOptions):
+    type: str = opt("onnxruntime", "Backend: onnxruntime (CPU, or CUDA if available).", choices=("onnxruntime",))
+    threads: int = opt(1, "onnxruntime intra-op threads per session.", minval=1, maxval=64)
+    providers: tuple[str, ...] = opt(("CPUExecutionProvider",), "onnxruntime execution providers, in order.")
+
+
+# Opened by the run itself (`sorterd/cli/run.py`), not by the composition root's open_parts.
+BACKEND = Backend("inference", "onnxruntime", OnnxInferenceConfig)
