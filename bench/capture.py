@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sorterd import config
+from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
 
 ROWS: dict[str, dict[str, dict[str, Any]]] = {
@@ -39,7 +40,7 @@ def one(name: str, stones: int, rate: float, seed: int) -> dict[str, Any]:
         over.setdefault("sim", {}).update(rate_per_s=rate, seed=seed)
         over["record"] = {"log_dir": tmp}
         over["metrics"] = {"port": 0}
-        cfg = config.load(config.sim_config_path(), over)
+        cfg = load_config(config.sim_config_path(), over)
         s = run(cfg, RunOptions(stones=stones, progress=False), io.StringIO()).summary
     row = {
         "stones_fed": s["stones_fed"], "stones_seen": s["stones_seen"],

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from sorterd import config
+from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
 
 
@@ -31,7 +32,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config.load(config.sim_config_path(), {
+        cfg = load_config(config.sim_config_path(), {
             "sim": {"rate_per_s": args.rate, "seed": args.seed, "clock": args.clock},
             "record": {"log_dir": tmp}, "metrics": {"port": 0}})
         s = run(cfg, RunOptions(stones=args.stones, progress=False), io.StringIO()).summary

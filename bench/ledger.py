@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sorterd import config
+from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
 from sorterd.sorting.pipeline import Pipeline
 
@@ -48,7 +49,7 @@ def one(every: int, late_ms: float, sim: dict[str, Any], stones: int, seed: int)
     Pipeline._capture = late_capture  # type: ignore[method-assign]
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = config.load(config.sim_config_path(), {
+            cfg = load_config(config.sim_config_path(), {
                 "record": {"log_dir": tmp}, "metrics": {"enabled": False},
                 "sim": {"rate_per_s": 40.0, "seed": seed, **sim}})
             s = run(cfg, RunOptions(stones=stones, progress=False), io.StringIO()).summary

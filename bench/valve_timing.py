@@ -37,9 +37,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sorterd.clock import WallClock  # noqa: E402
-from sorterd.config import GpiodValvesConfig, McuValvesConfig  # noqa: E402
 from sorterd.controller.gpio import GpioValves  # noqa: E402
 from sorterd.controller.mcu import McuValves  # noqa: E402
+from sorterd.parts.valves.gpio import GpioValvesConfig  # noqa: E402
+from sorterd.parts.valves.mcu import McuValvesConfig  # noqa: E402
 from sorterd.sim.firmware import HostFirmware  # noqa: E402
 from sorterd.sorting.eject import Pulse  # noqa: E402
 
@@ -140,7 +141,7 @@ class NoopDriver:
 
 
 async def bench_gpio(args: argparse.Namespace, busy: Busy) -> dict[str, Any]:
-    cfg = GpiodValvesConfig(rt_priority=0 if args.no_rt else 50, spin_us=args.spin_us)
+    cfg = GpioValvesConfig(library="gpiod", rt_priority=0 if args.no_rt else 50, spin_us=args.spin_us).lines()
     valves = GpioValves(cfg, NoopDriver(), WallClock(), "gpiod")
     try:
         pulses = pulse_times(args.pulses, args.interval_ms, time.monotonic_ns(), random.Random(1))
@@ -193,6 +194,7 @@ def sigkill_trials(n: int) -> list[float]:
         tmp = Path(tempfile.mkdtemp(prefix="sorterd-kill-"))
         text = config.sim_config_path().read_text().replace('[valves]\ntype = "sim"',
                                                              f'[valves]\ntype = "mcu"\nport = "{fw.port}"')
+        text = text.replace("[sim]\n", '[sim]\ncontroller = "port"\n')  # the firmware started above
         (tmp / "c.toml").write_text(text)
         proc = subprocess.Popen([sys.executable, "-m", "sorterd", "run", "--config", str(tmp / "c.toml"),
                                  "--stones", "3000", "--rate", "50", "--log-dir", str(tmp), "--no-progress",

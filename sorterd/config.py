@@ -2,19 +2,29 @@
 
 Each dataclass is one `[section]`; the `opt()` descriptions are the config
 reference (`sorterd check-config --reference` prints them).  Hardware parts
-pick a backend with `type`, and each backend has its own options class.
+pick a backend with `type`; each backend's options class lives in its own
+module, next to the backend (`sorterd/parts/*/`, the simulator's in
+`sorterd/sim/parts/`), and parsing takes the registry's table of them as an
+argument -- so this module imports no backend and nothing of the simulator.
+The plain sections (machine, geometry, decision, ...) are here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sorterd.configfile import ConfigError, build, describe, load_toml, opt
-from sorterd.domain import BINS, CLARITIES, COLORS, DEFAULT_BINS, JET_BINS, LIGHT_MODES
+from sorterd.domain import BINS, CLARITIES, COLORS, DEFAULT_BINS, JET_BINS
+from sorterd.parts.camera import CameraOptions
+from sorterd.parts.inference import InferenceOptions
+from sorterd.parts.lights import LightsOptions
+from sorterd.parts.registry import RENAMED
+from sorterd.parts.trigger import TriggerOptions
+from sorterd.parts.valves import ValveOptions
 
 
 @dataclass(frozen=True)
@@ -68,311 +78,21 @@ class GeometryConfig:
             raise ConfigError(problems)
 
 
-@dataclass(frozen=True)
-class SimCameraConfig:
-    type: str = opt("sim", "Backend: sim renders the simulated machine's frames.", choices=("sim",))
-    width_px: int = opt(640, "Frame width (along the channel).", minval=64, maxval=8192)
-    height_px: int = opt(240, "Frame height (across the channel).", minval=32, maxval=8192)
-    pixels_per_mm: float = opt(20.0, "Image scale (from calibration).", minval=2.0, maxval=500.0)
-    noise_sigma: float = opt(2.0, "Sensor noise in DN.", minval=0.0, maxval=50.0)
 
 
-@dataclass(frozen=True)
-class SimLightsConfig:
-    type: str = opt("sim", "Backend: sim (the simulated strobes).", choices=("sim",))
-    pair_interval_ms: float = opt(10.0, "Backlit frame at t0, toplit frame at t0 + this.", minval=1.0, maxval=50.0)
-    lights_off_ms: float = opt(20.0, "All lights off by t0 + this.", minval=2.0, maxval=100.0)
-    lead_ms: float = opt(0.0, "A pair's t0 is this far after the trigger is taken (time for the strobe commands to arrive).",
-                         minval=0.0, maxval=50.0)
-
-    def __post_init__(self) -> None:
-        if self.lights_off_ms <= self.pair_interval_ms:
-            raise ConfigError([f"lights.lights_off_ms = {self.lights_off_ms} must be above lights.pair_interval_ms = "
-                               f"{self.pair_interval_ms}: the ring light is on from t0 + pair_interval_ms until then"])
 
 
-@dataclass(frozen=True)
-class McuLightsConfig(SimLightsConfig):
-    type: str = opt("mcu", "Backend: mcu -- strobe outputs of the valve controller (hw/), timed by its hardware timer "
-                    "(needs valves.type = 'mcu': one controller, one clock sync).", choices=("mcu",))
-    lead_ms: float = opt(3.0, "A pair's t0 is this far after the trigger is taken: the strobe commands must reach the "
-                         "controller first (at least valves.min_lead_ms).", minval=0.1, maxval=50.0)
-    pins: dict = opt({"backlit": 5, "toplit": 6}, "Controller GPIO driving each light's strobe driver (keys backlit, toplit).")
-    camera_pin: int = opt(-1, "Controller GPIO wired to the camera's trigger input (camera.trigger = 'hardware'); -1 = none.",
-                          minval=-1, maxval=255)
-    camera_pulse_us: float = opt(100.0, "Width of the camera trigger pulse.", minval=1.0, maxval=10_000.0)
-    active_low: bool = opt(False, "The strobe drivers switch on at a low level.")
-    max_on_ms: float = opt(25.0, "Longest a light may stay on, enforced by the firmware (at least lights_off_ms).",
-                           minval=1.0, maxval=1000.0)
-
-    def __post_init__(self) -> None:
-        problems = _check_pins("lights", self.pins, LIGHT_MODES, 255, self.camera_pin)
-        if self.max_on_ms < self.lights_off_ms - self.pair_interval_ms or self.max_on_ms < self.pair_interval_ms:
-            problems.append(f"lights.max_on_ms = {self.max_on_ms} would cut a strobe short (pair_interval_ms = "
-                            f"{self.pair_interval_ms}, lights_off_ms = {self.lights_off_ms})")
-        if problems:
-            raise ConfigError(problems)
-        super().__post_init__()
 
 
-@dataclass(frozen=True)
-class GpioLightsConfig(SimLightsConfig):
-    type: str = opt("gpio", "Backend: gpio -- strobe lines driven by one real-time thread on the host (Jetson.GPIO or "
-                    "libgpiod).", choices=("gpio",))
-    lead_ms: float = opt(3.0, "A pair's t0 is this far after the trigger is taken (at least min_lead_ms).",
-                         minval=0.5, maxval=50.0)
-    library: str = opt("gpiod", "GPIO library: gpiod (libgpiod v2, Raspberry Pi 5, any Linux) or jetson (Jetson.GPIO).",
-                       choices=("gpiod", "jetson"))
-    chip: str = opt("/dev/gpiochip0", "library = 'gpiod': GPIO character device.")
-    numbering: str = opt("BOARD", "library = 'jetson': pin numbering mode.", choices=("BOARD", "BCM", "CVM", "TEGRA_SOC"))
-    pins: dict = opt({"backlit": 23, "toplit": 24}, "Line (gpiod offset or Jetson header pin) of each light's strobe driver.")
-    camera_pin: int = opt(-1, "Line wired to the camera's trigger input (camera.trigger = 'hardware'); -1 = none.",
-                          minval=-1, maxval=1023)
-    camera_pulse_us: float = opt(100.0, "Width of the camera trigger pulse.", minval=1.0, maxval=10_000.0)
-    active_low: bool = opt(False, "The strobe drivers switch on at a low level.")
-    max_on_ms: float = opt(25.0, "Longest a light may stay on (enforced by the thread).", minval=1.0, maxval=1000.0)
-    late_limit_us: float = opt(300.0, "A strobe whose thread wakes more than this after its start is refused (the frame "
-                               "would be half lit); the pair's stones take the safe route.", minval=0.0, maxval=5000.0)
-    min_lead_ms: float = opt(2.0, "Strobes starting sooner than this are refused.", minval=0.5, maxval=100.0)
-    spin_us: float = opt(300.0, "The thread sleeps until this long before an edge, then spins.", minval=0.0, maxval=5000.0)
-    rt_priority: int = opt(50, "SCHED_FIFO priority of the strobe thread when permitted; 0 = normal scheduling.",
-                           minval=0, maxval=99)
-    switch_interval_us: float = opt(0.0, "Python's GIL switch interval (0 = leave it; the valve backend sets it).",
-                                    minval=0.0, maxval=5000.0)
-
-    def __post_init__(self) -> None:
-        problems = _check_pins("lights", self.pins, LIGHT_MODES, 1023, self.camera_pin)
-        if self.lead_ms < self.min_lead_ms:
-            problems.append(f"lights.lead_ms = {self.lead_ms} is below lights.min_lead_ms = {self.min_lead_ms}: "
-                            "every strobe would be refused")
-        if problems:
-            raise ConfigError(problems)
-        super().__post_init__()
 
 
-@dataclass(frozen=True)
-class SimTriggerConfig:
-    type: str = opt("sim", "Backend: sim (a simulated break-beam at beam_x_mm).", choices=("sim",))
-    beam_x_mm: float = opt(10.0, "Where the beam crosses the channel, from the view's left edge (a whole stone must be in view when its front breaks the beam).", minval=0.0)
-    latency_ms: float = opt(0.3, "Sensor-to-host latency of the trigger edge.", minval=0.0, maxval=20.0)
 
 
-@dataclass(frozen=True)
-class BeamTriggerConfig:
-    type: str = opt("beam", "Backend: beam -- a break-beam sensor's edge on a GPIO line, time-stamped by the kernel "
-                    "(gpiod) or on arrival (jetson).", choices=("beam",))
-    library: str = opt("gpiod", "GPIO library: gpiod (libgpiod v2: kernel edge timestamps, CLOCK_MONOTONIC) or jetson "
-                       "(Jetson.GPIO: stamped when the callback runs).", choices=("gpiod", "jetson"))
-    chip: str = opt("/dev/gpiochip0", "library = 'gpiod': GPIO character device.")
-    numbering: str = opt("BOARD", "library = 'jetson': pin numbering mode.", choices=("BOARD", "BCM", "CVM", "TEGRA_SOC"))
-    pin: int = opt(25, "The sensor's line (gpiod offset or Jetson header pin).", minval=0, maxval=1023)
-    broken_level: str = opt("low", "Line level while the beam is broken (NPN / open-collector sensors with a pull-up: low).",
-                            choices=("low", "high"))
-    bias: str = opt("pull_up", "Line bias (gpiod only; Jetson header pins have fixed pulls).",
-                    choices=("as_is", "pull_up", "pull_down", "disabled"))
-    debounce_us: float = opt(200.0, "Edges closer than this to the previous one are contact/optical bounce.",
-                             minval=0.0, maxval=100_000.0)
-    holdoff_ms: float = opt(5.0, "After a trigger, ignore further breaks this long (one stone's flicker is one stone).",
-                            minval=0.0, maxval=1000.0)
-    latency_ms: float = opt(0.0, "Sensor response time, subtracted from each edge's timestamp.", minval=0.0, maxval=20.0)
-    beam_x_mm: float = opt(10.0, "Where the beam crosses the channel, from the camera view's left edge.", minval=0.0)
 
 
-@dataclass(frozen=True)
-class VisionTriggerConfig:
-    type: str = opt("vision", "Backend: vision -- cheap backlit preview frames compared with the reference; a stone "
-                    "entering the zone starts the pair.", choices=("vision",))
-    preview_hz: float = opt(200.0, "Preview frames per second (a stone must be seen while wholly in view: "
-                            "zone length / top speed > 2 preview periods).", minval=10.0, maxval=2000.0)
-    zone_from_mm: float = opt(6.0, "The entry zone starts this far from the view's left edge (stones come from the left).",
-                              minval=0.0)
-    zone_to_mm: float = opt(14.0, "... and ends here.", above=0.0)
-    downscale: int = opt(4, "Previews are compared at 1/downscale of the full resolution.", minval=1, maxval=16)
-    threshold_dn: float = opt(25.0, "A preview pixel differing from the reference by more than this (max over BGR) is "
-                              "'something there'.", minval=1.0, maxval=255.0)
-    min_area_mm2: float = opt(0.4, "That much changed area in the zone is a stone (below: noise, dust).",
-                              minval=0.01, maxval=100.0)
-    clear_frames: int = opt(2, "A stone's front may go unseen this many previews (flicker) before it is forgotten "
-                            "and could trigger again.", minval=1, maxval=100)
-    strobe_ms: float = opt(1.0, "Backlight strobe per preview frame (the camera's backlit exposure must fit in it).",
-                           minval=0.05, maxval=20.0)
-
-    def __post_init__(self) -> None:
-        if self.zone_to_mm <= self.zone_from_mm:
-            raise ConfigError([f"trigger.zone_to_mm = {self.zone_to_mm} must be above trigger.zone_from_mm = "
-                               f"{self.zone_from_mm}"])
 
 
-@dataclass(frozen=True)
-class SimValvesConfig:
-    type: str = opt("sim", "Backend: sim (ideal hardware-timed valves in the simulated machine).", choices=("sim",))
-    command_latency_ms: float = opt(
-        1.0, "Time for a pulse command to reach the valve timer; later pulses are refused.",
-        minval=0.0, maxval=50.0,
-    )
 
-
-@dataclass(frozen=True)
-class OpenCVCameraConfig:
-    type: str = opt("opencv", "Backend: OpenCV VideoCapture (V4L2, GStreamer incl. Jetson CSI, files).", choices=("opencv",))
-    source: str = opt("0", "Device index ('0'), device path ('/dev/video0'), GStreamer pipeline, video file or image pattern ('f_%04d.png').")
-    api: str = opt("any", "OpenCV capture API.", choices=("any", "v4l2", "gstreamer", "ffmpeg", "images"))
-    width_px: int = opt(0, "Requested frame width; 0 = the source's own.", minval=0, maxval=16384)
-    height_px: int = opt(0, "Requested frame height; 0 = the source's own.", minval=0, maxval=16384)
-    pixels_per_mm: float = opt(20.0, "Image scale (from calibration: the 2 mm CUT rule depends on it).", minval=2.0, maxval=500.0)
-    backlit_exposure_us: float = opt(1000.0, "Fixed exposure under the backlight (§2.2: 500-2000 µs); 0 = leave as is.", minval=0.0, maxval=100_000.0)
-    toplit_exposure_us: float = opt(3000.0, "Fixed exposure under the ring light (§2.2: 1000-5000 µs); 0 = leave as is.", minval=0.0, maxval=100_000.0)
-    gain: float = opt(0.0, "Fixed gain, as low as possible (§2.1); 0 = leave as is.", minval=0.0, maxval=1000.0)
-    wb_temperature_k: float = opt(0.0, "Fixed white-balance temperature; 0 = leave as is (auto WB is always off).", minval=0.0, maxval=15000.0)
-    manual_exposure_value: float = opt(1.0, "Value of CAP_PROP_AUTO_EXPOSURE meaning 'manual' for this driver (V4L2: 1).", minval=0.0, maxval=3.0)
-    trigger: str = opt("software", "software = read after the strobe; hardware = the strobe controller triggers the exposure.", choices=("software", "hardware"))
-    timestamps: str = opt("driver", "driver = V4L2 buffer time (CLOCK_MONOTONIC); host = arrival time minus readout_delay_us.", choices=("driver", "host"))
-    readout_delay_us: float = opt(0.0, "Exposure-to-arrival delay subtracted from host timestamps.", minval=0.0, maxval=1_000_000.0)
-    reference_dir: str = opt("", "Folder with backlit.png and toplit.png of the empty channel (from calibration).")
-    reopen_backoff_ms: float = opt(500.0, "Wait between attempts to reopen a lost camera.", minval=10.0, maxval=60_000.0)
-
-
-@dataclass(frozen=True)
-class ReplayCameraConfig:
-    type: str = opt("replay", "Backend: replay a recorded session folder (§7.1 images/raw/<session>/).", choices=("replay",))
-    session: str = opt("", "The session folder (with session_meta.json, reference/, backlit/, toplit/).")
-
-    def __post_init__(self) -> None:
-        if not self.session:
-            raise ConfigError(["camera.session is required with camera.type = 'replay': the session folder to replay"])
-
-
-@dataclass(frozen=True)
-class ReplayTriggerConfig:
-    type: str = opt("replay", "Backend: one trigger per recorded pair, at its recorded time.", choices=("replay",))
-    interval_ms: float = opt(
-        100.0, "Spacing of pairs when the session has no recorded times (a hand-written session).",
-        minval=1.0, maxval=10_000.0,
-    )
-
-
-@dataclass(frozen=True)
-class DryValvesConfig:
-    type: str = opt("dry", "Backend: dry run -- pulses are planned and logged, no output is driven.", choices=("dry",))
-
-
-def _check_pins(section: str, pins: dict[str, Any], keys: Sequence[str], hi: int, camera_pin: int = -1) -> list[str]:
-    """<section>.pins: one distinct output per key (a jet bin, a lighting mode), none of them
-    the camera trigger's (camera_pin, when >= 0)."""
-    problems = []
-    if set(pins) != set(keys):
-        problems.append(f"{section}.pins = {pins!r}: needs exactly the keys {', '.join(keys)}")
-    for k, v in pins.items():
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
-            problems.append(f"{section}.pins.{k} = {v!r}: must be an integer in [0, {hi}]")
-    used = [str(v) for v in pins.values()] + ([str(camera_pin)] if camera_pin >= 0 else [])
-    if len(set(used)) != len(used):
-        camera = f", {section}.camera_pin = {camera_pin}" if camera_pin >= 0 else ""
-        problems.append(f"{section}.pins = {pins!r}{camera}: every output needs its own pin")
-    return problems
-
-
-@dataclass(frozen=True)
-class McuValvesConfig:
-    type: str = opt("mcu", "Backend: mcu -- the valve-controller firmware (hw/) fires pulses from its hardware timer; "
-                    "the host keeps its clock in sync over serial.", choices=("mcu",))
-    port: str = opt(
-        "sim",
-        "Serial device of the controller, e.g. /dev/serial/by-id/usb-sorterd_valves-if00; 'sim' = the firmware's "
-        "host build on a pseudo-terminal, driving the simulated machine's jets (simulated machine only).",
-    )
-    baudrate: int = opt(250000, "Serial speed (ignored by USB CDC boards such as the RP2040).", minval=9600, maxval=12_000_000)
-    pins: dict = opt({"CUT": 2, "SELECT": 3, "FLIP": 4}, "Controller GPIO driving each bin's valve driver (keys CUT, SELECT, FLIP).")
-    active_low: bool = opt(False, "The valve drivers switch on at a low level (default: high = open).")
-    max_on_ms: float = opt(
-        40.0, "Longest a valve may stay open, enforced by the firmware whatever the host sends "
-        "(at least ejection.max_pulse_ms).", minval=1.0, maxval=1000.0,
-    )
-    silence_ms: float = opt(
-        200.0, "Host silence after which the firmware turns every valve off and keeps it off until the host "
-        "re-arms (the fail-safe against a crashed or killed daemon).", minval=10.0, maxval=5000.0,
-    )
-    heartbeat_ms: float = opt(50.0, "Heartbeat interval when nothing else is sent (well below silence_ms).", minval=1.0, maxval=1000.0)
-    late_limit_us: float = opt(
-        500.0, "A pulse whose timer runs more than this after its start is refused by the firmware, never fired "
-        "late (at most ejection.margin_ms: up to that a late edge still covers the whole passage).",
-        minval=0.0, maxval=5000.0,
-    )
-    min_lead_ms: float = opt(1.0, "Pulses starting sooner than this are refused by the host (the command must reach the controller first).", minval=0.1, maxval=100.0)
-    sync_interval_ms: float = opt(50.0, "Clock-sync exchange interval once synchronised.", minval=5.0, maxval=5000.0)
-    sync_timeout_ms: float = opt(3000.0, "No good clock-sync sample for this long: pulses are refused until there is one.", minval=50.0, maxval=60_000.0)
-    link_timeout_ms: float = opt(300.0, "Nothing in order from the controller for this long while the host kept asking: the link is lost or out of step; reconnect.", minval=20.0, maxval=60_000.0)
-    reconnect_ms: float = opt(200.0, "Wait between attempts to reopen a lost port.", minval=10.0, maxval=60_000.0)
-    connect_timeout_s: float = opt(5.0, "How long startup waits for the controller to answer and synchronise.", minval=0.1, maxval=120.0)
-    sim_freq_hz: float = opt(12_000_000.0, "port = 'sim': the simulated controller's nominal clock frequency.", minval=1e5, maxval=1e9)
-    sim_drift_ppm: float = opt(37.0, "port = 'sim': its true rate error, for the clock sync to find.", minval=-1000.0, maxval=1000.0)
-    sim_offset: int = opt(123_456_789_000, "port = 'sim': its clock when it starts (ticks).", minval=0, maxval=2**62)
-    sim_realtime: bool = opt(True, "port = 'sim': run the firmware process SCHED_FIFO with memory locked, when permitted.")
-
-    def __post_init__(self) -> None:
-        problems = _check_pins("valves", self.pins, JET_BINS, 255)
-        if self.heartbeat_ms * 3 > self.silence_ms:
-            problems.append(f"valves.heartbeat_ms = {self.heartbeat_ms} must be at most a third of "
-                            f"valves.silence_ms = {self.silence_ms} (one lost heartbeat must not trip the watchdog)")
-        if self.link_timeout_ms < self.sync_interval_ms * 3:
-            problems.append(f"valves.link_timeout_ms = {self.link_timeout_ms} must be at least three times "
-                            f"valves.sync_interval_ms = {self.sync_interval_ms} (the controller's answers to "
-                            "clock queries show the link is alive)")
-        if problems:
-            raise ConfigError(problems)
-
-
-@dataclass(frozen=True)
-class GpioValvesConfig:
-    """Shared by the jetson and gpiod backends (one real-time thread on the host).
-
-    `type` and `pins` are redefined by each backend (they keep this position)."""
-
-    type: str = opt("", "Backend.")
-    pins: dict = opt({}, "Output of each bin's valve driver (keys CUT, SELECT, FLIP).")
-    max_on_ms: float = opt(40.0, "Longest a valve may stay open (enforced by the RT thread; at least ejection.max_pulse_ms).", minval=1.0, maxval=1000.0)
-    late_limit_us: float = opt(500.0, "An edge whose thread wakes more than this after its start is refused, never fired late (at most ejection.margin_ms).", minval=0.0, maxval=5000.0)
-    min_lead_ms: float = opt(2.0, "Pulses starting sooner than this are refused (the thread sleeps until ~spin_us before an edge).", minval=0.5, maxval=100.0)
-    spin_us: float = opt(300.0, "The thread sleeps until this long before an edge, then spins.", minval=0.0, maxval=5000.0)
-    rt_priority: int = opt(50, "SCHED_FIFO priority of the valve thread when permitted; 0 = normal scheduling.", minval=0, maxval=99)
-    switch_interval_us: float = opt(
-        200.0, "Python's GIL switch interval while the valves run (the default 5 ms would let another thread "
-        "hold the GIL through an edge); 0 = leave it.", minval=0.0, maxval=5000.0,
-    )
-    active_low: bool = opt(False, "The valve drivers switch on at a low level.")
-
-    def __post_init__(self) -> None:
-        problems = _check_pins("valves", self.pins, JET_BINS, 1023)
-        if problems:
-            raise ConfigError(problems)
-
-
-@dataclass(frozen=True)
-class JetsonValvesConfig(GpioValvesConfig):
-    type: str = opt("jetson", "Backend: jetson -- Jetson.GPIO lines driven by a real-time thread (no fail-safe "
-                    "if the process dies; see hw/README.md).", choices=("jetson",))
-    pins: dict = opt({"CUT": 31, "SELECT": 33, "FLIP": 35}, "Header pin of each bin's valve driver (keys CUT, SELECT, FLIP), in `numbering`.")
-    numbering: str = opt("BOARD", "Jetson.GPIO pin numbering mode.", choices=("BOARD", "BCM", "CVM", "TEGRA_SOC"))
-
-
-@dataclass(frozen=True)
-class GpiodValvesConfig(GpioValvesConfig):
-    type: str = opt("gpiod", "Backend: gpiod -- libgpiod v2 lines driven by a real-time thread (Raspberry Pi 5, any "
-                    "Linux; no fail-safe if the process dies; see hw/README.md).", choices=("gpiod",))
-    chip: str = opt("/dev/gpiochip0", "GPIO character device (Raspberry Pi 5: /dev/gpiochip0 on kernels >= 6.6, gpiochip4 before).")
-    pins: dict = opt({"CUT": 17, "SELECT": 27, "FLIP": 22}, "Line offset of each bin's valve driver on `chip` (keys CUT, SELECT, FLIP).")
-
-
-@dataclass(frozen=True)
-class OnnxInferenceConfig:
-    type: str = opt("onnxruntime", "Backend: onnxruntime (CPU, or CUDA if available).", choices=("onnxruntime",))
-    model: str = opt(
-        "default",
-        "Model bundle directory (model.onnx + manifest.json); 'default' = the bundle "
-        "shipped in the repository's models/default.",
-    )
-    threads: int = opt(1, "onnxruntime intra-op threads per session.", minval=1, maxval=64)
-    providers: tuple[str, ...] = opt(("CPUExecutionProvider",), "onnxruntime execution providers, in order.")
 
 
 @dataclass(frozen=True)
@@ -512,6 +232,18 @@ class SimConfig:
     deflect_overlap: float = opt(0.5, "Fraction of a stone's passage the jet must cover to deflect it.", above=0.0, maxval=1.0)
     faults: dict = opt({}, "Injected faults and drift (also `--sim-fault NAME=VALUE`): " + ", ".join(
         f"{k} ({v[2]})" for k, v in SIM_FAULTS.items()) + ".")
+    controller: str = opt("host_build", "valves.type = 'mcu' on the simulated machine: host_build = start the firmware's "
+                          "host build on a pseudo-terminal, its pins opening the simulated jets; port = use the "
+                          "controller on valves.port (a board on the bench, or firmware started elsewhere).",
+                          choices=("host_build", "port"))
+    controller_freq_hz: float = opt(12_000_000.0, "valves.type = 'mcu': the simulated controller's (the firmware's "
+                                    "host build) nominal clock frequency.", minval=1e5, maxval=1e9)
+    controller_drift_ppm: float = opt(37.0, "valves.type = 'mcu': its true rate error, for the clock sync to find.",
+                                      minval=-1000.0, maxval=1000.0)
+    controller_offset: int = opt(123_456_789_000, "valves.type = 'mcu': its clock when it starts (ticks).",
+                                 minval=0, maxval=2**62)
+    controller_realtime: bool = opt(True, "valves.type = 'mcu': run the firmware process SCHED_FIFO with memory "
+                                    "locked, when permitted.")
 
     def __post_init__(self) -> None:
         problems = []
@@ -537,16 +269,10 @@ class SimConfig:
             raise ConfigError(problems)
 
 
-# part -> backend type -> options class
-BACKENDS: dict[str, dict[str, type]] = {
-    "camera": {"sim": SimCameraConfig, "replay": ReplayCameraConfig, "opencv": OpenCVCameraConfig},
-    "lights": {"sim": SimLightsConfig, "mcu": McuLightsConfig, "gpio": GpioLightsConfig},
-    "trigger": {"sim": SimTriggerConfig, "replay": ReplayTriggerConfig, "beam": BeamTriggerConfig,
-                "vision": VisionTriggerConfig},
-    "valves": {"sim": SimValvesConfig, "dry": DryValvesConfig, "mcu": McuValvesConfig,
-               "jetson": JetsonValvesConfig, "gpiod": GpiodValvesConfig},
-    "inference": {"onnxruntime": OnnxInferenceConfig},
-}
+# part -> backend type -> options class: the registry's (sorterd.parts.registry.options_table),
+# given by the caller -- this module knows no backend, and nothing of the simulator.
+Backends = Mapping[str, Mapping[str, type]]
+PARTS = ("camera", "lights", "trigger", "valves", "inference")
 
 PLAIN_SECTIONS: dict[str, type] = {
     "machine": MachineConfig,
@@ -565,11 +291,11 @@ PLAIN_SECTIONS: dict[str, type] = {
 class Config:
     machine: MachineConfig
     geometry: GeometryConfig
-    camera: Any
-    lights: Any
-    trigger: Any
-    valves: Any
-    inference: Any
+    camera: CameraOptions
+    lights: LightsOptions
+    trigger: TriggerOptions
+    valves: ValveOptions
+    inference: InferenceOptions
     decision: DecisionConfig
     ejection: EjectionConfig
     pipeline: PipelineConfig
@@ -592,8 +318,9 @@ class Config:
     @property
     def real_time_parts(self) -> list[str]:
         """The parts whose backend runs on the wall clock, as `section.type = 'x'`."""
-        return [f"{p}.type = {getattr(self, p).type!r}" for p in ("camera", "trigger", "valves", "lights")
-                if getattr(self, p).type not in ("sim", "replay", "dry")]
+        parts: tuple[tuple[str, CameraOptions | TriggerOptions | ValveOptions | LightsOptions], ...] = (
+            ("camera", self.camera), ("trigger", self.trigger), ("valves", self.valves), ("lights", self.lights))
+        return [f"{name}.type = {options.type!r}" for name, options in parts if options.wall_clock]
 
     def resolve(self, path: str) -> Path:
         """A path from the config file, relative to the file's directory."""
@@ -603,96 +330,56 @@ class Config:
         return (self.source.parent / p).resolve()
 
 
-def _build_backend(part: str, raw: Any, problems: list[str]) -> Any:
-    backends = BACKENDS[part]
+def _build_backend(part: str, raw: Any, backends: Mapping[str, type], problems: list[str]) -> Any:
     default_type = next(iter(backends))
     if not isinstance(raw, dict):
         problems.append(f"[{part}] must be a table, got {raw!r}")
         raw = {}
     kind = raw.get("type", default_type)
     if kind not in backends:
-        problems.append(f"{part}.type = {kind!r} is not a known backend: choose one of {', '.join(map(repr, backends))}")
+        known = ", ".join(map(repr, backends))
+        renamed = RENAMED.get((part, kind))
+        if renamed:
+            problems.append(f"{part}.type = {kind!r} is the old spelling: write {renamed} (choose one of {known})")
+        else:
+            problems.append(f"{part}.type = {kind!r} is not a known backend: choose one of {known}")
         return backends[default_type]()
     return build(backends[kind], raw, part, problems)
 
 
-def from_dict(raw: dict[str, Any], source: Path | None = None) -> Config:
+def from_dict(raw: dict[str, Any], backends: Backends, source: Path | None = None) -> Config:
+    """A validated Config from TOML tables; `backends` is the registry's options table."""
     problems: list[str] = []
-    known = set(BACKENDS) | set(PLAIN_SECTIONS)
+    known = set(PARTS) | set(PLAIN_SECTIONS)
     for key in raw:
         if key not in known:
             problems.append(f"[{key}]: unknown section; valid sections are: {', '.join(sorted(known))}")
-    parts: dict[str, Any] = {}
-    for part in BACKENDS:
-        parts[part] = _build_backend(part, raw.get(part, {}), problems)
+    sections: dict[str, Any] = {}
+    for part in PARTS:
+        sections[part] = _build_backend(part, raw.get(part, {}), backends[part], problems)
     for name, cls in PLAIN_SECTIONS.items():
-        parts[name] = build(cls, raw.get(name, {}), name, problems)
-    problems += _cross_checks(parts) + _valve_checks(parts)
+        sections[name] = build(cls, raw.get(name, {}), name, problems)
+    problems += _cross_checks(sections)
     if problems:
         raise ConfigError(problems, str(source) if source else "")
-    return Config(source=source, **parts)
+    return Config(source=source, **sections)
 
 
-def _cross_checks(parts: dict[str, Any]) -> list[str]:
-    """Backends that only make sense together."""
-    cam, trig, lights, valves = parts["camera"], parts["trigger"], parts["lights"], parts["valves"]
-    if cam is None or trig is None:
-        return []
-    if (cam.type == "replay") != (trig.type == "replay"):
-        return [f"camera.type = {cam.type!r} with trigger.type = {trig.type!r}: a replay needs both "
-                "camera.type and trigger.type = 'replay' (one trigger per recorded pair)"]
-    problems = []
-    if cam.type == "opencv" and trig.type == "sim":
-        problems.append("camera.type = 'opencv' with trigger.type = 'sim': a real camera needs a real trigger: "
-                        "trigger.type = 'beam' (a break-beam sensor on GPIO) or 'vision' (preview frames)")
-    if cam.type == "sim" and trig.type == "beam":
-        problems.append("trigger.type = 'beam' reads a real sensor, which the simulated machine's stones never break: "
-                        "use trigger.type = 'sim' or 'vision' with camera.type = 'sim'")
-    if lights is not None and valves is not None:
-        if lights.type == "mcu" and valves.type != "mcu":
-            problems.append(f"lights.type = 'mcu' uses the valve controller's strobe outputs, but valves.type = "
-                            f"{valves.type!r}: set valves.type = 'mcu' (one controller, one clock sync) or lights.type = 'gpio'")
-        elif lights.type == "mcu":
-            if lights.lead_ms < valves.min_lead_ms:
-                problems.append(f"lights.lead_ms = {lights.lead_ms} is below valves.min_lead_ms = {valves.min_lead_ms}: "
-                                "the controller would refuse every strobe")
-            taken = {str(p) for p in valves.pins.values()} & ({str(p) for p in lights.pins.values()}
-                                                               | ({str(lights.camera_pin)} if lights.camera_pin >= 0 else set()))
-            if taken:
-                problems.append(f"lights.pins / lights.camera_pin reuse controller pin(s) {sorted(taken)} of valves.pins: "
-                                "every output needs its own pin")
-        if lights.type == "gpio" and valves.type in ("jetson", "gpiod") and lights.library != valves.type:
-            problems.append(f"lights.library = {lights.library!r} with valves.type = {valves.type!r}: one board, one GPIO "
-                            "library")
-    if cam.type == "opencv" and cam.trigger == "hardware" and getattr(lights, "camera_pin", -1) < 0:
-        problems.append("camera.trigger = 'hardware' needs a strobe backend that pulses the camera's trigger input: "
-                        "lights.type = 'mcu' or 'gpio' with lights.camera_pin set")
-    return problems
-
-
-def _valve_checks(parts: dict[str, Any]) -> list[str]:
-    """Valve backends against the ejection plan and the machine they drive."""
-    valves, ejection = parts["valves"], parts["ejection"]
-    if valves is None or ejection is None or parts["camera"] is None or parts["trigger"] is None:
+def _cross_checks(sections: dict[str, Any]) -> list[str]:
+    """Backends that only make sense together: each part's options check themselves against
+    the other sections (the check that needs one backend's options lives with them)."""
+    if any(sections[name] is None for name in (*PARTS, "ejection")):
         return []  # already refused: its own problems are reported
-    problems = []
-    if valves.type in ("mcu", "jetson", "gpiod") and valves.max_on_ms < ejection.max_pulse_ms:
-        problems.append(f"valves.max_on_ms = {valves.max_on_ms} is below ejection.max_pulse_ms = "
-                        f"{ejection.max_pulse_ms}: every long pulse would be cut; raise valves.max_on_ms")
-    if valves.type in ("mcu", "jetson", "gpiod") and valves.late_limit_us > ejection.margin_ms * 1000:
-        problems.append(f"valves.late_limit_us = {valves.late_limit_us} is above ejection.margin_ms = "
-                        f"{ejection.margin_ms} ms: an edge that late would leave the start of the stone's passage "
-                        "without jet; lower valves.late_limit_us or raise ejection.margin_ms")
-    sim_parts = "sim" in (parts["camera"].type, parts["trigger"].type)
-    if valves.type == "mcu" and valves.port == "sim" and not sim_parts:
-        problems.append("valves.port = 'sim' runs the firmware's host build for the simulated machine, but "
-                        f"camera.type = {parts['camera'].type!r} and trigger.type = {parts['trigger'].type!r} are "
-                        "real: give the controller's serial device, e.g. /dev/serial/by-id/usb-sorterd_valves-if00")
+    problems: list[str] = []
+    for part in ("camera", "trigger", "lights", "valves"):
+        problems += sections[part].cross_check(sections)
     return problems
 
 
-def load(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Load and validate a config file; `overrides` are merged section-wise (CLI flags)."""
+def load(path: str | Path, backends: Backends, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Load and validate a config file; `overrides` are merged section-wise (CLI flags).
+
+    Callers use the composition root's `sorterd.cli.compose.load_config`, which passes the registry."""
     path = Path(path)
     raw = load_toml(path)
     for section, values in (overrides or {}).items():
@@ -703,7 +390,7 @@ def load(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -
         elif isinstance(table, dict):
             table.update(values)
     try:
-        return from_dict(raw, path.resolve())
+        return from_dict(raw, backends, path.resolve())
     except ConfigError as exc:
         exc.source = str(path)
         raise
@@ -714,11 +401,12 @@ def sim_config_path() -> Path:
     return Path(__file__).parent / "configs" / "sim.toml"
 
 
-def reference() -> str:
-    """Markdown config reference generated from the schema."""
+def reference(backends: Backends) -> str:
+    """Markdown config reference generated from the schema: every backend of every part, then
+    the plain sections."""
     out = []
-    for part, backends in BACKENDS.items():
-        for kind, cls in backends.items():
+    for part in PARTS:
+        for kind, cls in backends[part].items():
             out.append(f"\n### `[{part}]` type = \"{kind}\"\n")
             out += [f"- {line}" for line in describe(cls, part)]
     for name, cls in PLAIN_SECTIONS.items():

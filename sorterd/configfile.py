@@ -17,6 +17,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
 
@@ -156,6 +157,22 @@ def build(cls: type[T], raw: Any, section: str, problems: list[str]) -> T:
         problems.extend(exc.problems)
         # The caller raises on any problem, so this placeholder never escapes.
         return typing.cast(T, None)
+
+
+def check_pins(section: str, pins: dict[str, Any], keys: Sequence[str], hi: int, camera_pin: int = -1) -> list[str]:
+    """<section>.pins: one distinct output per key (a jet bin, a lighting mode), none of them
+    the camera trigger's (camera_pin, when >= 0)."""
+    problems = []
+    if set(pins) != set(keys):
+        problems.append(f"{section}.pins = {pins!r}: needs exactly the keys {', '.join(keys)}")
+    for k, v in pins.items():
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+            problems.append(f"{section}.pins.{k} = {v!r}: must be an integer in [0, {hi}]")
+    used = [str(v) for v in pins.values()] + ([str(camera_pin)] if camera_pin >= 0 else [])
+    if len(set(used)) != len(used):
+        camera = f", {section}.camera_pin = {camera_pin}" if camera_pin >= 0 else ""
+        problems.append(f"{section}.pins = {pins!r}{camera}: every output needs its own pin")
+    return problems
 
 
 def load_toml(path: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from sorterd import config
+from sorterd.cli.compose import load_config
 from sorterd.configfile import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -12,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def sim_cfg() -> config.Config:
-    return config.load(config.sim_config_path())
+    return load_config(config.sim_config_path())
 
 
 def write_toml(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
@@ -24,5 +25,5 @@ def write_toml(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
 def problems_of(tmp_path: Path, text: str) -> list[str]:
     """The problems a config file's refusal lists."""
     with pytest.raises(ConfigError) as exc:
-        config.load(write_toml(tmp_path, text))
+        load_config(write_toml(tmp_path, text))
     return exc.value.problems

@@ -13,6 +13,7 @@ import pytest
 from sorterd import config
 from sorterd.calibration import checklist as calibrate
 from sorterd.cli import main
+from sorterd.cli.compose import load_config
 from sorterd.data.bundle import resolve_bundle
 from sorterd.parts.inference.onnxruntime import OnnxModel
 from sorterd.sim.rig import SimRig
@@ -24,7 +25,7 @@ def model() -> OnnxModel:
 
 
 def checklist_steps(model: OnnxModel, **faults: float) -> dict[str, calibrate.StepResult]:
-    cfg = config.load(config.sim_config_path(), {"sim": {"faults": faults}} if faults else None)
+    cfg = load_config(config.sim_config_path(), {"sim": {"faults": faults}} if faults else None)
     profile, _, _ = calibrate.run_checklist(cfg, SimRig(cfg), model, io.StringIO(), interactive=False, warmup_s=0)
     steps = {s.name: s for s in profile.steps}
     steps["_profile"] = profile  # type: ignore[assignment]
@@ -79,7 +80,7 @@ def test_slow_valve_is_measured_and_corrected(model: OnnxModel) -> None:
 
 
 def test_profile_round_trip_and_apply(model: OnnxModel, tmp_path: Path) -> None:
-    cfg = config.load(config.sim_config_path(), {"sim": {"faults": {"flip_valve_slow_ms": 2.0}}})
+    cfg = load_config(config.sim_config_path(), {"sim": {"faults": {"flip_valve_slow_ms": 2.0}}})
     profile, refs, base = calibrate.run_checklist(cfg, SimRig(cfg), model, io.StringIO(), False, 0)
     calibrate.save_profile(tmp_path, profile, refs, calibrate.session_meta(profile, profile.steps, base, cfg))
     loaded = calibrate.todays_profile(tmp_path, cfg.machine.name)

@@ -21,7 +21,7 @@ from sorterd import config
 from sorterd.calibration import checklist as calibrate
 from sorterd.calibration.rig import KitError, MachineRig, load_kit
 from sorterd.cli import main
-from sorterd.cli.compose import Parts
+from sorterd.cli.compose import Parts, load_config
 from sorterd.clock import WallClock
 from sorterd.controller.outputs import Pulse, PulseOutcome, ValveStats
 from sorterd.parts.camera import CameraError, Frame
@@ -44,7 +44,7 @@ type = "gpio"
 [trigger]
 type = "beam"
 [valves]
-type = "gpiod"
+type = "gpio"
 [calibration]
 dir = "{dir}"
 warmup_s = 0
@@ -202,7 +202,7 @@ class Fakes:
 def real_cfg(tmp_path: Path, kit: str = "") -> config.Config:
     path = tmp_path / "real.toml"
     path.write_text(REAL_TOML.format(dir=tmp_path / "cal", kit=kit))
-    return config.load(path)
+    return load_config(path)
 
 
 @pytest.fixture
@@ -350,7 +350,7 @@ def test_vision_trigger_waits_for_todays_reference_then_watches_it(tmp_path: Pat
 
     (tmp_path / "real.toml").write_text(REAL_TOML.format(dir=tmp_path / "cal", kit="").replace(
         'type = "beam"', 'type = "vision"'))
-    cfg = config.load(tmp_path / "real.toml")
+    cfg = load_config(tmp_path / "real.toml")
 
     def no_reference(mode: str) -> Any:
         raise CameraError("no reference frame yet")
@@ -419,7 +419,7 @@ def test_bracketing_equals_the_sweep_on_every_window_a_coarse_probe_can_find() -
 
 
 def test_bracketing_gives_the_sweeps_latency_on_the_simulated_slow_valve() -> None:
-    cfg = config.load(config.sim_config_path(), {"sim": {"faults": {"cut_valve_slow_ms": 3.0}}})
+    cfg = load_config(config.sim_config_path(), {"sim": {"faults": {"cut_valve_slow_ms": 3.0}}})
     rig = SimRig(cfg)
     sweep = [k * 0.25 for k in range(-32, 33) if rig.valve_hit("CUT", 3.0, k * 0.25)]
     window, probes = calibrate.find_hit_window(lambda o: rig.valve_hit("CUT", 3.0, o))

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from sorterd import config
+from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
 from sorterd.clock import WallClock
 from sorterd.parts.camera import CameraError
-from sorterd.parts.camera.opencv import OpenCVCamera
+from sorterd.parts.camera.opencv import OpenCVCamera, OpenCVCameraConfig
 
 
 def frames(n: int, w: int = 160, h: int = 96) -> list[np.ndarray]:
@@ -26,8 +27,8 @@ def frames(n: int, w: int = 160, h: int = 96) -> list[np.ndarray]:
     return out
 
 
-def cam_cfg(**kw: object) -> config.OpenCVCameraConfig:
-    return config.OpenCVCameraConfig(timestamps="host", backlit_exposure_us=0, toplit_exposure_us=0, **kw)  # type: ignore[arg-type]
+def cam_cfg(**kw: object) -> OpenCVCameraConfig:
+    return OpenCVCameraConfig(timestamps="host", backlit_exposure_us=0, toplit_exposure_us=0, **kw)  # type: ignore[arg-type]
 
 
 def grab_all(cam: OpenCVCamera, n: int) -> list[tuple[np.ndarray, int]]:
@@ -95,7 +96,7 @@ def test_references_from_calibration_dir(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_camera_loss_mid_run_is_counted_and_survived(tmp_path: Path) -> None:
-    cfg = config.load(config.sim_config_path(), {
+    cfg = load_config(config.sim_config_path(), {
         "record": {"log_dir": str(tmp_path)}, "metrics": {"enabled": False},
         "sim": {"seed": 3, "faults": {"camera_drop_at_s": 2.0, "camera_down_s": 0.5}}})
     s = run(cfg, RunOptions(stones=150, progress=False), io.StringIO()).summary

@@ -8,18 +8,19 @@ import pytest
 
 from sorterd import config
 from sorterd.cli import main
+from sorterd.cli.compose import config_reference, load_config
 from sorterd.configfile import ConfigError
 from tests.conftest import problems_of, write_toml
 
 
 def test_shipped_sim_config_is_valid() -> None:
-    cfg = config.load(config.sim_config_path())
+    cfg = load_config(config.sim_config_path())
     assert cfg.simulated
     assert cfg.camera.type == "sim" and cfg.inference.type == "onnxruntime"
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
-    cfg = config.load(write_toml(tmp_path, ""))
+    cfg = load_config(write_toml(tmp_path, ""))
     assert cfg.decision.sort_confidence == 0.80
     assert cfg.metrics.host == "127.0.0.1"
 
@@ -99,7 +100,7 @@ def test_not_toml(tmp_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
-        config.load(tmp_path / "nope.toml")
+        load_config(tmp_path / "nope.toml")
 
 
 def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -119,7 +120,7 @@ def test_run_with_bad_config_starts_nothing(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_reference_documents_every_section() -> None:
-    ref = config.reference()
+    ref = config_reference()
     for section in ("machine", "geometry", "camera", "decision", "ejection", "record", "metrics", "sim"):
         assert f"[{section}]" in ref
     assert "`decision.sort_confidence` (default `0.8`)" in ref
@@ -129,7 +130,7 @@ def test_docs_config_reference_is_current() -> None:
     from tests.conftest import REPO
 
     doc = (REPO / "docs" / "config.md").read_text()
-    assert config.reference() in doc, "docs/config.md is stale: regenerate with `sorterd check-config --reference`"
+    assert config_reference() in doc, "docs/config.md is stale: regenerate with `sorterd check-config --reference`"
 
 
 def test_replay_camera_needs_a_session(tmp_path: Path) -> None:
@@ -145,7 +146,7 @@ def test_opencv_camera_needs_a_real_trigger(tmp_path: Path) -> None:
 def test_example_machine_config_is_valid() -> None:
     from tests.conftest import REPO
 
-    cfg = config.load(REPO / "sorterd" / "configs" / "machine.toml")
+    cfg = load_config(REPO / "sorterd" / "configs" / "machine.toml")
     assert (cfg.camera.type, cfg.lights.type, cfg.trigger.type, cfg.valves.type) == ("opencv", "mcu", "beam", "mcu")
     assert not cfg.offline  # real hardware: the wall clock
 
@@ -154,6 +155,6 @@ def test_hardware_triggered_camera_needs_a_camera_pin() -> None:
     from tests.conftest import REPO
 
     with pytest.raises(config.ConfigError, match="camera.trigger = 'hardware' needs a strobe backend"):
-        config.load(REPO / "sorterd" / "configs" / "machine.toml", {"lights": {"camera_pin": -1}})
+        load_config(REPO / "sorterd" / "configs" / "machine.toml", {"lights": {"camera_pin": -1}})
     with pytest.raises(config.ConfigError, match="a real camera needs a real trigger"):
-        config.load(REPO / "sorterd" / "configs" / "machine.toml", {"trigger": {"type": "sim"}})
+        load_config(REPO / "sorterd" / "configs" / "machine.toml", {"trigger": {"type": "sim"}})

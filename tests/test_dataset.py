@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from sorterd import config
+from sorterd.cli.compose import load_config
 from sorterd.data.dataset import (
     Dataset,
     DatasetError,
@@ -41,7 +42,7 @@ SECTION_2_4 = {"session_id", "timestamp_start", "lot_id", "lot_description", "ba
 def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two lots, three sessions: what appending a second lot to a dataset gives."""
     out = tmp_path_factory.mktemp("data") / "ds"
-    cfg = config.load(config.sim_config_path())
+    cfg = load_config(config.sim_config_path())
     generate(cfg, GenerateOptions(out, 30, LOTS["thai-mixed"], seed=1, session_stones=20, day=date(2026, 3, 2)))
     generate(cfg, GenerateOptions(out, 12, LOTS["anakie-dark"], seed=2, day=date(2026, 3, 2)))
     return out
@@ -95,7 +96,7 @@ def test_flags_and_labels_are_consistent(generated: Path) -> None:
 
 def test_crops_are_what_the_daemon_cuts_from_the_raw_pair(generated: Path) -> None:
     """Re-segmenting a raw pair against its session's references reproduces the processed crop."""
-    cfg = config.load(config.sim_config_path())
+    cfg = load_config(config.sim_config_path())
     lab = next(lab for lab in labels_of(generated) if lab["raw_pair"] == lab["stone_id"])
     session = SessionReader(generated / "images" / "raw" / lab["session_id"])
     back, top = session.read_pair(lab["stone_id"])

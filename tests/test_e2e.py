@@ -16,6 +16,7 @@ import pytest
 
 from sorterd import config
 from sorterd.cli import main
+from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
 from sorterd.domain import BINS
 from sorterd.sorting.record import COLUMNS, read_rows
@@ -28,7 +29,7 @@ def sim(tmp_path: Path, **sim_overrides: object) -> config.Config:
     over: dict[str, dict[str, object]] = {"record": {"log_dir": str(tmp_path / "logs")}, "metrics": {"port": 0}}
     if sim_overrides:
         over["sim"] = dict(sim_overrides)
-    return config.load(config.sim_config_path(), over)
+    return load_config(config.sim_config_path(), over)
 
 
 @pytest.mark.slow

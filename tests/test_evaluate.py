@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sorterd import config
+from sorterd.cli.compose import load_config
 from sorterd.config import DecisionConfig
 from sorterd.data.bundle import resolve_bundle
 from sorterd.data.dataset import StoneLabel, open_dataset, stone_sizes
@@ -196,7 +197,7 @@ def test_reliability_bins_add_up_to_the_ece() -> None:
 @pytest.fixture(scope="module")
 def plain_stones(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("eval") / "ds"
-    cfg = config.load(config.sim_config_path())
+    cfg = load_config(config.sim_config_path())
     generate(cfg, GenerateOptions(out, 60, LOTS["sim-default"], seed=4, day=date(2026, 3, 1)))
     return out
 

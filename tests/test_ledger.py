@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from sorterd import config
+from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
 from sorterd.sorting.ledger import TriggerLedger
 from sorterd.sorting.pipeline import Pipeline
@@ -99,7 +100,7 @@ def test_stones_a_late_capture_never_saw_are_counted(tmp_path: Path, monkeypatch
         return await real(self, seq, ev)
 
     monkeypatch.setattr(Pipeline, "_capture", late_capture)
-    cfg = config.load(config.sim_config_path(), {
+    cfg = load_config(config.sim_config_path(), {
         "record": {"log_dir": str(tmp_path)}, "metrics": {"enabled": False}, "sim": {"rate_per_s": 40.0, "seed": 8}})
     res = run(cfg, RunOptions(stones=120, progress=False), io.StringIO())
     s = res.summary
@@ -116,7 +117,7 @@ def test_stones_a_late_capture_never_saw_are_counted(tmp_path: Path, monkeypatch
 
 @pytest.mark.slow
 def test_close_and_touching_stones_are_accounted_for(tmp_path: Path) -> None:
-    cfg = config.load(config.sim_config_path(), {
+    cfg = load_config(config.sim_config_path(), {
         "record": {"log_dir": str(tmp_path)}, "metrics": {"enabled": False},
         "sim": {"rate_per_s": 40.0, "seed": 9, "close_pair_prob": 0.2, "touching_pair_prob": 0.1}})
     s = run(cfg, RunOptions(stones=150, progress=False), io.StringIO()).summary

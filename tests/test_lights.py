@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from sorterd import config
+from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
 from sorterd.clock import WallClock
-from sorterd.config import GpioLightsConfig
 from sorterd.parts.camera import Frame
 from sorterd.parts.lights import StrobeError, StrobeResult, check_pair
-from sorterd.parts.lights.pulsed import open_gpio_lights
+from sorterd.parts.lights.pulsed import GpioLightsConfig, open_gpio_lights
 from sorterd.sim.parts import lights as simlights
 from sorterd.sorting.capture import capture_pair, lighting_fault
 from sorterd.sorting.record import read_rows
@@ -146,12 +146,12 @@ def test_pair_audit_names_what_was_wrong() -> None:
 
 def test_config_refuses_lights_that_cannot_work() -> None:
     with pytest.raises(config.ConfigError, match="lights.type = 'mcu' uses the valve controller"):
-        config.load(config.sim_config_path(), {"lights": {"type": "mcu"}})
+        load_config(config.sim_config_path(), {"lights": {"type": "mcu"}})
     with pytest.raises(config.ConfigError, match="reuse controller pin"):
-        config.load(config.sim_config_path(), {"valves": {"type": "mcu"}, "sim": {"clock": "wall"},
+        load_config(config.sim_config_path(), {"valves": {"type": "mcu"}, "sim": {"clock": "wall"},
                                                "lights": {"type": "mcu", "pins": {"backlit": 2, "toplit": 6}}})
     with pytest.raises(config.ConfigError, match="lights.lead_ms = 1.0 is below lights.min_lead_ms"):
-        config.load(config.sim_config_path(), {"lights": {"type": "gpio", "lead_ms": 1.0}})
+        load_config(config.sim_config_path(), {"lights": {"type": "gpio", "lead_ms": 1.0}})
 
 
 @pytest.mark.slow
@@ -170,7 +170,7 @@ def test_pairs_whose_strobe_failed_take_the_safe_route(tmp_path: Path, monkeypat
         return fut
 
     monkeypatch.setattr(simlights.SimLights, "strobe", flaky)
-    cfg = config.load(config.sim_config_path(), {"record": {"log_dir": str(tmp_path)}, "metrics": {"port": 0}})
+    cfg = load_config(config.sim_config_path(), {"record": {"log_dir": str(tmp_path)}, "metrics": {"port": 0}})
     res = run(cfg, RunOptions(stones=80, json_path=tmp_path / "s.json", progress=False), io.StringIO())
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["lighting_faults"] == count["n"] // 7 >= 8

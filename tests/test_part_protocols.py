@@ -10,9 +10,9 @@ from typing import Any
 from sorterd import config
 from sorterd.controller.outputs import ValveStats
 from sorterd.metrics import Metrics
-from sorterd.parts.trigger.vision import VisionTrigger
+from sorterd.parts.trigger.vision import VisionTrigger, VisionTriggerConfig
 from sorterd.parts.valves.dry import DryValves
-from sorterd.sim.parts.lights import SimLights
+from sorterd.sim.parts.lights import SimLights, SimLightsConfig
 from sorterd.sorting.capture import capture_pair
 from sorterd.sorting.pipeline import RunStats
 from sorterd.sorting.summary import summarize, valve_summary
@@ -64,7 +64,7 @@ def test_pair_capture_waits_for_whoever_holds_the_cameras_lock() -> None:
 
     async def main() -> tuple[int, int]:
         await cam.lock.acquire()  # a vision preview is exposing
-        task = asyncio.create_task(capture_pair(cam, SimLights(config.SimLightsConfig()), clock, 0,  # type: ignore[arg-type]
+        task = asyncio.create_task(capture_pair(cam, SimLights(SimLightsConfig()), clock, 0,  # type: ignore[arg-type]
                                                 clock.now_ns(), 10 * MS, 20 * MS))
         for _ in range(20):
             await asyncio.sleep(0)
@@ -82,7 +82,7 @@ def test_vision_previews_wait_for_a_pair_holding_the_cameras_lock() -> None:
     cam = MovingStones(clock, [])
 
     async def main() -> tuple[int, int]:
-        trig = VisionTrigger(config.VisionTriggerConfig(), cam, SimLights(config.SimLightsConfig()),
+        trig = VisionTrigger(VisionTriggerConfig(), cam, SimLights(SimLightsConfig()),
                              clock, stop_at=lambda: base + 50 * MS)  # type: ignore[arg-type]
         await cam.lock.acquire()  # a pair is being captured
         task = asyncio.create_task(trig.next())
@@ -100,7 +100,7 @@ def test_vision_previews_wait_for_a_pair_holding_the_cameras_lock() -> None:
 def test_lights_and_valves_without_timing_add_nothing_to_the_summary(sim_cfg: config.Config) -> None:
     clock = StepClock()
     s = summarize(sim_cfg, RunStats(), [], None, "v1", 0.0, valves=DryValves(clock),  # type: ignore[arg-type]
-                  lights=SimLights(config.SimLightsConfig()))
+                  lights=SimLights(SimLightsConfig()))
     assert "strobe_error_us" not in s and "valves" not in s and "valve_refusals" not in s
     assert valve_summary([], None, DryValves(clock)) == {}  # type: ignore[arg-type]
 
@@ -123,7 +123,7 @@ class TimedValves(DryValves):
 def test_declared_timing_is_what_the_summary_reports(sim_cfg: config.Config) -> None:
     clock = StepClock()
     s = summarize(sim_cfg, RunStats(), [], None, "v1", 0.0, valves=TimedValves(clock),  # type: ignore[arg-type]
-                  lights=TimedLights(config.SimLightsConfig()))
+                  lights=TimedLights(SimLightsConfig()))
     assert s["strobe_error_us"] == {"p50": 1.0, "p99": 2.0, "max": 3.0} and s["strobe_refusals"] == {}
     assert s["valve_refusals"] == 0 and "valves" in s
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from sorterd import config
+from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
 from sorterd.sorting.pipeline import Pipeline
 
 
 def sim(tmp_path: Path, **sim_over: object) -> config.Config:
-    return config.load(config.sim_config_path(), {
+    return load_config(config.sim_config_path(), {
         "record": {"log_dir": str(tmp_path)}, "metrics": {"enabled": False}, "sim": dict(sim_over)})
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sorterd import config
+from sorterd.cli.compose import load_config
 from sorterd.domain import CLARITIES, COLORS
 from sorterd.sim.appearance import make_stone_look
 from sorterd.sim.machine import SimMachine
@@ -21,7 +22,7 @@ DT_NS = 10_000_000
 
 @pytest.fixture(scope="module")
 def machine() -> SimMachine:
-    return SimMachine(config.load(config.sim_config_path()))
+    return SimMachine(load_config(config.sim_config_path()))
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_crop_is_six_channel_and_centred(machine: SimMachine, refs: dict) -> Non
 
 
 def test_sim_world_speed_measurement_matches_truth(machine: SimMachine, refs: dict) -> None:
-    cfg = config.load(config.sim_config_path())
+    cfg = load_config(config.sim_config_path())
     m = SimMachine(dataclasses.replace(cfg, sim=dataclasses.replace(cfg.sim, seed=4)))
     m.world.feed(60, 0)
     errors = []

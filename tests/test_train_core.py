@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from sorterd.cli.compose import load_config
 from sorterd.train.export import ExportError, export_bundle, verify_onnx
 from sorterd.train.loop import (
     AugmentParams,
@@ -371,7 +372,7 @@ def small_dataset(root: Path) -> Path:
     from sorterd.sim.generate import GenerateOptions, generate
     from sorterd.sim.lots import LOTS
 
-    cfg = config.load(config.sim_config_path())
+    cfg = load_config(config.sim_config_path())
     generate(cfg, GenerateOptions(root, 40, LOTS["thai-mixed"], seed=1, day=date(2026, 3, 2)))
     generate(cfg, GenerateOptions(root, 16, LOTS["anakie-dark"], seed=2, day=date(2026, 3, 2)))
     return root

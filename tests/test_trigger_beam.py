@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
-import inspect
 import sys
 import threading
 import time
@@ -28,10 +27,9 @@ from typing import Any
 import pytest
 
 from sorterd.clock import VirtualClock, WallClock
-from sorterd.config import BeamTriggerConfig
 from sorterd.controller.gpio import GpioError
 from sorterd.parts.trigger import TriggerEvent
-from sorterd.parts.trigger.beam import BeamTrigger
+from sorterd.parts.trigger.beam import BeamTrigger, BeamTriggerConfig
 
 T = 5_000_000_000_000  # some kernel CLOCK_MONOTONIC instant (ns)
 MS = 1_000_000
@@ -488,15 +486,15 @@ def test_reader_error_then_re_request_resumes(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_parts_opens_the_beam_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sorterd.cli import compose as parts
+    from sorterd.cli import compose
+    from sorterd.parts.registry import Opening
 
     lib = FakeGpiod()
     monkeypatch.setitem(sys.modules, "gpiod", lib)  # what `import gpiod` finds
 
     async def body() -> Any:
-        args: dict[str, Any] = {"cfg": SimpleNamespace(trigger=GPIOD), "clock": WallClock()}
-        kw: dict[str, Any] = {p: args.get(p) for p in inspect.signature(parts._trigger).parameters}
-        trig = parts._trigger(**kw)
+        opening = Opening(cfg=SimpleNamespace(trigger=GPIOD), clock=WallClock())  # type: ignore[arg-type]
+        trig = compose._open("trigger", GPIOD, opening)
         trig.close()
         return trig
 

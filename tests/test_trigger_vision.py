@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from sorterd import config
+from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
-from sorterd.config import VisionTriggerConfig
 from sorterd.parts.camera import CameraError, Frame
-from sorterd.parts.trigger.vision import VisionTrigger
-from sorterd.sim.parts.lights import SimLights
+from sorterd.parts.trigger.vision import VisionTrigger, VisionTriggerConfig
+from sorterd.sim.parts.lights import SimLights, SimLightsConfig
 
 PPM = 20.0
 W, H = 640, 120
@@ -89,7 +89,7 @@ def triggers(cam_stones: list[tuple[int, float, float]], until_ns: int, down: tu
     async def main() -> tuple[list[int], VisionTrigger]:
         cam = MovingStones(clock, [(base + t, v, d) for t, v, d in cam_stones],
                            None if down is None else (base + down[0], base + down[1]))
-        trig = VisionTrigger(VisionTriggerConfig(**cfg), cam, SimLights(config.SimLightsConfig()),
+        trig = VisionTrigger(VisionTriggerConfig(**cfg), cam, SimLights(SimLightsConfig()),
                              clock,  # type: ignore[arg-type]
                              stop_at=lambda: base + until_ns, max_speed_mm_s=1000.0)
         out = []
@@ -139,12 +139,12 @@ def test_zone_outside_the_view_is_refused() -> None:
     with pytest.raises(config.ConfigError, match="outside the camera's view"):
         triggers([], 10 * MS, zone_from_mm=40.0, zone_to_mm=45.0)
     with pytest.raises(config.ConfigError, match="zone_to_mm = 5.0 must be above"):
-        config.load(config.sim_config_path(), {"trigger": {"type": "vision", "zone_to_mm": 5.0}})
+        load_config(config.sim_config_path(), {"trigger": {"type": "vision", "zone_to_mm": 5.0}})
 
 
 @pytest.mark.slow
 def test_simulated_machine_sorts_with_the_vision_trigger(tmp_path: Path) -> None:
-    cfg = config.load(config.sim_config_path(), {"trigger": {"type": "vision"}, "record": {"log_dir": str(tmp_path)},
+    cfg = load_config(config.sim_config_path(), {"trigger": {"type": "vision"}, "record": {"log_dir": str(tmp_path)},
                                                 "metrics": {"port": 0}, "sim": {"seed": 8}})
     run(cfg, RunOptions(stones=120, json_path=tmp_path / "s.json", progress=False), io.StringIO())
     s = json.loads((tmp_path / "s.json").read_text())
@@ -170,3 +170,27 @@ def test_a_preview_whose_strobe_was_not_lit_is_never_a_stone(monkeypatch: pytest
     monkeypatch.setattr(SimLights, "strobe", unlit)
     ts, trig = triggers([(0, 400.0, 2.0)], 100 * MS)
     assert ts == [] and trig.previews == 0 and trig.preview_failures >= 15
+
+
+def test_camera_reopen_backoff_is_the_configured_one_for_every_camera_backend() -> None:
+    """The vision trigger (like the pipeline) waits camera.reopen_backoff_ms between attempts
+    to get a lost camera back.  It used to probe the options for it and fall back to 200 ms
+    where a backend's options lacked it (the simulated camera), while the documented default
+    is 500 ms: every camera backend now declares it (CameraOptions)."""
+    from sorterd.cli.compose import open_parts
+    from sorterd.clock import VirtualClock
+
+    def backoff_ns(overrides: dict[str, dict[str, Any]]) -> int:
+        cfg = load_config(config.sim_config_path(), {"trigger": {"type": "vision"}, **overrides})
+
+        async def main() -> int:
+            parts = open_parts(cfg, VirtualClock())
+            try:
+                assert isinstance(parts.trigger, VisionTrigger)
+                return parts.trigger.reopen_backoff_ns
+            finally:
+                parts.close()
+        return asyncio.run(main())
+
+    assert backoff_ns({}) == 500 * MS
+    assert backoff_ns({"camera": {"reopen_backoff_ms": 750.0}}) == 750 * MS

@@ -24,6 +24,7 @@ import pytest
 
 from sorterd import config
 from sorterd.cli import main
+from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
 from sorterd.sim import firmware as simfw
 from sorterd.sim.firmware import TRACE_EDGE, TRACE_SESSION, TRACE_WATCHDOG, HostFirmware
@@ -76,6 +77,8 @@ def _sim_toml(tmp_path: Path, port: str) -> Path:
     text = config.sim_config_path().read_text()
     text = text.replace('[valves]\ntype = "sim"', f'[valves]\ntype = "mcu"\nport = "{port}"')
     assert f'port = "{port}"' in text
+    text = text.replace('[sim]\n', '[sim]\ncontroller = "port"  # the firmware this test started\n')
+    assert 'controller = "port"' in text
     p = tmp_path / "sorter.toml"
     p.write_text(text)
     return p
@@ -174,8 +177,8 @@ def test_pulling_the_pty_mid_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     started: list[simfw.SimulatedController] = []
     real_start = simfw.start_simulated_controller
 
-    def start(cfg: Any, machine: Any, clock: Any) -> simfw.SimulatedController:
-        ctl = real_start(cfg, machine, clock)  # the firmware stays unplugged for 500 ms
+    def start(cfg: Any, sim: Any, machine: Any, clock: Any) -> simfw.SimulatedController:
+        ctl = real_start(cfg, sim, machine, clock)  # the firmware stays unplugged for 500 ms
         started.append(ctl)
         return ctl
 
@@ -188,7 +191,7 @@ def test_pulling_the_pty_mid_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         started[0].fw.unplug()
 
     threading.Thread(target=pull_the_cable, daemon=True).start()
-    cfg = config.load(config.sim_config_path(), {
+    cfg = load_config(config.sim_config_path(), {
         "valves": {"type": "mcu"}, "record": {"log_dir": str(tmp_path)}, "metrics": {"enabled": False},
         "sim": {"rate_per_s": 50.0, "seed": 6}})
     s = run(cfg, RunOptions(stones=400, progress=False), io.StringIO()).summary

@@ -20,9 +20,9 @@ import pytest
 
 import sorterd.controller.outputs
 from sorterd.clock import WallClock
-from sorterd.config import GpiodValvesConfig, JetsonValvesConfig
 from sorterd.controller import gpio as G
 from sorterd.controller.outputs import Pulse, PulseOutcome
+from sorterd.parts.valves.gpio import GpioValvesConfig
 
 Call = tuple[str, tuple[Any, ...], int]
 
@@ -123,10 +123,20 @@ class FakeGpiod:
         return FakeRequest(self, tuple(offsets))
 
 
+def jetson_lines(**options: Any) -> G.GpioLines:
+    """`[valves] type = "gpio", library = "jetson"` on the usual header pins (BOARD numbering)."""
+    return GpioValvesConfig(library="jetson", **{"pins": {"CUT": 31, "SELECT": 33, "FLIP": 35}, **options}).lines()
+
+
+def gpiod_lines(**options: Any) -> G.GpioLines:
+    """`[valves] type = "gpio", library = "gpiod"`."""
+    return GpioValvesConfig(library="gpiod", **options).lines()
+
+
 # No SCHED_FIFO in a test process; a generous late limit, as a loaded CI box
 # may wake the thread a few ms late (the limit itself is tested on its own).
-JETSON = JetsonValvesConfig(rt_priority=0, late_limit_us=5000.0)
-GPIOD = GpiodValvesConfig(rt_priority=0, late_limit_us=5000.0)
+JETSON = jetson_lines(rt_priority=0, late_limit_us=5000.0)
+GPIOD = gpiod_lines(rt_priority=0, late_limit_us=5000.0)
 
 
 def with_valves(cfg: Any, lib: Any, body: Callable[[G.GpioValves], Awaitable[None]]) -> G.GpioValves:
@@ -178,7 +188,7 @@ def test_jetson_active_low_inverts_every_level() -> None:
         v.schedule(p)
         await v.outcome(p)
 
-    cfg = JetsonValvesConfig(rt_priority=0, late_limit_us=5000.0, active_low=True, numbering="BCM",
+    cfg = jetson_lines(rt_priority=0, late_limit_us=5000.0, active_low=True, numbering="BCM",
                              pins={"CUT": 5, "SELECT": 6, "FLIP": 13})
     with_valves(cfg, lib, body)
     assert ("setmode", ("BCM",)) in [(n, a) for n, a, _ in lib.calls]
@@ -270,7 +280,7 @@ def test_an_edge_the_thread_reaches_too_late_is_refused_not_fired() -> None:
 
     try:
         # A limit well above this VM's ordinary wake-up lateness (up to ~2 ms seen), well below 9 ms.
-        v = with_valves(GpiodValvesConfig(rt_priority=0, late_limit_us=3000.0), lib, body)
+        v = with_valves(gpiod_lines(rt_priority=0, late_limit_us=3000.0), lib, body)
     finally:
         FakeRequest.set_value = real_set  # type: ignore[method-assign]
     assert outs[0] == "fired" and outs[1].startswith("refused: late at fire")

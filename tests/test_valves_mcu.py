@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from sorterd.clock import WallClock
-from sorterd.config import McuValvesConfig
 from sorterd.controller.mcu import McuValves
 from sorterd.controller.outputs import Pulse, PulseOutcome
+from sorterd.parts.valves.mcu import McuValvesConfig
 from sorterd.sim.firmware import TRACE_EDGE, TRACE_WATCHDOG, HostFirmware, TraceRecord
 
 CFG = McuValvesConfig(port="unused", reconnect_ms=50.0)

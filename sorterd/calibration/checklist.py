@@ -481,8 +481,8 @@ def apply(cfg: Config, profile: Profile) -> Config:
     camera that loads reference frames gets today's, unless its config names others.
     """
     cfg = replace(cfg, ejection=replace(cfg.ejection, opening_latency_ms=dict(profile.opening_latency_ms)))
-    if hasattr(cfg.camera, "reference_dir") and not cfg.camera.reference_dir and profile.reference_dir:
-        cfg = replace(cfg, camera=replace(cfg.camera, reference_dir=profile.reference_dir))
+    if profile.reference_dir:
+        cfg = replace(cfg, camera=cfg.camera.with_reference_dir(profile.reference_dir))
     return cfg
 
 

@@ -184,7 +184,7 @@ class MachineRig:
         self._thread = threading.Thread(target=self._serve, name="sorterd-calibrate-rig", daemon=True)
         self._thread.start()
         try:
-            timeout = float(getattr(cfg.valves, "connect_timeout_s", 0.0)) + OPEN_GRACE_S
+            timeout = cfg.valves.connect_timeout_s + OPEN_GRACE_S
             self.parts: Parts = self._call(self._open(parts), timeout, "opening the machine's parts")
         except BaseException:
             self._stop_loop()

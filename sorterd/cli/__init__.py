@@ -14,9 +14,9 @@ from sorterd.configfile import ConfigError
 
 
 def _backend_types(part: str) -> tuple[str, ...]:
-    from sorterd.config import BACKENDS
+    from sorterd.cli.compose import registry
 
-    return tuple(k for k in BACKENDS[part] if k != "replay")  # replay: --replay sets camera and trigger together
+    return tuple(k for k in registry()[part] if k != "replay")  # replay: --replay sets camera and trigger together
 
 
 def _valve_types() -> tuple[str, ...]:
@@ -97,6 +97,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def cmd_run(args: argparse.Namespace) -> int:
     from sorterd import config
     from sorterd.calibration.checklist import CalibrationRefused
+    from sorterd.cli.compose import load_config
     from sorterd.cli.run import RunOptions, run
     from sorterd.data.bundle import ModelError
     from sorterd.data.session import SessionError
@@ -107,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     path = args.config or config.sim_config_path()
     try:
-        cfg = config.load(path, _overrides(args))
+        cfg = load_config(path, _overrides(args))
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         return 2
@@ -140,16 +141,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from sorterd import config
+    from sorterd.cli.compose import config_reference, load_config
 
     if args.reference:
-        print(config.reference())
+        print(config_reference())
         return 0
     if args.file is None:
         print("sorterd check-config: give a FILE (or --reference)", file=sys.stderr)
         return 2
     try:
-        cfg = config.load(args.file)
+        cfg = load_config(args.file)
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         return 2

@@ -46,12 +46,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from sorterd import config
     from sorterd.calibration import checklist as calibrate
+    from sorterd.cli.compose import load_config
     from sorterd.data.bundle import ModelError, resolve_bundle
     from sorterd.parts.inference.onnxruntime import OnnxModel
 
     over = {"sim": {"faults": dict(args.sim_fault)}} if args.sim_fault else {}
     try:
-        cfg = config.load(args.config or config.sim_config_path(), over)
+        cfg = load_config(args.config or config.sim_config_path(), over)
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         return 2

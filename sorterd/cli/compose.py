@@ -1,15 +1,24 @@
-"""Opens every hardware part through the backend its config section names."""
+"""The composition root: the backend registry, config loading, and opening every hardware
+part through the backend its config section names.
+
+The only place that merges the real backends (`sorterd/parts/registry.py`) with
+the simulator's (`sorterd/sim/parts/`), and the only place that opens parts.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sorterd import config
 from sorterd.clock import Clock
 from sorterd.config import Config
 from sorterd.parts.camera import Camera
 from sorterd.parts.lights import Lights
+from sorterd.parts.registry import Backend, Opening, Registry, build_registry, options_table, real_backends
 from sorterd.parts.trigger import Trigger
 from sorterd.parts.valves import Valves
 
@@ -31,6 +40,40 @@ class SimulatedMachine(Protocol):
     def last_landing_ns(self) -> int: ...
 
     def truth(self) -> RunTruth: ...
+
+    def all_past_ns(self) -> int:
+        """When the last fed stone has left the view (the run's end)."""
+        ...
+
+    def open_jet(self, valve: str, on_ns: int, off_ns: int) -> None:
+        """An output line was driven over [on, off): the simulated jet opens."""
+        ...
+@functools.cache
+def registry() -> Registry:
+    """Every backend: the simulator's first (so `sim` is each part's default), then the real ones."""
+    from sorterd.sim.parts import sim_backends
+
+    return build_registry(sim_backends(), real_backends())
+
+
+def backend_options() -> dict[str, dict[str, type]]:
+    """part -> type -> options class, for config parsing."""
+    return options_table(registry())
+
+
+def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Load and validate a config file against every backend; `overrides` are CLI flags."""
+    return config.load(path, backend_options(), overrides)
+
+
+def config_from_dict(raw: dict[str, Any], source: Path | None = None) -> Config:
+    """A validated Config from TOML tables already read (tests, generated configs)."""
+    return config.from_dict(raw, backend_options(), source)
+
+
+def config_reference() -> str:
+    """The generated config reference (docs/config.md), every backend of every part."""
+    return config.reference(backend_options())
 
 
 @dataclass
@@ -57,18 +100,19 @@ def open_parts(cfg: Config, clock: Clock) -> Parts:
         from sorterd.sim.machine import SimMachine
 
         machine = SimMachine(cfg)
-    replay = _replay_source(cfg, clock)
+    opening = Opening(cfg, clock, machine=machine, stop_at=machine.all_past_ns if machine is not None else None,
+                      edge_observer=machine.open_jet if machine is not None else None)
     opened: list[Any] = []
     try:
         # Valves first (the mcu lights are outputs of the same controller); the
         # vision trigger watches the camera's previews.
-        valves = _valves(cfg, machine, clock)
+        valves = opening.valves = _valves(opening)
         opened.append(valves.close)
-        lights = _lights(cfg, valves, clock)
+        lights = opening.lights = _open("lights", cfg.lights, opening)
         opened.append(lights.all_off)
-        camera = _camera(cfg, machine, clock, replay)
+        camera = opening.camera = _open("camera", cfg.camera, opening)
         opened.append(camera.close)
-        trigger = _trigger(cfg, machine, clock, replay, camera, lights)
+        trigger = _open("trigger", cfg.trigger, opening)
     except BaseException:
         for close in opened:
             try:
@@ -79,109 +123,34 @@ def open_parts(cfg: Config, clock: Clock) -> Parts:
     return Parts(camera=camera, lights=lights, trigger=trigger, valves=valves, machine=machine)
 
 
-def _replay_source(cfg: Config, clock: Clock) -> Any:
-    """The recorded session shared by the replay camera and trigger."""
-    if cfg.camera.type != "replay":
-        return None
-    from pathlib import Path
-
-    from sorterd.parts.camera.replay import ReplaySource
-
-    interval = cfg.trigger.interval_ms if cfg.trigger.type == "replay" else 100.0
-    return ReplaySource(Path(cfg.camera.session).expanduser(), clock, interval)
+def _backend(part: str, kind: str) -> Backend:
+    backend = registry()[part].get(kind)
+    if backend is None or backend.open is None:
+        known = ", ".join(k for k, b in registry()[part].items() if b.open is not None)
+        raise ValueError(f"{part}.type = {kind!r} cannot be opened: choose one of {known}")
+    return backend
 
 
-def _camera(cfg: Config, machine: Any, clock: Clock, replay: Any) -> Camera:
-    if cfg.camera.type == "replay":
-        from sorterd.parts.camera.replay import ReplayCamera
-
-        return ReplayCamera(replay)
-    if cfg.camera.type == "opencv":
-        from sorterd.parts.camera.opencv import OpenCVCamera
-
-        return OpenCVCamera(cfg.camera, clock)
-    from sorterd.sim.parts.camera import SimCamera
-
-    return SimCamera(cfg.camera, machine, clock)
+def _open(part: str, options: Any, opening: Opening) -> Any:
+    opener = _backend(part, options.type).open
+    assert opener is not None  # checked by _backend
+    return opener(options, opening)
 
 
-def _lights(cfg: Config, valves: Valves, clock: Clock) -> Lights:
-    if cfg.lights.type == "mcu":
-        from sorterd.parts.lights.pulsed import open_mcu_lights
+def _valves(opening: Opening) -> Valves:
+    """The valves' backend; with the simulated machine, the `mcu` backend talks to the
+    firmware's host build on a pseudo-terminal, whose pin edges open the simulated jets
+    (unless sim.controller = 'port': then to valves.port, like a real machine)."""
+    from sorterd.parts.valves.mcu import McuValvesConfig, open_mcu_valves
 
-        return open_mcu_lights(cfg.lights, valves, clock)
-    if cfg.lights.type == "gpio":
-        from sorterd.parts.lights.pulsed import open_gpio_lights
-
-        return open_gpio_lights(cfg.lights, clock)
-    from sorterd.sim.parts.lights import SimLights
-
-    return SimLights(cfg.lights)
-
-
-def _trigger(cfg: Config, machine: Any, clock: Clock, replay: Any, camera: Camera, lights: Lights) -> Trigger:
-    if cfg.trigger.type == "replay":
-        from sorterd.parts.camera.replay import ReplayTrigger
-
-        if replay is None:
-            raise ValueError("trigger.type = 'replay' needs camera.type = 'replay' (the session to replay)")
-        return ReplayTrigger(replay)
-    if cfg.trigger.type == "vision":
-        from sorterd.parts.trigger.vision import VisionTrigger
-
-        return VisionTrigger(cfg.trigger, camera, lights, clock,
-                             stop_at=machine.all_past_ns if machine is not None else None,
-                             max_speed_mm_s=cfg.geometry.speed_max_mm_s,
-                             reopen_backoff_ms=getattr(cfg.camera, "reopen_backoff_ms", 200.0))
-    if cfg.trigger.type == "beam":
-        from sorterd.parts.trigger.beam import BeamTrigger
-
-        return BeamTrigger(cfg.trigger, clock)
-    from sorterd.sim.parts.trigger import SimTrigger
-
-    return SimTrigger(cfg.trigger, machine, clock)
-
-
-def _valves(cfg: Config, machine: Any, clock: Clock) -> Valves:
-    if cfg.valves.type == "dry":
-        from sorterd.parts.valves.dry import DryValves
-
-        return DryValves(clock)
-    if cfg.valves.type == "mcu":
-        return _mcu_valves(cfg, machine, clock)
-    if cfg.valves.type in ("jetson", "gpiod"):
-        from sorterd.controller.gpio import open_gpio_valves
-
-        # Lines driving the simulated machine: their actual edges open its jets.
-        return open_gpio_valves(cfg.valves, clock, machine.open_jet if machine is not None else None)
-    from sorterd.sim.parts.valves import SimValves
-
-    return SimValves(cfg.valves, machine, clock)
-
-
-def _mcu_valves(cfg: Config, machine: Any, clock: Clock) -> Valves:
-    """The controller firmware over serial; port 'sim' = its host build on a pty,
-    whose pin edges open the simulated machine's jets."""
-    from sorterd.controller.mcu import McuValves
-
-    if clock.virtual:
+    cfg = opening.cfg
+    host_build = opening.machine is not None and cfg.sim.controller == "host_build"
+    if not (host_build and isinstance(cfg.valves, McuValvesConfig)):
+        return _open("valves", cfg.valves, opening)
+    if opening.clock.virtual:  # refuse before starting the firmware
         raise ValueError("valves.type = 'mcu' talks to real-time firmware: it needs the wall clock, "
                          "not the virtual one (sim.clock = 'wall')")
-    port, truth, closers = cfg.valves.port, None, []
-    if port == "sim":
-        from sorterd.sim.firmware import start_simulated_controller
+    from sorterd.sim.firmware import start_simulated_controller
 
-        ctl = start_simulated_controller(cfg.valves, machine, clock)
-        port, truth, closers = ctl.port, ctl.truth, [ctl.close]
-    extra = {}
-    if cfg.lights.type == "mcu":
-        from sorterd.parts.lights.pulsed import mcu_outputs
-
-        extra = mcu_outputs(cfg.lights)
-    valves = McuValves(cfg.valves, clock, port, truth=truth, on_close=closers, extra_outputs=extra)
-    try:
-        valves.start_blocking(cfg.valves.connect_timeout_s)  # startup: nothing else runs yet
-    except BaseException:
-        valves.close()
-        raise
-    return valves
+    ctl = start_simulated_controller(cfg.valves, cfg.sim, opening.machine, opening.clock)
+    return open_mcu_valves(cfg.valves, opening, ctl.port, truth=ctl.truth, on_close=[ctl.close])

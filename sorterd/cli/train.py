@@ -193,7 +193,9 @@ def cmd_sim_generate(args: argparse.Namespace) -> int:
             crop = Dataset(args.out, [], {}).crop_mm() or DEFAULT_CROP_MM
         opts = GenerateOptions(out=args.out, stones=args.stones, lot=lot, seed=args.seed,
                                session_stones=args.session_stones, day=args.date, crop_mm=crop)
-        res = generate(config.load(config.sim_config_path()), opts, progress=lambda s: print(s, flush=True))
+        from sorterd.cli.compose import load_config
+
+        res = generate(load_config(config.sim_config_path()), opts, progress=lambda s: print(s, flush=True))
         print(f"{args.out}: wrote {res.stones} stones {res.first_id}..{res.last_id} of {lot.lot_id} in "
               f"{len(res.sessions)} session(s) {', '.join(res.sessions)} ({res.seconds:.0f} s)")
         return 0
@@ -377,7 +379,9 @@ def _decision(args: argparse.Namespace) -> Any:
 
     if args.config is None:
         return config.DecisionConfig()
-    return config.load(args.config).decision
+    from sorterd.cli.compose import load_config
+
+    return load_config(args.config).decision
 
 
 def _report(ev: Any, info: dict[str, Any], out: Path) -> Path | None:

@@ -1,4 +1,4 @@
-"""`jetson` and `gpiod` valves: GPIO lines driven by one real-time thread on the host.
+"""GPIO outputs (the `gpio` valves and lights): lines driven by one real-time thread on the host.
 
 asyncio timers wake ~1 ms late with multi-ms tails; this backend gives the
 edges to one dedicated thread instead:
@@ -47,10 +47,46 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sorterd.clock import Clock
+from sorterd.configfile import opt
 from sorterd.controller.outputs import Pulse, PulseOutcome, ValveStats, close_at_exit, closed
 from sorterd.domain import JET_BINS
 
 log = logging.getLogger(__name__)
+
+GPIO_LIBRARIES = ("gpiod", "jetson")
+
+
+@dataclass(frozen=True)
+class GpioLibraryOptions:
+    """The GPIO options every GPIO backend (valves, lights, the beam trigger) spells the same way.
+
+    Each backend's options class mixes this in, so `library`, `chip` and
+    `numbering` are declared (and documented) once."""
+
+    library: str = opt("gpiod", "GPIO library: gpiod (libgpiod v2: Raspberry Pi 5, any Linux; kernel edge timestamps) "
+                       "or jetson (Jetson.GPIO).", choices=GPIO_LIBRARIES)
+    chip: str = opt("/dev/gpiochip0", "library = 'gpiod': GPIO character device (Raspberry Pi 5: /dev/gpiochip0 on "
+                    "kernels >= 6.6, gpiochip4 before).")
+    numbering: str = opt("BOARD", "library = 'jetson': pin numbering mode.", choices=("BOARD", "BCM", "CVM", "TEGRA_SOC"))
+
+
+@dataclass(frozen=True)
+class GpioLines:
+    """What the output thread drives: named lines and its timing limits.
+
+    Built by the valves' and the lights' options (`lines()`), each from its own section."""
+
+    library: str
+    chip: str
+    numbering: str
+    pins: dict[str, int]
+    active_low: bool
+    max_on_ms: float
+    late_limit_us: float
+    min_lead_ms: float
+    spin_us: float
+    rt_priority: int
+    switch_interval_us: float
 
 NEAR_NS = 1_500_000  # from this close to an edge the thread stops listening to the condition
 HOLD_GIL_S = 0.05  # switch interval while spinning to an edge (longer than any spin)
@@ -90,7 +126,7 @@ class Driver(Protocol):
 class JetsonDriver:
     """Jetson.GPIO (RPi.GPIO-compatible API)."""
 
-    def __init__(self, cfg: Any, lib: Any = None, section: str = "valves") -> None:
+    def __init__(self, cfg: GpioLines, lib: Any = None, section: str = "valves") -> None:
         self.gpio = lib if lib is not None else import_gpio_library("Jetson.GPIO", f"[{section}] on Jetson.GPIO",
                                                                     "jetson")
         self.pins: dict[str, int] = {v: int(p) for v, p in cfg.pins.items()}
@@ -119,7 +155,7 @@ class JetsonDriver:
 class GpiodDriver:
     """libgpiod v2 Python bindings (gpiod >= 2.1): one request holds every valve line."""
 
-    def __init__(self, cfg: Any, lib: Any = None, section: str = "valves") -> None:
+    def __init__(self, cfg: GpioLines, lib: Any = None, section: str = "valves") -> None:
         self.gpiod = lib if lib is not None else import_gpio_library("gpiod", f"[{section}] on libgpiod", "gpiod")
         line = self.gpiod.line
         self.active, self.inactive = line.Value.ACTIVE, line.Value.INACTIVE
@@ -230,10 +266,10 @@ class _Edge:
 
 
 class GpioValves:
-    def __init__(self, cfg: Any, driver: Driver, clock: Clock, backend: str,
+    def __init__(self, cfg: GpioLines, driver: Driver, clock: Clock, backend: str,
                  observer: EdgeObserver | None = None) -> None:
         if clock.virtual:
-            raise GpioError(f"valves.type = '{backend}' drives real lines: it needs the wall clock")
+            raise GpioError(f"GPIO outputs ({backend}) drive real lines: they need the wall clock")
         self.cfg = cfg
         self.driver = driver
         self.clock = clock
@@ -445,17 +481,17 @@ class GpioValves:
             log.exception("could not switch the valves off")
 
 
-def open_gpio_valves(cfg: Any, clock: Clock, observer: EdgeObserver | None = None, lib: Any = None) -> GpioValves:
-    """The `jetson` or `gpiod` backend (lib: a stand-in for the library, in tests).
+def open_gpio_valves(cfg: GpioLines, clock: Clock, observer: EdgeObserver | None = None, lib: Any = None) -> GpioValves:
+    """The valves' lines on Jetson.GPIO or libgpiod (lib: a stand-in for the library, in tests).
 
     observer: told each fired pulse's actual edges; the composition root passes
     the simulated machine's jets when the lines drive a simulated machine.
     """
-    driver: Driver = JetsonDriver(cfg, lib) if cfg.type == "jetson" else GpiodDriver(cfg, lib)
+    driver: Driver = JetsonDriver(cfg, lib) if cfg.library == "jetson" else GpiodDriver(cfg, lib)
     if set(cfg.pins) != set(JET_BINS):
         raise GpioError(f"valves.pins needs exactly {', '.join(JET_BINS)}")
     try:
-        return GpioValves(cfg, driver, clock, cfg.type, observer)
+        return GpioValves(cfg, driver, clock, cfg.library, observer)
     except BaseException:
         driver.close()
         raise

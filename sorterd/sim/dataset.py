@@ -15,6 +15,7 @@ import numpy as np
 
 from sorterd.config import Config
 from sorterd.sim.machine import SimMachine
+from sorterd.sim.parts.trigger import sim_trigger
 from sorterd.sim.stones import StoneSpec
 from sorterd.sorting.segment import Observation, PairingLimits, segment_pair
 
@@ -37,8 +38,9 @@ def machine_captures(machine: SimMachine, cfg: Config, refs: dict[str, np.ndarra
     dt = int(cfg.lights.pair_interval_ms * 1e6)
     lim = PairingLimits.from_config(cfg, cam.pixels_per_mm, cfg.lights.pair_interval_ms)
     seen: set[int] = set()
-    for t_edge, _ in machine.world.beam_times(cfg.trigger.beam_x_mm):
-        t0 = t_edge + int(cfg.trigger.latency_ms * 1e6)
+    trigger = sim_trigger(cfg.trigger)
+    for t_edge, _ in machine.world.beam_times(trigger.beam_x_mm):
+        t0 = t_edge + int(trigger.latency_ms * 1e6)
         back, top = machine.render("backlit", t0), machine.render("toplit", t0 + dt)
         seg = segment_pair(back, top, refs["backlit"], refs["toplit"], t0 + dt, lim)
         found = []

@@ -364,11 +364,11 @@ class SimulatedController:
         self.fw.cleanup()
 
 
-def start_simulated_controller(cfg: Any, machine: Any, clock: Any) -> SimulatedController:
-    """Launch the host build for `[valves] type = "mcu", port = "sim"` and, when the
-    simulated machine is there, let its world see the pins."""
-    fw = HostFirmware(freq_hz=cfg.sim_freq_hz, drift_ppm=cfg.sim_drift_ppm, offset=cfg.sim_offset,
-                      realtime=cfg.sim_realtime).start()
+def start_simulated_controller(cfg: Any, sim: Any, machine: Any, clock: Any) -> SimulatedController:
+    """Launch the host build for `[valves] type = "mcu"` on the simulated machine (its clock
+    from `sim.controller_*`) and, when the simulated machine is there, let its world see the pins."""
+    fw = HostFirmware(freq_hz=sim.controller_freq_hz, drift_ppm=sim.controller_drift_ppm,
+                      offset=sim.controller_offset, realtime=sim.controller_realtime).start()
     trace = None
     if machine is not None:
         pins = {int(p): valve for valve, p in cfg.pins.items()}

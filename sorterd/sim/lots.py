@@ -240,7 +240,8 @@ class SessionDrift:
 
     def optics(self, base: Optics) -> Optics:
         """The session's optics: this drift on top of the machine's own (faults included)."""
-        wb = tuple(b * d for b, d in zip(base.wb_gains, self.wb_gains, strict=True))
+        (b0, b1, b2), (d0, d1, d2) = base.wb_gains, self.wb_gains
+        wb = (b0 * d0, b1 * d1, b2 * d2)
         return replace(base, backlight_level=min(255.0, base.backlight_level * self.backlight_scale),
                        ring_gain=base.ring_gain * self.ring_gain, wb_gains=wb)
 

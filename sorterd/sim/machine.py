@@ -14,6 +14,7 @@ import numpy as np
 
 from sorterd.config import Config, SimConfig
 from sorterd.domain import JET_BINS
+from sorterd.sim.parts.camera import sim_camera
 from sorterd.sim.render import Optics, render_frame, render_reference
 from sorterd.sim.truth import SimTruth
 from sorterd.sim.world import World
@@ -25,7 +26,8 @@ class SimMachine:
         faults = cfg.sim.faults
         # The machine's true scale; the camera still reports the configured one
         # (a scale fault is what calibration must catch).
-        cam = replace(cfg.camera, pixels_per_mm=cfg.camera.pixels_per_mm * (1.0 + faults.get("scale", 0.0)))
+        configured = sim_camera(cfg.camera)
+        cam = replace(configured, pixels_per_mm=configured.pixels_per_mm * (1.0 + faults.get("scale", 0.0)))
         self.world = World(true_valves(cfg), cfg.geometry, cam, dict(cfg.ejection.opening_latency_ms))
         self.optics = Optics(
             width_px=cam.width_px, height_px=cam.height_px, px_per_mm=cam.pixels_per_mm,

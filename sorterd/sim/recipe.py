@@ -47,7 +47,9 @@ TRAIN_SEED = 0
 
 def generate_default_dataset(out: Path, progress: Callable[[str], None] | None = None) -> int:
     """Write the whole dataset into out (which should be empty); returns the stones written."""
-    cfg = config.load(config.sim_config_path())
+    from sorterd.cli.compose import load_config
+
+    cfg = load_config(config.sim_config_path())
     total = 0
     for b in DEFAULT_LOTS:
         opts = GenerateOptions(out=out, stones=b.stones, lot=get_lot(b.lot), seed=b.seed,

@@ -19,6 +19,7 @@ from sorterd.config import Config
 from sorterd.domain import CLARITIES, COLORS, LIGHT_MODES
 from sorterd.sim.appearance import make_stone_look
 from sorterd.sim.machine import SimMachine
+from sorterd.sim.parts.camera import sim_camera
 from sorterd.sim.render import render_frame
 from sorterd.sim.stones import Appearance, StoneSpec
 from sorterd.sim.world import World
@@ -86,7 +87,7 @@ class SimRig:
     def valve_hit(self, bin_name: str, latency_ms: float, offset_ms: float) -> bool:
         """Drop one test stone and fire the planned pulse `offset_ms` late: was it deflected?"""
         world = World(dataclasses.replace(self.machine.world.sim, valve_jitter_ms=0.0, fall_jitter=0.0),
-                      self.cfg.geometry, self.cfg.camera, dict(self.cfg.ejection.opening_latency_ms))
+                      self.cfg.geometry, sim_camera(self.cfg.camera), dict(self.cfg.ejection.opening_latency_ms))
         outline, size, length, look = make_stone_look("blue", "opaque", TEST_STONE_MM, np.random.default_rng(5))
         stone = StoneSpec(0, "blue", "opaque", outline, size, length, look, TEST_SPEED, 0, 4.0)
         world.stones = [stone]

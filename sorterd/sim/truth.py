@@ -86,7 +86,7 @@ def sim_truth(cfg: Config, world: World, rows: list[StoneRow], risks: dict[str, 
         "unseen_stones": n - len(owner),
         # What the daemon's trigger ledger can know of them: beam interruptions none of whose
         # stones was decided (touching stones break the beam once).  Sim trigger only.
-        "unseen_beam_events": (sum(1 for _, stones in world.beam_events(cfg.trigger.beam_x_mm)
+        "unseen_beam_events": (sum(1 for _, stones in world.beam_events(cfg.trigger.front_mm or 0.0)
                                    if not any(s.sim_id in owner for s in stones))
                                if cfg.trigger.type == "sim" else None),
         # The first few stones that landed where they were not routed, to look up in stones.db.

@@ -23,9 +23,10 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from sorterd.config import GeometryConfig, SimCameraConfig, SimConfig
+from sorterd.config import GeometryConfig, SimConfig
 from sorterd.domain import CLARITIES, COLORS, JET_BINS
 from sorterd.sim.appearance import make_stone_look
+from sorterd.sim.parts.camera import SimCameraConfig
 from sorterd.sim.stones import StoneSpec
 from sorterd.sorting.physics import fall_time_s, passage_window_ns
 

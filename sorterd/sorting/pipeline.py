@@ -19,7 +19,6 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import numpy as np
 
@@ -102,22 +101,6 @@ def _recent_p99_ms(samples: deque[float], n: int = 100) -> float:
     return float(np.percentile(recent, 99)) * 1e3 if recent else float("nan")
 
 
-def trigger_slack_ns(trigger_cfg: Any) -> int:
-    """How late after the front's crossing a trigger may stamp its edge: a callback's
-    latency (1 ms); a vision trigger sees a front only once per preview."""
-    rate = getattr(trigger_cfg, "preview_hz", None)
-    return 1_000_000 + (int(2e9 / rate) if rate else 0)
-
-
-def trigger_front_mm(trigger_cfg: Any) -> float | None:
-    """Where a stone's front is, from the view's left edge, when its trigger fires
-    (None: not tied to a place, as for replayed pairs)."""
-    for name in ("beam_x_mm", "zone_from_mm"):
-        if hasattr(trigger_cfg, name):
-            return float(getattr(trigger_cfg, name))
-    return None
-
-
 @dataclass
 class Computed:
     """What a worker made of one frame pair: the new objects and their classes."""
@@ -155,8 +138,9 @@ class Pipeline:
         self.pair_interval_ms = float(cam.pair_interval_ms or cfg.lights.pair_interval_ms)
         self._refs = {m: cam.reference(m) for m in LIGHT_MODES}
         self._limits = PairingLimits.from_config(cfg, cam.pixels_per_mm, self.pair_interval_ms)
-        self._trigger_front_mm = trigger_front_mm(cfg.trigger)
-        self._trigger_slack_ns = trigger_slack_ns(cfg.trigger)
+        # Where a stone's front is when its trigger fires, and how late the edge may be stamped.
+        self._trigger_front_mm = cfg.trigger.front_mm
+        self._trigger_slack_ns = cfg.trigger.slack_ns
         self.ledger = None if self._trigger_front_mm is None else TriggerLedger(
             self._trigger_slack_ns, LEDGER_HORIZON_NS)
         size = model.manifest.size
@@ -213,7 +197,7 @@ class Pipeline:
         self.metrics.camera_failures.inc()
         lost = 1  # the trigger whose capture failed
         log.error("camera lost (%s): stones fall to REJECT until it is back", exc)
-        backoff_ns = int(getattr(self.cfg.camera, "reopen_backoff_ms", 200.0) * 1e6)
+        backoff_ns = int(self.cfg.camera.reopen_backoff_ms * 1e6)
         loop = asyncio.get_running_loop()
         while True:
             lost += len(self._triggers.drop_covered(self.clock.now_ns()))

@@ -18,6 +18,36 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from sorterd.configfile import opt
+
+
+@dataclass(frozen=True)
+class CameraOptions:
+    """What every `[camera]` backend's options declare: the callers outside the backend
+    (pipeline, vision trigger, calibration) read only these."""
+
+    type: str = opt("", "Backend.")
+    reopen_backoff_ms: float = opt(500.0, "Wait between attempts to reopen a lost camera.", minval=10.0, maxval=60_000.0)
+
+    @property
+    def pixels_per_mm(self) -> float:
+        """The configured image scale; 0.0 where the source brings its own (a replayed session)."""
+        return 0.0
+
+    @property
+    def wall_clock(self) -> bool:
+        """The backend runs on real time (a device), so the run cannot use the virtual clock."""
+        return True
+
+    def with_reference_dir(self, path: str) -> CameraOptions:
+        """These options with today's reference frames from calibration, for a camera that
+        loads them from a folder and names none itself; unchanged for any other."""
+        return self
+
+    def cross_check(self, sections: dict[str, Any]) -> list[str]:
+        """Problems of this backend with the other sections (all built); none by default."""
+        return []
+
 
 class CameraError(RuntimeError):
     """The camera failed (disconnected, timed out); stones in the gap take the safe route."""

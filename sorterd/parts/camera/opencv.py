@@ -23,8 +23,10 @@ Jetson CSI example source (GStreamer):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,10 @@ import cv2
 import numpy as np
 
 from sorterd.clock import Clock
+from sorterd.configfile import opt
 from sorterd.domain import LIGHT_MODES
-from sorterd.parts.camera import CameraError, Frame
+from sorterd.parts.camera import CameraError, CameraOptions, Frame
+from sorterd.parts.registry import Backend, Opening
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +45,41 @@ APIS = {"any": cv2.CAP_ANY, "v4l2": cv2.CAP_V4L2, "gstreamer": cv2.CAP_GSTREAMER
         "ffmpeg": cv2.CAP_FFMPEG, "images": cv2.CAP_IMAGES}
 
 
+@dataclass(frozen=True)
+class OpenCVCameraConfig(CameraOptions):
+    type: str = opt("opencv", "Backend: OpenCV VideoCapture (V4L2, GStreamer incl. Jetson CSI, files).", choices=("opencv",))
+    source: str = opt("0", "Device index ('0'), device path ('/dev/video0'), GStreamer pipeline, video file or image pattern ('f_%04d.png').")
+    api: str = opt("any", "OpenCV capture API.", choices=("any", "v4l2", "gstreamer", "ffmpeg", "images"))
+    width_px: int = opt(0, "Requested frame width; 0 = the source's own.", minval=0, maxval=16384)
+    height_px: int = opt(0, "Requested frame height; 0 = the source's own.", minval=0, maxval=16384)
+    pixels_per_mm: float = opt(20.0, "Image scale (from calibration: the 2 mm CUT rule depends on it).", minval=2.0, maxval=500.0)
+    backlit_exposure_us: float = opt(1000.0, "Fixed exposure under the backlight (§2.2: 500-2000 µs); 0 = leave as is.", minval=0.0, maxval=100_000.0)
+    toplit_exposure_us: float = opt(3000.0, "Fixed exposure under the ring light (§2.2: 1000-5000 µs); 0 = leave as is.", minval=0.0, maxval=100_000.0)
+    gain: float = opt(0.0, "Fixed gain, as low as possible (§2.1); 0 = leave as is.", minval=0.0, maxval=1000.0)
+    wb_temperature_k: float = opt(0.0, "Fixed white-balance temperature; 0 = leave as is (auto WB is always off).", minval=0.0, maxval=15000.0)
+    manual_exposure_value: float = opt(1.0, "Value of CAP_PROP_AUTO_EXPOSURE meaning 'manual' for this driver (V4L2: 1).", minval=0.0, maxval=3.0)
+    trigger: str = opt("software", "software = read after the strobe; hardware = the strobe controller triggers the exposure.", choices=("software", "hardware"))
+    timestamps: str = opt("driver", "driver = V4L2 buffer time (CLOCK_MONOTONIC); host = arrival time minus readout_delay_us.", choices=("driver", "host"))
+    readout_delay_us: float = opt(0.0, "Exposure-to-arrival delay subtracted from host timestamps.", minval=0.0, maxval=1_000_000.0)
+    reference_dir: str = opt("", "Folder with backlit.png and toplit.png of the empty channel (from calibration).")
+
+    def with_reference_dir(self, path: str) -> CameraOptions:
+        """Calibration's reference frames, unless this config names its own folder."""
+        return self if self.reference_dir else dataclasses.replace(self, reference_dir=path)
+
+    def cross_check(self, sections: dict[str, Any]) -> list[str]:
+        problems = []
+        if sections["trigger"].type == "sim":
+            problems.append("camera.type = 'opencv' with trigger.type = 'sim': a real camera needs a real trigger: "
+                            "trigger.type = 'beam' (a break-beam sensor on GPIO) or 'vision' (preview frames)")
+        if self.trigger == "hardware" and sections["lights"].camera_pin < 0:
+            problems.append("camera.trigger = 'hardware' needs a strobe backend that pulses the camera's trigger input: "
+                            "lights.type = 'mcu' or 'gpio' with lights.camera_pin set")
+        return problems
+
+
 class OpenCVCamera:
-    def __init__(self, cfg: Any, clock: Clock) -> None:
+    def __init__(self, cfg: OpenCVCameraConfig, clock: Clock) -> None:
         self.cfg = cfg
         self.clock = clock
         self.pixels_per_mm = float(cfg.pixels_per_mm)
@@ -145,3 +182,10 @@ class OpenCVCamera:
                 return int(ms * 1e6)
             log.debug("driver timestamp unavailable; using host time")
         return t_host_ns - int(self.cfg.readout_delay_us * 1e3)
+
+
+def _open(cfg: OpenCVCameraConfig, opening: Opening) -> OpenCVCamera:
+    return OpenCVCamera(cfg, opening.clock)
+
+
+BACKEND = Backend("camera", "opencv", OpenCVCameraConfig, _open)

@@ -11,14 +11,60 @@ calibration of the day.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from sorterd.clock import Clock
+from sorterd.configfile import ConfigError, opt
 from sorterd.data.session import SessionError, SessionReader
-from sorterd.parts.camera import CameraError, Frame
-from sorterd.parts.trigger import TriggerEvent
+from sorterd.parts.camera import CameraError, CameraOptions, Frame
+from sorterd.parts.registry import Backend, Opening
+from sorterd.parts.trigger import TriggerEvent, TriggerOptions
+
+REPLAY_BOTH = "a replay needs both camera.type and trigger.type = 'replay' (one trigger per recorded pair)"
+
+
+def _replay_mismatch(sections: dict[str, Any]) -> list[str]:
+    cam, trig = sections["camera"].type, sections["trigger"].type
+    if (cam == "replay") != (trig == "replay"):
+        return [f"camera.type = {cam!r} with trigger.type = {trig!r}: {REPLAY_BOTH}"]
+    return []
+
+
+@dataclass(frozen=True)
+class ReplayCameraConfig(CameraOptions):
+    type: str = opt("replay", "Backend: replay a recorded session folder (§7.1 images/raw/<session>/).", choices=("replay",))
+    session: str = opt("", "The session folder (with session_meta.json, reference/, backlit/, toplit/).")
+
+    def __post_init__(self) -> None:
+        if not self.session:
+            raise ConfigError(["camera.session is required with camera.type = 'replay': the session folder to replay"])
+
+    @property
+    def wall_clock(self) -> bool:
+        return False
+
+    def cross_check(self, sections: dict[str, Any]) -> list[str]:
+        return _replay_mismatch(sections)
+
+
+@dataclass(frozen=True)
+class ReplayTriggerConfig(TriggerOptions):
+    type: str = opt("replay", "Backend: one trigger per recorded pair, at its recorded time.", choices=("replay",))
+    interval_ms: float = opt(
+        100.0, "Spacing of pairs when the session has no recorded times (a hand-written session).",
+        minval=1.0, maxval=10_000.0,
+    )
+
+    @property
+    def wall_clock(self) -> bool:
+        return False
+
+    def cross_check(self, sections: dict[str, Any]) -> list[str]:
+        return _replay_mismatch(sections)
 
 
 class ReplaySource:
@@ -108,3 +154,23 @@ class ReplayCamera:
 
     def close(self) -> None:
         pass
+
+
+def _open_camera(cfg: ReplayCameraConfig, opening: Opening) -> ReplayCamera:
+    """The session's frames; its source is shared with the replay trigger, opened next."""
+    trig = opening.cfg.trigger
+    interval = trig.interval_ms if isinstance(trig, ReplayTriggerConfig) else 100.0
+    source = ReplaySource(Path(cfg.session).expanduser(), opening.clock, interval)
+    opening.shared = {**(opening.shared or {}), "replay": source}
+    return ReplayCamera(source)
+
+
+def _open_trigger(cfg: ReplayTriggerConfig, opening: Opening) -> ReplayTrigger:
+    source = (opening.shared or {}).get("replay")
+    if source is None:
+        raise ValueError("trigger.type = 'replay' needs camera.type = 'replay' (the session to replay)")
+    return ReplayTrigger(source)
+
+
+CAMERA_BACKEND = Backend("camera", "replay", ReplayCameraConfig, _open_camera)
+TRIGGER_BACKEND = Backend("trigger", "replay", ReplayTriggerConfig, _open_trigger)

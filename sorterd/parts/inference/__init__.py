@@ -2,12 +2,16 @@
 
 Backends (`[inference] type`): `onnxruntime` (CPU/CUDA: `inference/onnxruntime.py`);
 `tensorrt` is to come.  The sorting pipeline, calibration's reference-stone
-check and the trainer's evaluation use a model only through `Model`.
+check and the trainer's evaluation use a model only through `Model`; the
+daemon's run opens it from these options (`sorterd/cli/run.py`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from sorterd.configfile import opt
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,3 +37,20 @@ class Model(Protocol):
     def predict_halves(self, halves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Prediction], float]:
         """Probabilities for (backlit, toplit) BGR crop pairs (the pipeline's hot path), and the model's seconds."""
         ...
+
+
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """What every `[inference]` backend's options declare: the bundle, and what the run and
+    the calibration read to open it."""
+
+    type: str = opt("", "Backend.")
+    model: str = opt(
+        "default",
+        "Model bundle directory (model.onnx + manifest.json); 'default' = the bundle "
+        "shipped in the repository's models/default.",
+    )
+    threads: int = opt(1, "Intra-op threads per inference session.", minval=1, maxval=64)
+    providers: tuple[str, ...] = opt(("CPUExecutionProvider",), "Execution providers, in order.")

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sorterd.configfile import opt
 from sorterd.data.bundle import ModelError, read_manifest, sha256_file, softmax
+from sorterd.parts.inference import InferenceOptions
+from sorterd.parts.registry import Backend
 
 
 @dataclass(frozen=True)
@@ -100,3 +103,14 @@ class OnnxModel:
         t = self.manifest.temperature
         pc, pk = softmax(color, t["color"]), softmax(clarity, t["clarity"])
         return [Prediction(pc[i], pk[i]) for i in range(len(pc))], model_s
+
+
+@dataclass(frozen=True)
+class OnnxInferenceConfig(InferenceOptions):
+    type: str = opt("onnxruntime", "Backend: onnxruntime (CPU, or CUDA if available).", choices=("onnxruntime",))
+    threads: int = opt(1, "onnxruntime intra-op threads per session.", minval=1, maxval=64)
+    providers: tuple[str, ...] = opt(("CPUExecutionProvider",), "onnxruntime execution providers, in order.")
+
+
+# Opened by the run itself (`sorterd/cli/run.py`), not by the composition root's open_parts.
+BACKEND = Backend("inference", "onnxruntime", OnnxInferenceConfig)

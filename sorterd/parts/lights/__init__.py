@@ -23,7 +23,39 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sorterd.configfile import ConfigError, opt
 from sorterd.domain import LIGHT_MODES
+
+
+@dataclass(frozen=True)
+class LightsOptions:
+    """What every `[lights]` backend's options declare: the pair timing the pipeline,
+    calibration and the simulator read."""
+
+    type: str = opt("", "Backend.")
+    pair_interval_ms: float = opt(10.0, "Backlit frame at t0, toplit frame at t0 + this.", minval=1.0, maxval=50.0)
+    lights_off_ms: float = opt(20.0, "All lights off by t0 + this.", minval=2.0, maxval=100.0)
+    lead_ms: float = opt(0.0, "A pair's t0 is this far after the trigger is taken (time for the strobe commands to arrive).",
+                         minval=0.0, maxval=50.0)
+
+    def __post_init__(self) -> None:
+        if self.lights_off_ms <= self.pair_interval_ms:
+            raise ConfigError([f"lights.lights_off_ms = {self.lights_off_ms} must be above lights.pair_interval_ms = "
+                               f"{self.pair_interval_ms}: the ring light is on from t0 + pair_interval_ms until then"])
+
+    @property
+    def camera_pin(self) -> int:
+        """The output pulsing the camera's trigger input (camera.trigger = 'hardware'); -1 = none."""
+        return -1
+
+    @property
+    def wall_clock(self) -> bool:
+        """The backend drives real lights on real time."""
+        return True
+
+    def cross_check(self, sections: dict[str, Any]) -> list[str]:
+        """Problems of this backend with the other sections (all built); none by default."""
+        return []
 
 
 class StrobeError(RuntimeError):

@@ -10,9 +10,43 @@ event carries the host time of the edge itself, not of when Python noticed it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+from sorterd.configfile import opt
+
+# How late after a stone's front crosses its place a trigger's edge may be stamped: a
+# callback's latency.
+CALLBACK_SLACK_NS = 1_000_000
+
+
+@dataclass(frozen=True)
+class TriggerOptions:
+    """What every `[trigger]` backend's options declare: where a stone is when its trigger
+    fires and how late the edge may be stamped (the pipeline's trigger ledger reads them)."""
+
+    type: str = opt("", "Backend.")
+
+    @property
+    def front_mm(self) -> float | None:
+        """Where a stone's front is, from the view's left edge, when its trigger fires
+        (None: not tied to a place, as for replayed pairs)."""
+        return None
+
+    @property
+    def slack_ns(self) -> int:
+        """How late after the front's crossing the trigger may stamp its edge."""
+        return CALLBACK_SLACK_NS
+
+    @property
+    def wall_clock(self) -> bool:
+        """The backend watches a real sensor on real time."""
+        return True
+
+    def cross_check(self, sections: dict[str, Any]) -> list[str]:
+        """Problems of this backend with the other sections (all built); none by default."""
+        return []
 
 
 @dataclass(frozen=True)

@@ -64,15 +64,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import numpy as np
 
 from sorterd.clock import Clock
-from sorterd.config import BeamTriggerConfig
-from sorterd.controller.gpio import GpioError, import_gpio_library
-from sorterd.parts.trigger import TriggerEvent
+from sorterd.configfile import opt
+from sorterd.controller.gpio import GpioError, GpioLibraryOptions, import_gpio_library
+from sorterd.parts.registry import Backend, Opening
+from sorterd.parts.trigger import TriggerEvent, TriggerOptions
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,33 @@ _HINTS = {
     errno.ENODEV: "the chip went away (device removed?)",
     errno.ENXIO: "the line cannot raise interrupts: choose another line for the sensor",
 }
+
+
+@dataclass(frozen=True)
+class BeamTriggerConfig(GpioLibraryOptions, TriggerOptions):
+    type: str = opt("beam", "Backend: beam -- a break-beam sensor's edge on a GPIO line, time-stamped by the kernel "
+                    "(gpiod) or on arrival (jetson: stamped when the callback runs).", choices=("beam",))
+    pin: int = opt(25, "The sensor's line (gpiod offset or Jetson header pin).", minval=0, maxval=1023)
+    broken_level: str = opt("low", "Line level while the beam is broken (NPN / open-collector sensors with a pull-up: low).",
+                            choices=("low", "high"))
+    bias: str = opt("pull_up", "Line bias (gpiod only; Jetson header pins have fixed pulls).",
+                    choices=("as_is", "pull_up", "pull_down", "disabled"))
+    debounce_us: float = opt(200.0, "Edges closer than this to the previous one are contact/optical bounce.",
+                             minval=0.0, maxval=100_000.0)
+    holdoff_ms: float = opt(5.0, "After a trigger, ignore further breaks this long (one stone's flicker is one stone).",
+                            minval=0.0, maxval=1000.0)
+    latency_ms: float = opt(0.0, "Sensor response time, subtracted from each edge's timestamp.", minval=0.0, maxval=20.0)
+    beam_x_mm: float = opt(10.0, "Where the beam crosses the channel, from the camera view's left edge.", minval=0.0)
+
+    @property
+    def front_mm(self) -> float | None:
+        return self.beam_x_mm
+
+    def cross_check(self, sections: dict[str, Any]) -> list[str]:
+        if sections["camera"].type == "sim":
+            return ["trigger.type = 'beam' reads a real sensor, which the simulated machine's stones never break: "
+                    "use trigger.type = 'sim' or 'vision' with camera.type = 'sim'"]
+        return []
 
 
 class BeamTrigger:
@@ -351,3 +380,10 @@ class BeamTrigger:
                 fn(*args)
             except Exception:  # noqa: BLE001 -- release what can be released
                 log.exception("beam trigger: Jetson.GPIO %s(%s) failed", fn.__name__, self.cfg.pin)
+
+
+def _open(cfg: BeamTriggerConfig, opening: Opening) -> BeamTrigger:
+    return BeamTrigger(cfg, opening.clock)
+
+
+BACKEND = Backend("trigger", "beam", BeamTriggerConfig, _open)

@@ -33,24 +33,58 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from sorterd.clock import Clock
-from sorterd.configfile import ConfigError
+from sorterd.configfile import ConfigError, opt
 from sorterd.parts.camera import Camera, CameraError, Frame
 from sorterd.parts.lights import Lights, StrobeError
-from sorterd.parts.trigger import TriggerEvent
+from sorterd.parts.registry import Backend, Opening
+from sorterd.parts.trigger import CALLBACK_SLACK_NS, TriggerEvent, TriggerOptions
 
 log = logging.getLogger(__name__)
 
 GAP_COLS = 2  # changed columns this close (preview columns) are one object
 
 
+@dataclass(frozen=True)
+class VisionTriggerConfig(TriggerOptions):
+    type: str = opt("vision", "Backend: vision -- cheap backlit preview frames compared with the reference; a stone "
+                    "entering the zone starts the pair.", choices=("vision",))
+    preview_hz: float = opt(200.0, "Preview frames per second (a stone must be seen while wholly in view: "
+                            "zone length / top speed > 2 preview periods).", minval=10.0, maxval=2000.0)
+    zone_from_mm: float = opt(6.0, "The entry zone starts this far from the view's left edge (stones come from the left).",
+                              minval=0.0)
+    zone_to_mm: float = opt(14.0, "... and ends here.", above=0.0)
+    downscale: int = opt(4, "Previews are compared at 1/downscale of the full resolution.", minval=1, maxval=16)
+    threshold_dn: float = opt(25.0, "A preview pixel differing from the reference by more than this (max over BGR) is "
+                              "'something there'.", minval=1.0, maxval=255.0)
+    min_area_mm2: float = opt(0.4, "That much changed area in the zone is a stone (below: noise, dust).",
+                              minval=0.01, maxval=100.0)
+    clear_frames: int = opt(2, "A stone's front may go unseen this many previews (flicker) before it is forgotten "
+                            "and could trigger again.", minval=1, maxval=100)
+    strobe_ms: float = opt(1.0, "Backlight strobe per preview frame (the camera's backlit exposure must fit in it).",
+                           minval=0.05, maxval=20.0)
+
+    def __post_init__(self) -> None:
+        if self.zone_to_mm <= self.zone_from_mm:
+            raise ConfigError([f"trigger.zone_to_mm = {self.zone_to_mm} must be above trigger.zone_from_mm = "
+                               f"{self.zone_from_mm}"])
+
+    @property
+    def front_mm(self) -> float | None:
+        return self.zone_from_mm
+
+    @property
+    def slack_ns(self) -> int:
+        """A front is seen only once per preview: up to two preview periods late, plus a callback."""
+        return CALLBACK_SLACK_NS + int(2e9 / self.preview_hz)
+
 class VisionTrigger:
-    def __init__(self, cfg: Any, camera: Camera, lights: Lights, clock: Clock,
+    def __init__(self, cfg: VisionTriggerConfig, camera: Camera, lights: Lights, clock: Clock,
                  stop_at: Callable[[], int | None] | None = None, max_speed_mm_s: float = 1000.0,
                  reopen_backoff_ms: float = 200.0) -> None:
         self.cfg = cfg
@@ -209,3 +243,14 @@ class VisionTrigger:
 
     def close(self) -> None:
         self._closed = True
+
+
+def _open(cfg: VisionTriggerConfig, opening: Opening) -> VisionTrigger:
+    if opening.camera is None or opening.lights is None:
+        raise ValueError("trigger.type = 'vision' watches the camera's previews: open the camera and lights first")
+    return VisionTrigger(cfg, opening.camera, opening.lights, opening.clock, stop_at=opening.stop_at,
+                         max_speed_mm_s=opening.cfg.geometry.speed_max_mm_s,
+                         reopen_backoff_ms=opening.cfg.camera.reopen_backoff_ms)
+
+
+BACKEND = Backend("trigger", "vision", VisionTriggerConfig, _open)

@@ -7,9 +7,10 @@ Backends (`[valves] type`):
              each pulse to the controller's clock (continuous clock sync), the
              controller fires it from a hardware timer and owns the fail-safe
              (max on-time, all off when the host goes silent) -- the production
-             path (`sorterd/valves/mcu.py`);
-  * `jetson`, `gpiod`  GPIO lines driven by one real-time thread on the host
-             (`sorterd/valves/gpio.py`) -- no fail-safe against a crashed process.
+             path (`parts/valves/mcu.py`, the link in `controller/mcu.py`);
+  * `gpio`   GPIO lines (`library` = gpiod or jetson) driven by one real-time
+             thread on the host (`parts/valves/gpio.py`, the thread in
+             `controller/gpio.py`) -- no fail-safe against a crashed process.
 
 `schedule` either accepts a pulse (it will fire at its time) or refuses it
 (its start is too close or past, the controller is not reachable or not
@@ -24,9 +25,32 @@ Prometheus collector read it); the others return None.
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from sorterd.configfile import opt
 from sorterd.controller.outputs import Pulse, PulseOutcome, ValveStats
+
+
+@dataclass(frozen=True)
+class ValveOptions:
+    """What every `[valves]` backend's options declare (the rig and the cross-checks read them)."""
+
+    type: str = opt("", "Backend.")
+
+    @property
+    def connect_timeout_s(self) -> float:
+        """How long opening the backend may take (waiting for a controller); 0 = at once."""
+        return 0.0
+
+    @property
+    def wall_clock(self) -> bool:
+        """The backend drives real valves on real time."""
+        return True
+
+    def cross_check(self, sections: dict[str, Any]) -> list[str]:
+        """Problems of this backend with the other sections (all built); none by default."""
+        return []
 
 
 class Valves(Protocol):

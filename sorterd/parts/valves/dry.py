@@ -6,9 +6,22 @@ For replaying recorded sessions and for commissioning a sorter with the air off.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from sorterd.clock import Clock
+from sorterd.configfile import opt
 from sorterd.controller.outputs import Pulse, PulseOutcome, ValveStats
+from sorterd.parts.registry import Backend, Opening
+from sorterd.parts.valves import ValveOptions
+
+
+@dataclass(frozen=True)
+class DryValvesConfig(ValveOptions):
+    type: str = opt("dry", "Backend: dry run -- pulses are planned and logged, no output is driven.", choices=("dry",))
+
+    @property
+    def wall_clock(self) -> bool:
+        return False
 
 
 class DryValves:
@@ -42,3 +55,10 @@ class DryValves:
 
     def close(self) -> None:
         self._cancelled.clear()
+
+
+def _open(cfg: DryValvesConfig, opening: Opening) -> DryValves:
+    return DryValves(opening.clock)
+
+
+BACKEND = Backend("valves", "dry", DryValvesConfig, _open)

@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sorterd.clock import Clock
-from sorterd.config import SimCameraConfig
+from sorterd.configfile import opt
 from sorterd.domain import LIGHT_MODES
-from sorterd.parts.camera import CameraError, Frame
-from sorterd.sim.machine import SimMachine
+from sorterd.parts.camera import CameraError, CameraOptions, Frame
+from sorterd.parts.registry import Backend, Opening
+
+if TYPE_CHECKING:
+    from sorterd.sim.machine import SimMachine
+
+
+@dataclass(frozen=True)
+class SimCameraConfig(CameraOptions):
+    type: str = opt("sim", "Backend: sim renders the simulated machine's frames.", choices=("sim",))
+    width_px: int = opt(640, "Frame width (along the channel).", minval=64, maxval=8192)
+    height_px: int = opt(240, "Frame height (across the channel).", minval=32, maxval=8192)
+    pixels_per_mm: float = opt(20.0, "Image scale (from calibration).", minval=2.0, maxval=500.0)
+    noise_sigma: float = opt(2.0, "Sensor noise in DN.", minval=0.0, maxval=50.0)
+
+    @property
+    def wall_clock(self) -> bool:
+        return False
 
 
 class SimCamera:
@@ -56,3 +74,18 @@ class SimCamera:
 
     def close(self) -> None:
         pass
+
+
+def sim_camera(options: CameraOptions) -> SimCameraConfig:
+    """The simulated machine renders its frames itself: it needs `[camera] type = "sim"`."""
+    if not isinstance(options, SimCameraConfig):
+        raise ValueError(f"the simulated machine renders its own frames: it needs camera.type = 'sim', "
+                         f"not {options.type!r}")
+    return options
+
+
+def _open(cfg: SimCameraConfig, opening: Opening) -> SimCamera:
+    return SimCamera(cfg, opening.machine, opening.clock)
+
+
+BACKEND = Backend("camera", "sim", SimCameraConfig, _open)

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
-from sorterd.config import SimLightsConfig
-from sorterd.parts.lights import StrobeResult, done
+from sorterd.configfile import opt
+from sorterd.parts.lights import LightsOptions, StrobeResult, done
+from sorterd.parts.registry import Backend, Opening
+
+
+@dataclass(frozen=True)
+class SimLightsConfig(LightsOptions):
+    type: str = opt("sim", "Backend: sim (the simulated strobes).", choices=("sim",))
+
+    @property
+    def wall_clock(self) -> bool:
+        return False
 
 
 class SimLights:
@@ -24,3 +35,10 @@ class SimLights:
 
     def all_off(self) -> None:
         pass
+
+
+def _open(cfg: SimLightsConfig, opening: Opening) -> SimLights:
+    return SimLights(cfg)
+
+
+BACKEND = Backend("lights", "sim", SimLightsConfig, _open)

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sorterd.clock import Clock
-from sorterd.config import SimTriggerConfig
-from sorterd.parts.trigger import TriggerEvent
-from sorterd.sim.machine import SimMachine
+from sorterd.configfile import opt
+from sorterd.parts.registry import Backend, Opening
+from sorterd.parts.trigger import TriggerEvent, TriggerOptions
+
+if TYPE_CHECKING:
+    from sorterd.sim.machine import SimMachine
+
+
+@dataclass(frozen=True)
+class SimTriggerConfig(TriggerOptions):
+    type: str = opt("sim", "Backend: sim (a simulated break-beam at beam_x_mm).", choices=("sim",))
+    beam_x_mm: float = opt(10.0, "Where the beam crosses the channel, from the view's left edge (a whole stone must be in view when its front breaks the beam).", minval=0.0)
+    latency_ms: float = opt(0.3, "Sensor-to-host latency of the trigger edge.", minval=0.0, maxval=20.0)
+
+    @property
+    def front_mm(self) -> float | None:
+        return self.beam_x_mm
+
+    @property
+    def wall_clock(self) -> bool:
+        return False
 
 
 class SimTrigger:
@@ -35,3 +55,18 @@ class SimTrigger:
 
     def close(self) -> None:
         pass
+
+
+def sim_trigger(options: TriggerOptions) -> SimTriggerConfig:
+    """Simulated captures follow the simulated beam: `[trigger] type = "sim"`."""
+    if not isinstance(options, SimTriggerConfig):
+        raise ValueError(f"simulated captures follow the simulated beam: they need trigger.type = 'sim', "
+                         f"not {options.type!r}")
+    return options
+
+
+def _open(cfg: SimTriggerConfig, opening: Opening) -> SimTrigger:
+    return SimTrigger(cfg, opening.machine, opening.clock)
+
+
+BACKEND = Backend("trigger", "sim", SimTriggerConfig, _open)

@@ -9,11 +9,30 @@ is closer than the command latency, like the firmware refuses a late one.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sorterd.clock import Clock
-from sorterd.config import SimValvesConfig
+from sorterd.configfile import opt
 from sorterd.controller.outputs import Pulse, PulseOutcome, ValveStats
-from sorterd.sim.machine import SimMachine
+from sorterd.parts.registry import Backend, Opening
+from sorterd.parts.valves import ValveOptions
+
+if TYPE_CHECKING:
+    from sorterd.sim.machine import SimMachine
+
+
+@dataclass(frozen=True)
+class SimValvesConfig(ValveOptions):
+    type: str = opt("sim", "Backend: sim (ideal hardware-timed valves in the simulated machine).", choices=("sim",))
+    command_latency_ms: float = opt(
+        1.0, "Time for a pulse command to reach the valve timer; later pulses are refused.",
+        minval=0.0, maxval=50.0,
+    )
+
+    @property
+    def wall_clock(self) -> bool:
+        return False
 
 
 class SimValves:
@@ -67,3 +86,10 @@ class SimValves:
             if not fut.done():
                 fut.cancel()
         self._pending.clear()
+
+
+def _open(cfg: SimValvesConfig, opening: Opening) -> SimValves:
+    return SimValves(cfg, opening.machine, opening.clock)
+
+
+BACKEND = Backend("valves", "sim", SimValvesConfig, _open)
