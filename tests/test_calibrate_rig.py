@@ -460,7 +460,7 @@ def test_yes_on_a_real_machine_skips_operator_steps_and_does_not_pass(
         opened.append(cfg)
         return fakes.parts()
 
-    monkeypatch.setattr("sorterd.calibration.rig.open_parts", fake_open_parts)
+    monkeypatch.setattr("sorterd.cli.compose.open_parts", fake_open_parts)
     code = main(["calibrate", "--config", str(tmp_path / "real.toml"), "--yes", "--warmup-s", "0", "--set-baseline"])
     captured = capsys.readouterr()
     out = captured.out

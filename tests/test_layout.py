@@ -1,4 +1,5 @@
-"""Where code lives: simulator knowledge stays in sorterd.sim and the composition root (sorterd.cli)."""
+"""Where code lives: simulator knowledge stays in sorterd.sim and the composition root (sorterd.cli),
+and nothing below the composition root imports it (dependencies point from cli/ inwards)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ REAL_PACKAGES = ("sorterd.sorting", "sorterd.parts", "sorterd.controller", "sort
                  "sorterd.data", "sorterd.train")
 REAL_MODULES = ("sorterd.config", "sorterd.configfile", "sorterd.metrics", "sorterd.domain", "sorterd.clock")
 
-# Imports every named module, then prints which sorterd.sim modules ended up loaded.
+# Imports every named module, then prints which modules of the given packages ended up loaded.
 PROBE = """
 import importlib, json, sys
-for name in sys.argv[1:]:
+watched, names = sys.argv[1].split(","), sys.argv[2:]
+for name in names:
     importlib.import_module(name)
-print(json.dumps(sorted(m for m in sys.modules if m == "sorterd.sim" or m.startswith("sorterd.sim."))))
+print(json.dumps(sorted(m for m in sys.modules if any(m == w or m.startswith(w + ".") for w in watched))))
 """
 
 
@@ -32,8 +34,9 @@ def modules_of(package: str) -> list[str]:
     return [package] + [m.name for m in pkgutil.walk_packages([str(root)], prefix=package + ".")]
 
 
-def sim_modules_loaded_by(modules: list[str]) -> list[str]:
-    done = subprocess.run([sys.executable, "-c", PROBE, *modules], capture_output=True, text=True, timeout=120)
+def sim_modules_loaded_by(modules: list[str], watched: str = "sorterd.sim") -> list[str]:
+    done = subprocess.run([sys.executable, "-c", PROBE, watched, *modules], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, f"importing {modules} failed:\n{done.stderr}"
     return list(json.loads(done.stdout.strip().splitlines()[-1]))
 
@@ -54,3 +57,11 @@ def test_real_packages_import_no_simulator(package: str) -> None:
     """A fresh interpreter per package: importing all of it loads no sorterd.sim module."""
     modules = modules_of(package) if package in REAL_PACKAGES else [package]
     assert sim_modules_loaded_by(modules) == [], f"{package} imports the simulator"
+
+
+@pytest.mark.parametrize("package", REAL_PACKAGES + REAL_MODULES)
+def test_real_packages_do_not_reach_into_the_composition_root(package: str) -> None:
+    """The stages, parts and calibration are handed what they need (parts, rigs, openers) by
+    sorterd.cli; none of them imports it."""
+    modules = modules_of(package) if package in REAL_PACKAGES else [package]
+    assert sim_modules_loaded_by(modules, "sorterd.cli") == [], f"{package} imports the composition root"

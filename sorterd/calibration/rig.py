@@ -4,7 +4,7 @@ on the machine's own camera, strobes, trigger and valves.
 `Checklist` (sorterd/calibration/checklist.py) is synchronous; the parts are not: they live
 on an asyncio loop (the mcu valves attach to one, lights return awaitables,
 triggers and cameras are awaited).  `MachineRig` therefore runs its own event
-loop in a background thread, opens the parts there (`sorterd.cli.compose.open_parts`,
+loop in a background thread, opens the parts there (the composition root's `open_parts`,
 on the wall clock), and each rig action submits one coroutine to it and waits
 for the result.  `close()` closes the parts (valves first) and stops the loop.
 
@@ -46,11 +46,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from sorterd.calibration.checklist import Baseline, load_baseline
-from sorterd.cli.compose import Parts, open_parts
 from sorterd.clock import Clock, WallClock
 from sorterd.config import Config
 from sorterd.controller.outputs import Pulse
 from sorterd.domain import CLARITIES, COLORS
+from sorterd.parts import Parts
 from sorterd.parts.camera import FramePair
 from sorterd.parts.lights import StrobeError
 from sorterd.sorting.capture import capture_pair, lighting_fault, strobe_pair
@@ -166,10 +166,10 @@ class MachineRig:
 
     def __init__(self, cfg: Config, *, answer: Callable[[str], bool] | None = None,
                  say: Callable[[str], None] | None = None, clock: Clock | None = None,
-                 parts: Parts | Callable[[], Parts] | None = None, kit: Path | None = None,
+                 parts: Parts | Callable[[Config, Clock], Parts], kit: Path | None = None,
                  stone_timeout_s: float = STONE_TIMEOUT_S) -> None:
-        """parts: already-made parts (or a factory called on the rig's loop), for tests; the rig
-        closes them.  Default: `open_parts(cfg, WallClock())` on the rig's loop."""
+        """parts: already-made parts, or how to open them (called with the config and the
+        rig's clock on the rig's loop: the composition root's `open_parts`); the rig closes them."""
         self.cfg = cfg
         self.clock = clock or WallClock()
         self.answer = answer
@@ -224,12 +224,8 @@ class MachineRig:
                 raise RigError(f"{what}: no result within {timeout:.0f} s") from None
             raise
 
-    async def _open(self, parts: Parts | Callable[[], Parts] | None) -> Parts:
-        if isinstance(parts, Parts):
-            return parts
-        if parts is not None:
-            return parts()
-        return open_parts(self.cfg, self.clock)
+    async def _open(self, parts: Parts | Callable[[Config, Clock], Parts]) -> Parts:
+        return parts if isinstance(parts, Parts) else parts(self.cfg, self.clock)
 
     def _stop_loop(self) -> None:
         try:

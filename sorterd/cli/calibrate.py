@@ -99,6 +99,7 @@ def _calibrate_machine(cfg: Any, model: Any, interactive: bool, warmup_s: float)
     """A real machine: its parts through MachineRig.  (profile, refs, baseline), or an exit status."""
     from sorterd.calibration import checklist as calibrate
     from sorterd.calibration.rig import KitError, MachineRig, RigError, configured_kit, kit_labels, terminal_answer
+    from sorterd.cli import compose
     from sorterd.parts.camera import CameraError
 
     if interactive:
@@ -113,7 +114,7 @@ def _calibrate_machine(cfg: Any, model: Any, interactive: bool, warmup_s: float)
             print(f"sorterd calibrate: {exc}", file=sys.stderr)
             return 2
     try:
-        rig = MachineRig(cfg, answer=terminal_answer if interactive else None)
+        rig = MachineRig(cfg, parts=compose.open_parts, answer=terminal_answer if interactive else None)
     except Exception as exc:  # noqa: BLE001 -- any backend's failure to open: say which and stop
         print(f"sorterd calibrate: cannot open the machine ({type(exc).__name__}): {exc}", file=sys.stderr)
         return 1

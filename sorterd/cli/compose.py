@@ -16,10 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sorterd import config
 from sorterd.clock import Clock
 from sorterd.config import Config
-from sorterd.parts.camera import Camera
-from sorterd.parts.lights import Lights
+from sorterd.parts import Parts
 from sorterd.parts.registry import Backend, Opening, Registry, build_registry, options_table, real_backends
-from sorterd.parts.trigger import Trigger
 from sorterd.parts.valves import Valves
 
 if TYPE_CHECKING:
@@ -77,24 +75,13 @@ def config_reference() -> str:
 
 
 @dataclass
-class Parts:
-    camera: Camera
-    lights: Lights
-    trigger: Trigger
-    valves: Valves
-    machine: SimulatedMachine | None = None  # when any part is simulated
+class MachineParts(Parts):
+    """The parts, and the simulated machine behind them when any part is simulated."""
 
-    def close(self) -> None:
-        # Valves first: whatever else fails, the jets must end up off.
-        closers = [self.valves.close, self.trigger.close, self.camera.close, self.lights.all_off]
-        for close in closers:
-            try:
-                close()
-            except Exception:  # noqa: BLE001 -- one failing part must not stop the others closing
-                log.exception("closing %s failed", close)
+    machine: SimulatedMachine | None = None
 
 
-def open_parts(cfg: Config, clock: Clock) -> Parts:
+def open_parts(cfg: Config, clock: Clock) -> MachineParts:
     machine = None
     if cfg.simulated:
         from sorterd.sim.machine import SimMachine
@@ -120,7 +107,7 @@ def open_parts(cfg: Config, clock: Clock) -> Parts:
             except Exception:  # noqa: BLE001 -- the first error is the one to report
                 log.exception("closing a part after a failed start")
         raise
-    return Parts(camera=camera, lights=lights, trigger=trigger, valves=valves, machine=machine)
+    return MachineParts(camera=camera, lights=lights, trigger=trigger, valves=valves, machine=machine)
 
 
 def _backend(part: str, kind: str) -> Backend:

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from sorterd import sdnotify
 from sorterd.calibration import checklist as calibrate
-from sorterd.cli.compose import Parts, open_parts
+from sorterd.cli.compose import MachineParts, open_parts
 from sorterd.clock import Clock, make_clock
 from sorterd.config import Config
 from sorterd.data.bundle import resolve_bundle
@@ -123,7 +123,7 @@ def _self_calibrating_rig(cfg: Config) -> calibrate.Rig | None:
     return SimRig(cfg)
 
 
-async def _run_pipeline(pipeline: Pipeline, parts: Parts, clock: Clock, opts: RunOptions,
+async def _run_pipeline(pipeline: Pipeline, parts: MachineParts, clock: Clock, opts: RunOptions,
                         out: TextIO, t_wall: float) -> None:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -155,7 +155,7 @@ async def _run_pipeline(pipeline: Pipeline, parts: Parts, clock: Clock, opts: Ru
                 pass
 
 
-async def _progress(pipeline: Pipeline, parts: Parts, opts: RunOptions, out: TextIO, t_wall: float) -> None:
+async def _progress(pipeline: Pipeline, parts: MachineParts, opts: RunOptions, out: TextIO, t_wall: float) -> None:
     """A live progress line (and the systemd watchdog ping), on wall time."""
     tty = out.isatty()
     last_line = 0.0
@@ -172,7 +172,7 @@ async def _progress(pipeline: Pipeline, parts: Parts, opts: RunOptions, out: Tex
         print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", file=out, flush=True)
 
 
-def _progress_line(pipeline: Pipeline, parts: Parts, opts: RunOptions, elapsed: float) -> str:
+def _progress_line(pipeline: Pipeline, parts: MachineParts, opts: RunOptions, elapsed: float) -> str:
     s = pipeline.stats
     fed = ""
     if parts.machine is not None:
@@ -184,7 +184,7 @@ def _progress_line(pipeline: Pipeline, parts: Parts, opts: RunOptions, elapsed: 
             f"misses {s.deadline_misses} | compute p50 {p50}")
 
 
-def _open_session(cfg: Config, parts: Parts, data_dir: Path) -> SessionWriter:
+def _open_session(cfg: Config, parts: MachineParts, data_dir: Path) -> SessionWriter:
     """`--record DIR`: a new §7.1 session with this run's scale and reference frames."""
     cam = parts.camera
     meta = SessionMeta(

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from sorterd.cli.compose import Parts
 from sorterd.clock import Clock
 from sorterd.config import Config
 from sorterd.controller.outputs import Pulse
 from sorterd.data.session import PairTimes
 from sorterd.domain import JET_BINS, LIGHT_MODES
 from sorterd.metrics import Metrics
+from sorterd.parts import Parts
 from sorterd.parts.camera import CameraError, FramePair
 from sorterd.parts.inference import Model
 from sorterd.parts.inference.onnxruntime import Prediction
