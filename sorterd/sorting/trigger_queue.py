@@ -36,7 +36,8 @@ class TriggerQueue:
 
     def drop_covered(self, t0_ns: int) -> list[TriggerEvent]:
         """Drop the edges from before t0_ns and return them."""
-        dropped = []
+        dropped: list[TriggerEvent] = []
         while self._edges and (ev := self._edges[0]) is not None and ev.t_ns <= t0_ns:
-            dropped.append(self._edges.popleft())
+            self._edges.popleft()
+            dropped.append(ev)
         return dropped
