@@ -63,9 +63,15 @@ class Stone:
 
 @dataclass
 class FakeCamera:
+    """A camera whose frames are exposed at the instants asked for (made inside the running loop)."""
+
     stones: Sequence[Stone]
     clock: Clock
     pixels_per_mm: float = PPM
+    prelit: bool = False  # the lights strobe its frames
+    exposure_at_strobe: bool = True  # its timestamps are the exposure instants
+    pair_interval_ms: float | None = None  # the lights' setting
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     grabs: list[tuple[str, int]] = field(default_factory=list)
 
     def reference(self, mode: str) -> np.ndarray:
@@ -99,6 +105,9 @@ class FakeLights:
         self.strobes.append((mode, t_on_ns, t_off_ns))
         return done(StrobeResult(mode, t_on_ns, t_off_ns, "lit"))
 
+    def timing(self) -> dict[str, Any] | None:
+        return None  # not measured
+
     def all_off(self) -> None:
         pass
 
@@ -116,6 +125,9 @@ class FakeTrigger:
         self._next += 1
         await self.clock.sleep_until(t)
         return TriggerEvent(t)
+
+    def set_reference(self, backlit: np.ndarray) -> None:
+        pass  # it does not look
 
     def close(self) -> None:
         pass
@@ -138,6 +150,9 @@ class FakeValves:
     async def outcome(self, pulse: Pulse) -> PulseOutcome:
         await self.clock.sleep_until(pulse.end_ns)
         return PulseOutcome(pulse, True, pulse.start_ns, pulse.end_ns, "fired")
+
+    def stats(self) -> None:
+        return None  # not measured
 
     def close(self) -> None:
         pass
