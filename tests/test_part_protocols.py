@@ -14,7 +14,7 @@ from sorterd.parts.trigger.vision import VisionTrigger, VisionTriggerConfig
 from sorterd.parts.valves.dry import DryValves
 from sorterd.sim.parts.lights import SimLights, SimLightsConfig
 from sorterd.sorting.capture import capture_pair
-from sorterd.sorting.pipeline import RunStats
+from sorterd.sorting.stats import RunStats
 from sorterd.sorting.summary import summarize, valve_summary
 from tests.test_lights import StampCamera
 from tests.test_trigger_vision import MovingStones, StepClock

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sorterd.config import Config
 from sorterd.sim.machine import SimMachine
-from sorterd.sorting.pipeline import RunStats
+from sorterd.sorting.stats import RunStats
 from sorterd.sorting.summary import format_text, summarize
 
 

@@ -18,7 +18,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,52 +38,15 @@ from sorterd.sorting.capture import capture_pair, lighting_fault
 from sorterd.sorting.decide import Decision, decide, safe_route, unsortable_reason
 from sorterd.sorting.eject import Planner, plan_pulse
 from sorterd.sorting.ledger import TriggerLedger
-from sorterd.sorting.record import ImageJob, Recorder, StoneRow, UnseenRow, wall_time_iso
+from sorterd.sorting.neighbours import Neighbours, Pending
+from sorterd.sorting.record import ImageJob, Recorder, StoneRow, UnseenRow, stone_row, wall_time_iso
 from sorterd.sorting.segment import Observation, PairingLimits, crop_halves, segment_pair
+from sorterd.sorting.stats import RunCounter
 from sorterd.sorting.track import Known, Track, Tracker, is_known
 from sorterd.sorting.trigger_queue import TriggerQueue
 
 log = logging.getLogger(__name__)
 
-STAGES = ("segment", "infer", "decide", "compute", "model_only")
-# Not a compute stage: from the toplit exposure to the pulse being handed to the
-# valves, including queueing and worker hand-offs (the budget that matters).
-LATENCIES = (*STAGES, "exposure_to_pulse", "trigger_to_exposure")
-
-
-@dataclass
-class RunStats:
-    """Counters and latency samples for the run summary (loop thread only)."""
-
-    captures: int = 0
-    objects: int = 0
-    clusters: int = 0
-    flagged: int = 0
-    deadline_misses: int = 0
-    conflicts: int = 0
-    pairs_dropped: int = 0
-    triggers_dropped: int = 0
-    camera_failures: int = 0
-    gap_triggers: int = 0  # triggers lost while the camera was away
-    passed_unseen: int = 0  # trigger edges no decided object explains (the ledger)
-    untriggered: int = 0  # decided objects no trigger edge explains
-    valve_unknown: int = 0  # pulses whose outcome the controller never reported (link lost)
-    late_off_edges: int = 0  # jets closed later than ejection.margin_ms after their planned end
-    # stone id -> the bin a neighbour's jet (too late to cancel) may have carried it into
-    co_deflection_risks: dict[str, str] = field(default_factory=dict)
-    lighting_faults: int = 0  # pairs not lit as §2.2 says (their stones take the safe route)
-    decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("CUT", "SELECT", "FLIP", "REJECT"), 0))
-    latency_s: dict[str, deque[float]] = field(
-        default_factory=lambda: {s: deque(maxlen=200_000) for s in LATENCIES}
-    )
-
-
-@dataclass
-class Pending:
-    """A decided stone whose pulse has not resolved yet."""
-
-    row: StoneRow
-    pulse: Pulse | None
 
 
 # A decision may explain its trigger edge this long after the edge (the stone is in
@@ -122,11 +85,12 @@ class Pipeline:
         self.parts = parts
         self.model = model
         self.recorder = recorder
-        self.metrics = metrics
-        self.stats = RunStats()
+        self.count = RunCounter(metrics)  # every figure and Prometheus series goes through it
+        self.stats = self.count.stats  # read by the summary and the progress line
         self.planner = Planner(cfg.geometry, cfg.ejection)
         self.tracker = Tracker(cfg.pipeline.track_tolerance_mm)
         self.pending: dict[str, Pending] = {}
+        self.neighbours = Neighbours(self.planner, self.pending, parts.valves, self.count)
         self.rows: list[StoneRow] = []  # every finished row, for the run summary
         self.record_pairs = recorder.session is not None
         self._next_id = 1
@@ -146,7 +110,7 @@ class Pipeline:
         size = model.manifest.size
         self._input_px = int(size[0])
         self._crop_px = max(8, int(round(model.manifest.crop_mm * cam.pixels_per_mm)))
-        metrics.model.info({"version": model.version, "sha256": model.manifest.onnx_sha256})
+        self.count.model(model.version, model.manifest.onnx_sha256)
 
     # -- stage 1: triggers ----------------------------------------------------
 
@@ -156,8 +120,7 @@ class Pipeline:
                 self.ledger.edge(ev.t_ns)  # queued or not, it is a stone to account for
             if not self._triggers.put_nowait(ev):
                 # The stone is still in view: the next pair will show it.
-                self.stats.triggers_dropped += 1
-                self.metrics.overflow.labels("trigger").inc()
+                self.count.trigger_dropped()
         self._triggers.put_nowait(None)  # end of input
 
     # -- stage 2: capture -----------------------------------------------------
@@ -172,29 +135,24 @@ class Pipeline:
                 continue
             except StrobeError as exc:
                 # No light, no picture worth sorting: the stone falls to REJECT.
-                self.stats.lighting_faults += 1
-                self.metrics.lighting_faults.inc()
+                self.count.lighting_fault()
                 log.error("capture %d: strobe refused (%s): its stone falls to REJECT", seq, exc)
                 continue
             seq += 1
             self._triggers.drop_covered(pair.backlit.t_ns)
-            self.stats.latency_s["trigger_to_exposure"].append((pair.backlit.t_ns - ev.t_ns) / 1e9)
-            self.stats.captures += 1
-            self.metrics.captures.inc()
+            self.count.captured((pair.backlit.t_ns - ev.t_ns) / 1e9)
             try:
                 self._pairs.put_nowait(pair)
             except asyncio.QueueFull:
-                self.stats.pairs_dropped += 1
-                self.metrics.overflow.labels("pairs").inc()
+                self.count.pair_dropped()
                 log.warning("pair queue full: capture %d dropped, its stones fall to REJECT", pair.seq)
-            self.metrics.queue_depth.labels("pairs").set(self._pairs.qsize())
+            self.count.queue_depth("pairs", self._pairs.qsize())
         await self._pairs.put(None)
 
     async def _camera_lost(self, exc: Exception) -> None:
         """Count the gap and get the camera back; stones passing meanwhile are never
         seen, get no pulse and fall to REJECT (the default trajectory)."""
-        self.stats.camera_failures += 1
-        self.metrics.camera_failures.inc()
+        self.count.camera_failure()
         lost = 1  # the trigger whose capture failed
         log.error("camera lost (%s): stones fall to REJECT until it is back", exc)
         backoff_ns = int(self.cfg.camera.reopen_backoff_ms * 1e6)
@@ -210,8 +168,7 @@ class Pipeline:
                 await self.clock.sleep_until(self.clock.now_ns() + backoff_ns)
         # Triggers that came while it was away announce stones already past.
         lost += len(self._triggers.drop_covered(self.clock.now_ns()))
-        self.stats.gap_triggers += lost
-        self.metrics.camera_gap_triggers.inc(lost)
+        self.count.gap_triggers(lost)
         log.warning("camera back: %d triggers (stones) lost in the gap", lost)
 
     async def _capture(self, seq: int, ev: TriggerEvent) -> FramePair:
@@ -224,7 +181,7 @@ class Pipeline:
     async def _process_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while (pair := await self._pairs.get()) is not None:
-            self.metrics.queue_depth.labels("pairs").set(self._pairs.qsize())
+            self.count.queue_depth("pairs", self._pairs.qsize())
             # One worker call per pair: the frames stay in that core's cache
             # from segmentation to inference, and there is one hand-off only.
             done: Computed = await loop.run_in_executor(None, self._compute, pair, self.tracker.snapshot())
@@ -232,8 +189,7 @@ class Pipeline:
             edges = strobe_edges(strobes)
             if fault:
                 # Frames not lit as §2.2 says cannot be trusted: the pair's stones take the safe route.
-                self.stats.lighting_faults += 1
-                self.metrics.lighting_faults.inc()
+                self.count.lighting_fault()
                 log.error("capture %d: %s: its %d stone(s) take the safe route", pair.seq, fault, len(done.new))
                 done.preds.clear()
                 done.reasons[:] = [f"lighting: {fault}"] * len(done.new)
@@ -245,8 +201,8 @@ class Pipeline:
                 decide_s = time.perf_counter() - t
                 self._dispatch(sid, pair, obs, done.preds.get(i), dec, pulse, done.crops[i], edges)
                 if i in done.preds:
-                    self._record_latency(done.segment_s, done.infer_s, decide_s, done.model_s)
-                self.stats.latency_s["exposure_to_pulse"].append((self.clock.now_ns() - obs.t_ns) / 1e9)
+                    self.count.stage_latencies(done.segment_s, done.infer_s, decide_s, done.model_s)
+                self.count.exposure_to_pulse((self.clock.now_ns() - obs.t_ns) / 1e9)
                 self._account(obs)
             self.planner.forget_before(self.clock.now_ns())
             self._settle(self.clock.now_ns())
@@ -274,8 +230,7 @@ class Pipeline:
         unseen = self.ledger.close() if now_ns is None else self.ledger.settle(now_ns)
         untriggered = self.ledger.counts.untriggered - before
         if unseen:
-            self.stats.passed_unseen += len(unseen)
-            self.metrics.passed_unseen.inc(len(unseen))
+            self.count.passed_unseen(len(unseen))
             p99 = _recent_p99_ms(self.stats.latency_s["trigger_to_exposure"])
             reason = f"passed unseen: no decided stone explains its trigger edge (trigger to exposure p99 {p99:.0f} ms)"
             counted = self.clock.now_ns()
@@ -284,8 +239,7 @@ class Pipeline:
             log.warning("%d stone(s) passed unseen (recorded in the batch's unseen table): no pulse, the default "
                         "trajectory, REJECT (trigger to exposure p99 %.0f ms)", len(unseen), p99)
         if untriggered:
-            self.stats.untriggered += untriggered
-            self.metrics.untriggered.inc(untriggered)
+            self.count.untriggered(untriggered)
             log.warning("%d decided stone(s) with no trigger edge (a beam missing stones?)", untriggered)
 
     def _compute(self, pair: FramePair, known: Known) -> Computed:
@@ -315,13 +269,6 @@ class Pipeline:
         times = PairTimes(pair.trigger_ns, pair.backlit.t_ns, pair.toplit.t_ns, **edges)
         self.recorder.submit_images(ImageJob(sid, None, None, raw=(pair.backlit.image, pair.toplit.image, times)))
 
-    def _record_latency(self, seg_s: float, infer_s: float, decide_s: float, model_s: float) -> None:
-        values = {"segment": seg_s, "infer": infer_s, "decide": decide_s,
-                  "compute": seg_s + infer_s + decide_s, "model_only": model_s}
-        for stage, v in values.items():
-            self.stats.latency_s[stage].append(v)
-            self.metrics.stage.labels(stage).observe(v)
-
     # -- decide, plan, fire ---------------------------------------------------
 
     def _decide_and_plan(self, obs: Observation, pred: Prediction | None, reason: str) -> tuple[str, Decision, Pulse | None]:
@@ -335,7 +282,7 @@ class Pipeline:
         track = Track(sid, obs.t_ns, obs.x_mm, obs.speed_mm_s, obs.length_mm,
                       spread_mm=obs.length_mm if obs.cluster else 0.0)
         self.tracker.add(track, obs.y_mm)
-        dec = self._resolve_neighbours(track, dec)
+        dec = self.neighbours.resolve(track, dec)
         pulse = plan_pulse(track, dec.bin, self.cfg.geometry, self.cfg.ejection) if dec.bin in JET_BINS else None
         return sid, dec, pulse
 
@@ -343,8 +290,9 @@ class Pipeline:
                   dec: Decision, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],
                   edges: dict[str, int | None]) -> None:
         """Send the pulse (or not), and hand the stone to the recorder."""
-        row = replace(self._row(sid, pair, obs, pred, dec, pulse), **edges)  # the lights' actual edges
-        self._count(obs, dec)
+        row = stone_row(sid, pair, obs, pred, dec, pulse, edges, t_decided_ns=self.clock.now_ns(),
+                        model_version=self.model.version, wall_time=wall_time_iso())
+        self.count.decided_object(obs.cluster, dec.flagged)
         self._save_images(sid, pair, crop, dec.flagged)
         if pulse is None:
             self._finish(row)
@@ -361,61 +309,19 @@ class Pipeline:
         self._outcomes.add(task)
         task.add_done_callback(self._outcomes.discard)
 
-    def _resolve_neighbours(self, track: Track, dec: Decision) -> Decision:
-        """No jet may catch a second stone: both stones take the default trajectory."""
-        self.planner.add(track)
-        stuck = [valve for other in self.planner.caught_by(track, dec.bin)
-                 if (valve := self._cancel_for_conflict(other)) is not None]
-        if stuck:
-            # Too late to cancel: that jet may carry this stone into its bin (how much of the
-            # stone it catches decides).  Its record says so and flags it for a look in that
-            # bin, rather than claim it went where it was decided.
-            into = min(stuck, key=lambda b: self.cfg.geometry.nozzle_drop_mm[b])  # the first jet it meets
-            self.stats.co_deflection_risks[track.stone_id] = into
-            self.metrics.co_deflection_risks.inc()
-            log.warning("%s: a neighbour's jet into %s could not be cancelled and may carry it", track.stone_id, into)
-            return Decision("REJECT", dec.color, dec.clarity, dec.confidence, True,
-                            f"co-deflection risk: a neighbour's jet into {into} could not be cancelled "
-                            f"(was {dec.bin})")
-        if dec.bin not in JET_BINS:
-            return dec
-        probe = plan_pulse(track, dec.bin, self.cfg.geometry, self.cfg.ejection)
-        if self.planner.conflicts(probe):
-            self.stats.conflicts += 1
-            self.metrics.conflicts.inc()
-            return Decision("REJECT", dec.color, dec.clarity, dec.confidence, dec.flagged,
-                            f"neighbour conflict (was {dec.bin})")
-        return dec
-
-    def _cancel_for_conflict(self, sid: str) -> str | None:
-        """Cancel a neighbour's pulse; the valve it will still fire on if it cannot be."""
-        pend = self.pending.get(sid)
-        if pend is None or pend.pulse is None:
-            pulse = self.planner.pulses.get(sid)  # already resolved: fired (or firing) as planned
-            return pulse.valve if pulse is not None else None
-        if self.parts.valves.cancel(pend.pulse):
-            self.planner.pulses.pop(sid, None)
-            pend.row.reason = f"neighbour conflict (was {pend.row.bin})"
-            pend.row.bin = pend.row.route = "REJECT"
-            self.stats.conflicts += 1
-            self.metrics.conflicts.inc()
-            return None
-        log.warning("%s: pulse could not be cancelled; a neighbour will be co-deflected", sid)
-        return pend.pulse.valve
-
     async def _await_outcome(self, sid: str, pulse: Pulse) -> None:
         outcome = await self.parts.valves.outcome(pulse)
         pend = self.pending.pop(sid)
         row = pend.row
         row.valve_status = outcome.status
         row.actual_on_ns, row.actual_off_ns = outcome.actual_on_ns, outcome.actual_off_ns
-        self.metrics.pulses.labels(pulse.valve, outcome.status.split(":")[0]).inc()
+        self.count.pulse_outcome(pulse.valve, outcome.status)
         if outcome.status.startswith("refused"):
             self._deadline_miss(row, outcome.status)
             return
         if outcome.status.startswith("unknown"):
             # The controller may or may not have fired it: the stone is in its bin or in REJECT.
-            self.stats.valve_unknown += 1
+            self.count.valve_unknown()
             row.flagged = 1
             row.reason = f"{row.reason}; valve outcome unknown: in {row.bin} or REJECT".lstrip("; ")
         elif outcome.fired and outcome.actual_off_ns is not None:
@@ -423,8 +329,7 @@ class Pipeline:
             if late_off_ns > self.cfg.ejection.margin_ms * 1e6:
                 # Off edges cannot be refused.  A jet open that much longer than planned may
                 # also catch the stone behind: counted, so a bin's contamination is explained.
-                self.stats.late_off_edges += 1
-                self.metrics.late_off_edges.inc()
+                self.count.late_off_edge()
                 log.warning("%s: valve %s closed %.1f ms late: a stone just behind may have been carried into %s",
                             sid, pulse.valve, late_off_ns / 1e6, pulse.valve)
         self._finish(row)
@@ -433,46 +338,17 @@ class Pipeline:
         row.deadline_miss = 1
         row.valve_status = why
         row.route = "REJECT"
-        self.stats.deadline_misses += 1
-        self.metrics.deadline_misses.inc()
+        self.count.deadline_miss()
         self.planner.pulses.pop(row.stone_id, None)
         log.warning("%s: deadline miss (%s): falls to REJECT", row.stone_id, why)
         self._finish(row)
 
     def _finish(self, row: StoneRow) -> None:
         """The stone's fate is sealed: count it and hand the row to the recorder."""
-        self.stats.decided[row.bin] += 1
-        self.metrics.stones.labels(row.bin).inc()
+        self.count.finished(row.bin)
         self.rows.append(row)
         self.recorder.submit(row)
-        self.metrics.queue_depth.labels("record").set(self.recorder.depth)
-
-    def _count(self, obs: Observation, dec: Decision) -> None:
-        self.stats.objects += 1
-        if obs.cluster:
-            self.stats.clusters += 1
-            self.metrics.clusters.inc()
-        if dec.flagged:
-            self.stats.flagged += 1
-            self.metrics.flagged.inc()
-
-    def _row(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
-             dec: Decision, pulse: Pulse | None) -> StoneRow:
-        pc = [float(v) for v in pred.p_color] if pred is not None else [None] * 3
-        pk = [float(v) for v in pred.p_clarity] if pred is not None else [None] * 3
-        return StoneRow(
-            stone_id=sid, capture_seq=pair.seq, t_trigger_ns=pair.trigger_ns,
-            t_backlit_ns=pair.backlit.t_ns, t_toplit_ns=pair.toplit.t_ns, t_decided_ns=self.clock.now_ns(),
-            x_mm=obs.x_mm, y_mm=obs.y_mm, speed_mm_s=obs.speed_mm_s, size_mm=obs.size_mm,
-            length_mm=obs.length_mm, cluster=int(obs.cluster),
-            p_blue=pc[0], p_light=pc[1], p_inky=pc[2],
-            p_transparent=pk[0], p_translucent=pk[1], p_opaque=pk[2],
-            color=dec.color, clarity=dec.clarity, confidence=dec.confidence, bin=dec.bin,
-            route=dec.bin, reason=dec.reason, flagged=int(dec.flagged), deadline_miss=0,
-            planned_on_ns=pulse.start_ns if pulse else None, planned_off_ns=pulse.end_ns if pulse else None,
-            actual_on_ns=None, actual_off_ns=None, valve_status="no pulse" if pulse is None else "scheduled",
-            model_version=self.model.version, wall_time=wall_time_iso(),
-        )
+        self.count.queue_depth("record", self.recorder.depth)
 
     def _save_images(self, sid: str, pair: FramePair, crop: tuple[np.ndarray, np.ndarray], flagged: bool) -> None:
         """Queue the thumbnail (backlit | toplit crop) and, if flagged, the full frames."""

@@ -16,16 +16,24 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from sorterd.data.files import write_png_atomic
 from sorterd.data.session import PairTimes, SessionWriter
+
+if TYPE_CHECKING:  # the row's sources; only their fields are read here
+    from sorterd.controller.outputs import Pulse
+    from sorterd.parts.camera import FramePair
+    from sorterd.parts.inference.onnxruntime import Prediction
+    from sorterd.sorting.decide import Decision
+    from sorterd.sorting.segment import Observation
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,37 @@ class StoneRow:
     backlit_off_ns: int | None = None
     toplit_on_ns: int | None = None
     toplit_off_ns: int | None = None
+
+
+def stone_row(sid: str, pair: FramePair, obs: Observation, pred: Prediction | None, dec: Decision,
+              pulse: Pulse | None, edges: Mapping[str, int | None], *, t_decided_ns: int,
+              model_version: str, wall_time: str) -> StoneRow:
+    """A decided object's row as it is when its pulse is handed to the valves.
+
+    Pure: the caller passes the instants (`t_decided_ns`, `wall_time`), so the
+    same inputs always give the same row.  An unclassified object (`pred` None:
+    a cluster, a lighting fault...) has no probabilities.  `route` starts as the
+    decided bin and `valve_status` as "scheduled" (or "no pulse"); the pulse's
+    outcome fills in the rest.  `edges` are the lights' actual edges for its
+    frames (`lights.strobe_edges`: `backlit_on_ns`..., None where not reported).
+    """
+    pc = [float(v) for v in pred.p_color] if pred is not None else [None] * 3
+    pk = [float(v) for v in pred.p_clarity] if pred is not None else [None] * 3
+    return StoneRow(
+        stone_id=sid, capture_seq=pair.seq, t_trigger_ns=pair.trigger_ns,
+        t_backlit_ns=pair.backlit.t_ns, t_toplit_ns=pair.toplit.t_ns, t_decided_ns=t_decided_ns,
+        x_mm=obs.x_mm, y_mm=obs.y_mm, speed_mm_s=obs.speed_mm_s, size_mm=obs.size_mm,
+        length_mm=obs.length_mm, cluster=int(obs.cluster),
+        p_blue=pc[0], p_light=pc[1], p_inky=pc[2],
+        p_transparent=pk[0], p_translucent=pk[1], p_opaque=pk[2],
+        color=dec.color, clarity=dec.clarity, confidence=dec.confidence, bin=dec.bin,
+        route=dec.bin, reason=dec.reason, flagged=int(dec.flagged), deadline_miss=0,
+        planned_on_ns=pulse.start_ns if pulse else None, planned_off_ns=pulse.end_ns if pulse else None,
+        actual_on_ns=None, actual_off_ns=None, valve_status="no pulse" if pulse is None else "scheduled",
+        model_version=model_version, wall_time=wall_time,
+        backlit_on_ns=edges.get("backlit_on_ns"), backlit_off_ns=edges.get("backlit_off_ns"),
+        toplit_on_ns=edges.get("toplit_on_ns"), toplit_off_ns=edges.get("toplit_off_ns"),
+    )
 
 
 @dataclass

@@ -19,8 +19,8 @@ from sorterd.config import Config
 from sorterd.domain import BINS
 from sorterd.parts.lights import Lights
 from sorterd.parts.valves import Valves
-from sorterd.sorting.pipeline import LATENCIES, STAGES, RunStats
 from sorterd.sorting.record import StoneRow
+from sorterd.sorting.stats import LATENCIES, STAGES, RunStats
 
 
 def percentiles_ms(samples: Any) -> dict[str, float | None]:
