@@ -347,7 +347,7 @@ def _build_backend(part: str, raw: Any, backends: Mapping[str, type], problems: 
     return build(backends[kind], raw, part, problems)
 
 
-def from_dict(raw: dict[str, Any], backends: Backends, source: Path | None = None) -> Config:
+def from_dict(raw: dict[str, Any], source: Path | None = None, *, backends: Backends) -> Config:
     """A validated Config from TOML tables; `backends` is the registry's options table."""
     problems: list[str] = []
     known = set(PARTS) | set(PLAIN_SECTIONS)
@@ -376,7 +376,7 @@ def _cross_checks(sections: dict[str, Any]) -> list[str]:
     return problems
 
 
-def load(path: str | Path, backends: Backends, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+def load(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None, *, backends: Backends) -> Config:
     """Load and validate a config file; `overrides` are merged section-wise (CLI flags).
 
     Callers use the composition root's `sorterd.cli.compose.load_config`, which passes the registry."""
@@ -390,7 +390,7 @@ def load(path: str | Path, backends: Backends, overrides: dict[str, dict[str, An
         elif isinstance(table, dict):
             table.update(values)
     try:
-        return from_dict(raw, backends, path.resolve())
+        return from_dict(raw, path.resolve(), backends=backends)
     except ConfigError as exc:
         exc.source = str(path)
         raise

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from sorterd import config
-from sorterd.cli.compose import Parts
+from sorterd.cli.compose import Parts, load_config
 from sorterd.clock import Clock, VirtualClock
 from sorterd.controller.outputs import Pulse, PulseOutcome
 from sorterd.metrics import Metrics
@@ -240,7 +240,7 @@ def run_fakes(tmp_path: Path, cfg: config.Config) -> Ran:
 
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Ran, config.Config]:
-    cfg = config.load(config.sim_config_path(), {"metrics": {"enabled": False}})
+    cfg = load_config(config.sim_config_path(), {"metrics": {"enabled": False}})
     return run_fakes(tmp_path_factory.mktemp("batch"), cfg), cfg
 
 

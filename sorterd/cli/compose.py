@@ -61,12 +61,12 @@ def backend_options() -> dict[str, dict[str, type]]:
 
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
     """Load and validate a config file against every backend; `overrides` are CLI flags."""
-    return config.load(path, backend_options(), overrides)
+    return config.load(path, overrides, backends=backend_options())
 
 
 def config_from_dict(raw: dict[str, Any], source: Path | None = None) -> Config:
     """A validated Config from TOML tables already read (tests, generated configs)."""
-    return config.from_dict(raw, backend_options(), source)
+    return config.from_dict(raw, source, backends=backend_options())
 
 
 def config_reference() -> str:
