@@ -132,3 +132,13 @@ def test_target_diameter_is_right_whatever_the_focus(blur_px: float) -> None:
     for d in (40.0, 80.0, 80.5):
         image, reference = _disc_on_backlight(d, blur_px)
         assert calibrate.target_diameter_px(image, reference) == pytest.approx(d, abs=0.1)
+
+
+def test_an_instant_warm_up_shows_no_bar_that_claims_the_time_went_by() -> None:
+    cfg = load_config(config.sim_config_path())
+    out = io.StringIO()
+    checklist = calibrate.Checklist(cfg, SimRig(cfg), out, None)
+    checklist.warm_up(300)
+    (step,) = checklist.results
+    assert (step.status, step.measured) == ("pass", {"seconds": 0})
+    assert "300/300" not in out.getvalue() and "warming up lights [" not in out.getvalue()

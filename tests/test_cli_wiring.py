@@ -51,3 +51,43 @@ def test_argument_types_say_what_is_allowed(parse: Callable[[str], object], text
 
 def test_argument_types_accept_what_they_allow() -> None:
     assert (positive_int("7"), positive_float("2.5"), fault(" scale = 0.1")) == (7, 2.5, ("scale", 0.1))
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import sorterd
+
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sorterd {sorterd.__version__}"
+
+
+def test_help_points_to_the_domain_reference_and_it_exists() -> None:
+    text = build_parser().format_help()
+    assert "docs/domain.md" in text and "docs/config.md" in text
+    assert (REPO / "docs" / "domain.md").is_file()
+
+
+def sorterd_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    # A subprocess: `sorterd run` imports cli/run.py, whose default output stream is bound at import.
+    code = "import sys; from sorterd.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_a_bad_value_from_a_flag_names_the_flag_not_the_config_file() -> None:
+    res = sorterd_cli("run", "--sim", "--rate", "1000", "--metrics-port", "70000")
+    assert res.returncode == 2, res.stderr
+    assert "sim.toml" not in res.stderr and "configuration error in the command line:" in res.stderr
+    assert "  - --rate: sim.rate_per_s = 1000.0 is too large: must be <= 500.0" in res.stderr
+    assert "  - --metrics-port: metrics.port = 70000 is too large" in res.stderr
+
+
+def test_a_bad_value_in_the_file_still_names_the_file(tmp_path: Path) -> None:
+    from sorterd import config
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(config.sim_config_path().read_text() + "\n[pipeline]\nworkers = 0\n")
+    res = sorterd_cli("run", "--config", str(bad), "--rate", "1000")
+    assert res.returncode == 2, res.stderr
+    assert f"configuration error in {bad} and the command line:" in res.stderr
+    assert "  - pipeline.workers = 0" in res.stderr and "  - --rate: sim.rate_per_s = 1000.0" in res.stderr

@@ -15,6 +15,7 @@ import pytest
 from sorterd import config
 from sorterd.cli.compose import load_config
 from sorterd.data.dataset import (
+    MAX_REPORTED,
     Dataset,
     DatasetError,
     StoneLabel,
@@ -186,6 +187,37 @@ def broken(tmp_path: Path, line: str) -> Path:
 def test_bad_label_lines_name_file_and_line(tmp_path: Path, line: str, message: str) -> None:
     with pytest.raises(DatasetError, match=message):
         open_dataset(broken(tmp_path, line))
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    root = broken(tmp_path, '{"stone_id": "a4", "color": "navy", "clarity": "milky", "mixed": "yes"}\n'
+                            '{"stone_id": "a1", "color": "blue", "clarity": "opaque"}\n'
+                            '{"stone_id": "a5", "color": "blue"')
+    (root / "images" / "processed" / "toplit" / "a2.png").unlink()
+    meta = root / "images" / "raw" / "s1" / "session_meta.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text('{"session_id": "s1", "pixels_per_mm": "twenty"}')
+    with pytest.raises(DatasetError) as err:
+        open_dataset(root)
+    problems = err.value.problems
+    expected = [r"labels\.jsonl:5: mixed = 'yes'", r"labels\.jsonl:5: unknown color 'navy'",
+                r"labels\.jsonl:5: unknown clarity 'milky'", r"labels\.jsonl:6: stone_id 'a1' already labelled",
+                r"labels\.jsonl:7: not valid JSON", r"s1/session_meta\.json: pixels_per_mm = 'twenty'",
+                r"labels\.jsonl:3: stone a2: missing image .*toplit/a2\.png"]
+    assert len(problems) == len(expected)
+    for pattern, problem in zip(expected, problems, strict=True):
+        assert re.search(pattern, problem), (pattern, problem)
+    assert str(err.value).startswith(f"{len(expected)} problems:\n  - ")
+
+
+def test_a_long_list_of_problems_is_capped(tmp_path: Path) -> None:
+    n = MAX_REPORTED + 7
+    root = broken(tmp_path, "\n".join(f'{{"stone_id": "b{i}", "color": "navy", "clarity": "opaque"}}' for i in range(n)))
+    with pytest.raises(DatasetError) as err:
+        open_dataset(root)
+    assert len(err.value.problems) == n
+    text = str(err.value)
+    assert text.count("\n  - ") == MAX_REPORTED and text.endswith("\n  ... and 7 more")
 
 
 def test_missing_image_names_the_label_line_and_the_file(tmp_path: Path) -> None:

@@ -44,3 +44,19 @@ def test_unseen_stones_fall_to_reject_and_a_stray_jet_is_misrouting(sim_cfg: Con
     assert stray == [{"sim_id": 7, "stone_id": None, "route": "REJECT", "landed": "CUT", "valve_status": "unseen"}]
     assert s["landed_as_routed_rate"] < 1.0
     assert format_text(s).splitlines()[0].startswith("stones fed 20, seen 0, objects decided 0")
+
+
+def test_the_text_summary_prints_latency_with_one_decimal_and_the_json_keeps_its_precision(sim_cfg: Config) -> None:
+    stats = RunStats()
+    for stage in ("segment", "infer", "decide", "compute", "model_only"):
+        stats.latency_s[stage].extend([0.00061234, 0.00163456])
+    s = summarize(sim_cfg, stats, [], None, "v1", 1.0)
+    assert s["latency_ms"]["segment"]["p50"] == round(s["latency_ms"]["segment"]["p50"], 4) != \
+        round(s["latency_ms"]["segment"]["p50"], 1)
+    line = next(x for x in format_text(s).splitlines() if x.startswith("latency ms"))
+    figures = line.split(": ", 1)[1].split("  ")
+    assert len(figures) == 5
+    for figure in figures:
+        _, value = figure.split(" ")
+        p50, p99 = value.split("/")
+        assert len(p50.split(".")[1]) == 1 and len(p99.split(".")[1]) == 1, line

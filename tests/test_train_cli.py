@@ -62,6 +62,29 @@ def test_unknown_lot_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert code == 2 and "Bad lot 'mars': valid lots are" in err
 
 
+def test_ctrl_c_in_sim_generate_is_one_line_exit_130_and_says_what_was_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from sorterd.data.dataset import open_dataset
+    from sorterd.sim import generate
+
+    real, calls = generate._write_stone, []
+
+    def write_then_ctrl_c(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # as a SIGINT would, between two stones
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(generate, "_write_stone", write_then_ctrl_c)
+    code, _, err = run_cli(["sim", "generate", "--out", str(tmp_path), "--stones", "10", "--lot", "thai-mixed",
+                            "--date", "2026-02-15"], capsys)
+    assert code == 130 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.strip()]
+    assert line.startswith("sorterd sim generate: interrupted: wrote 3 stones S000001..S000003 of ")
+    assert "1 session(s) 2026-02-15_001" in line
+    assert [lab.stone_id for lab in open_dataset(tmp_path).labels] == ["S000001", "S000002", "S000003"]
+
+
 # -- errors before any training ----------------------------------------------------------------------
 
 

@@ -262,6 +262,10 @@ class Checklist:
         if seconds <= 0:
             self.record(StepResult("warm-up", "skip", {}, "skipped (LEDs need 2-3 min to stabilise, §2.4)"))
             return
+        if self.rig.instant_warmup:  # no bar: nothing waits, and a full bar would claim `seconds` went by
+            self.rig.warm_up(seconds, lambda done: None)
+            self.record(StepResult("warm-up", "pass", {"seconds": 0}, "simulated lights are at temperature at once"))
+            return
 
         def tick(done: float) -> None:
             bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
@@ -270,10 +274,7 @@ class Checklist:
 
         self.rig.warm_up(seconds, tick)
         print(file=self.out)
-        if self.rig.instant_warmup:
-            self.record(StepResult("warm-up", "pass", {"seconds": 0}, "simulated lights are at temperature at once"))
-        else:
-            self.record(StepResult("warm-up", "pass", {"seconds": seconds}, f"lights on for {seconds:.0f} s"))
+        self.record(StepResult("warm-up", "pass", {"seconds": seconds}, f"lights on for {seconds:.0f} s"))
 
     def run(self, model: Model, warmup_s: float) -> tuple[Profile, dict[str, np.ndarray]]:
         base = self.rig.baseline()

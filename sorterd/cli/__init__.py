@@ -8,9 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sorterd import __version__
 from sorterd.cli import calibrate, train
 from sorterd.cli.args import fault, positive_float, positive_int
 from sorterd.configfile import ConfigError
+
+EPILOG = """\
+§ numbers in help and messages refer to the domain reference, docs/domain.md (classes, bins and
+costs, thresholds, the calibration checklist, the dataset layout); every config option is in
+docs/config.md (sorterd check-config --reference). Exit codes of `sorterd run`: README.md."""
 
 
 def _backend_types(part: str) -> tuple[str, ...]:
@@ -24,8 +30,10 @@ def _valve_types() -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sorterd", description="Optical sorter for rough sapphire melee.")
+    p = argparse.ArgumentParser(prog="sorterd", description="Optical sorter for rough sapphire melee.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the sorter (real hardware, or the simulated machine)")
@@ -83,15 +91,31 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for part in ("valves", "trigger", "lights"):
         if getattr(args, part) is not None:
             o[part] = {"type": getattr(args, part)}
-    pairs = [("sim", "rate_per_s", args.rate), ("sim", "seed", args.seed), ("sim", "clock", args.clock),
-             ("record", "log_dir", str(args.log_dir.resolve()) if args.log_dir else None),
-             ("record", "batch", args.batch), ("metrics", "port", args.metrics_port)]
-    for section, key, value in pairs:
+    for (section, key), (_, value) in _flag_values(args).items():
         if value is not None:
             o.setdefault(section, {})[key] = value
     if args.sim_fault:
         o.setdefault("sim", {})["faults"] = dict(args.sim_fault)  # checked by the config schema
     return o
+
+
+def _flag_values(args: argparse.Namespace) -> dict[tuple[str, str], tuple[str, Any]]:
+    """(section, key) -> (the CLI flag that sets that option, the value it gave; None: not given)."""
+    log_dir = str(args.log_dir.resolve()) if args.log_dir else None
+    return {("sim", "rate_per_s"): ("--rate", args.rate), ("sim", "seed"): ("--seed", args.seed),
+            ("sim", "clock"): ("--clock", args.clock), ("record", "log_dir"): ("--log-dir", log_dir),
+            ("record", "batch"): ("--batch", args.batch), ("metrics", "port"): ("--metrics-port", args.metrics_port)}
+
+
+def _blame_flags(exc: ConfigError, args: argparse.Namespace) -> ConfigError:
+    """A problem with a value that came from a flag names the flag, not the config file."""
+    given = {f"{s}.{k}": flag for (s, k), (flag, v) in _flag_values(args).items() if v is not None}
+    problems = [f"{given[p.split(' ', 1)[0]]}: {p}" if p.split(" ", 1)[0] in given else p for p in exc.problems]
+    blamed = sum(p != q for p, q in zip(problems, exc.problems, strict=True))
+    if not blamed:
+        return exc
+    source = "the command line" if blamed == len(problems) else f"{exc.source} and the command line"
+    return ConfigError(problems, source)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -110,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(path, _overrides(args))
     except ConfigError as exc:
-        print(exc.report(), file=sys.stderr)
+        print(_blame_flags(exc, args).report(), file=sys.stderr)
         return 2
     if not cfg.simulated and any(v is not None for v in (args.rate, args.seed)):
         print("sorterd: --rate, --seed and --clock only apply to the simulated machine", file=sys.stderr)

@@ -7,7 +7,7 @@ gets a one-line message saying which extra to install.
 
 Exit status: 0 done; 2 bad arguments or data (the message names the file
 and line); 3 a model bundle that cannot be used; 5 an optional dependency
-is missing.
+is missing; 130 `sim generate` stopped by Ctrl-C (what was written is said).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from sorterd.data.files import write_json_atomic
 
 EXTRA_HINT = "install the train extra: pip install -e '.[train]' (or pip install 'sorterd[train]')"
 EXIT_DATA, EXIT_MODEL, EXIT_MISSING = 2, 3, 5
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -179,7 +180,7 @@ def cmd_sim_lots(args: argparse.Namespace) -> int:
 
 def cmd_sim_generate(args: argparse.Namespace) -> int:
     from sorterd import config
-    from sorterd.sim.generate import GenerateOptions, generate
+    from sorterd.sim.generate import GenerateInterrupted, GenerateOptions, generate
     from sorterd.sim.lots import get_lot
 
     def run() -> int:
@@ -195,12 +196,23 @@ def cmd_sim_generate(args: argparse.Namespace) -> int:
                                session_stones=args.session_stones, day=args.date, crop_mm=crop)
         from sorterd.cli.compose import load_config
 
-        res = generate(load_config(config.sim_config_path()), opts, progress=lambda s: print(s, flush=True))
-        print(f"{args.out}: wrote {res.stones} stones {res.first_id}..{res.last_id} of {lot.lot_id} in "
-              f"{len(res.sessions)} session(s) {', '.join(res.sessions)} ({res.seconds:.0f} s)")
+        try:
+            res = generate(load_config(config.sim_config_path()), opts, progress=lambda s: print(s, flush=True))
+        except GenerateInterrupted as stop:
+            print(f"\nsorterd sim generate: interrupted: {_wrote(args.out, stop.result, lot.lot_id)}; "
+                  "the last session is partial, its labels match its crops", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        print(f"{args.out}: {_wrote(args.out, res, lot.lot_id)} ({res.seconds:.0f} s)")
         return 0
 
     return _guarded("sim generate", run, getattr(args, "verbose", False))
+
+
+def _wrote(out: Path, res: Any, lot_id: str) -> str:
+    if not res.stones:
+        return f"wrote no stones into {out}"
+    return (f"wrote {res.stones} stones {res.first_id}..{res.last_id} of {lot_id} in "
+            f"{len(res.sessions)} session(s) {', '.join(res.sessions)}")
 
 
 # -- train --------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ or by a real rig, works the same.  What a label line must hold:
   size; else it is measured from the backlit crop when the session's
   ``pixels_per_mm`` is known).  Other fields are kept and ignored.
 
-Every problem is reported as ``FILE:LINE: what is wrong`` (`DatasetError`),
-before any training starts -- never as a crash deep inside torch.
+Every problem is reported as ``FILE:LINE: what is wrong``, all of them at
+once (`DatasetError`), before any training starts -- never as a crash deep
+inside torch.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,37 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _STRING_FIELDS = ("lot_id", "session_id", "annotator", "timestamp", "notes")
 
 
+MAX_REPORTED = 20  # problems listed in one DatasetError; the rest are counted ("and N more")
+
+
 class DatasetError(ValueError):
-    """A dataset that cannot be used; the message names the file (and line) and the fix."""
+    """A dataset that cannot be used; each problem names the file (and line) and the fix.
+
+    Validation collects every problem it finds (like the config does) and
+    raises once; `problems` holds them all, the message lists the first
+    MAX_REPORTED.
+    """
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(_listing(self.problems))
+
+
+def _listing(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return problems[0]
+    shown = "".join(f"\n  - {p}" for p in problems[:MAX_REPORTED])
+    more = len(problems) - MAX_REPORTED
+    return f"{len(problems)} problems:{shown}" + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+def _collect(problems: list[str], check: Callable[..., Any], *args: Any) -> Any:
+    """check(*args), or None with its DatasetError's problems added to `problems`."""
+    try:
+        return check(*args)
+    except DatasetError as exc:
+        problems.extend(exc.problems)
+        return None
 
 
 @dataclass(frozen=True)
@@ -151,37 +181,48 @@ def open_dataset(root: Path, check_images: bool = True) -> Dataset:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such dataset folder")
-    labels = read_labels(root / LABELS_FILE)
-    ds = Dataset(root, labels, read_sessions(root))
+    labels, problems = _read_labels(root / LABELS_FILE)  # the good lines' images are checked too
+    ds = Dataset(root, labels, _collect(problems, read_sessions, root) or {})
     if check_images:
-        for lab in labels:
-            for mode in LIGHT_MODES:
-                if not ds.image_path(mode, lab.stone_id).is_file():
-                    raise DatasetError(f"{ds.where(lab)}: stone {lab.stone_id}: missing image "
-                                       f"{ds.image_path(mode, lab.stone_id)}")
+        problems += [f"{ds.where(lab)}: stone {lab.stone_id}: missing image {ds.image_path(mode, lab.stone_id)}"
+                     for lab in labels for mode in LIGHT_MODES if not ds.image_path(mode, lab.stone_id).is_file()]
+    if problems:
+        raise DatasetError(problems)
     return ds
 
 
 def read_labels(path: Path) -> list[StoneLabel]:
-    """Every line of a labels.jsonl, validated; blank lines are skipped."""
+    """Every line of a labels.jsonl, validated (all problems at once); blank lines are skipped."""
+    labels, problems = _read_labels(path)
+    if problems:
+        raise DatasetError(problems)
+    return labels
+
+
+def _read_labels(path: Path) -> tuple[list[StoneLabel], list[str]]:
+    """The good lines of a labels.jsonl, and the problems of the others."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DatasetError(f"{path}: missing (a dataset needs its labels.jsonl, §3.4)") from None
+        return [], [f"{path}: missing (a dataset needs its labels.jsonl, §3.4)"]
     except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot be read ({exc})") from None
+        return [], [f"{path}: cannot be read ({exc})"]
     labels: list[StoneLabel] = []
+    problems: list[str] = []
     first_line: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        lab = parse_label(line, f"{path}:{lineno}", lineno)
+        lab = _collect(problems, parse_label, line, f"{path}:{lineno}", lineno)
+        if lab is None:
+            continue
         if lab.stone_id in first_line:
-            raise DatasetError(f"{path}:{lineno}: stone_id {lab.stone_id!r} already labelled on line "
-                               f"{first_line[lab.stone_id]}; keep one line per stone")
+            problems.append(f"{path}:{lineno}: stone_id {lab.stone_id!r} already labelled on line "
+                            f"{first_line[lab.stone_id]}; keep one line per stone")
+            continue
         first_line[lab.stone_id] = lineno
         labels.append(lab)
-    return labels
+    return labels, problems
 
 
 def parse_label(line: str, where: str, lineno: int = 0) -> StoneLabel:
@@ -193,21 +234,25 @@ def parse_label(line: str, where: str, lineno: int = 0) -> StoneLabel:
     if not isinstance(rec, dict):
         raise DatasetError(f"{where}: must be a JSON object {{\"stone_id\": ..., \"color\": ..., "
                            f"\"clarity\": ...}}, got {type(rec).__name__}")
-    stone_id = _stone_id(rec, where)
-    flags = _flags(rec, where)
-    color = _class_field(rec, "color", COLORS, where)
-    clarity = _class_field(rec, "clarity", CLARITIES, where)
+    problems: list[str] = []  # every field's problem on this line, not only the first
+    stone_id = _collect(problems, _stone_id, rec, where)
+    flags = _collect(problems, _flags, rec, where)
+    color = _collect(problems, _class_field, rec, "color", COLORS, where)
+    clarity = _collect(problems, _class_field, rec, "clarity", CLARITIES, where)
+    strings = {k: _collect(problems, _string_field, rec, k, where) for k in _STRING_FIELDS}
+    size_mm = _collect(problems, _size_field, rec, where)
+    if problems:
+        raise DatasetError(problems)
     if (color is None) != (clarity is None):
         raise DatasetError(f"{where}: color {color!r} with clarity {clarity!r}: give both, or both null "
                            "(a skipped or reject stone)")
     if color is not None and "reject" in flags:
         raise DatasetError(f"{where}: a reject (non-gem) stone has no colour/clarity; set them to null")
-    strings = {k: _string_field(rec, k, where) for k in _STRING_FIELDS}
     known = {"stone_id", "color", "clarity", "size_mm", *FLAGS, *_STRING_FIELDS}
     return StoneLabel(
         stone_id=stone_id, color=color, clarity=clarity, lot_id=strings["lot_id"] or UNKNOWN_LOT,
         session_id=strings["session_id"], flags=flags, notes=strings["notes"],
-        size_mm=_size_field(rec, where), line=lineno,
+        size_mm=size_mm, line=lineno,
         extra={k: v for k, v in rec.items() if k not in known},
     )
 
@@ -266,11 +311,17 @@ def read_sessions(root: Path) -> dict[str, SessionInfo]:
     """session_id -> SessionInfo for every images/raw/*/session_meta.json (none is fine)."""
     raw = root / "images" / "raw"
     out: dict[str, SessionInfo] = {}
+    problems: list[str] = []
     for path in sorted(raw.glob("*/session_meta.json")) if raw.is_dir() else []:
-        info = _session_info(path)
+        info = _collect(problems, _session_info, path)
+        if info is None:
+            continue
         if info.session_id in out:
-            raise DatasetError(f"{path}: session_id {info.session_id!r} is also used by {out[info.session_id].path}")
+            problems.append(f"{path}: session_id {info.session_id!r} is also used by {out[info.session_id].path}")
+            continue
         out[info.session_id] = info
+    if problems:
+        raise DatasetError(problems)
     return out
 
 

@@ -89,6 +89,15 @@ class GenerateResult:
     seconds: float = 0.0
 
 
+class GenerateInterrupted(KeyboardInterrupt):
+    """Ctrl-C while generating: `result` says what was written (every counted stone has its
+    crops and its label line; a crop without a label may be left for the stone in hand)."""
+
+    def __init__(self, result: GenerateResult) -> None:
+        super().__init__(f"interrupted after {result.stones} stones")
+        self.result = result
+
+
 @dataclass
 class _Writer:
     """Where the next stone goes; owned by the generating thread."""
@@ -96,6 +105,14 @@ class _Writer:
     out: Path
     next_number: int
     labels: Any  # the open labels.jsonl (append)
+    result: GenerateResult  # what is written so far (updated per stone, read when interrupted)
+
+    def wrote(self, sid: str) -> None:
+        """A stone's crops and label line are written."""
+        self.next_number += 1
+        self.result.stones += 1
+        self.result.first_id = self.result.first_id or sid
+        self.result.last_id = sid
 
 
 def generate(cfg: config.Config, opts: GenerateOptions, progress: Progress | None = None) -> GenerateResult:
@@ -104,26 +121,32 @@ def generate(cfg: config.Config, opts: GenerateOptions, progress: Progress | Non
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
     result = GenerateResult()
+    try:
+        _generate(cfg, opts, progress, result)
+    except KeyboardInterrupt:
+        # The labels file is closed (flushed) on the way out: what `result` counts is on disk.
+        result.seconds = time.perf_counter() - started
+        raise GenerateInterrupted(result) from None
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _generate(cfg: config.Config, opts: GenerateOptions, progress: Progress | None, result: GenerateResult) -> None:
+    out = opts.out
     # One writer at a time per dataset: stone numbers must stay unique.
     with open(out / ".generate.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _check_crop_mm(out, opts.crop_mm)
         with open(out / LABELS_FILE, "a", encoding="utf-8") as labels:
-            writer = _Writer(out, _next_stone_number(out), labels)
+            writer = _Writer(out, _next_stone_number(out), labels, result)
             remaining, index = opts.stones, 0
             while remaining > 0:
                 n = min(remaining, opts.session_stones)
-                written, sid, first = _session(cfg, opts, writer, index, n, progress)
+                written, sid = _session(cfg, opts, writer, index, n, progress)
                 if written == 0:  # every stone touched another: the feeder settings are wrong
                     raise RuntimeError(f"session {sid}: no single stone was captured")
-                result.sessions.append(sid)
-                result.first_id = result.first_id or first
-                result.stones += written
                 remaining -= written
                 index += 1
-    result.last_id = _stone_id(writer.next_number - 1) if result.stones else ""
-    result.seconds = time.perf_counter() - started
-    return result
 
 
 def _check_crop_mm(out: Path, crop_mm: float) -> None:
@@ -162,8 +185,8 @@ def _stone_id(number: int) -> str:
 
 
 def _session(cfg: config.Config, opts: GenerateOptions, writer: _Writer, index: int, n: int,
-             progress: Progress | None) -> tuple[int, str, str]:
-    """Capture n labelled stones in a new session; (written, session_id, first stone id)."""
+             progress: Progress | None) -> tuple[int, str]:
+    """Capture n labelled stones in a new session; (written, session_id)."""
     seed = [opts.seed, zlib.crc32(opts.lot.lot_id.encode()), index]
     rng = np.random.default_rng(seed)
     drift = opts.lot.session_drift(rng)
@@ -177,10 +200,11 @@ def _session(cfg: config.Config, opts: GenerateOptions, writer: _Writer, index: 
     refs = {m: machine.render_reference(m) for m in LIGHT_MODES}
     meta = _session_meta(cfg, opts, session_id, start, drift, refs["backlit"])
     session = SessionWriter(writer.out, meta)
+    writer.result.sessions.append(session_id)
     _write_meta(writer.out, session, meta, opts, drift)
     for mode, image in refs.items():
         session.write_reference(mode, image)
-    written, first = 0, ""
+    written = 0
     for cap in _captures(machine, cfg, refs):
         pair_id = _stone_id(writer.next_number)
         session.write_pair(pair_id, cap.backlit, cap.toplit, cap.times)
@@ -188,16 +212,15 @@ def _session(cfg: config.Config, opts: GenerateOptions, writer: _Writer, index: 
             if written == n:
                 break
             sid = _stone_id(writer.next_number)
-            first = first or sid
             _write_stone(writer, opts, cfg, cap, obs, stone, sid, pair_id, session_id, start)
-            writer.next_number += 1
+            writer.wrote(sid)
             written += 1
         if progress is not None and (written % 100 == 0 or written == n):
             progress(f"session {session_id} ({opts.lot.lot_id}): {written}/{n} stones")
         if written == n:
             break
     writer.labels.flush()
-    return written, session_id, first
+    return written, session_id
 
 
 def _session_meta(cfg: config.Config, opts: GenerateOptions, session_id: str, start: datetime,

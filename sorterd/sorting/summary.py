@@ -178,9 +178,14 @@ def format_text(s: dict[str, Any]) -> str:
                      f"reconnects {s['reconnects']}")
     lat = s["latency_ms"]
     lines.append("latency ms p50/p99: " + "  ".join(
-        f"{k} {lat[k]['p50']}/{lat[k]['p99']}" for k in STAGES))
+        f"{k} {_ms(lat[k]['p50'])}/{_ms(lat[k]['p99'])}" for k in STAGES))
     lines.append(f"model {s['model']['version']}   wall time {s['wall_s']} s")
     return "\n".join(lines)
+
+
+def _ms(v: float | None) -> str:
+    """A latency in the text summary: one decimal (the JSON keeps four)."""
+    return "-" if v is None else f"{v:.1f}"
 
 
 def _pct(v: float | None) -> str:
