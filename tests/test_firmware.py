@@ -27,6 +27,8 @@ from sorterd.sim.firmware import (
     firmware_source,
 )
 
+pytestmark = pytest.mark.host_build  # skipped, with the reason, without make and a C compiler
+
 FREQ = 12_000_000.0
 MS = FREQ / 1000  # ticks per ms (nominal)
 
@@ -69,6 +71,7 @@ def edges(fw: HostFirmware, pin: int | None = None, at_least: int = 0) -> list[T
         time.sleep(0.005)
 
 
+@pytest.mark.host_build(rebuild=True)  # runs make itself: a cached binary is not enough
 def test_core_unit_tests_pass_and_build_warning_free(tmp_path: Path) -> None:
     """C99 with -Wall -Wextra -Werror -pedantic -Wconversion; the core's own tests run."""
     res = subprocess.run(["make", "-s", "-C", str(firmware_source() / "host"), f"O={tmp_path}", "test"],

@@ -187,6 +187,7 @@ def test_pairs_whose_strobe_failed_take_the_safe_route(tmp_path: Path, monkeypat
 
 
 @pytest.mark.slow
+@pytest.mark.host_build
 def test_strobes_on_the_controller_firmware(tmp_path: Path) -> None:
     """`--valves mcu --lights mcu`: strobes are pulses on the firmware's spare outputs."""
     pytest.importorskip("serial")

@@ -29,7 +29,7 @@ from sorterd.cli.run import RunOptions, run
 from sorterd.sim import firmware as simfw
 from sorterd.sim.firmware import TRACE_EDGE, TRACE_SESSION, TRACE_WATCHDOG, HostFirmware
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.host_build]
 
 pytest.importorskip("serial", reason="the mcu backend talks through pyserial (pip install pyserial)")
 

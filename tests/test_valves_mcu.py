@@ -19,6 +19,8 @@ from sorterd.controller.outputs import Pulse, PulseOutcome
 from sorterd.parts.valves.mcu import McuValvesConfig
 from sorterd.sim.firmware import TRACE_EDGE, TRACE_WATCHDOG, HostFirmware, TraceRecord
 
+pytestmark = pytest.mark.host_build
+
 CFG = McuValvesConfig(port="unused", reconnect_ms=50.0)
 
 pytest.importorskip("serial", reason="the mcu backend talks through pyserial (pip install pyserial)")

@@ -6,17 +6,21 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sorterd import __version__
 from sorterd.cli import calibrate, train
 from sorterd.cli.args import fault, positive_float, positive_int
+from sorterd.cli.paths import Output, OutputPathError, check_outputs
 from sorterd.configfile import ConfigError
 
 EPILOG = """\
 § numbers in help and messages refer to the domain reference, docs/domain.md (classes, bins and
 costs, thresholds, the calibration checklist, the dataset layout); every config option is in
 docs/config.md (sorterd check-config --reference). Exit codes of `sorterd run`: README.md."""
+if TYPE_CHECKING:
+    from sorterd.config import Config
+    from sorterd.data.bundle import Manifest
 
 
 def _backend_types(part: str) -> tuple[str, ...]:
@@ -118,6 +122,14 @@ def _blame_flags(exc: ConfigError, args: argparse.Namespace) -> ConfigError:
     return ConfigError(problems, source)
 
 
+def _run_outputs(args: argparse.Namespace, cfg: Config) -> list[Output]:
+    """Every path `sorterd run` will write, labelled as the user named it."""
+    outs = [Output("--log-dir" if args.log_dir else "record.log_dir", Path(cfg.record.log_dir), "dir")]
+    given = (("--json", args.json_path, "file"), ("--record", args.record, "dir"),
+             ("--decisions", args.decisions, "file"))
+    return outs + [Output(label, path, kind) for label, path, kind in given if path is not None]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from sorterd import config
     from sorterd.calibration.checklist import CalibrationRefused
@@ -143,6 +155,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         parts = cfg.real_time_parts
         print(f"sorterd: note: {', '.join(parts)} {'is' if len(parts) == 1 else 'are'} real time: the simulated "
               "machine runs on the wall clock (sim.clock = 'virtual' is ignored)", file=sys.stderr)
+    try:  # before the model loads or the machine calibrates: a bad path must not cost a batch
+        check_outputs(_run_outputs(args, cfg))
+    except OutputPathError as exc:
+        print(exc.report("run"), file=sys.stderr)
+        return 2
     try:
         run(cfg, RunOptions(stones=args.stones, json_path=args.json_path, progress=not args.no_progress,
                             record_dir=args.record, decisions_path=args.decisions, uncalibrated=args.uncalibrated))
@@ -166,6 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from sorterd.cli.compose import config_reference, load_config
+    from sorterd.data.bundle import ModelError
 
     if args.reference:
         print(config_reference())
@@ -178,9 +196,37 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         return 2
+    try:
+        model = check_model(cfg)
+    except ModelError as exc:
+        print(f"sorterd check-config: {args.file}: inference.model = {cfg.inference.model!r}: model error: {exc}",
+              file=sys.stderr)
+        return 3
     kinds = ", ".join(f"{p}={getattr(cfg, p).type}" for p in ("camera", "lights", "trigger", "valves", "inference"))
+    kinds += f"; model {model.version} at {model_dir(cfg)}"
     print(f"{args.file}: OK ({kinds})")
     return 0
+
+
+def model_dir(cfg: Config) -> Path:
+    """The bundle directory inference.model names (relative to the config file)."""
+    from sorterd.data.bundle import resolve_bundle
+
+    return resolve_bundle(cfg.inference.model, cfg.source.parent if cfg.source else None)
+
+
+def check_model(cfg: Config) -> Manifest:
+    """The bundle resolves, its manifest reads and model.onnx is there; the Manifest.  Not the full load
+    (no sha256, no onnxruntime): `sorterd run` does that."""
+    from sorterd.data.bundle import ModelError, read_manifest
+
+    bundle = model_dir(cfg)
+    if not bundle.is_dir():
+        raise ModelError(f"{bundle}: no such directory (a bundle holds manifest.json and model.onnx)")
+    manifest = read_manifest(bundle)
+    if not (bundle / "model.onnx").is_file():
+        raise ModelError(f"{bundle}: no model.onnx")
+    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sorterd.cli.args import fault
+from sorterd.cli.paths import Output, OutputPathError, check_outputs
 from sorterd.configfile import ConfigError
 
 DESCRIPTION = """\
@@ -17,7 +18,8 @@ calibration target (calibration.target_diameter_mm), the reference stone kit (ca
 the valve test stones, and asks where each test stone landed. With --yes those steps cannot be done
 and are recorded as 'skip' (they need an operator): a skipped required step is not a pass, so the
 profile does not pass. Exit status: 0 passed, 1 not passed (or the machine failed during the
-session), 2 bad config or kit file, 3 model error."""
+session), 2 bad config or kit file, or an output (calibration.dir, --json) that cannot be written, 3 model
+error."""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -59,6 +61,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if cfg.camera.type == "replay":
         print("sorterd calibrate: camera.type = 'replay': a replayed session is not calibrated, it brings its own "
               "references and scale", file=sys.stderr)
+        return 2
+    try:  # before the model loads or a light warms up: a profile that cannot be saved is a wasted session
+        check_outputs([Output("calibration.dir", Path(cfg.calibration.dir), "dir")]
+                      + ([Output("--json", args.json_path, "file")] if args.json_path else []))
+    except OutputPathError as exc:
+        print(exc.report("calibrate"), file=sys.stderr)
         return 2
     try:
         model = OnnxModel(resolve_bundle(cfg.inference.model, cfg.source.parent if cfg.source else None))

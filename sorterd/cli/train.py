@@ -88,12 +88,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "train", help="train a model bundle on a §7.1 dataset (needs the train extra: torch)",
         description="De-duplicate (§3.5), split with whole lots held out for test (§7.3-7.4, snapshot in "
                     "DIR/splits/<version>/), train the dual-head MobileNetV3-Small (§9.4), calibrate, export "
-                    "the bundle, evaluate it on the test split and append to the model log (§5.5).")
+                    "the bundle, evaluate it on the test split and append to the model log (§5.5). "
+                    "Folder, version and log agree: name the --out folder after the version (models/v003 makes "
+                    "v003; v3 is v003) or give --version for a folder with another name (default: the next "
+                    "version after the model log); a --version that contradicts the folder's name, or a version "
+                    "the model log already gives another bundle, is refused. The model log is model_log.jsonl "
+                    "beside the bundle (--log elsewhere, --no-log none).")
     t.add_argument("--data", type=Path, required=True, metavar="DIR", help="dataset folder (§7.1)")
-    t.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="bundle folder to write")
+    t.add_argument("--out", type=Path, required=True, metavar="BUNDLE",
+                   help="bundle folder to write; a name like v003 is the model's version")
     t.add_argument("--from", dest="from_bundle", type=Path, metavar="BUNDLE",
                    help="fine-tune this bundle (§5.4; keeps its mean/std, width and test lots)")
-    t.add_argument("--version", metavar="vNNN", help="model version (default: next after the model log)")
+    t.add_argument("--version", metavar="vNNN", help="model version, for an --out folder not named like one (default: the folder's "
+                   "name if it is vNNN, else the next after the model log)")
     t.add_argument("--splits", metavar="vNNN", help="reuse DIR/splits/<vNNN> instead of making new splits")
     t.add_argument("--test-lots", type=_lots, metavar="LOT[,LOT]", help="hold out these lots for test "
                    "(default: chosen automatically, whole lots)")

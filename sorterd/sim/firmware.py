@@ -77,19 +77,44 @@ def _source_hash(src: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _cached_binary(src: Path) -> Path:
+    return _cache_dir() / _source_hash(src) / "vc-host"
+
+
+def missing_build_tools() -> list[str]:
+    """The tools a build needs (`make`, $CC or `cc`) that are not on PATH."""
+    cc = os.environ.get("CC") or "cc"
+    return [tool for tool in ("make", cc) if shutil.which(tool) is None]
+
+
+def _missing_tools_message(missing: list[str]) -> str:
+    return (f"building the valve-controller firmware's host build needs {' and '.join(missing)}, not found on "
+            "PATH (Debian/Ubuntu: apt install build-essential)")
+
+
+def host_build_unavailable(rebuild: bool = False) -> str | None:
+    """Why the host build cannot be had on this machine, or None when it can (already built,
+    or the tools are there).  rebuild: the caller runs `make` itself, so a cached binary is not enough."""
+    try:
+        src = firmware_source()
+    except FirmwareError as exc:
+        return str(exc)
+    if not rebuild and _cached_binary(src).is_file():
+        return None
+    missing = missing_build_tools()
+    return _missing_tools_message(missing) if missing else None
+
+
 def firmware_binary() -> Path:
     """The host build's binary, built on first use (cached by source hash)."""
     src = firmware_source()
-    out = _cache_dir() / _source_hash(src)
-    binary = out / "vc-host"
+    binary = _cached_binary(src)
+    out = binary.parent
     if binary.is_file():
         return binary
-    cc = os.environ.get("CC") or "cc"
-    missing = [tool for tool in ("make", cc) if shutil.which(tool) is None]
+    missing = missing_build_tools()
     if missing:
-        raise FirmwareError(
-            f"building the valve-controller firmware's host build needs {' and '.join(missing)} "
-            "(Debian/Ubuntu: apt install build-essential)")
+        raise FirmwareError(_missing_tools_message(missing))
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test runs build once

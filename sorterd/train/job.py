@@ -134,9 +134,10 @@ class FitOutcome:
 def fit(opts: FitOptions, say: Say = print, on_step: StepHook | None = None) -> FitOutcome:
     started = time.perf_counter()
     _check_out(opts)
+    asked = asked_version(opts)  # before any data is read: a contradiction costs nothing
     ds = open_dataset(opts.data)
     previous = _previous_bundle(opts.from_bundle)
-    version = opts.version or next_version(opts, ds, previous)
+    version = asked or next_version(opts, ds, previous)
     crop_mm = _crop_mm(ds, opts, previous)
     splits = _splits(ds, opts, version, previous, say)
     try:
@@ -302,6 +303,64 @@ def _crop_mm(ds: Dataset, opts: FitOptions, previous: _Previous | None) -> float
         raise DatasetError(f"{opts.data}: crops of {crop} mm, but {previous.path} was trained on "
                            f"{previous.crop_mm} mm crops; fine-tuning needs the same crop")
     return crop
+
+
+def asked_version(opts: FitOptions) -> str | None:
+    """The version --version gives or the --out folder's name states (v2 -> v002), or None: then the next one.
+
+    Folder, version and log agree: a folder named like a version gets that version, a
+    --version that contradicts it is refused, and so is a version the model log already
+    gives another bundle (one version, one model).
+    """
+    named = _VERSION.match(opts.out.name)
+    if opts.version and named and not _same_version(opts.version, opts.out.name):
+        raise DatasetError(f"--out {opts.out} names version {_canonical(int(named.group(1)))} but --version is "
+                           f"{opts.version}: the bundle's folder and its version must agree; drop --version, or "
+                           f"write to {opts.out.parent / opts.version}")
+    version = opts.version or (_canonical(int(named.group(1))) if named else None)
+    if version is not None and opts.write_log:
+        _check_unlogged(opts, version)
+    return version
+
+
+def _canonical(number: int) -> str:
+    return f"v{number:03d}"
+
+
+def _same_version(a: str, b: str) -> bool:
+    """v2 and v002 are one version; names that are not vN compare as written."""
+    ma, mb = _VERSION.match(a), _VERSION.match(b)
+    return int(ma.group(1)) == int(mb.group(1)) if ma and mb else a == b
+
+
+def _check_unlogged(opts: FitOptions, version: str) -> None:
+    """Refuse a version the model log already records for another bundle."""
+    path = log_path(opts)
+    for entry in _log_entries(path):
+        if not _same_version(str(entry.get("version", "")), version):
+            continue
+        bundle = str(entry.get("bundle", ""))
+        if bundle and (bundle == str(opts.out) or Path(bundle).resolve() == opts.out.resolve()):
+            continue  # the same bundle made again (--force)
+        latest = max(_version_number(str(e.get("version", ""))) for e in _log_entries(path))
+        raise DatasetError(f"{path}: already records {version} (bundle {bundle or '?'}): a version names one "
+                           f"model; write to {opts.out.parent / _canonical(latest + 1)} (the next free version), "
+                           "or keep this model's log elsewhere with --log")
+
+
+def _log_entries(path: Path) -> list[dict[str, Any]]:
+    """The model log's entries (lines that are not JSON objects are skipped)."""
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 def next_version(opts: FitOptions, ds: Dataset, previous: _Previous | None) -> str:

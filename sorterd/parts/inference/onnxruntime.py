@@ -11,11 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from sorterd.configfile import opt
-from sorterd.data.bundle import ModelError, read_manifest, sha256_file, softmax
+from sorterd.data.bundle import Manifest, ModelError, read_manifest, sha256_file, softmax
 from sorterd.parts.inference import InferenceOptions
 from sorterd.parts.registry import Backend
 
@@ -49,7 +50,8 @@ class OnnxModel:
         opts.inter_op_num_threads = 1
         available = set(ort.get_available_providers())
         chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=chosen)
+        self.session = _open_session(ort, onnx_path, opts, chosen)
+        _check_names(self.session, self.manifest, onnx_path)
         m = self.manifest
         self._outputs = [m.color_output, m.clarity_output]
         # Fold scale, mean and std into one multiply-add per channel.
@@ -103,6 +105,40 @@ class OnnxModel:
         t = self.manifest.temperature
         pc, pk = softmax(color, t["color"]), softmax(clarity, t["clarity"])
         return [Prediction(pc[i], pk[i]) for i in range(len(pc))], model_s
+
+
+def _load_errors(ort: Any) -> tuple[type[BaseException], ...]:
+    """What onnxruntime raises for a file it cannot load: its own exception types (each a
+    plain Exception subclass, not RuntimeError), looked up by name so that a version
+    lacking one still works; plus RuntimeError/ValueError from its Python wrapper."""
+    state = ort.capi.onnxruntime_pybind11_state
+    names = ("InvalidProtobuf", "InvalidGraph", "Fail", "RuntimeException", "NoSuchFile", "NoModel",
+             "InvalidArgument", "NotImplemented")
+    found = tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type))
+    return (*found, RuntimeError, ValueError)
+
+
+def _open_session(ort: Any, onnx_path: Path, opts: Any, providers: list[str]) -> Any:
+    """An InferenceSession, or a one-line ModelError naming the file and what onnxruntime said."""
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+    except _load_errors(ort) as exc:
+        said = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ModelError(f"{onnx_path}: onnxruntime cannot load it ({type(exc).__name__}: {said}); "
+                         "the file is damaged or not an ONNX model -- copy the bundle again") from None
+
+
+def _check_names(session: Any, manifest: Manifest, onnx_path: Path) -> None:
+    """The manifest's input and head names must be the graph's, or the first stone would fail in a worker."""
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if manifest.input_name not in inputs:
+        raise ModelError(f"{onnx_path}: has no input {manifest.input_name!r} (the manifest's input.name); "
+                         f"its inputs are {inputs}")
+    missing = [n for n in (manifest.color_output, manifest.clarity_output) if n not in outputs]
+    if missing:
+        raise ModelError(f"{onnx_path}: has no output {', '.join(map(repr, missing))} (the manifest's outputs); "
+                         f"its outputs are {outputs}")
 
 
 @dataclass(frozen=True)
