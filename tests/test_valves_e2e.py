@@ -9,9 +9,11 @@ firmware's watchdog must close every valve), and the pty pulled mid-run.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -26,8 +28,9 @@ from sorterd import config
 from sorterd.cli import main
 from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
+from sorterd.controller import proto as P
 from sorterd.sim import firmware as simfw
-from sorterd.sim.firmware import TRACE_EDGE, TRACE_SESSION, TRACE_WATCHDOG, HostFirmware
+from sorterd.sim.firmware import TRACE_EDGE, TRACE_SESSION, TRACE_WATCHDOG, BlockingClient, HostFirmware, TraceRecord
 
 pytestmark = [pytest.mark.slow, pytest.mark.host_build]
 
@@ -60,6 +63,7 @@ def test_cli_run_sim_with_the_firmware(tmp_path: Path) -> None:
         assert {"p50", "p99"} <= set(s[key]) and s[key]["n"] > 0
     assert s["sync_error_us"]["p99"] < 200  # tens of us on this pty; a real board's USB: similar
     assert s["reconnects"] == 0
+    assert _vc_host_children(os.getpid()) == [], "the firmware's process was not reaped"
     # At most one trip, at shutdown: app.py closes the metrics server (which blocks
     # the loop ~0.5 s) before the valves, so the controller hears nothing for longer
     # than silence_ms and switches off on its own.  Harmless, and counted.
@@ -125,50 +129,156 @@ def test_sigkill_of_the_daemon_closes_every_valve_within_the_silence_window(tmp_
     assert set(last.values()) <= {0}
 
 
-def test_the_firmware_child_does_not_outlive_a_killed_daemon_for_long(tmp_path: Path) -> None:
+def test_the_killed_daemons_firmware_turns_everything_off_exits_and_is_reaped(tmp_path: Path) -> None:
+    """The daemon starts the firmware itself and is SIGKILLed: the orphan waits for its watchdog,
+    checks its pins, exits, and its new parent reaps it (here the test, a subreaper; on a machine,
+    systemd).  Its status says whether every output was off."""
+    with _subreaper():
+        for k in range(3):
+            _kill_a_daemon_and_reap_its_firmware(tmp_path / str(k))
+
+
+def _kill_a_daemon_and_reap_its_firmware(tmp_path: Path) -> None:
+    tmp_path.mkdir()
     cmd = [sys.executable, "-m", "sorterd", "run", "--sim", "--valves", "mcu", "--stones", "3000", "--rate", "50",
            "--log-dir", str(tmp_path), "--no-progress", "--metrics-port", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "stderr", "wb") as err:  # the firmware inherits it
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     child = None
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and child is None:
-            child = _vc_host_child(proc.pid)
+            [child] = _vc_host_children(proc.pid) or [None]
             time.sleep(0.1)
         assert child is not None, "no firmware process started"
-        time.sleep(1.0)
+        time.sleep(1.5)  # armed, pulses flowing
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        gone = time.monotonic() + 3.0
-        while time.monotonic() < gone and Path(f"/proc/{child}").exists() and not _zombie(child):
-            time.sleep(0.05)
-        assert not Path(f"/proc/{child}").exists() or _zombie(child), "the firmware process was left behind"
+        status = _reap(child, timeout_s=5.0)
     finally:
         if proc.poll() is None:
             proc.kill()
-        if child is not None and Path(f"/proc/{child}").exists() and not _zombie(child):
-            os.kill(child, signal.SIGKILL)
+            proc.wait()
+    assert status == 0, (tmp_path / "stderr").read_text()[-2000:]
+    assert "every output off" in (tmp_path / "stderr").read_text()
 
 
-def _vc_host_child(pid: int) -> int | None:
+def test_many_host_deaths_and_every_output_is_off_after_each_trip() -> None:
+    """30 hosts, each SIGKILLed while it keeps every output busy: after each, the watchdog trips
+    once, no edge turns anything on after it, every pin's last edge is off, and the pins read back
+    right after the trip (the watchdog record's level) are all inactive."""
+    fw = HostFirmware(freq_hz=12e6, drift_ppm=25.0, offset=10**11).start()
+    on_at_trip = 0
+    try:
+        for k in range(30):
+            records = _one_host_death(fw, seed=k)
+            trips = [r for r in records if r.kind == TRACE_WATCHDOG]
+            assert len(trips) == 1, f"kill {k}: {len(trips)} watchdog trips"
+            [trip] = trips
+            assert trip.level == 0, f"kill {k}: {trip.level} output(s) on after the trip"
+            edges = [r for r in records if r.kind == TRACE_EDGE]
+            assert not [r for r in edges if r.level == 1 and r.actual > trip.target], f"kill {k}: on after the window"
+            last = {r.pin: r.level for r in edges}
+            assert set(last) == set(_PINS) and set(last.values()) == {0}, f"kill {k}: {last}"
+            on_at_trip += any(r.level == 0 and r.actual >= trip.target for r in edges)
+    finally:
+        fw.stop()
+        fw.cleanup()
+    assert on_at_trip >= 20  # the trips did cut open valves: the case in question was exercised
+
+
+_PINS = (2, 3, 4)
+
+
+def _one_host_death(fw: HostFirmware, seed: int) -> list[TraceRecord]:
+    """A host (a forked child) arms the firmware and keeps its outputs busy, then is SIGKILLed."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the host; never returns
+        os.close(r)
+        try:
+            _busy_host(fw.port, seed, w)
+        finally:
+            os._exit(1)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as armed:
+            assert armed.read(1) == b"A", "the host never armed the firmware"
+        time.sleep(random.Random(seed).uniform(0.2, 0.6))
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    records: list[TraceRecord] = []
+    gone = time.monotonic() + 1.0  # the trip is due 200 ms after the last frame
+    while time.monotonic() < gone:
+        records += fw.read_records()
+        time.sleep(0.05)
+    return records
+
+
+def _busy_host(port: str, seed: int, armed_fd: int) -> None:
+    c = BlockingClient(port)
+    rng = random.Random(seed)
+    f = c.connect().freq_hz
+    for i, pin in enumerate(_PINS):
+        c.request(P.ConfigOutput(i, pin, 0, int(0.5 * f)), P.Configured)
+    clock0, t0 = c.request(P.GetClock(1), P.Clock).clock, time.monotonic_ns()
+    c.request(P.Arm(int(0.2 * f), int(0.005 * f)), P.Armed)
+    os.write(armed_fd, b"A")
+    pulse_id, free_at = 1, [clock0] * len(_PINS)
+    while True:
+        now = clock0 + int((time.monotonic_ns() - t0) * f / 1e9)
+        for o in range(len(_PINS)):
+            if free_at[o] < now + int(0.3 * f):  # every output busy 300 ms ahead
+                start, dur = max(free_at[o], now + int(0.02 * f)), int(rng.uniform(0.02, 0.15) * f)
+                c.send(P.Schedule(pulse_id, o, start, dur))
+                pulse_id, free_at[o] = pulse_id + 1, start + dur + int(0.002 * f)
+        c.pump(0.005)
+        c.inbox.clear()
+
+
+class _subreaper:
+    """Orphaned descendants are re-parented to this process while inside (Linux)."""
+
+    def __enter__(self) -> None:
+        self._prctl(1)
+
+    def __exit__(self, *exc: object) -> None:
+        self._prctl(0)
+
+    @staticmethod
+    def _prctl(on: int) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(36, on, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+            pytest.skip(f"cannot become a subreaper: {os.strerror(ctypes.get_errno())}")
+
+
+def _reap(pid: int, timeout_s: float) -> int:
+    """Wait for a child (or adopted orphan) to exit; its exit status.  Fails if it does not."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"the firmware (pid {pid}) was still running {timeout_s} s after its host died")
+
+
+def _vc_host_children(pid: int) -> list[int]:
     try:
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
-        return None
+        return []
+    found = []
     for k in kids:
         try:
             if Path(f"/proc/{k}/comm").read_text().strip() == "vc-host":
-                return int(k)
+                found.append(int(k))
         except OSError:
             continue
-    return None
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except OSError:
-        return True
+    return found
 
 
 def test_pulling_the_pty_mid_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

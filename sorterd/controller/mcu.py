@@ -50,6 +50,9 @@ TICK_S = 0.005  # housekeeping period: retransmits, heartbeats, sync, timeouts
 HELLO_TIMEOUT_NS = 250_000_000  # SYN unanswered this long: send it again
 BURST_INTERVAL_NS = 3_000_000  # clock queries while the sync is being built
 REPORT_GRACE_NS = 500_000_000  # a pulse's report may come this long after its end
+SURE_AHEAD_NS = 100_000_000  # the sync is built in bursts until it can convert this far ahead
+SETTLE_INTERVAL_NS = 20_000_000  # startup: then queried this often until the rate is known
+SETTLED_PPM = 30.0  # startup waits for the rate to this (one standard error): a busy loop must not extrapolate the prior
 
 
 
@@ -415,8 +418,8 @@ class McuValves:
     def _query_clock_if_due(self, now: int) -> None:
         if self.state not in ("sync", "arming", "ready") or now < self._next_sync_ns:
             return
-        burst = self.sync is None or not self.sync.ready
-        self._next_sync_ns = now + (BURST_INTERVAL_NS if burst else int(self.cfg.sync_interval_ms * self._ms))
+        burst = self.sync is None or not self._sync_sure(now + SURE_AHEAD_NS)
+        self._next_sync_ns = now + self._sync_interval_ns(burst)
         token = self._next_token
         self._next_token = (self._next_token + 1) & 0xFFFFFFFF
         if len(self._clock_tokens) > 16:
@@ -425,6 +428,13 @@ class McuValves:
             return
         self._clock_tokens[token] = (self.clock.now_ns(), self.link.retransmits)
         self._flush()
+
+    def _sync_interval_ns(self, burst: bool) -> int:
+        if burst:
+            return BURST_INTERVAL_NS
+        if not self._arm_allowed and self.sync is not None and self.sync.rate_error_ppm > SETTLED_PPM:
+            return SETTLE_INTERVAL_NS  # startup: spread the samples to measure the rate
+        return int(self.cfg.sync_interval_ms * self._ms)
 
     def _expire_reports(self, now: int) -> None:
         for inf in list(self._by_id.values()):
@@ -463,8 +473,16 @@ class McuValves:
                       self.port, timeout_s)
         self.attach()
 
+    def _sync_sure(self, t_ns: int) -> bool:
+        """Can host time t_ns be converted within max_sync_error_us?  A host stall only
+        ages the line; it is trusted as long as its error bound, grown by the drift
+        that could have happened since the last good sample, stays small."""
+        sync = self.sync
+        return sync is not None and sync.ready and sync.error_ns(t_ns) <= self.cfg.max_sync_error_us * 1e3
+
     def _synced_for_arming(self) -> bool:
-        return self.state == "sync" and self.sync is not None and self.sync.ready
+        return (self.state == "sync" and self.sync is not None and self.sync.ready
+                and self.sync.rate_error_ppm <= SETTLED_PPM)
 
     def attach(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Serve from the event loop: reader, housekeeping timer, arming."""
@@ -473,6 +491,8 @@ class McuValves:
         # Queries sent before the loop serves are answered after whatever the
         # rest of startup blocks for: their round trips say nothing.
         self._clock_tokens.clear()
+        if self.sync is not None:
+            self.sync.forget_round_trips()  # startup's quiet exchanges say nothing of the busy loop's
         if self._fd is not None:
             self._loop.add_reader(self._fd, self._on_readable)
         # Arm from the first tick, when the loop serves: armed, the controller
@@ -492,8 +512,10 @@ class McuValves:
         if self.state != "ready":
             return ("controller disconnected", "") if self.state == "closed" else ("controller not ready", self.state)
         assert self.sync is not None
-        if self.sync.last_good_ns is None or now - self.sync.last_good_ns > self.cfg.sync_timeout_ms * self._ms:
-            return "clock sync lost", ""
+        if not self.sync.ready or self.sync.last_good_ns is None:
+            return "clock sync lost", "no line yet"
+        if now - self.sync.last_good_ns > self.cfg.sync_timeout_ms * self._ms:
+            return "clock sync lost", f"no good sample for {(now - self.sync.last_good_ns) / 1e6:.0f} ms"
         if self.link.backlog > self.link.window:
             return "link congested", ""
         return None
@@ -508,6 +530,9 @@ class McuValves:
         if lead < self.cfg.min_lead_ms * self._ms:
             return stats.refuse("late", f"start {lead / 1e6:.2f} ms ahead, needs {self.cfg.min_lead_ms:.2f} ms")
         assert self.sync is not None
+        if not self._sync_sure(pulse.start_ns):
+            return stats.refuse("clock sync lost", f"clock uncertain by {self.sync.error_ns(pulse.start_ns) / 1e3:.0f} us "
+                                f"at the start, allowed {self.cfg.max_sync_error_us:.0f} us")
         start = self.sync.clock_at(pulse.start_ns)
         pid = self._next_pulse_id
         self._next_pulse_id = (self._next_pulse_id + 1) & 0xFFFFFFFF or 1

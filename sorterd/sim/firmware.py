@@ -158,7 +158,7 @@ class TraceRecord:
     target: int  # the clock the edge was scheduled for
     kind: int
     pin: int
-    level: int
+    level: int  # an edge: the new level; a watchdog trip: outputs still on right after it (pins read back)
 
 
 class HostFirmware:
@@ -297,6 +297,8 @@ class ValveTrace:
             self.sessions += 1
         elif rec.kind == TRACE_WATCHDOG:
             self.watchdog_trips.append(actual)
+            if rec.level:  # outputs whose pin the firmware left active through the trip
+                log.error("valve controller watchdog tripped but %d output(s) stayed on", rec.level)
         elif rec.kind == TRACE_LATE:
             self.late_at_fire += 1
         elif rec.kind == TRACE_EDGE and rec.pin in self.pins:
@@ -395,11 +397,16 @@ def start_simulated_controller(cfg: Any, sim: Any, machine: Any, clock: Any) -> 
     fw = HostFirmware(freq_hz=sim.controller_freq_hz, drift_ppm=sim.controller_drift_ppm,
                       offset=sim.controller_offset, realtime=sim.controller_realtime).start()
     trace = None
-    if machine is not None:
-        pins = {int(p): valve for valve, p in cfg.pins.items()}
-        trace = ValveTrace(fw, machine.world, pins)
-        trace.attach(asyncio.get_running_loop())
-        machine.world.valve_trace = trace
+    try:
+        if machine is not None:
+            pins = {int(p): valve for valve, p in cfg.pins.items()}
+            trace = ValveTrace(fw, machine.world, pins)
+            trace.attach(asyncio.get_running_loop())
+            machine.world.valve_trace = trace
+    except BaseException:
+        fw.stop()  # reaped: no zombie when startup fails
+        fw.cleanup()
+        raise
     return SimulatedController(fw, trace, clock)
 
 

@@ -225,20 +225,27 @@ static void start_or_refuse(struct vc_core *c, struct vc_pulse *p, vc_clock_t t)
     }
 }
 
+static int watchdog_due(const struct vc_core *c, vc_clock_t t)
+{
+    return c->armed && t - c->last_heard > c->window;
+}
+
 void vc_timer(struct vc_core *c)
 {
     struct vc_pulse *p;
     vc_clock_t t;
     lock(c);
     t = now(c);
-    while ((p = earliest_due(c, t)) != NULL) {
+    /* The watchdog before any edge: a timer that wakes late, past the host's
+     * silence window, must not start a pulse first (the trip drops them all). */
+    while (!watchdog_due(c, t) && (p = earliest_due(c, t)) != NULL) {
         if (p->state == VC_SLOT_ON)
             fire_off(c, p, 0);
         else
             start_or_refuse(c, p, t);
         t = now(c);
     }
-    if (c->armed && t - c->last_heard > c->window)
+    if (watchdog_due(c, t))
         trip_watchdog(c, t);
     rearm_alarm(c);
     unlock(c);

@@ -24,7 +24,10 @@
  *           machine's wake-up jitter.  Every edge, watchdog trip and new session
  *           goes as a 24-byte record to --trace-fd (a pipe from the simulator):
  *             u64 actual_clock, u64 target_clock, u8 kind, u8 pin, u8 level, 5 pad
- *           (native byte order; kinds as VC_TRACE_* in vc_core.h).
+ *           (native byte order; kinds as VC_TRACE_* in vc_core.h).  A watchdog
+ *           record's level is the number of outputs whose simulated pin is still
+ *           at its active level right after the trip (read from the pins, not
+ *           from the core's bookkeeping): 0, or the fail-safe failed.
  *
  * Usage: vc-host --link PATH [--trace-fd N] [--freq-hz F] [--drift-ppm D]
  *                [--offset TICKS] [--spin-us S] [--realtime] [--replug-ms MS]
@@ -33,7 +36,9 @@
  * SIGUSR1 simulates a USB unplug: the pty disappears for --replug-ms, then a
  * new one appears behind the same --link.  SIGTERM/SIGINT: all off, exit.
  * If the parent process dies, the firmware keeps running until its watchdog
- * has turned everything off, then exits (no orphans are left behind).
+ * has turned everything off, then exits (no orphans are left behind): status 0
+ * and a line on stderr if every output's pin is inactive, status 3 if not.
+ * Whoever inherits it reaps it (init, systemd, or a test that is a subreaper).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -183,6 +188,18 @@ static void board_unlock(void *ctx)
     pthread_mutex_unlock(&((struct host *)ctx)->lock);
 }
 
+/* Lock held: configured outputs whose pin is at its active level, from the pins themselves. */
+static unsigned outputs_on(const struct host *h)
+{
+    unsigned i, n = 0;
+    for (i = 0; i < VC_MAX_OUTPUTS; i++) {
+        const struct vc_output *o = &h->core.out[i];
+        if (o->configured && o->pin <= MAX_PIN && h->pins[o->pin] != o->active_low)
+            n++;
+    }
+    return n;
+}
+
 /* Lock held.  Queued here, written by the main thread: never a syscall between edges. */
 static void board_trace(void *ctx, const struct vc_trace *t)
 {
@@ -200,7 +217,7 @@ static void board_trace(void *ctx, const struct vc_trace *t)
     memcpy(rec + 8, &t->target, 8);
     rec[16] = t->kind;
     rec[17] = t->pin;
-    rec[18] = t->level;
+    rec[18] = t->kind == VC_TRACE_WATCHDOG ? (unsigned char)outputs_on(h) : t->level;
 }
 
 static void flush_trace(struct host *h)
@@ -489,10 +506,26 @@ static int orphaned_and_safe(struct host *h)
     return !armed;
 }
 
+/* The parent died and the watchdog has done its work: say so, and whether every pin is off. */
+static int orphan_exit_status(struct host *h)
+{
+    unsigned on;
+    pthread_mutex_lock(&h->lock);
+    on = outputs_on(h);
+    pthread_mutex_unlock(&h->lock);
+    if (on) {
+        fprintf(stderr, "vc-host: host gone; %u output(s) still on after the watchdog\n", on);
+        return 3;
+    }
+    fprintf(stderr, "vc-host: host gone; watchdog off, every output off; exiting\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static struct host h;
     pthread_t timer;
+    int orphaned = 0, status;
     init_host(&h, argc, argv);
     install_signals();
     prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL); /* default 50 us slack would add to every wake-up */
@@ -521,14 +554,17 @@ int main(int argc, char **argv)
             read_pty(&h);
         flush_trace(&h); /* first: the pins are seen before the host hears of them */
         vc_service(&h.core);
-        if (orphaned_and_safe(&h))
+        if (orphaned_and_safe(&h)) {
+            orphaned = 1;
             break;
+        }
     }
     pthread_mutex_lock(&h.lock);
     h.stop_timer = 1;
     pthread_cond_signal(&h.alarm_moved);
     pthread_mutex_unlock(&h.lock);
     pthread_join(timer, NULL);
+    status = orphaned ? orphan_exit_status(&h) : 0; /* before the exit path's own all-off */
     vc_all_off(&h.core);
     vc_service(&h.core);
     flush_trace(&h);
@@ -537,5 +573,5 @@ int main(int argc, char **argv)
     pthread_mutex_unlock(&h.lock);
     if (h.trace_dropped || h.tx_dropped)
         fprintf(stderr, "vc-host: dropped %lu trace records, %lu frames\n", h.trace_dropped, h.tx_dropped);
-    return 0;
+    return status;
 }

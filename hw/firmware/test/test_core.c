@@ -318,6 +318,23 @@ static void test_watchdog(void)
     CHECK(refused_reason() == -1);
 }
 
+/* The timer wakes late, past the host's silence window, with a pulse due just
+ * inside the late limit: the watchdog trips first, the valve never opens. */
+static void test_a_late_timer_past_the_window_never_opens(void)
+{
+    unsigned highs;
+    ready();
+    schedule(1, 0, 1000000 + 200000 + 100, 40000); /* starts 100 ticks after the window closes */
+    pump();
+    highs = pin_highs[2];
+    advance(1000000 + 200000 + 100 + 200); /* 200 ticks late: within the late limit of 250 */
+    CHECK(pin_highs[2] == highs);
+    CHECK(pins[2] == 0);
+    pump();
+    CHECK(find_report(VC_REP_WATCHDOG) != NULL);
+    CHECK(refused_reason() == VC_REFUSE_DISARMED);
+}
+
 static void test_replay_and_bad_length(void)
 {
     uint8_t d[18];
@@ -413,6 +430,7 @@ int main(void)
     test_late_refused_never_fired();
     test_limits();
     test_watchdog();
+    test_a_late_timer_past_the_window_never_opens();
     test_replay_and_bad_length();
     test_retransmit();
     test_full_window_is_not_busy();

@@ -75,6 +75,12 @@ class McuValvesConfig(ValveOptions):
     min_lead_ms: float = opt(1.0, "Pulses starting sooner than this are refused by the host (the command must reach the controller first).", minval=0.1, maxval=100.0)
     sync_interval_ms: float = opt(50.0, "Clock-sync exchange interval once synchronised.", minval=5.0, maxval=5000.0)
     sync_timeout_ms: float = opt(3000.0, "No good clock-sync sample for this long: pulses are refused until there is one.", minval=50.0, maxval=60_000.0)
+    max_sync_error_us: float = opt(
+        500.0, "A pulse is sent only if the clock sync's error bound at its start (the fit's uncertainty plus the "
+        "drift possible since the last good sample) is within this; a host stall ages the sync, it does not lose it "
+        "(with late_limit_us at most ejection.margin_ms: a pulse off by both still covers the passage).",
+        minval=10.0, maxval=5000.0,
+    )
     link_timeout_ms: float = opt(300.0, "Nothing in order from the controller for this long while the host kept asking: the link is lost or out of step; reconnect.", minval=20.0, maxval=60_000.0)
     reconnect_ms: float = opt(200.0, "Wait between attempts to reopen a lost port.", minval=10.0, maxval=60_000.0)
     connect_timeout_s: float = opt(5.0, "How long startup waits for the controller to answer and synchronise.", minval=0.1, maxval=120.0)
@@ -92,7 +98,13 @@ class McuValvesConfig(ValveOptions):
             raise ConfigError(problems)
 
     def cross_check(self, sections: dict[str, Any]) -> list[str]:
-        return pulse_limits(self, sections)
+        margin_ms = sections["ejection"].margin_ms
+        problems = pulse_limits(self, sections)
+        if self.max_sync_error_us + self.late_limit_us > margin_ms * 1000:
+            problems.append(f"valves.max_sync_error_us + valves.late_limit_us = {self.max_sync_error_us} + "
+                            f"{self.late_limit_us} us is above ejection.margin_ms = {margin_ms} ms: a pulse off by "
+                            "both would miss the start of the stone's passage; lower them or raise ejection.margin_ms")
+        return problems
 
 
 def open_mcu_valves(cfg: McuValvesConfig, opening: Opening, port: str | None = None, *,
