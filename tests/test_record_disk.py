@@ -142,12 +142,14 @@ def test_what_neither_the_database_nor_the_spill_file_takes_is_counted_lost(tmp_
     assert rec.summary()["lost"]["rows"] == 25 and rec.summary()["rows_written"] == 0
 
 
-def test_close_is_bounded_with_the_writer_stuck_in_the_disk_and_a_tiny_queue(tmp_path: Path) -> None:
+def test_close_is_bounded_with_the_writer_stuck_in_the_disk_and_a_tiny_queue(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     disk = Disk()
     disk.hung.set()
     rec = Recorder(tmp_path, 0.01, 10, connect=disk.connect, close_timeout_s=0.3)
     taken = [rec.submit(row(i)) for i in range(40)]  # the writer hangs in its first commit: the queue fills
     assert taken.count(False) == rec.rows_overflow > 0
+    assert len([r for r in caplog.records if "record queue full" in r.getMessage()]) == 1  # not one per stone
     closer = threading.Thread(target=rec.close)
     closer.start()
     closer.join(15.0)
@@ -283,9 +285,15 @@ def test_the_run_stops_in_bounded_time_with_a_stuck_writer_and_a_tiny_queue(
             super().__init__(batch_dir, commit_interval_s, 10, *args, **kw, connect=disk.connect, close_timeout_s=0.5)
 
     monkeypatch.setattr(run_module, "Recorder", StuckRecorder)
-    code: list[int] = []
-    runner = threading.Thread(target=lambda: code.append(main([*SIM_RUN, "--log-dir", str(tmp_path),
-                                                                "--json", str(tmp_path / "s.json")])))
+    code: list[int | BaseException] = []
+
+    def sort() -> None:
+        try:
+            code.append(main([*SIM_RUN, "--log-dir", str(tmp_path), "--json", str(tmp_path / "s.json")]))
+        except BaseException as exc:  # noqa: BLE001 -- reported by the assertion below, not lost in the thread
+            code.append(exc)
+
+    runner = threading.Thread(target=sort)
     runner.start()
     runner.join(180.0)
     try:

@@ -50,7 +50,9 @@ class RunResult:
     batch_dir: Path
 
 
-def run(cfg: Config, opts: RunOptions, out: TextIO = sys.stderr) -> RunResult:
+def run(cfg: Config, opts: RunOptions, out: TextIO | None = None) -> RunResult:
+    # sys.stderr as it is now (a default argument would keep the stream of the first import)
+    out = sys.stderr if out is None else out
     # Only a run with no real hardware may skip idle time.
     clock = make_clock(cfg.sim.clock if cfg.offline else "wall")
     loop = clock.new_event_loop()

@@ -194,6 +194,7 @@ IMAGE_KINDS = ("thumbnails", "flagged_images", "pairs")
 LOST_KINDS = RECORD_KINDS + IMAGE_KINDS
 RETRY_S = 0.5  # a write the database refused is retried this often
 MAX_BATCH = 256  # rows per transaction
+LOG_EVERY_S = 10.0  # a failure that comes and goes is logged at most this often
 _POLL_S = 0.1  # how often a waiting writer thread looks whether the recorder is closing
 
 Connect = Callable[[Path], sqlite3.Connection]
@@ -250,7 +251,8 @@ class Recorder:
         # Failures logged and not yet over ("spill", "decisions", "images:<dir>"...): the two
         # writer threads add and discard their own keys (single set operations, atomic).
         self._failing: set[str] = set()
-        self._overflowing = False  # loop thread
+        self._logged_at: dict[str, float] = {}  # key -> monotonic s of its last failure line (same owners)
+        self._overflow_logged_at = float("-inf")  # loop thread
         self._closing = threading.Event()
         self._deadline = float("inf")  # set once by close: writers give up what is left after it
         self._open_error: BaseException | None = None
@@ -272,16 +274,14 @@ class Recorder:
         except queue.Full:
             self.rows_overflow += 1
             self._lose(_kind(row), 1)
-            if not self._overflowing:
+            if time.monotonic() - self._overflow_logged_at >= LOG_EVERY_S:
+                self._overflow_logged_at = time.monotonic()
                 what = row.stone_id if isinstance(row, StoneRow) else f"unseen stone at {row.trigger_ns}"
-                log.error("record queue full: row %s not logged (writer stalled?); further losses are "
-                          "counted (sorterd_record_lost_total), not logged one by one", what)
-            self._overflowing = True
+                log.error("record queue full: row %s not logged (writer stalled?); %d rows lost to a full queue "
+                          "so far (counted: sorterd_record_lost_total; logged at most every %.0f s)",
+                          what, self.rows_overflow, LOG_EVERY_S)
             return False
         self._submitted[_kind(row)] += 1
-        if self._overflowing:
-            self._overflowing = False
-            log.warning("record queue accepts rows again (%d rows lost so far)", self.rows_overflow)
         return True
 
     def submit_images(self, job: ImageJob) -> None:
@@ -497,13 +497,17 @@ class Recorder:
         return True
 
     def _streak(self, key: str, ok: bool, message: str) -> None:
-        """Log a failure once when it starts and once when it ends, never once per stone."""
+        """Log a failure when it starts and when it ends, never once per stone; one that
+        comes and goes is logged at most every LOG_EVERY_S."""
         if ok and key in self._failing:
             self._failing.discard(key)
             log.warning("record: %s", message)
         elif not ok and key not in self._failing:
-            self._failing.add(key)
-            log.error("record: %s (counted: sorterd_record_lost_total)", message)
+            now = time.monotonic()
+            if now - self._logged_at.get(key, float("-inf")) >= LOG_EVERY_S:
+                self._logged_at[key] = now
+                self._failing.add(key)
+                log.error("record: %s (counted: sorterd_record_lost_total)", message)
 
     # -- image thread -------------------------------------------------------
 
