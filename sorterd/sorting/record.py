@@ -241,7 +241,7 @@ class Recorder:
         self.unseen_written = 0
         self.rows_spilled = 0
         self.images_low_disk = 0
-        self.errors = 0
+        self.errors = 0  # writes the disk refused, both writer threads (under _lock)
         self.buffered = 0  # rows the writer holds, refused by the database (SQLite thread)
         self.stalled_since: float | None = None  # monotonic s of the first refusal in a streak (SQLite thread)
         self._submitted = dict.fromkeys(RECORD_KINDS[:2], 0)  # loop thread
@@ -356,6 +356,10 @@ class Recorder:
         for kind, _, _ in self._image_writes(job):
             self._lose(kind, 1)
 
+    def _count_error(self) -> None:
+        with self._lock:  # both writer threads count here
+            self.errors += 1
+
     def _settle(self, what: str, n: int) -> None:
         with self._lock:
             self._settled[what] += n
@@ -450,7 +454,7 @@ class Recorder:
         return True
 
     def _refused(self, exc: sqlite3.Error, n: int) -> None:
-        self.errors += 1
+        self._count_error()
         if self.stalled_since is not None:
             log.debug("record: SQLite write of %d rows refused again: %s", n, exc)
             return
@@ -535,7 +539,7 @@ class Recorder:
             try:
                 write()
             except (OSError, cv2.error) as exc:
-                self.errors += 1
+                self._count_error()
                 self._lose(kind, 1)
                 self._streak(f"images:{folder}", False, f"cannot write images in {folder} ({exc}): "
                              f"images are dropped until writes work again")
