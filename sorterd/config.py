@@ -178,7 +178,12 @@ class RecordConfig:
     commit_interval_ms: float = opt(100.0, "Rows are committed at least this often (WAL).", minval=5.0, maxval=5000.0)
     thumbnail_px: int = opt(96, "Thumbnail height (px); 0 = none.", minval=0, maxval=512)
     flagged_images: bool = opt(True, "Save full frames of flagged stones (flagged/).")
-    queue_size: int = opt(20000, "Rows waiting for the writer thread before overflow is counted.", minval=10, maxval=1_000_000)
+    queue_size: int = opt(20000, "Rows waiting for the writer thread before overflow is counted; as many again are "
+                          "held (and retried) while the disk refuses writes.", minval=10, maxval=1_000_000)
+    min_free_mb: float = opt(100.0, "Free space (MB, 10^6 bytes) on the disk of the batch folder (or of run --record's "
+                             "session) below which images (thumbnails, flagged frames, recorded pairs) are skipped, "
+                             "counted as lost, so that rows keep their room; 0 = write images until the disk is full.",
+                             minval=0.0, maxval=1_000_000.0)
 
 
 @dataclass(frozen=True)

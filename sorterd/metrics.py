@@ -7,7 +7,7 @@ Names follow Prometheus conventions: `sorterd_stones_total{bin=...}`,
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -45,6 +45,10 @@ class Metrics:
         """Expose a valve backend's timing and faults, read at scrape time (none for backends without)."""
         self.registry.register(ValveCollector(valves))
 
+    def watch_recorder(self, recorder: RecordFigures) -> None:
+        """Expose what the production log lost and whether its writer is stalled, read at scrape time."""
+        self.registry.register(RecordCollector(recorder))
+
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port."""
         result = start_http_server(port, addr=host, registry=self.registry)
@@ -55,6 +59,44 @@ class Metrics:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+class RecordFigures(Protocol):
+    """What a recorder (sorterd.sorting.record.Recorder) tells about its disk."""
+
+    errors: int
+    buffered: int
+
+    @property
+    def stalled(self) -> bool: ...
+
+    def lost_counts(self) -> dict[str, int]: ...
+
+
+class RecordCollector:
+    """The recorder's counters (kept by its writer threads) as Prometheus metrics, read at scrape time."""
+
+    def __init__(self, recorder: RecordFigures) -> None:
+        self.recorder = recorder
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time only
+
+    def collect(self) -> Iterator[Any]:
+        r = self.recorder
+        lost = CounterMetricFamily(
+            "sorterd_record_lost", "Records not kept (full or failing disk, record.min_free_mb, a full queue, "
+            "the stop's deadline), by what: rows, unseen, decisions; thumbnails, flagged_images, pairs.",
+            labels=["what"])
+        for what, n in r.lost_counts().items():
+            lost.add_metric([what], float(n))
+        yield lost
+        yield CounterMetricFamily("sorterd_record_write_errors", "Writes the disk refused (database "
+                                  "transactions, images).", value=float(r.errors))
+        yield GaugeMetricFamily("sorterd_record_writer_stalled", "1 while the database refuses writes: rows "
+                                "wait in a bounded buffer and are retried.", value=float(r.stalled))
+        yield GaugeMetricFamily("sorterd_record_buffered_rows", "Rows the database refused, held for a retry.",
+                                value=float(r.buffered))
 
 
 class ValveCollector:

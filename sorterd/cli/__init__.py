@@ -103,6 +103,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return o
 
 
+EXIT_CANNOT_RECORD = 6  # the batch database cannot be opened: nothing sorted
+EXIT_RECORDS_LOST = 7  # sorted, but stone records were lost (disk full or failing)
+
+
 def _flag_values(args: argparse.Namespace) -> dict[tuple[str, str], tuple[str, Any]]:
     """(section, key) -> (the CLI flag that sets that option, the value it gave; None: not given)."""
     log_dir = str(args.log_dir.resolve()) if args.log_dir else None
@@ -138,6 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sorterd.data.bundle import ModelError
     from sorterd.data.session import SessionError
     from sorterd.parts.camera import CameraError
+    from sorterd.sorting.record import RecordError
 
     if not (args.sim or args.config or args.replay):
         print("sorterd run: give --config FILE, --sim or --replay SESSION_DIR", file=sys.stderr)
@@ -161,8 +166,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(exc.report("run"), file=sys.stderr)
         return 2
     try:
-        run(cfg, RunOptions(stones=args.stones, json_path=args.json_path, progress=not args.no_progress,
-                            record_dir=args.record, decisions_path=args.decisions, uncalibrated=args.uncalibrated))
+        result = run(cfg, RunOptions(stones=args.stones, json_path=args.json_path, progress=not args.no_progress,
+                                     record_dir=args.record, decisions_path=args.decisions,
+                                     uncalibrated=args.uncalibrated))
     except ModelError as exc:
         print(f"sorterd: model error: {exc}", file=sys.stderr)
         return 3
@@ -175,10 +181,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # found only once the hardware is open (e.g. the trigger zone vs the view)
         print(exc.report(), file=sys.stderr)
         return 2
+    except RecordError as exc:
+        print(f"sorterd: cannot record: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RECORD
     except (OSError, CameraError) as exc:
         print(f"sorterd: cannot run the machine: {exc}", file=sys.stderr)
         return 4
-    return 0
+    return _records_lost_exit(result.summary["record"])
+
+
+def _records_lost_exit(record: dict[str, Any]) -> int:
+    """A run whose production log lost stone records does not exit 0 (images alone do not count)."""
+    lost = {k: record["lost"][k] for k in ("rows", "unseen", "decisions") if record["lost"][k]}
+    if not lost:
+        return 0
+    print("sorterd: stone records lost (disk full or failing): " + ", ".join(f"{k} {n}" for k, n in lost.items())
+          + "; see the summary's record section", file=sys.stderr)
+    return EXIT_RECORDS_LOST
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

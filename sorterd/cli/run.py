@@ -50,7 +50,9 @@ class RunResult:
     batch_dir: Path
 
 
-def run(cfg: Config, opts: RunOptions, out: TextIO = sys.stderr) -> RunResult:
+def run(cfg: Config, opts: RunOptions, out: TextIO | None = None) -> RunResult:
+    # sys.stderr as it is now (a default argument would keep the stream of the first import)
+    out = sys.stderr if out is None else out
     # Only a run with no real hardware may skip idle time.
     clock = make_clock(cfg.sim.clock if cfg.offline else "wall")
     loop = clock.new_event_loop()
@@ -88,8 +90,10 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         stack.callback(metrics.close)
         metrics.watch_valves(parts.valves)
         recorder = Recorder(batch_dir, cfg.record.commit_interval_ms / 1e3, cfg.record.queue_size,
-                            cfg.record.thumbnail_px, session, opts.decisions_path)
-        stack.callback(recorder.close)
+                            cfg.record.thumbnail_px, session, opts.decisions_path,
+                            min_free_bytes=int(cfg.record.min_free_mb * 1e6))
+        stack.callback(recorder.close)  # bounded (Recorder.close_timeout_s) whatever the disk does
+        metrics.watch_recorder(recorder)
         # Callbacks run last-in first-out: the valves go off before anything
         # slower (recorder flush, metrics server shutdown) can delay it.
         stack.callback(parts.valves.close)
@@ -102,9 +106,7 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
     summary = summarize(cfg, pipeline.stats, pipeline.rows, truth, model.version, time.monotonic() - t_wall,
                         valves=parts.valves, lights=parts.lights)
     summary["batch_dir"] = str(batch_dir)
-    summary["record"] = {"rows_written": recorder.rows_written, "unseen_written": recorder.unseen_written,
-                         "rows_overflow": recorder.rows_overflow, "images_overflow": recorder.images_overflow,
-                         "errors": recorder.errors}
+    summary["record"] = recorder.summary()
     if session is not None:
         summary["recorded_session"] = str(session.dir)
     print(format_text(summary), file=out)

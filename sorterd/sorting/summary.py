@@ -180,12 +180,22 @@ def format_text(s: dict[str, Any]) -> str:
     lines.append("latency ms p50/p99: " + "  ".join(
         f"{k} {_ms(lat[k]['p50'])}/{_ms(lat[k]['p99'])}" for k in STAGES))
     lines.append(f"model {s['model']['version']}   wall time {s['wall_s']} s")
+    lines += _record_lines(s.get("record"))
     return "\n".join(lines)
 
 
 def _ms(v: float | None) -> str:
     """A latency in the text summary: one decimal (the JSON keeps four)."""
     return "-" if v is None else f"{v:.1f}"
+
+
+def _record_lines(rec: dict[str, Any] | None) -> list[str]:
+    """The production log's losses, only when there are any (a full or failing disk)."""
+    if not rec or not (any(rec["lost"].values()) or rec["rows_spilled"]):
+        return []
+    lost = "  ".join(f"{k} {n}" for k, n in rec["lost"].items() if n) or "none"
+    return [f"record: NOT KEPT {lost}   spilled rows {rec['rows_spilled']}   images skipped for "
+            f"low disk {rec['images_low_disk']}   write errors {rec['errors']}"]
 
 
 def _pct(v: float | None) -> str:
