@@ -120,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"sorterd: note: {', '.join(parts)} {'is' if len(parts) == 1 else 'are'} real time: the simulated "
               "machine runs on the wall clock (sim.clock = 'virtual' is ignored)", file=sys.stderr)
     try:
-        run(cfg, RunOptions(stones=args.stones, json_path=args.json_path, progress=not args.no_progress,
+        result = run(cfg, RunOptions(stones=args.stones, json_path=args.json_path, progress=not args.no_progress,
                             record_dir=args.record, decisions_path=args.decisions, uncalibrated=args.uncalibrated))
     except ModelError as exc:
         print(f"sorterd: model error: {exc}", file=sys.stderr)
@@ -137,6 +137,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (OSError, CameraError) as exc:
         print(f"sorterd: cannot run the machine: {exc}", file=sys.stderr)
         return 4
+    if result.stop_signal is not None:
+        return 128 + result.stop_signal  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     return 0
 
 
