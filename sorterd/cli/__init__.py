@@ -161,11 +161,30 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# `sorterd run` exit codes that are refusals, not crashes: starting again changes nothing until
+# a person acts, so the service is not restarted (systemd/sorterd.service RestartPreventExitStatus=).
+# 4 (cannot run the machine: a device missing or busy) may pass by itself and is restarted.
+REFUSALS = {2: "the config is invalid", 3: "the model or the replayed session is unusable",
+            5: "no passing calibration of today"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args))
+    code = int(args.func(args))
+    if args.command == "run" and code in REFUSALS:
+        _tell_systemd_why(code)
+    return code
+
+
+def _tell_systemd_why(code: int) -> None:
+    """Under systemd: the refusal in `systemctl status` (STATUS=) and as the journal's last line."""
+    from sorterd import sdnotify
+
+    why = f"not sorting: {REFUSALS[code]} (exit {code}, a refusal: not restarted until fixed; the log above says why)"
+    if sdnotify.notify(f"STATUS={why}"):
+        print(f"sorterd: {why}", file=sys.stderr)
 
 
 if __name__ == "__main__":
