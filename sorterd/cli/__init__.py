@@ -187,7 +187,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (OSError, CameraError) as exc:
         print(f"sorterd: cannot run the machine: {exc}", file=sys.stderr)
         return 4
-    return _records_lost_exit(result.summary["record"])
+    lost = _records_lost_exit(result.summary["record"])
+    if lost:
+        return lost  # lost records outrank how the run ended
+    if result.stop_signal is not None:
+        return 128 + result.stop_signal  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    return 0
 
 
 def _records_lost_exit(record: dict[str, Any]) -> int:
@@ -246,13 +251,30 @@ def check_model(cfg: Config) -> Manifest:
     if not (bundle / "model.onnx").is_file():
         raise ModelError(f"{bundle}: no model.onnx")
     return manifest
+# `sorterd run` exit codes that are refusals, not crashes: starting again changes nothing until
+# a person acts, so the service is not restarted (systemd/sorterd.service RestartPreventExitStatus=).
+# 4 (cannot run the machine: a device missing or busy) may pass by itself and is restarted.
+REFUSALS = {2: "the config is invalid", 3: "the model or the replayed session is unusable",
+            5: "no passing calibration of today", 6: "the batch database cannot be opened"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args))
+    code = int(args.func(args))
+    if args.command == "run" and code in REFUSALS:
+        _tell_systemd_why(code)
+    return code
+
+
+def _tell_systemd_why(code: int) -> None:
+    """Under systemd: the refusal in `systemctl status` (STATUS=) and as the journal's last line."""
+    from sorterd import sdnotify
+
+    why = f"not sorting: {REFUSALS[code]} (exit {code}, a refusal: not restarted until fixed; the log above says why)"
+    if sdnotify.notify(f"STATUS={why}"):
+        print(f"sorterd: {why}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,6 +24,7 @@ from sorterd.cli.compose import MachineParts, open_parts
 from sorterd.clock import Clock, make_clock
 from sorterd.config import Config
 from sorterd.data.bundle import resolve_bundle
+from sorterd.data.files import write_json_atomic
 from sorterd.data.session import SessionMeta, SessionWriter, new_session_id
 from sorterd.domain import BINS, LIGHT_MODES
 from sorterd.metrics import Metrics
@@ -32,6 +34,12 @@ from sorterd.sorting.record import Recorder, make_batch_dir
 from sorterd.sorting.summary import format_text, summarize
 
 log = logging.getLogger(__name__)
+
+# A stop (SIGINT, SIGTERM) drains for at most this long (wall time on a real machine): the
+# stones in flight are decided, fired and recorded; a pulse whose outcome has not come back
+# by then is recorded as unknown.  Closing follows (valves off at once, the recorder's last
+# commit).  systemd/sorterd.service's TimeoutStopSec must leave room for both.
+STOP_DRAIN_S = 5.0
 
 
 @dataclass
@@ -48,6 +56,28 @@ class RunOptions:
 class RunResult:
     summary: dict[str, Any]
     batch_dir: Path
+    stop_signal: int | None = None  # the signal that stopped the run (None: it completed)
+
+
+@dataclass
+class Stop:
+    """Why a run ends: it completes, or a signal asks it to stop (a second one: at once)."""
+
+    signal: int | None = None
+    abandoned: int = 0  # pulses still waiting for their outcome when the drain ran out
+    asked: asyncio.Event = field(default_factory=asyncio.Event)
+    forced: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request(self, sig: int) -> None:
+        if self.signal is None:
+            self.signal = sig
+            self.asked.set()
+        else:
+            self.forced.set()
+
+    @property
+    def reason(self) -> str:
+        return "completed" if self.signal is None else f"signal {signal.Signals(self.signal).name}"
 
 
 def run(cfg: Config, opts: RunOptions, out: TextIO | None = None) -> RunResult:
@@ -76,11 +106,13 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
     model = OnnxModel(resolve_bundle(cfg.inference.model, cfg.source.parent if cfg.source else None),
                       cfg.inference.threads, cfg.inference.providers)
     cfg, calibration = calibrate.for_run(cfg, model, out, opts.uncalibrated, rig=_self_calibrating_rig(cfg))
+    stop = Stop()
     with contextlib.ExitStack() as stack:
         parts = open_parts(cfg, clock)
         stack.callback(parts.close)
         batch_dir = make_batch_dir(Path(cfg.record.log_dir).expanduser(), _batch_name(cfg))
-        _write_batch_info(batch_dir, cfg, model, calibration)
+        # Pushed first, so it runs last: the final counts once the recorder has flushed.
+        batch_log = stack.enter_context(BatchLog(batch_dir / "batch.json", _batch_info(cfg, model, calibration), stop))
         session = _open_session(cfg, parts, opts.record_dir) if opts.record_dir else None
         if opts.decisions_path is not None:
             opts.decisions_path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,10 +130,11 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         # slower (recorder flush, metrics server shutdown) can delay it.
         stack.callback(parts.valves.close)
         pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics)
+        batch_log.counts = lambda: _final_counts(pipeline, parts, recorder, clock)
         print(f"sorterd: batch {batch_dir}  model {model.version}"
               + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
         t_wall = time.monotonic()
-        await _run_pipeline(pipeline, parts, clock, opts, out, t_wall)
+        await _run_pipeline(pipeline, parts, clock, opts, out, stop, t_wall)
     truth = parts.machine.truth() if parts.machine is not None else None
     summary = summarize(cfg, pipeline.stats, pipeline.rows, truth, model.version, time.monotonic() - t_wall,
                         valves=parts.valves, lights=parts.lights)
@@ -109,11 +142,15 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
     summary["record"] = recorder.summary()
     if session is not None:
         summary["recorded_session"] = str(session.dir)
+    summary["stop"] = {"reason": stop.reason, "abandoned_pulses": stop.abandoned}
     print(format_text(summary), file=out)
+    if stop.signal is not None:
+        print(f"stopped by {stop.reason}: counted are the stones fed before the stop"
+              + (f"; {stop.abandoned} pulse(s) recorded with an unknown outcome" if stop.abandoned else ""), file=out)
     if opts.json_path is not None:
         opts.json_path.parent.mkdir(parents=True, exist_ok=True)
         opts.json_path.write_text(json.dumps(summary, indent=2) + "\n")
-    return RunResult(summary, batch_dir)
+    return RunResult(summary, batch_dir, stop.signal)
 
 
 def _self_calibrating_rig(cfg: Config) -> calibrate.Rig | None:
@@ -126,35 +163,74 @@ def _self_calibrating_rig(cfg: Config) -> calibrate.Rig | None:
 
 
 async def _run_pipeline(pipeline: Pipeline, parts: MachineParts, clock: Clock, opts: RunOptions,
-                        out: TextIO, t_wall: float) -> None:
+                        out: TextIO, stop: Stop, t_wall: float) -> None:
+    """Sort until the input ends, or until a signal: then stop the input and drain (bounded)."""
     loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, main.cancel if main else (lambda: None))
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-            pass
-    sdnotify.notify("READY=1")
+    signals = _handle_signals(loop, stop)
+    sdnotify.notify("READY=1\nSTATUS=sorting")
     if parts.machine is not None:
         # Feed the simulated channel only now that every stage is ready.
         parts.machine.feed(opts.stones)
         parts.machine.start_at(clock.now_ns() + 20_000_000)
     reporter = asyncio.create_task(_progress(pipeline, parts, opts, out, t_wall))
+    work = asyncio.create_task(_sort_and_land(pipeline, parts, clock))
+    asked = asyncio.create_task(stop.asked.wait())
     try:
-        await pipeline.run()
-        if parts.machine is not None:
-            # Let the last stones fall into their bins before counting them.
-            await clock.sleep_until(parts.machine.last_landing_ns())
-    except asyncio.CancelledError:
-        print("\nsorterd: stopping (signal)", file=out)
+        await asyncio.wait({work, asked}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            await _drain(work, pipeline, parts, clock, stop, out)
+        if not work.cancelled():
+            work.result()  # a stage's error ends the run here
     finally:
-        reporter.cancel()
+        for task in (reporter, asked, work):
+            task.cancel()
         sdnotify.notify("STOPPING=1")
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.remove_signal_handler(sig)
-            except (NotImplementedError, RuntimeError):
-                pass
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def _handle_signals(loop: asyncio.AbstractEventLoop, stop: Stop) -> list[int]:
+    """SIGINT and SIGTERM ask for a stop; the signals handled (none off the main thread: tests)."""
+    handled: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.request, sig)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    return handled
+
+
+async def _sort_and_land(pipeline: Pipeline, parts: MachineParts, clock: Clock) -> None:
+    await pipeline.run()
+    if parts.machine is not None:
+        # Let the last stones fall into their bins before counting them.
+        await clock.sleep_until(parts.machine.last_landing_ns())
+
+
+async def _drain(work: asyncio.Task[None], pipeline: Pipeline, parts: MachineParts, clock: Clock,
+                 stop: Stop, out: TextIO) -> None:
+    """A stop: no new stones (the simulated feeder stops; a real machine's trigger input is
+    closed), then everything in flight is decided, fired and recorded, for at most
+    STOP_DRAIN_S or until a second signal; what still waits for its valve is recorded unknown."""
+    name = stop.reason.removeprefix("signal ")
+    print(f"\nsorterd: {name}: stopping: no new stones; the stones in flight are finished "
+          f"(at most {STOP_DRAIN_S:.0f} s; {name} again stops at once)", file=out, flush=True)
+    sdnotify.notify(f"STOPPING=1\nSTATUS=stopping ({name}): finishing the stones in flight")
+    if parts.machine is not None:
+        parts.machine.stop_feed(clock.now_ns())
+    else:
+        pipeline.stop_input()
+    forced = asyncio.create_task(stop.forced.wait())
+    await asyncio.wait({work, forced}, timeout=STOP_DRAIN_S, return_when=asyncio.FIRST_COMPLETED)
+    forced.cancel()
+    if work.done():
+        return
+    stop.abandoned = pipeline.abandon()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    log.warning("stop: the drain was cut short; %d pulse(s) recorded with an unknown outcome", stop.abandoned)
 
 
 async def _progress(pipeline: Pipeline, parts: MachineParts, opts: RunOptions, out: TextIO, t_wall: float) -> None:
@@ -201,8 +277,8 @@ def _open_session(cfg: Config, parts: MachineParts, data_dir: Path) -> SessionWr
     return writer
 
 
-def _write_batch_info(batch_dir: Path, cfg: Config, model: OnnxModel, calibration: dict[str, Any]) -> None:
-    info = {
+def _batch_info(cfg: Config, model: OnnxModel, calibration: dict[str, Any]) -> dict[str, Any]:
+    return {
         "started": datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": cfg.machine.name,
         "config": str(cfg.source) if cfg.source else None,
@@ -210,4 +286,52 @@ def _write_batch_info(batch_dir: Path, cfg: Config, model: OnnxModel, calibratio
         "simulated": cfg.simulated,
         **calibration,
     }
-    (batch_dir / "batch.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+class BatchLog:
+    """batch.json: written when the batch starts, and again when it ends (however it ends)
+    with the end time, the stop reason (completed, signal SIGINT/SIGTERM, error: ...) and the
+    final counts.  Both times by atomic rename: a reader never sees half a file."""
+
+    def __init__(self, path: Path, info: dict[str, Any], stop: Stop) -> None:
+        self.path = path
+        self.info = info
+        self.stop = stop
+        self.counts: Callable[[], dict[str, Any]] = dict
+        write_json_atomic(path, info)
+
+    def __enter__(self) -> BatchLog:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        end: dict[str, Any] = {"ended": datetime.now().astimezone().isoformat(timespec="seconds"),
+               "stop_reason": self.stop.reason if exc is None else _error_reason(exc)}
+        try:
+            end["counts"] = self.counts()
+        except Exception as err:  # noqa: BLE001 -- the end time and the reason still get written
+            log.exception("batch.json: counting at the end failed")
+            end["counts"] = {"error": f"{type(err).__name__}: {err}"}
+        try:
+            write_json_atomic(self.path, {**self.info, **end})
+        except (OSError, ValueError):
+            log.exception("could not write the end of the batch to %s", self.path)
+
+
+def _error_reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):  # a Ctrl-C before the stop handlers were installed
+        return "signal SIGINT"
+    return f"error: {type(exc).__name__}: {exc}"
+
+
+def _final_counts(pipeline: Pipeline, parts: MachineParts, recorder: Recorder, clock: Clock) -> dict[str, Any]:
+    """What the batch holds when it ends (the recorder has flushed by then)."""
+    s = pipeline.stats
+    counts: dict[str, Any] = {
+        "objects_decided": s.objects, "decided": dict(s.decided), "flagged": s.flagged,
+        "deadline_misses": s.deadline_misses, "valve_unknown": s.valve_unknown, "passed_unseen": s.passed_unseen,
+        "rows_written": recorder.rows_written, "unseen_written": recorder.unseen_written,
+        "rows_overflow": recorder.rows_overflow, "record_errors": recorder.errors,
+    }
+    if parts.machine is not None:
+        counts["stones_fed"] = parts.machine.fed_by(clock.now_ns())
+    return counts

@@ -1,7 +1,7 @@
 """The simulated machine: the world plus its optics, shared by the sim backends.
 
 Beyond the backends, `sorterd run` drives it only through its run seam (feed,
-start_at, fed_by, all_past_ns, last_landing_ns, open_jet, truth): the world's
+start_at, stop_feed, fed_by, all_past_ns, last_landing_ns, open_jet, truth): the world's
 internals stay in sorterd.sim.
 """
 
@@ -16,6 +16,7 @@ from sorterd.config import Config, SimConfig
 from sorterd.domain import JET_BINS
 from sorterd.sim.parts.camera import sim_camera
 from sorterd.sim.render import Optics, render_frame, render_reference
+from sorterd.sim.stones import StoneSpec
 from sorterd.sim.truth import SimTruth
 from sorterd.sim.world import World
 
@@ -38,6 +39,8 @@ class SimMachine:
         )
         self.seed = cfg.sim.seed
         self.faults: dict[str, float] = dict(cfg.sim.faults)
+        self._all_past_ns: int | None = None
+        self._all_past_of: list[StoneSpec] | None = None  # the feed it was computed for
 
     def _rng(self, t_ns: int, mode: str) -> np.random.Generator:
         # One generator per frame: frames render concurrently in worker threads,
@@ -62,14 +65,23 @@ class SimMachine:
         """The fed stones start arriving at t_ns."""
         self.world.start_at(t_ns)
 
+    def stop_feed(self, t_ns: int) -> int:
+        """Stop the feeder at t_ns (a stop of the run): stones not yet in view are never fed.
+        Returns the stones fed; the truth, the trigger and the run's end count only those."""
+        return self.world.stop_feed(t_ns)
+
     def fed_by(self, t_ns: int) -> int:
         """How many stones have entered the view by t_ns (the progress line)."""
         return sum(1 for s in self.world.stones if s.t_entry_ns <= t_ns)
 
     def all_past_ns(self) -> int:
-        """When the last fed stone has left the view (the run's end, for the vision trigger)."""
-        spans = self.world.beam_times(self.world.view_mm[0])
-        return max((clear for _, clear in spans), default=0) + 100_000_000
+        """When the last fed stone has left the view (the run's end, for the vision trigger).
+        Cached until the feed changes: the vision trigger asks at every preview."""
+        if self._all_past_ns is None or self._all_past_of is not self.world.stones:
+            spans = self.world.beam_times(self.world.view_mm[0])
+            self._all_past_ns = max((clear for _, clear in spans), default=0) + 100_000_000
+            self._all_past_of = self.world.stones
+        return self._all_past_ns
 
     def last_landing_ns(self) -> int:
         """When the last fed stone has fallen into its bin."""

@@ -108,6 +108,15 @@ class World:
         """
         self.stones = [replace(s, t_entry_ns=s.t_entry_ns + t_ns) for s in self.stones]
 
+    def stop_feed(self, t_ns: int) -> int:
+        """The feeder stops at t_ns: stones that would enter the view later are never fed.
+
+        A new list, not an edit in place: frames render in worker threads while this
+        runs.  Returns how many stones stay fed.
+        """
+        self.stones = [s for s in self.stones if s.t_entry_ns <= t_ns]
+        return len(self.stones)
+
     def _class_weights(self) -> tuple[list[tuple[str, str]], np.ndarray]:
         mix = self.sim.class_mix or THAI_MELEE_MIX
         classes = [(c, k) for c in COLORS for k in CLARITIES]

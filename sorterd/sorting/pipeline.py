@@ -97,6 +97,8 @@ class Pipeline:
         self._triggers = TriggerQueue(maxsize=16)
         self._pairs: asyncio.Queue[FramePair | None] = asyncio.Queue(maxsize=cfg.pipeline.queue_size)
         self._outcomes: set[asyncio.Task[None]] = set()
+        self._input_stopped = False  # stop_input() was called: the trigger loop ends, the rest drains
+        self._trigger_task: asyncio.Task[None] | None = None
         cam = parts.camera
         # A replayed session brings its own pair interval; otherwise the strobes' setting.
         self.pair_interval_ms = float(cam.pair_interval_ms or cfg.lights.pair_interval_ms)
@@ -115,13 +117,17 @@ class Pipeline:
     # -- stage 1: triggers ----------------------------------------------------
 
     async def _trigger_loop(self) -> None:
-        while (ev := await self.parts.trigger.next()) is not None:
-            if self.ledger is not None:
-                self.ledger.edge(ev.t_ns)  # queued or not, it is a stone to account for
-            if not self._triggers.put_nowait(ev):
-                # The stone is still in view: the next pair will show it.
-                self.count.trigger_dropped()
-        self._triggers.put_nowait(None)  # end of input
+        try:
+            while (ev := await self.parts.trigger.next()) is not None:
+                if self.ledger is not None:
+                    self.ledger.edge(ev.t_ns)  # queued or not, it is a stone to account for
+                if not self._triggers.put_nowait(ev):
+                    # The stone is still in view: the next pair will show it.
+                    self.count.trigger_dropped()
+        except asyncio.CancelledError:
+            if not self._input_stopped:
+                raise
+        self._triggers.put_nowait(None)  # end of input: what is queued still goes through
 
     # -- stage 2: capture -----------------------------------------------------
 
@@ -320,10 +326,7 @@ class Pipeline:
             self._deadline_miss(row, outcome.status)
             return
         if outcome.status.startswith("unknown"):
-            # The controller may or may not have fired it: the stone is in its bin or in REJECT.
-            self.count.valve_unknown()
-            row.flagged = 1
-            row.reason = f"{row.reason}; valve outcome unknown: in {row.bin} or REJECT".lstrip("; ")
+            self._outcome_unknown(row)
         elif outcome.fired and outcome.actual_off_ns is not None:
             late_off_ns = outcome.actual_off_ns - pulse.end_ns
             if late_off_ns > self.cfg.ejection.margin_ms * 1e6:
@@ -333,6 +336,12 @@ class Pipeline:
                 log.warning("%s: valve %s closed %.1f ms late: a stone just behind may have been carried into %s",
                             sid, pulse.valve, late_off_ns / 1e6, pulse.valve)
         self._finish(row)
+
+    def _outcome_unknown(self, row: StoneRow) -> None:
+        """The controller may or may not have fired it: the stone is in its bin or in REJECT."""
+        self.count.valve_unknown()
+        row.flagged = 1
+        row.reason = f"{row.reason}; valve outcome unknown: in {row.bin} or REJECT".lstrip("; ")
 
     def _deadline_miss(self, row: StoneRow, why: str) -> None:
         row.deadline_miss = 1
@@ -361,9 +370,13 @@ class Pipeline:
     # -- lifecycle ------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run until the trigger source ends (simulation) or the task is cancelled."""
+        """Run until the trigger source ends (simulation) or stop_input() is called, and every
+        stone decided has its row; or until the task is cancelled (then see abandon())."""
         tasks = [asyncio.create_task(c, name=n) for n, c in (
             ("trigger", self._trigger_loop()), ("capture", self._capture_loop()), ("process", self._process_loop()))]
+        self._trigger_task = tasks[0]
+        if self._input_stopped:
+            tasks[0].cancel()
         try:
             await asyncio.gather(*tasks)
             while self._outcomes:
@@ -371,3 +384,25 @@ class Pipeline:
         finally:
             for t in tasks:
                 t.cancel()
+
+    def stop_input(self) -> None:
+        """Take no more triggers (a stop): the edges queued, the pairs captured and the pulses
+        in flight still go through, and run() returns once every decided stone has its row."""
+        self._input_stopped = True
+        if self._trigger_task is not None:
+            self._trigger_task.cancel()
+
+    def abandon(self) -> int:
+        """The drain ran out of time: every pulse still waiting for its outcome is recorded as
+        unknown (flagged: in its bin or REJECT) so that no decided stone goes without its row.
+        Returns how many; cancel run() afterwards."""
+        for task in list(self._outcomes):
+            task.cancel()
+        pending = list(self.pending.values())
+        self.pending.clear()
+        for pend in pending:
+            pend.row.valve_status = "unknown: the run stopped before the valves reported it"
+            self.count.pulse_outcome(pend.pulse.valve if pend.pulse else pend.row.bin, pend.row.valve_status)
+            self._outcome_unknown(pend.row)
+            self._finish(pend.row)
+        return len(pending)

@@ -179,12 +179,12 @@ class VisionTrigger:
         return new
 
     async def next(self) -> TriggerEvent | None:
-        if self._end_ns is None and self._stop_at is not None:
-            self._end_ns = self._stop_at()
         if self._ref is None:
             self.set_reference(self.camera.reference("backlit"))  # CameraError: still none
         while not self._closed:
             now = self.clock.now_ns()
+            # Asked at every preview: a stop of the run ends the feed early (the simulator caches it).
+            self._end_ns = self._stop_at() if self._stop_at is not None else None
             if self._end_ns is not None and now >= self._end_ns:
                 return None
             # Previews on a fixed grid; sleeping first lets a pending pair take the camera.

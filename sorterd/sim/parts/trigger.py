@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +15,7 @@ from sorterd.parts.trigger import TriggerEvent, TriggerOptions
 
 if TYPE_CHECKING:
     from sorterd.sim.machine import SimMachine
+    from sorterd.sim.stones import StoneSpec
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,29 @@ class SimTrigger:
         self.latency_ns = int(cfg.latency_ms * 1e6)
         self.beam_x_mm = cfg.beam_x_mm
         self.machine = machine
-        self._edges: Iterator[int] | None = None
+        self._edges: deque[int] = deque()
+        self._feed: list[StoneSpec] | None = None  # the world's feed the edges were computed from
+        self._last_ns = -1  # the last edge returned
 
     async def next(self) -> TriggerEvent | None:
-        if self._edges is None:  # the world is fed just before the run starts
-            self._edges = iter(t_on for t_on, _ in self.machine.world.beam_times(self.beam_x_mm))
-        t = next(self._edges, None)
-        if t is None:
-            return None
-        # The host learns of the edge after the sensor latency; the event carries the edge time.
-        await self.clock.sleep_until(t + self.latency_ns)
-        return TriggerEvent(t)
+        while (t := self._next_edge()) is not None:
+            # The host learns of the edge after the sensor latency; the event carries the edge time.
+            await self.clock.sleep_until(t + self.latency_ns)
+            if self._next_edge() == t:  # not a stone the feeder kept back meanwhile (a stop)
+                self._edges.popleft()
+                self._last_ns = t
+                return TriggerEvent(t)
+        return None
+
+    def _next_edge(self) -> int | None:
+        """The next beam edge of the stones fed; recomputed when the feed changes (fed just
+        before the run starts, shortened when the feeder stops)."""
+        stones = self.machine.world.stones
+        if stones is not self._feed:
+            self._feed = stones
+            self._edges = deque(t_on for t_on, _ in self.machine.world.beam_times(self.beam_x_mm)
+                                if t_on > self._last_ns)
+        return self._edges[0] if self._edges else None
 
     def set_reference(self, backlit: np.ndarray) -> None:
         """A simulated beam does not look at frames: nothing to do."""
