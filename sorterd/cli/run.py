@@ -50,7 +50,8 @@ class RunResult:
     batch_dir: Path
 
 
-def run(cfg: Config, opts: RunOptions, out: TextIO = sys.stderr) -> RunResult:
+def run(cfg: Config, opts: RunOptions, out: TextIO | None = None) -> RunResult:
+    out = out or sys.stderr  # looked up now: a default bound at import would outlive a replaced stderr
     # Only a run with no real hardware may skip idle time.
     clock = make_clock(cfg.sim.clock if cfg.offline else "wall")
     loop = clock.new_event_loop()

@@ -10,6 +10,7 @@ a slow disk never delays a commit.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import queue
@@ -26,7 +27,7 @@ import cv2
 import numpy as np
 
 from sorterd.data.files import write_png_atomic
-from sorterd.data.session import PairTimes, SessionWriter
+from sorterd.data.session import PairTimes, SessionWriter, stone_order
 
 if TYPE_CHECKING:  # the row's sources; only their fields are read here
     from sorterd.controller.outputs import Pulse
@@ -185,7 +186,7 @@ class Recorder:
                  session: SessionWriter | None = None, decisions: Path | None = None) -> None:
         self.thumbnail_px = thumbnail_px
         self.session = session  # written by the image thread only
-        self.decisions_path = decisions  # written by the SQLite thread only
+        self.decisions = DecisionsFile(decisions) if decisions is not None else None  # SQLite thread only
         self.dir = batch_dir
         self.db_path = batch_dir / "stones.db"
         self.commit_interval_s = commit_interval_s
@@ -256,6 +257,8 @@ class Recorder:
                 pending = []
             if time.monotonic() >= deadline:
                 deadline = time.monotonic() + self.commit_interval_s
+        if self.decisions is not None:
+            self.decisions.close()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
 
@@ -268,19 +271,12 @@ class Recorder:
                 conn.executemany(INSERT_UNSEEN_SQL, [tuple(asdict(u).values()) for u in unseen])
             self.rows_written += len(rows)
             self.unseen_written += len(unseen)
-            self._write_decisions(rows)
+            if self.decisions is not None:
+                self.decisions.add(rows)
         except sqlite3.Error:
             self.errors += 1
             log.exception("SQLite write of %d rows failed; rows kept in the spill file", len(items))
             self._spill(items)
-
-    def _write_decisions(self, rows: list[StoneRow]) -> None:
-        """`run --decisions PATH`: one JSON line per stone, exact floats."""
-        if self.decisions_path is None:
-            return
-        with open(self.decisions_path, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps(decision_record(r)) + "\n")
 
     def _spill(self, items: list[StoneRow | UnseenRow]) -> None:
         """Last resort when SQLite fails (disk full, corruption): rows as JSON lines
@@ -309,6 +305,44 @@ class Recorder:
             write_png_atomic(self.dir / "flagged" / f"{job.stone_id}_{mode}.png", image)  # the outbox reads these
         if job.raw is not None and self.session is not None:
             self.session.write_pair(job.stone_id, *job.raw)
+
+
+class DecisionsFile:
+    """`run --decisions PATH`: one JSON line per stone (exact floats), in stone id order
+    (`stone_order`), so a live run and its replay compare with a plain `diff`.
+
+    Rows finish in completion order (a stone with a pulse waits for its outcome),
+    never far from id order: lines wait in a heap of at most `hold` and leave
+    smallest id first; the rest leave at close.  A row finishing more than `hold`
+    rows late would break the order: counted in `out_of_order` and logged.
+    SQLite thread only."""
+
+    def __init__(self, path: Path, hold: int = 4096) -> None:
+        self.path = path
+        self.hold = hold
+        self.out_of_order = 0
+        self._heap: list[tuple[tuple[int, int, str], str]] = []
+        self._last: tuple[int, int, str] | None = None
+
+    def add(self, rows: list[StoneRow]) -> None:
+        for r in rows:
+            heapq.heappush(self._heap, (stone_order(r.stone_id), json.dumps(decision_record(r))))
+        self._write(len(self._heap) - self.hold)
+
+    def close(self) -> None:
+        self._write(len(self._heap))
+
+    def _write(self, n: int) -> None:
+        if n <= 0:
+            return
+        with open(self.path, "a") as fh:
+            for _ in range(n):
+                key, line = heapq.heappop(self._heap)
+                if self._last is not None and key < self._last:
+                    self.out_of_order += 1
+                    log.warning("%s: a row finished more than %d rows late is out of order", self.path, self.hold)
+                self._last = key
+                fh.write(line + "\n")
 
 
 def decision_record(r: StoneRow) -> dict[str, Any]:
