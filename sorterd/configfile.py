@@ -205,3 +205,10 @@ def describe(cls: type, section: str) -> list[str]:
         extra = f" [{'; '.join(bounds)}]" if bounds else ""
         lines.append(f"`{section}.{f.name}` (default `{default!r}`): {meta.get('doc', '')}{extra}")
     return lines
+
+
+def check_value(value: Any, tp: Any, meta: typing.Mapping[str, Any], key: str) -> tuple[Any, str | None]:
+    """One value against its annotated type and its `opt` bounds, for files read outside
+    `build` (a recorded session's metadata); (the value, converted, or the problem)."""
+    value, err = _coerce(value, tp, key)
+    return value, err or _check_bounds(value, meta, key)

@@ -25,11 +25,11 @@ import numpy as np
 from sorterd.clock import Clock
 from sorterd.config import Config
 from sorterd.controller.outputs import Pulse
-from sorterd.data.session import PairTimes
+from sorterd.data.session import PairTimes, pair_stone_ids
 from sorterd.domain import JET_BINS, LIGHT_MODES
 from sorterd.metrics import Metrics
 from sorterd.parts import Parts
-from sorterd.parts.camera import CameraError, FramePair
+from sorterd.parts.camera import CameraError, FramePair, RecordedFrameError
 from sorterd.parts.inference import Model
 from sorterd.parts.inference.onnxruntime import Prediction
 from sorterd.parts.lights import StrobeError, strobe_edges
@@ -136,6 +136,11 @@ class Pipeline:
         while (ev := await self._triggers.get()) is not None:
             try:
                 pair = await self._capture(seq, ev)
+            except RecordedFrameError as exc:
+                # Replay: the recorded file is bad, not the camera; its trigger was not lost.
+                self.count.unreadable_pair()
+                log.error("replay: pair skipped, its stones are not decided: %s", exc)
+                continue
             except CameraError as exc:
                 await self._camera_lost(exc)
                 continue
@@ -199,9 +204,9 @@ class Pipeline:
                 log.error("capture %d: %s: its %d stone(s) take the safe route", pair.seq, fault, len(done.new))
                 done.preds.clear()
                 done.reasons[:] = [f"lighting: {fault}"] * len(done.new)
-            for i, obs in enumerate(done.new):
+            for i, (sid, obs) in enumerate(zip(self._stone_ids(pair, len(done.new)), done.new, strict=True)):
                 t = time.perf_counter()
-                sid, dec, pulse = self._decide_and_plan(obs, done.preds.get(i), done.reasons[i])
+                dec, pulse = self._decide_and_plan(sid, obs, done.preds.get(i), done.reasons[i])
                 if i == 0 and self.record_pairs:
                     self._record_pair(sid, pair, edges)
                 decide_s = time.perf_counter() - t
@@ -277,9 +282,17 @@ class Pipeline:
 
     # -- decide, plan, fire ---------------------------------------------------
 
-    def _decide_and_plan(self, obs: Observation, pred: Prediction | None, reason: str) -> tuple[str, Decision, Pulse | None]:
-        sid = f"S{self._next_id:06d}"
-        self._next_id += 1
+    def _stone_ids(self, pair: FramePair, n: int) -> list[str]:
+        """Ids of a pair's n new stones, in segmentation order: numbered on from the last
+        one; in a replay, the ids they were recorded under (`pair_stone_ids`)."""
+        rec = pair.backlit.recorded
+        if rec is not None:
+            return pair_stone_ids(rec.name, rec.next_name, n)
+        first, self._next_id = self._next_id, self._next_id + n
+        return [f"S{k:06d}" for k in range(first, first + n)]
+
+    def _decide_and_plan(self, sid: str, obs: Observation, pred: Prediction | None, reason: str
+                         ) -> tuple[Decision, Pulse | None]:
         if pred is None:
             dec = safe_route(self.cfg.machine.safe_route, reason)
         else:
@@ -290,7 +303,7 @@ class Pipeline:
         self.tracker.add(track, obs.y_mm)
         dec = self.neighbours.resolve(track, dec)
         pulse = plan_pulse(track, dec.bin, self.cfg.geometry, self.cfg.ejection) if dec.bin in JET_BINS else None
-        return sid, dec, pulse
+        return dec, pulse
 
     def _dispatch(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
                   dec: Decision, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],

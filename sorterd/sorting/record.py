@@ -12,6 +12,7 @@ what it cost is counted (`Recorder`).
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import logging
 import queue
@@ -29,7 +30,7 @@ import cv2
 import numpy as np
 
 from sorterd.data.files import write_png_atomic
-from sorterd.data.session import PairTimes, SessionWriter
+from sorterd.data.session import PairTimes, SessionWriter, stone_order
 
 if TYPE_CHECKING:  # the row's sources; only their fields are read here
     from sorterd.controller.outputs import Pulse
@@ -222,7 +223,7 @@ class Recorder:
                  min_free_bytes: int = 0, close_timeout_s: float = 5.0, connect: Connect | None = None) -> None:
         self.thumbnail_px = thumbnail_px
         self.session = session  # written by the image thread only
-        self.decisions_path = decisions  # written by the SQLite thread only
+        self.decisions = DecisionsFile(decisions) if decisions is not None else None  # SQLite thread only
         self.dir = batch_dir
         self.db_path = batch_dir / "stones.db"
         self.commit_interval_s = commit_interval_s
@@ -376,6 +377,7 @@ class Recorder:
         self._ready.set()
         try:
             self._write_loop(conn)
+            self._write_decisions([], final=True)  # the lines still held for id order
         finally:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -471,19 +473,17 @@ class Recorder:
         else:
             self._lose(_kind(row), 1, settled=True)
 
-    def _write_decisions(self, rows: list[StoneRow]) -> None:
-        """`run --decisions PATH`: one JSON line per stone, exact floats."""
-        if self.decisions_path is None or not rows:
+    def _write_decisions(self, rows: list[StoneRow], final: bool = False) -> None:
+        """`run --decisions PATH`: the rows' lines, through the id-ordered `DecisionsFile`;
+        lines the disk refuses are counted lost (SQLite thread only)."""
+        if self.decisions is None or not (rows or final):
             return
-        try:
-            with open(self.decisions_path, "a") as fh:
-                for r in rows:
-                    fh.write(json.dumps(decision_record(r)) + "\n")
-        except OSError as exc:
-            self._lose("decisions", len(rows))
-            self._streak("decisions", False, f"cannot write {self.decisions_path} ({exc}): decision lines are lost")
+        lost, exc = self.decisions.close() if final else self.decisions.add(rows)
+        if exc is not None:
+            self._lose("decisions", lost)
+            self._streak("decisions", False, f"cannot write {self.decisions.path} ({exc}): decision lines are lost")
         else:
-            self._streak("decisions", True, f"{self.decisions_path} is written again")
+            self._streak("decisions", True, f"{self.decisions.path} is written again")
 
     def _spill(self, items: list[StoneRow | UnseenRow]) -> bool:
         """Last resort when SQLite fails (disk full, corruption): rows as JSON lines
@@ -591,6 +591,51 @@ class Recorder:
     def _write_flagged(self, sid: str, full: dict[str, np.ndarray]) -> None:
         for mode, image in full.items():
             write_png_atomic(self.dir / "flagged" / f"{sid}_{mode}.png", image)  # the outbox reads these
+
+
+class DecisionsFile:
+    """`run --decisions PATH`: one JSON line per stone (exact floats), in stone id order
+    (`stone_order`), so a live run and its replay compare with a plain `diff`.
+
+    Rows finish in completion order (a stone with a pulse waits for its outcome),
+    never far from id order: lines wait in a heap of at most `hold` and leave
+    smallest id first; the rest leave at close.  A row finishing more than `hold`
+    rows late would break the order: counted in `out_of_order` and logged.
+    SQLite thread only."""
+
+    def __init__(self, path: Path, hold: int = 4096) -> None:
+        self.path = path
+        self.hold = hold
+        self.out_of_order = 0
+        self._heap: list[tuple[tuple[int, int, str], str]] = []
+        self._last: tuple[int, int, str] | None = None
+
+    def add(self, rows: list[StoneRow]) -> tuple[int, OSError | None]:
+        """Hold the rows' lines; write those beyond `hold`.  (lines lost, the error) if the disk refused."""
+        for r in rows:
+            heapq.heappush(self._heap, (stone_order(r.stone_id), json.dumps(decision_record(r))))
+        return self._write(len(self._heap) - self.hold)
+
+    def close(self) -> tuple[int, OSError | None]:
+        return self._write(len(self._heap))
+
+    def _write(self, n: int) -> tuple[int, OSError | None]:
+        if n <= 0:
+            return 0, None
+        lines = []
+        for _ in range(n):
+            key, line = heapq.heappop(self._heap)
+            if self._last is not None and key < self._last:
+                self.out_of_order += 1
+                log.warning("%s: a row finished more than %d rows late is out of order", self.path, self.hold)
+            self._last = key
+            lines.append(line + "\n")
+        try:
+            with open(self.path, "a") as fh:
+                fh.writelines(lines)
+        except OSError as exc:
+            return n, exc
+        return 0, None
 
 
 def decision_record(r: StoneRow) -> dict[str, Any]:

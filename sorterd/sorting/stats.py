@@ -6,7 +6,8 @@ finished) to a `RunCounter`; it updates `RunStats` (read by the run summary,
 Prometheus series (`sorterd/metrics.py`) in the same call, so the two can never
 disagree.  Some figures exist on one side only, on purpose: `objects` and
 `valve_unknown` have no series of their own (`sorterd_stones_total` and
-`sorterd_pulses_total{status="unknown"}` carry them), and the queue depths,
+`sorterd_pulses_total{status="unknown"}` carry them), `unreadable_pairs` (replay
+only) has none, and the queue depths,
 pulse outcomes and the model's info are series only.
 
 Threads: loop thread only.  Every method is called from the event loop (the
@@ -41,6 +42,7 @@ class RunStats:
     triggers_dropped: int = 0
     camera_failures: int = 0
     gap_triggers: int = 0  # triggers lost while the camera was away
+    unreadable_pairs: int = 0  # replay: recorded pairs whose files could not be read (skipped)
     passed_unseen: int = 0  # trigger edges no decided object explains (the ledger)
     untriggered: int = 0  # decided objects no trigger edge explains
     valve_unknown: int = 0  # pulses whose outcome the controller never reported (link lost)
@@ -87,6 +89,11 @@ class RunCounter:
     def camera_failure(self) -> None:
         self.stats.camera_failures += 1
         self.metrics.camera_failures.inc()
+
+    def unreadable_pair(self) -> None:
+        """Replay: a recorded pair's files could not be read; it was skipped (no series:
+        a replay is a bench run, not the service)."""
+        self.stats.unreadable_pairs += 1
 
     def gap_triggers(self, n: int) -> None:
         """Triggers (stones) lost while the camera was away."""

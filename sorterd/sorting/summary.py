@@ -63,6 +63,7 @@ def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], truth: RunTrut
         "pairs_dropped": stats.pairs_dropped,
         "camera_failures": stats.camera_failures,
         "camera_gap_triggers": stats.gap_triggers,
+        "unreadable_pairs": stats.unreadable_pairs,
         "triggers_dropped": stats.triggers_dropped,
         "passed_unseen": stats.passed_unseen,
         "co_deflection_risks": len(stats.co_deflection_risks),
@@ -150,7 +151,7 @@ def _backend_stats(st: Any) -> dict[str, Any]:
 FAULT_COUNTS = (("lighting_faults", "lighting faults"), ("passed_unseen", "passed unseen"),
                 ("untriggered", "untriggered"), ("co_deflection_risks", "co-deflection risks"),
                 ("valve_unknown", "valve outcomes unknown"), ("late_off_edges", "late off edges"),
-                ("triggers_dropped", "triggers dropped"))
+                ("triggers_dropped", "triggers dropped"), ("unreadable_pairs", "unreadable recorded pairs (skipped)"))
 
 
 def format_text(s: dict[str, Any]) -> str:

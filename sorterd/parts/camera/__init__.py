@@ -53,11 +53,26 @@ class CameraError(RuntimeError):
     """The camera failed (disconnected, timed out); stones in the gap take the safe route."""
 
 
+class RecordedFrameError(CameraError):
+    """A recorded frame that cannot be read (replay): its pair is skipped and counted as
+    unreadable; the camera did not fail and no trigger was lost."""
+
+
+@dataclass(frozen=True)
+class RecordedPair:
+    """Where a replayed frame comes from: its pair's name and the next pair's, which
+    bound the ids its stones were recorded under (`data.session.pair_stone_ids`)."""
+
+    name: str
+    next_name: str | None
+
+
 @dataclass(frozen=True)
 class Frame:
     image: np.ndarray  # H x W x 3 uint8, BGR
     t_ns: int  # exposure instant, host monotonic ns
     mode: str
+    recorded: RecordedPair | None = None  # replay: the recorded pair (its stones keep their ids)
 
 
 @dataclass(frozen=True)

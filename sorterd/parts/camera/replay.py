@@ -20,7 +20,7 @@ import numpy as np
 from sorterd.clock import Clock
 from sorterd.configfile import ConfigError, opt
 from sorterd.data.session import SessionError, SessionReader
-from sorterd.parts.camera import CameraError, CameraOptions, Frame
+from sorterd.parts.camera import CameraError, CameraOptions, Frame, RecordedFrameError, RecordedPair
 from sorterd.parts.registry import Backend, Opening
 from sorterd.parts.trigger import TriggerEvent, TriggerOptions
 
@@ -132,22 +132,25 @@ class ReplayCamera:
         """The recorded frame, stamped with its recorded instant on this run's clock."""
         if mode == "backlit":
             self._index += 1
+            self._pair = None
             self._pair = await asyncio.get_running_loop().run_in_executor(None, self._load, self._index)
         if self._pair is None:
             raise CameraError("replay: toplit frame requested before a backlit one")
         _, t_back, t_top = self.source.mapped(self._index)
         t_frame = t_back if mode == "backlit" else t_top
         await self.source.clock.sleep_until(t_frame)
-        return Frame(self._pair[0] if mode == "backlit" else self._pair[1], t_frame, mode)
+        ids = self.source.reader.stone_ids
+        recorded = RecordedPair(ids[self._index], ids[self._index + 1] if self._index + 1 < len(ids) else None)
+        return Frame(self._pair[0] if mode == "backlit" else self._pair[1], t_frame, mode, recorded)
 
     def _load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         ids = self.source.reader.stone_ids
         if i >= len(ids):
             raise CameraError(f"replay: session {self.source.reader.dir} has only {len(ids)} pairs")
-        try:
+        try:  # an unreadable pair is skipped (counted by the pipeline); the replay goes on
             return self.source.reader.read_pair(ids[i])
         except SessionError as exc:
-            raise CameraError(str(exc)) from exc
+            raise RecordedFrameError(str(exc)) from exc
 
     def reopen(self) -> None:
         """A session folder cannot come and go; nothing to reopen."""
