@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 
 
 
-# A decision may explain its trigger edge this long after the edge (the stone is in
-# view, then its pair waits in the queue); after that an edge is a stone passed unseen.
+# A stone's trigger edge and the exposure of a pair that shows it are at most this far
+# apart (it is in view 50-200 ms); an edge no pair exposed this much later explains is a
+# stone passed unseen.  Counted from exposures, not the clock: queueing does not count.
 LEDGER_HORIZON_NS = 1_000_000_000
 # A stone's computed crossing vs its edge: the front found in the frame (a pixel or
 # two) and a beam's own width and threshold.
@@ -117,7 +118,7 @@ class Pipeline:
     async def _trigger_loop(self) -> None:
         while (ev := await self.parts.trigger.next()) is not None:
             if self.ledger is not None:
-                self.ledger.edge(ev.t_ns)  # queued or not, it is a stone to account for
+                self.ledger.edge(ev.t_ns, ev.earliest_ns)  # queued or not, it is a stone to account for
             if not self._triggers.put_nowait(ev):
                 # The stone is still in view: the next pair will show it.
                 self.count.trigger_dropped()
@@ -205,7 +206,9 @@ class Pipeline:
                 self.count.exposure_to_pulse((self.clock.now_ns() - obs.t_ns) / 1e9)
                 self._account(obs)
             self.planner.forget_before(self.clock.now_ns())
-            self._settle(self.clock.now_ns())
+            # Every pair exposed up to this one is decided (pairs are processed in order); the
+            # clock would close the ledger's books early whenever processing lags behind.
+            self._settle(pair.backlit.t_ns)
         self._settle(None)  # end of input: edges nothing explained by now never will be
 
     def _account(self, obs: Observation) -> None:

@@ -110,6 +110,7 @@ class VisionTrigger:
         self.max_px_per_ns = max_speed_mm_s * px_per_mm / 1e9  # top speed in preview columns
         self._known: list[tuple[int, int]] = []  # (front column, when last seen) of stones in the zone
         self._next_ns: int | None = None
+        self._last_look_ns: int | None = None  # the last preview examined (loop thread only)
         self._closed = False
         self.previews = 0
         self.triggers = 0
@@ -196,10 +197,18 @@ class VisionTrigger:
                 continue
             self.previews += 1
             # A few thousand pixels: tens of microseconds, fine on the loop.
+            earliest = self._earliest_crossing_ns()
+            self._last_look_ns = frame.t_ns
             if self._new_stones(self.fronts(frame.image), frame.t_ns):
                 self.triggers += 1
-                return TriggerEvent(frame.t_ns)
+                return TriggerEvent(frame.t_ns, earliest)
         return None
+
+    def _earliest_crossing_ns(self) -> int | None:
+        """A new front was not in the last preview, or only below min_area_mm2 (a preview
+        earlier): it crossed the zone's start after that.  Previews wait while a pair holds
+        the camera, so this can be far more than a preview period before the edge."""
+        return None if self._last_look_ns is None else self._last_look_ns - self.period_ns
 
     async def _preview(self) -> Frame | None:
         async with self.camera.lock:
