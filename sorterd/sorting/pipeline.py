@@ -35,10 +35,10 @@ from sorterd.parts.inference.onnxruntime import Prediction
 from sorterd.parts.lights import StrobeError, strobe_edges
 from sorterd.parts.trigger import TriggerEvent
 from sorterd.sorting.capture import capture_pair, lighting_fault
-from sorterd.sorting.decide import Decision, decide, safe_route, unsortable_reason
+from sorterd.sorting.decide import decide, safe_route, unsortable_reason
 from sorterd.sorting.eject import Planner, plan_pulse
 from sorterd.sorting.ledger import TriggerLedger
-from sorterd.sorting.neighbours import Neighbours, Pending
+from sorterd.sorting.neighbours import Neighbours, Pending, Routed
 from sorterd.sorting.record import ImageJob, Recorder, StoneRow, UnseenRow, stone_row, wall_time_iso
 from sorterd.sorting.segment import Observation, PairingLimits, crop_halves, segment_pair
 from sorterd.sorting.stats import RunCounter
@@ -91,7 +91,7 @@ class Pipeline:
         self.planner = Planner(cfg.geometry, cfg.ejection)
         self.tracker = Tracker(cfg.pipeline.track_tolerance_mm)
         self.pending: dict[str, Pending] = {}
-        self.neighbours = Neighbours(self.planner, self.pending, parts.valves, self.count)
+        self.neighbours = Neighbours(self.planner, self.pending, parts.valves, self.count, cfg.machine.safe_route)
         self.rows: list[StoneRow] = []  # every finished row, for the run summary
         self.record_pairs = recorder.session is not None
         self._next_id = 1
@@ -196,11 +196,11 @@ class Pipeline:
                 done.reasons[:] = [f"lighting: {fault}"] * len(done.new)
             for i, obs in enumerate(done.new):
                 t = time.perf_counter()
-                sid, dec, pulse = self._decide_and_plan(obs, done.preds.get(i), done.reasons[i])
+                sid, routed, pulse = self._decide_and_plan(obs, done.preds.get(i), done.reasons[i])
                 if i == 0 and self.record_pairs:
                     self._record_pair(sid, pair, edges)
                 decide_s = time.perf_counter() - t
-                self._dispatch(sid, pair, obs, done.preds.get(i), dec, pulse, done.crops[i], edges)
+                self._dispatch(sid, pair, obs, done.preds.get(i), routed, pulse, done.crops[i], edges)
                 if i in done.preds:
                     self.count.stage_latencies(done.segment_s, done.infer_s, decide_s, done.model_s)
                 self.count.exposure_to_pulse((self.clock.now_ns() - obs.t_ns) / 1e9)
@@ -274,7 +274,7 @@ class Pipeline:
 
     # -- decide, plan, fire ---------------------------------------------------
 
-    def _decide_and_plan(self, obs: Observation, pred: Prediction | None, reason: str) -> tuple[str, Decision, Pulse | None]:
+    def _decide_and_plan(self, obs: Observation, pred: Prediction | None, reason: str) -> tuple[str, Routed, Pulse | None]:
         sid = f"S{self._next_id:06d}"
         self._next_id += 1
         if pred is None:
@@ -285,16 +285,18 @@ class Pipeline:
         track = Track(sid, obs.t_ns, obs.x_mm, obs.speed_mm_s, obs.length_mm,
                       spread_mm=obs.length_mm if obs.cluster else 0.0)
         self.tracker.add(track, obs.y_mm)
-        dec = self.neighbours.resolve(track, dec)
-        pulse = plan_pulse(track, dec.bin, self.cfg.geometry, self.cfg.ejection) if dec.bin in JET_BINS else None
-        return sid, dec, pulse
+        routed = self.neighbours.resolve(track, dec)
+        route = routed.route
+        pulse = plan_pulse(track, route, self.cfg.geometry, self.cfg.ejection) if route in JET_BINS else None
+        return sid, routed, pulse
 
     def _dispatch(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
-                  dec: Decision, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],
+                  routed: Routed, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],
                   edges: dict[str, int | None]) -> None:
         """Send the pulse (or not), and hand the stone to the recorder."""
+        dec = routed.decision
         row = stone_row(sid, pair, obs, pred, dec, pulse, edges, t_decided_ns=self.clock.now_ns(),
-                        model_version=self.model.version, wall_time=wall_time_iso())
+                        model_version=self.model.version, wall_time=wall_time_iso(), route=routed.route)
         self.count.decided_object(obs.cluster, dec.flagged)
         self._save_images(sid, pair, crop, dec.flagged)
         if pulse is None:
@@ -326,7 +328,7 @@ class Pipeline:
             # The controller may or may not have fired it: the stone is in its bin or in REJECT.
             self.count.valve_unknown()
             row.flagged = 1
-            row.reason = f"{row.reason}; valve outcome unknown: in {row.bin} or REJECT".lstrip("; ")
+            row.reason = f"{row.reason}; valve outcome unknown: in {row.route} or REJECT".lstrip("; ")
         elif outcome.fired and outcome.actual_off_ns is not None:
             late_off_ns = outcome.actual_off_ns - pulse.end_ns
             if late_off_ns > self.cfg.ejection.margin_ms * 1e6:
@@ -348,7 +350,7 @@ class Pipeline:
 
     def _finish(self, row: StoneRow) -> None:
         """The stone's fate is sealed: count it and hand the row to the recorder."""
-        self.count.finished(row.bin)
+        self.count.finished(row.bin, row.route)
         self.rows.append(row)
         self.recorder.submit(row)
         self.count.queue_depth("record", self.recorder.depth)
