@@ -109,11 +109,19 @@ class TriggerLedger:
         e = _Expected(first_ns, last, span_ns, tol, len(mine), behind_ns)
         self.counts.explained += e.matched
         for i in reversed(mine):
-            self._earliest.pop(self._edges.pop(i), None)
+            self._drop_edge(i)
         if e.matched == 0 or last != first_ns:  # its edge may come yet; a cluster may have more
             self._expected.append(e)
         else:
             self._explained.append(e)
+
+    def _drop_edge(self, i: int) -> None:
+        """Edge i is explained; its span goes with the last edge of that instant (a vision
+        trigger gives one edge per stone that entered, all at the preview's instant)."""
+        t = self._edges.pop(i)
+        j = bisect_left(self._edges, t)
+        if j == len(self._edges) or self._edges[j] != t:
+            self._earliest.pop(t, None)
 
     def _distance(self, i: int, t_ns: int) -> tuple[int, int]:
         """How far edge i is from a crossing at t_ns: from its span of possible crossings,
@@ -162,7 +170,7 @@ class TriggerLedger:
         hi = bisect_left(self._edges, e.first_ns - e.tol_ns)
         if hi == lo:
             return False
-        self._earliest.pop(self._edges.pop(hi - 1), None)
+        self._drop_edge(hi - 1)
         self.counts.explained += 1
         e.matched = 1
         return True
