@@ -21,7 +21,8 @@ _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.stones = Counter("sorterd_stones_total", "Objects decided, by decided bin.", ["bin"], registry=r)
+        self.stones = Counter("sorterd_stones_total", "Objects finished, by decided bin (not by route: a conflict or deadline miss keeps it).",
+                              ["bin"], registry=r)
         self.flagged = Counter("sorterd_flagged_total", "Stones flagged for review.", registry=r)
         self.clusters = Counter("sorterd_clusters_total", "Touching stones seen as one object (safe route).", registry=r)
         self.deadline_misses = Counter("sorterd_deadline_misses_total", "Pulses not sent because they would be late.", registry=r)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,86 @@ def test_a_stone_seen_behind_a_touching_stone_that_was_missed_explains_their_one
     lg.edge(150 * MS)
     lg.decided(120 * MS, behind_ns=12 * MS)
     assert len(lg.close()) == 2 and lg.counts.untriggered == 1
+
+
+US = 1_000
+
+
+def touching_pair_decided_rear_first(lg: TriggerLedger, t0: int) -> None:
+    """Stones 29 and 30 of a recorded `seed = 9` run that failed: touching, one beam edge at
+    t0 + 25.64 ms.  The rear one (front 28.77 ms, 16.6 ms long) was decided before the front
+    one (25.46 ms, 4.0 ms long); neither rear's window (+-2.38 ms) holds the pair's edge."""
+    lg.decided(t0 + 28_770 * US, None, 16_570 * US, 2_381 * US, 26_513 * US)
+    lg.decided(t0 + 25_460 * US, None, 4_016 * US, 2_385 * US, 26_591 * US)
+
+
+def test_the_rear_of_two_touching_stones_decided_first_leaves_their_edge_to_the_front_one() -> None:
+    """Recorded: a stone the camera really missed (edge at 0) and, 25.6 ms later, a touching pair
+    decided rear first.  The rear stone took the pair's edge as 'behind a missed stone' on
+    arrival, and the front one then took the missed stone's edge: 0 unseen where truth has 1."""
+    lg = ledger()
+    for t_us in (-40_800, -26_160, 0, 25_640, 58_600):
+        lg.edge(3_578_693_484_628 + t_us * US)
+    lg.decided(3_578_693_484_628 - 40_870 * US, tol_ns=2_264 * US)
+    lg.decided(3_578_693_484_628 - 26_340 * US, tol_ns=2_265 * US)
+    touching_pair_decided_rear_first(lg, 3_578_693_484_628)
+    lg.decided(3_578_693_484_628 + 58_450 * US, tol_ns=2_401 * US)
+    assert lg.close() == [3_578_693_484_628]
+    assert (lg.counts.explained, lg.counts.passed_unseen, lg.counts.untriggered) == (4, 1, 0)
+
+
+def test_a_touching_pair_decided_rear_first_with_no_missed_stone_is_one_edge_two_stones() -> None:
+    """Recorded the same way (another run), no missed stone ahead: the rear stone took the
+    pair's edge on arrival, the front one was left with none and counted untriggered."""
+    lg = ledger()
+    t0 = 3_581_897_518_957
+    for t_us in (-51_630, -25_470, 170, 33_130, 45_850):
+        lg.edge(t0 + t_us * US)
+    lg.decided(t0 - 51_790 * US, tol_ns=2_264 * US)
+    lg.decided(t0 - 25_550 * US, tol_ns=2_433 * US)
+    lg.decided(t0 + 3_180 * US, None, 16_733 * US, 2_383 * US, 26_551 * US)  # the rear one, first
+    lg.decided(t0, None, 4_148 * US, 2_383 * US, 26_544 * US)
+    lg.decided(t0 + 45_810 * US, tol_ns=2_404 * US)
+    lg.decided(t0 + 33_000 * US, tol_ns=2_408 * US)
+    assert lg.close() == []
+    assert (lg.counts.explained, lg.counts.passed_unseen, lg.counts.untriggered) == (5, 0, 0)
+
+
+@pytest.mark.slow
+def test_a_pipeline_lagging_over_a_second_behind_counts_no_stone_unseen(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pair takes 1.5 s to compute (virtual time passes while a worker computes) while the
+    next ones wait in a deep queue: their stones were seen, only late.  Closing the books on
+    the clock counted their edges unseen (and their decisions untriggered)."""
+    real = Pipeline._compute
+
+    def stall_once(self: Pipeline, pair: Any, known: Any) -> Any:
+        if pair.seq == 3:
+            time.sleep(1.5)
+        return real(self, pair, known)
+
+    monkeypatch.setattr(Pipeline, "_compute", stall_once)
+    cfg = load_config(config.sim_config_path(), {
+        "record": {"log_dir": str(tmp_path)}, "metrics": {"enabled": False},
+        "pipeline": {"queue_size": 200}, "sim": {"rate_per_s": 40.0, "seed": 8}})
+    s = run(cfg, RunOptions(stones=80, progress=False), io.StringIO()).summary
+    assert s["deadline_misses"] > 0  # the stall was real: stones decided too late to blow
+    assert s["passed_unseen"] == s["unseen_beam_events"]
+    assert s["untriggered"] == 0
+
+
+def test_an_edge_seen_late_is_explained_by_a_crossing_within_its_span() -> None:
+    """A vision edge stamped 25 ms after the crossing (the previews waited for a pair), with
+    the span it may have crossed in: the decision explains it, decided before or after it."""
+    lg = ledger()
+    lg.edge(125 * MS, earliest_ns=95 * MS)
+    lg.decided(100 * MS)
+    lg.decided(300 * MS)
+    lg.edge(326 * MS, earliest_ns=290 * MS)
+    lg.edge(500 * MS, earliest_ns=480 * MS)  # a stone nobody decided
+    lg.decided(470 * MS)  # crossed before that edge's span began: not its edge
+    assert lg.close() == [500 * MS]
+    assert (lg.counts.explained, lg.counts.passed_unseen, lg.counts.untriggered) == (2, 1, 1)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from sorterd.controller.outputs import Pulse
 from sorterd.metrics import Metrics
 from sorterd.sorting.decide import Decision
 from sorterd.sorting.eject import Planner, plan_pulse
-from sorterd.sorting.neighbours import Neighbours, Pending
+from sorterd.sorting.neighbours import Neighbours, Pending, Routed
 from sorterd.sorting.record import StoneRow
 from sorterd.sorting.stats import RunCounter
 from sorterd.sorting.track import Track
@@ -41,13 +41,13 @@ class Rig:
     def planner(self) -> Planner:
         return self.neighbours.planner
 
-    def decide(self, track: Track, bin_name: str, flagged: bool = False) -> Decision:
+    def decide(self, track: Track, bin_name: str, flagged: bool = False) -> Routed:
         return self.neighbours.resolve(track, Decision(bin_name, "blue", "transparent", 0.93, flagged, "sorted"))
 
-    def schedule(self, track: Track, dec: Decision) -> StoneRow:
-        """What the pipeline does with a jet-bound decision: plan, schedule, wait for the outcome."""
-        pulse = plan_pulse(track, dec.bin, self.planner.geometry, self.planner.ejection)
-        row = row_for(track.stone_id, dec.bin, pulse)
+    def schedule(self, track: Track, routed: Routed) -> StoneRow:
+        """What the pipeline does with a jet-bound route: plan, schedule, wait for the outcome."""
+        pulse = plan_pulse(track, routed.route, self.planner.geometry, self.planner.ejection)
+        row = row_for(track.stone_id, routed.decision.bin, pulse)
         self.planner.pulses[track.stone_id] = pulse
         self.neighbours.pending[track.stone_id] = Pending(row, pulse)
         return row
@@ -81,7 +81,7 @@ def test_stones_far_apart_keep_their_decisions(rig: Rig) -> None:
     dec = rig.decide(first, "SELECT")
     rig.schedule(first, dec)
     later = rig.decide(stone(2, 60), "FLIP")
-    assert (dec.bin, later.bin, later.reason) == ("SELECT", "FLIP", "sorted")
+    assert (dec.route, later.decision.bin, later.route, later.decision.reason) == ("SELECT", "FLIP", "FLIP", "sorted")
     assert rig.valves.cancelled == [] and rig.count.stats.conflicts == 0
 
 
@@ -91,14 +91,45 @@ def test_a_planned_jet_that_would_catch_the_new_stone_is_cancelled(rig: Rig) -> 
     row1 = rig.schedule(first, rig.decide(first, "SELECT"))
     dec2 = rig.decide(stone(2, 2), "FLIP")
     assert rig.valves.cancelled == [plan_pulse(first, "SELECT", rig.planner.geometry, rig.planner.ejection)]
-    # The neighbour now falls to REJECT and its row says why; its pulse is no longer planned.
-    assert (row1.bin, row1.route, row1.reason) == ("REJECT", "REJECT", "neighbour conflict (was SELECT)")
+    # The neighbour now falls to REJECT and its row says why; its decision stays; its pulse is no longer planned.
+    assert (row1.bin, row1.route, row1.reason) == ("SELECT", "REJECT", "neighbour conflict: its jet into SELECT "
+                                                   "would also catch S000002")
     assert "S000001" not in rig.planner.pulses
     # Falling to REJECT, stone 1 passes the FLIP nozzle just before stone 2: stone 2's FLIP jet
     # would catch it, so stone 2 is not blown either (both stones take the default trajectory).
-    assert (dec2.bin, dec2.reason, dec2.flagged) == ("REJECT", "neighbour conflict (was FLIP)", False)
+    assert (dec2.decision.bin, dec2.route) == ("FLIP", "REJECT")
+    assert (dec2.decision.reason, dec2.decision.flagged) == ("neighbour conflict: its jet into FLIP would also "
+                                                             "catch S000001", False)
     assert rig.count.stats.conflicts == 2
     assert rig.count.stats.co_deflection_risks == {}
+
+
+def test_the_first_is_cancelled_and_the_second_keeps_its_jet_when_that_jet_is_clear(rig: Rig) -> None:
+    """The case of the issue (S000056 cancelled, S000057 FLIP): 5 ms apart, stone 1's SELECT jet
+    would catch stone 2 on its way to FLIP, but stone 2's FLIP jet clears stone 1 (the windows
+    are shorter at the lower nozzle).  Stone 1 falls untouched; stone 2 is sorted."""
+    first = stone(1, 0)
+    row1 = rig.schedule(first, rig.decide(first, "SELECT"))
+    second = rig.decide(stone(2, 5), "FLIP")
+    assert (row1.bin, row1.route) == ("SELECT", "REJECT") and row1.reason.startswith("neighbour conflict")
+    assert (second.decision.bin, second.route, second.decision.reason) == ("FLIP", "FLIP", "sorted")
+    assert rig.count.stats.conflicts == 1
+
+
+def test_a_conflict_takes_the_safe_route_select_when_that_jet_is_clear(sim_cfg: config.Config) -> None:
+    """6 ms behind a stone falling to REJECT, a CUT jet would catch it but a SELECT jet would not:
+    with machine.safe_route = "SELECT" the stone goes for review (§8.2: CUT -> SELECT costs 3,
+    CUT -> REJECT 8); with REJECT, or when the SELECT jet would catch it too, it falls."""
+    def route_behind(safe: str, behind_ms: float) -> Routed:
+        nb = Neighbours(Planner(sim_cfg.geometry, sim_cfg.ejection), {}, FakeValves(), RunCounter(Metrics()), safe)
+        nb.resolve(stone(1, 0), Decision("REJECT", "inky", "opaque", 0.9, False, "sorted"))
+        return nb.resolve(stone(2, behind_ms), Decision("CUT", "blue", "transparent", 0.9, False, "sorted"))
+
+    select = route_behind("SELECT", 6)
+    assert (select.decision.bin, select.route) == ("CUT", "SELECT")
+    assert select.decision.reason == "neighbour conflict: its jet into CUT would also catch S000001"
+    assert route_behind("REJECT", 6).route == "REJECT"
+    assert route_behind("SELECT", 3).route == "REJECT"  # the SELECT jet would catch it too
 
 
 def test_a_jet_too_late_to_cancel_flags_the_new_stone_with_the_bin_it_may_be_in(rig: Rig) -> None:
@@ -107,10 +138,11 @@ def test_a_jet_too_late_to_cancel_flags_the_new_stone_with_the_bin_it_may_be_in(
     row1 = rig.schedule(first, rig.decide(first, "SELECT"))
     dec2 = rig.decide(stone(2, 2), "FLIP")
     assert len(rig.valves.cancelled) == 1
-    assert (row1.bin, row1.reason) == ("SELECT", "sorted")  # still fires as planned
+    assert (row1.bin, row1.route, row1.reason) == ("SELECT", "SELECT", "sorted")  # still fires as planned
     assert "S000001" in rig.planner.pulses
-    assert dec2 == Decision("REJECT", "blue", "transparent", 0.93, True,
-                            "co-deflection risk: a neighbour's jet into SELECT could not be cancelled (was FLIP)")
+    assert dec2 == Routed(Decision("FLIP", "blue", "transparent", 0.93, True,
+                                   "co-deflection risk: a neighbour's jet into SELECT could not be cancelled"),
+                          "REJECT")
     assert rig.count.stats.co_deflection_risks == {"S000002": "SELECT"}
     assert rig.count.stats.conflicts == 0
 
@@ -122,7 +154,7 @@ def test_a_pulse_already_resolved_is_not_cancelled_but_still_a_risk(rig: Rig) ->
     del rig.neighbours.pending["S000001"]  # resolved: the pipeline pops it when the outcome comes
     dec2 = rig.decide(stone(2, 2), "FLIP")
     assert rig.valves.cancelled == []
-    assert dec2.bin == "REJECT" and dec2.flagged
+    assert (dec2.decision.bin, dec2.route, dec2.decision.flagged) == ("FLIP", "REJECT", True)
     assert rig.count.stats.co_deflection_risks == {"S000002": "SELECT"}
 
 
@@ -133,12 +165,12 @@ def test_of_several_stuck_jets_the_risk_names_the_first_the_stone_meets(rig: Rig
     a, b = stone(1, 0), stone(2, 7)  # 7 ms apart: b's CUT jet misses a (their windows just clear)
     rig.schedule(a, rig.decide(a, "SELECT"))
     dec_b = rig.decide(b, "CUT")
-    assert dec_b.bin == "CUT"
+    assert dec_b.route == "CUT"
     rig.schedule(b, dec_b)
     assert rig.count.stats.co_deflection_risks == {} and rig.count.stats.conflicts == 0
     dec = rig.decide(stone(3, 3.5), "FLIP")
     assert len(rig.valves.cancelled) == 2  # both were tried
-    assert dec.reason == "co-deflection risk: a neighbour's jet into CUT could not be cancelled (was FLIP)"
+    assert dec.decision.reason == "co-deflection risk: a neighbour's jet into CUT could not be cancelled"
     assert rig.count.stats.co_deflection_risks == {"S000003": "CUT"}
 
 
@@ -147,7 +179,8 @@ def test_a_new_jet_that_would_catch_a_neighbour_sends_the_new_stone_to_reject(ri
     also catch stone 1 at the CUT nozzle, so it is not planned.  Its flag is kept."""
     rig.decide(stone(1, 0), "REJECT")
     dec2 = rig.decide(stone(2, 2), "CUT", flagged=True)
-    assert (dec2.bin, dec2.reason, dec2.flagged) == ("REJECT", "neighbour conflict (was CUT)", True)
+    assert (dec2.decision.bin, dec2.route, dec2.decision.flagged) == ("CUT", "REJECT", True)
+    assert dec2.decision.reason == "neighbour conflict: its jet into CUT would also catch S000001"
     assert rig.valves.cancelled == []
     assert rig.count.stats.conflicts == 1
 
@@ -155,5 +188,5 @@ def test_a_new_jet_that_would_catch_a_neighbour_sends_the_new_stone_to_reject(ri
 def test_a_stone_bound_for_reject_is_never_a_probe_conflict(rig: Rig) -> None:
     rig.decide(stone(1, 0), "REJECT")
     dec2 = rig.decide(stone(2, 2), "REJECT")
-    assert (dec2.bin, dec2.reason) == ("REJECT", "sorted")
+    assert (dec2.route, dec2.decision.reason) == ("REJECT", "sorted")
     assert rig.count.stats.conflicts == 0

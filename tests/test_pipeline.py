@@ -95,4 +95,28 @@ def test_a_jet_too_late_to_cancel_and_the_neighbour_it_may_carry(
     assert s["landed_as_routed_rate"] == 1.0, s["misrouted"]  # its route, or the bin it risked
     risky = [r for r in read_rows(res.batch_dir / "stones.db") if r["reason"].startswith("co-deflection risk")]
     assert len(risky) == s["co_deflection_risks"]
-    assert all(r["flagged"] and r["bin"] == r["route"] == "REJECT" and r["planned_on_ns"] is None for r in risky)
+    assert all(r["flagged"] and r["route"] == "REJECT" and r["planned_on_ns"] is None for r in risky)
+    assert any(r["bin"] != "REJECT" for r in risky)  # the decision is kept, not overwritten
+
+
+@pytest.mark.slow
+def test_neighbour_conflicts_keep_the_decided_bin_and_record_the_route(tmp_path: Path) -> None:
+    """Close stones: every conflict row says what was decided (bin), where it went (route) and why
+    (reason); the summary's `decided` counts bins, `routed` routes; every stone landed as routed."""
+    from collections import Counter
+
+    from sorterd.domain import BINS
+    from sorterd.sorting.record import read_rows
+
+    res = run(sim(tmp_path, close_pair_prob=0.4, touching_pair_prob=0.0, seed=21, speed_mm_s=800.0),
+              RunOptions(stones=200, progress=False), io.StringIO())
+    s, rows = res.summary, read_rows(res.batch_dir / "stones.db")
+    conflicts = [r for r in rows if r["reason"].startswith("neighbour conflict")]
+    assert len(conflicts) == s["neighbour_conflicts"] > 0
+    for r in conflicts:
+        assert r["route"] == "REJECT" and r["valve_status"] in ("cancelled", "no pulse"), r
+        assert r["reason"].startswith(f"neighbour conflict: its jet into {r['bin']} would also catch S"), r
+    assert any(r["bin"] != r["route"] for r in conflicts)  # a decided jet bin survives its conflict
+    assert s["decided"] == {b: Counter(r["bin"] for r in rows)[b] for b in BINS}
+    assert s["routed"] == {b: Counter(r["route"] for r in rows)[b] for b in BINS}
+    assert s["landed_as_routed_rate"] == 1.0, s["misrouted"]

@@ -58,12 +58,13 @@ def test_a_decided_object_counts_clusters_and_flags_only_when_they_are() -> None
     assert sample(m, "sorterd_flagged_total") == 1
 
 
-def test_finished_stones_count_by_bin_in_the_summary_and_the_series() -> None:
+def test_finished_stones_count_by_decided_bin_in_the_summary_and_the_series_and_by_route_apart() -> None:
     m = Metrics()
     c = RunCounter(m)
-    for b in ("CUT", "FLIP", "FLIP", "REJECT"):
-        c.finished(b)
+    for b, route in (("CUT", "CUT"), ("FLIP", "FLIP"), ("FLIP", "REJECT"), ("REJECT", "REJECT")):
+        c.finished(b, route)
     assert c.stats.decided == {"CUT": 1, "SELECT": 0, "FLIP": 2, "REJECT": 1}
+    assert c.stats.routed == {"CUT": 1, "SELECT": 0, "FLIP": 1, "REJECT": 2}
     assert {b: sample(m, "sorterd_stones_total", bin=b) for b in c.stats.decided} == c.stats.decided
 
 

@@ -114,6 +114,104 @@ def test_one_trigger_per_stone_at_its_entry() -> None:
     assert trig.previews >= 55
 
 
+class BusyCamera(MovingStones):
+    """A pair holds the camera over [busy_from, busy_to): a preview asked for meanwhile is exposed at its end."""
+
+    def __init__(self, clock: Any, stones: list[tuple[int, float, float]], busy: tuple[int, int]) -> None:
+        super().__init__(clock, stones)
+        self.busy = busy
+
+    async def grab(self, mode: str, t_ns: int) -> Frame:
+        return await super().grab(mode, self.busy[1] if self.busy[0] <= t_ns < self.busy[1] else t_ns)
+
+
+def test_an_edge_seen_late_says_how_early_the_stone_may_have_crossed() -> None:
+    """A stone whose front crosses the zone's start (6 mm) at +20 ms while a pair holds the camera
+    until +40 ms is seen only then, 20 ms late (more than the trigger's slack).  The event says
+    it crossed after the last preview before: the ledger can still match its decision."""
+    clock = StepClock()
+    base = clock.now_ns()
+
+    async def main() -> list[Any]:
+        speed = 200.0
+        t_in = 20 * MS - int(6.0 / speed * 1e9)  # front at 6 mm at +20 ms
+        cam = BusyCamera(clock, [(base + t_in, speed, 2.0)], (base + 8 * MS, base + 40 * MS))
+        cfg = VisionTriggerConfig()
+        trig = VisionTrigger(cfg, cam, SimLights(SimLightsConfig()), clock,  # type: ignore[arg-type]
+                             stop_at=lambda: base + 100 * MS, max_speed_mm_s=1000.0)
+        assert cfg.slack_ns < 20 * MS
+        return [ev async for ev in _events(trig)]
+
+    (ev,) = asyncio.run(main())
+    crossing = base + 20 * MS
+    assert ev.t_ns - crossing > 15 * MS  # seen late
+    assert ev.earliest_ns is not None and ev.earliest_ns <= crossing <= ev.t_ns
+
+
+def test_stones_that_entered_while_the_camera_was_busy_each_get_an_edge() -> None:
+    """Two stones 4 mm apart both enter the zone while a pair holds the camera: the one
+    preview after it sees two new fronts, and gives two edges, not one."""
+    clock = StepClock()
+    base = clock.now_ns()
+
+    async def main() -> list[Any]:
+        speed = 200.0
+        first = 25 * MS - int(6.0 / speed * 1e9)  # crosses 6 mm at +25 ms, the other at +45 ms
+        cam = BusyCamera(clock, [(base + first, speed, 2.0), (base + first + 20 * MS, speed, 2.0)],
+                         (base + 8 * MS, base + 50 * MS))
+        trig = VisionTrigger(VisionTriggerConfig(), cam, SimLights(SimLightsConfig()), clock,  # type: ignore[arg-type]
+                             stop_at=lambda: base + 100 * MS, max_speed_mm_s=1000.0)
+        return [ev async for ev in _events(trig)]
+
+    evs = asyncio.run(main())
+    assert len(evs) == 2 and evs[0] == evs[1]
+    assert all(e.earliest_ns is not None and e.earliest_ns <= base + 25 * MS for e in evs)
+
+
+class FlickerAfterBusy(BusyCamera):
+    """... and in the first preview after the pair, the stone is below the threshold (flicker)."""
+
+    async def grab(self, mode: str, t_ns: int) -> Frame:
+        if self.busy[0] <= t_ns < self.busy[1]:  # the preview that waited for the pair
+            await self.clock.sleep_until(self.busy[1])
+            return Frame(self.reference(mode), self.busy[1], mode)
+        return await super().grab(mode, t_ns)
+
+
+def test_a_stone_missed_in_the_first_preview_after_a_pair_does_not_trigger_again() -> None:
+    """clear_frames counts previews: a pair that kept the camera 22 ms (over four periods) must
+    not make a flickering front forgotten at the first preview after it, and a second edge."""
+    clock = StepClock()
+    base = clock.now_ns()
+
+    async def main() -> list[Any]:
+        speed = 100.0  # 80 ms in the zone
+        cam = FlickerAfterBusy(clock, [(base + 2 * MS - int(6.0 / speed * 1e9), speed, 2.0)],
+                               (base + 8 * MS, base + 30 * MS))
+        trig = VisionTrigger(VisionTriggerConfig(clear_frames=2), cam, SimLights(SimLightsConfig()),
+                             clock,  # type: ignore[arg-type]
+                             stop_at=lambda: base + 70 * MS, max_speed_mm_s=1000.0)
+        return [ev async for ev in _events(trig)]
+
+    assert len(asyncio.run(main())) == 1
+
+
+def test_two_edges_of_one_preview_are_explained_by_two_stones() -> None:
+    from sorterd.sorting.ledger import TriggerLedger
+
+    lg = TriggerLedger(tolerance_ns=12 * MS, horizon_ns=1000 * MS)
+    for _ in range(2):
+        lg.edge(150 * MS, earliest_ns=105 * MS)
+    lg.decided(110 * MS)
+    lg.decided(130 * MS)
+    assert lg.close() == [] and lg.counts.untriggered == 0
+
+
+async def _events(trig: VisionTrigger) -> Any:
+    while (ev := await trig.next()) is not None:
+        yield ev
+
+
 def test_close_stones_in_the_zone_together_each_trigger() -> None:
     """Closer than the zone is long: the zone never empties between them."""
     stones = [(0, 400.0, 1.5), (10 * MS, 400.0, 1.5), (22 * MS, 400.0, 2.5)]  # 4 mm and 4.8 mm apart

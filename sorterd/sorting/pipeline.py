@@ -35,10 +35,10 @@ from sorterd.parts.inference.onnxruntime import Prediction
 from sorterd.parts.lights import StrobeError, strobe_edges
 from sorterd.parts.trigger import TriggerEvent
 from sorterd.sorting.capture import capture_pair, lighting_fault
-from sorterd.sorting.decide import Decision, decide, safe_route, unsortable_reason
+from sorterd.sorting.decide import decide, safe_route, unsortable_reason
 from sorterd.sorting.eject import Planner, plan_pulse
 from sorterd.sorting.ledger import TriggerLedger
-from sorterd.sorting.neighbours import Neighbours, Pending
+from sorterd.sorting.neighbours import Neighbours, Pending, Routed
 from sorterd.sorting.record import ImageJob, Recorder, StoneRow, UnseenRow, stone_row, wall_time_iso
 from sorterd.sorting.segment import Observation, PairingLimits, crop_halves, segment_pair
 from sorterd.sorting.stats import RunCounter
@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 
 
 
-# A decision may explain its trigger edge this long after the edge (the stone is in
-# view, then its pair waits in the queue); after that an edge is a stone passed unseen.
+# A stone's trigger edge and the exposure of a pair that shows it are at most this far
+# apart (it is in view 50-200 ms); an edge no pair exposed this much later explains is a
+# stone passed unseen.  Counted from exposures, not the clock: queueing does not count.
 LEDGER_HORIZON_NS = 1_000_000_000
 # A stone's computed crossing vs its edge: the front found in the frame (a pixel or
 # two) and a beam's own width and threshold.
@@ -90,7 +91,7 @@ class Pipeline:
         self.planner = Planner(cfg.geometry, cfg.ejection)
         self.tracker = Tracker(cfg.pipeline.track_tolerance_mm)
         self.pending: dict[str, Pending] = {}
-        self.neighbours = Neighbours(self.planner, self.pending, parts.valves, self.count)
+        self.neighbours = Neighbours(self.planner, self.pending, parts.valves, self.count, cfg.machine.safe_route)
         self.rows: list[StoneRow] = []  # every finished row, for the run summary
         self.record_pairs = recorder.session is not None
         self._next_id = 1
@@ -120,7 +121,7 @@ class Pipeline:
         try:
             while (ev := await self.parts.trigger.next()) is not None:
                 if self.ledger is not None:
-                    self.ledger.edge(ev.t_ns)  # queued or not, it is a stone to account for
+                    self.ledger.edge(ev.t_ns, ev.earliest_ns)  # queued or not, it is a stone to account for
                 if not self._triggers.put_nowait(ev):
                     # The stone is still in view: the next pair will show it.
                     self.count.trigger_dropped()
@@ -206,17 +207,19 @@ class Pipeline:
                 done.reasons[:] = [f"lighting: {fault}"] * len(done.new)
             for i, (sid, obs) in enumerate(zip(self._stone_ids(pair, len(done.new)), done.new, strict=True)):
                 t = time.perf_counter()
-                dec, pulse = self._decide_and_plan(sid, obs, done.preds.get(i), done.reasons[i])
+                routed, pulse = self._decide_and_plan(sid, obs, done.preds.get(i), done.reasons[i])
                 if i == 0 and self.record_pairs:
                     self._record_pair(sid, pair, edges)
                 decide_s = time.perf_counter() - t
-                self._dispatch(sid, pair, obs, done.preds.get(i), dec, pulse, done.crops[i], edges)
+                self._dispatch(sid, pair, obs, done.preds.get(i), routed, pulse, done.crops[i], edges)
                 if i in done.preds:
                     self.count.stage_latencies(done.segment_s, done.infer_s, decide_s, done.model_s)
                 self.count.exposure_to_pulse((self.clock.now_ns() - obs.t_ns) / 1e9)
                 self._account(obs)
             self.planner.forget_before(self.clock.now_ns())
-            self._settle(self.clock.now_ns())
+            # Every pair exposed up to this one is decided (pairs are processed in order); the
+            # clock would close the ledger's books early whenever processing lags behind.
+            self._settle(pair.backlit.t_ns)
         self._settle(None)  # end of input: edges nothing explained by now never will be
 
     def _account(self, obs: Observation) -> None:
@@ -292,7 +295,7 @@ class Pipeline:
         return [f"S{k:06d}" for k in range(first, first + n)]
 
     def _decide_and_plan(self, sid: str, obs: Observation, pred: Prediction | None, reason: str
-                         ) -> tuple[Decision, Pulse | None]:
+                         ) -> tuple[Routed, Pulse | None]:
         if pred is None:
             dec = safe_route(self.cfg.machine.safe_route, reason)
         else:
@@ -301,16 +304,18 @@ class Pipeline:
         track = Track(sid, obs.t_ns, obs.x_mm, obs.speed_mm_s, obs.length_mm,
                       spread_mm=obs.length_mm if obs.cluster else 0.0)
         self.tracker.add(track, obs.y_mm)
-        dec = self.neighbours.resolve(track, dec)
-        pulse = plan_pulse(track, dec.bin, self.cfg.geometry, self.cfg.ejection) if dec.bin in JET_BINS else None
-        return dec, pulse
+        routed = self.neighbours.resolve(track, dec)
+        route = routed.route
+        pulse = plan_pulse(track, route, self.cfg.geometry, self.cfg.ejection) if route in JET_BINS else None
+        return routed, pulse
 
     def _dispatch(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
-                  dec: Decision, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],
+                  routed: Routed, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],
                   edges: dict[str, int | None]) -> None:
         """Send the pulse (or not), and hand the stone to the recorder."""
+        dec = routed.decision
         row = stone_row(sid, pair, obs, pred, dec, pulse, edges, t_decided_ns=self.clock.now_ns(),
-                        model_version=self.model.version, wall_time=wall_time_iso())
+                        model_version=self.model.version, wall_time=wall_time_iso(), route=routed.route)
         self.count.decided_object(obs.cluster, dec.flagged)
         self._save_images(sid, pair, crop, dec.flagged)
         if pulse is None:
@@ -354,7 +359,7 @@ class Pipeline:
         """The controller may or may not have fired it: the stone is in its bin or in REJECT."""
         self.count.valve_unknown()
         row.flagged = 1
-        row.reason = f"{row.reason}; valve outcome unknown: in {row.bin} or REJECT".lstrip("; ")
+        row.reason = f"{row.reason}; valve outcome unknown: in {row.route} or REJECT".lstrip("; ")
 
     def _deadline_miss(self, row: StoneRow, why: str) -> None:
         row.deadline_miss = 1
@@ -367,7 +372,7 @@ class Pipeline:
 
     def _finish(self, row: StoneRow) -> None:
         """The stone's fate is sealed: count it and hand the row to the recorder."""
-        self.count.finished(row.bin)
+        self.count.finished(row.bin, row.route)
         self.rows.append(row)
         self.recorder.submit(row)
         self.count.queue_depth("record", self.recorder.depth)

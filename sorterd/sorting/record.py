@@ -88,13 +88,13 @@ class StoneRow:
 
 def stone_row(sid: str, pair: FramePair, obs: Observation, pred: Prediction | None, dec: Decision,
               pulse: Pulse | None, edges: Mapping[str, int | None], *, t_decided_ns: int,
-              model_version: str, wall_time: str) -> StoneRow:
+              model_version: str, wall_time: str, route: str | None = None) -> StoneRow:
     """A decided object's row as it is when its pulse is handed to the valves.
 
     Pure: the caller passes the instants (`t_decided_ns`, `wall_time`), so the
     same inputs always give the same row.  An unclassified object (`pred` None:
-    a cluster, a lighting fault...) has no probabilities.  `route` starts as the
-    decided bin and `valve_status` as "scheduled" (or "no pulse"); the pulse's
+    a cluster, a lighting fault...) has no probabilities.  `route` starts as
+    given (the neighbour rules' route; the decided bin when None) and `valve_status` as "scheduled" (or "no pulse"); the pulse's
     outcome fills in the rest.  `edges` are the lights' actual edges for its
     frames (`lights.strobe_edges`: `backlit_on_ns`..., None where not reported).
     """
@@ -108,7 +108,7 @@ def stone_row(sid: str, pair: FramePair, obs: Observation, pred: Prediction | No
         p_blue=pc[0], p_light=pc[1], p_inky=pc[2],
         p_transparent=pk[0], p_translucent=pk[1], p_opaque=pk[2],
         color=dec.color, clarity=dec.clarity, confidence=dec.confidence, bin=dec.bin,
-        route=dec.bin, reason=dec.reason, flagged=int(dec.flagged), deadline_miss=0,
+        route=dec.bin if route is None else route, reason=dec.reason, flagged=int(dec.flagged), deadline_miss=0,
         planned_on_ns=pulse.start_ns if pulse else None, planned_off_ns=pulse.end_ns if pulse else None,
         actual_on_ns=None, actual_off_ns=None, valve_status="no pulse" if pulse is None else "scheduled",
         model_version=model_version, wall_time=wall_time,

@@ -51,6 +51,9 @@ class RunStats:
     co_deflection_risks: dict[str, str] = field(default_factory=dict)
     lighting_faults: int = 0  # pairs not lit as §2.2 says (their stones take the safe route)
     decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("CUT", "SELECT", "FLIP", "REJECT"), 0))
+    # Where the machine sent them: the decided bin, or REJECT / the safe route after a
+    # neighbour conflict, a co-deflection risk or a deadline miss.
+    routed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("CUT", "SELECT", "FLIP", "REJECT"), 0))
     latency_s: dict[str, deque[float]] = field(
         default_factory=lambda: {s: deque(maxlen=200_000) for s in LATENCIES}
     )
@@ -162,9 +165,11 @@ class RunCounter:
         self.stats.deadline_misses += 1
         self.metrics.deadline_misses.inc()
 
-    def finished(self, bin_name: str) -> None:
-        """A stone's fate is sealed in `bin_name` (its decided bin)."""
+    def finished(self, bin_name: str, route: str) -> None:
+        """A stone's fate is sealed: decided `bin_name`, sent to `route`.
+        `sorterd_stones_total{bin}` counts the decided bin, like the summary's `decided`."""
         self.stats.decided[bin_name] += 1
+        self.stats.routed[route] += 1
         self.metrics.stones.labels(bin_name).inc()
 
     # -- gauges and info ------------------------------------------------------

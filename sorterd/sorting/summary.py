@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from sorterd.config import Config
-from sorterd.domain import BINS
+from sorterd.domain import BINS, JET_BINS
 from sorterd.parts.lights import Lights
 from sorterd.parts.valves import Valves
 from sorterd.sorting.record import StoneRow
@@ -72,6 +72,7 @@ def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], truth: RunTrut
         "untriggered": stats.untriggered,
         "lighting_faults": stats.lighting_faults,
         "decided": dict(stats.decided),
+        "routed": dict(stats.routed),
         "latency_ms": {s: percentiles_ms(stats.latency_s[s]) for s in LATENCIES},
         "model": {"version": model_version},
         "wall_s": round(wall_s, 2),
@@ -103,10 +104,11 @@ def valve_summary(rows: list[StoneRow], trace: ValveTiming | None, valves: Valve
     out["valve_refusals"] = len(refused)
     out["valve_refusal_reasons"] = _group_reasons(refused)
     if trace is not None:
-        # A row's bin is its pulse's valve (a pulse cancelled for a neighbour moved
-        # its row to REJECT, and never opened anything).
-        planned = [(r.bin, r.planned_on_ns, r.planned_off_ns) for r in rows
-                   if r.planned_on_ns is not None and r.planned_off_ns is not None]
+        # A sent pulse's valve is the row's route (a neighbour conflict may route a stone to the
+        # safe route, not its decided bin), or its bin once a refusal moved the route to REJECT;
+        # a pulse cancelled for a neighbour never opened anything.
+        planned = [(r.route if r.route in JET_BINS else r.bin, r.planned_on_ns, r.planned_off_ns) for r in rows
+                   if r.planned_on_ns is not None and r.planned_off_ns is not None and r.valve_status != "cancelled"]
         truth = trace.summary(planned)
         out.update(sync_error_us=truth["sync_error_us"], fire_error_us=truth["fire_error_us"],
                    valve_controller=truth["valve_controller"])

@@ -52,6 +52,11 @@ class TriggerOptions:
 @dataclass(frozen=True)
 class TriggerEvent:
     t_ns: int  # the edge, host monotonic ns
+    # The stone's front crossed the trigger's place no earlier than this: a trigger that only
+    # looks now and then (vision: previews, delayed while a pair holds the camera) stamps the
+    # instant it saw the stone, which can be well after the crossing.  None: at t_ns, within
+    # the trigger's slack_ns.
+    earliest_ns: int | None = None
 
 
 class Trigger(Protocol):

@@ -108,8 +108,11 @@ class VisionTrigger:
         px_per_mm = ppm / cfg.downscale
         self.min_px = max(1, int(round(cfg.min_area_mm2 * px_per_mm * px_per_mm)))
         self.max_px_per_ns = max_speed_mm_s * px_per_mm / 1e9  # top speed in preview columns
-        self._known: list[tuple[int, int]] = []  # (front column, when last seen) of stones in the zone
+        # (front column, when last seen, previews missed since) of stones in the zone
+        self._known: list[tuple[int, int, int]] = []
         self._next_ns: int | None = None
+        self._last_look_ns: int | None = None  # the last preview examined (loop thread only)
+        self._more: list[TriggerEvent] = []  # further stones that entered in the same preview
         self._closed = False
         self.previews = 0
         self.triggers = 0
@@ -161,7 +164,7 @@ class VisionTrigger:
     def _new_stones(self, fronts: list[int], t_ns: int) -> int:
         """How many of these fronts (seen at t_ns) no known stone can have moved to; updates the known ones."""
         new = 0
-        seen: list[tuple[int, int]] = []
+        seen: list[tuple[int, int, int]] = []
         known = list(self._known)
         for f in fronts:
             # A known front can be here now if it moved forward at most at top speed since it
@@ -172,15 +175,19 @@ class VisionTrigger:
                 new += 1
             else:
                 known.remove(match)
-            seen.append((f, t_ns))
-        # Fronts not seen this time are remembered for clear_frames preview periods.
-        forget_ns = self.cfg.clear_frames * self.period_ns
-        self._known = seen + [k for k in known if t_ns - k[1] < forget_ns]
+            seen.append((f, t_ns, 0))
+        # Fronts not seen this time are remembered for clear_frames previews -- counted, not
+        # timed: while a pair holds the camera no preview is taken, and a front missed in the
+        # first one after it must not be forgotten at once (it would trigger again: an edge
+        # for a stone that does not exist).
+        self._known = seen + [(c, t, missed + 1) for c, t, missed in known if missed + 1 < self.cfg.clear_frames]
         return new
 
     async def next(self) -> TriggerEvent | None:
         if self._ref is None:
             self.set_reference(self.camera.reference("backlit"))  # CameraError: still none
+        if self._more:
+            return self._more.pop()
         while not self._closed:
             now = self.clock.now_ns()
             # Asked at every preview: a stop of the run ends the feed early (the simulator caches it).
@@ -196,10 +203,21 @@ class VisionTrigger:
                 continue
             self.previews += 1
             # A few thousand pixels: tens of microseconds, fine on the loop.
-            if self._new_stones(self.fronts(frame.image), frame.t_ns):
-                self.triggers += 1
-                return TriggerEvent(frame.t_ns)
+            earliest = self._earliest_crossing_ns()
+            self._last_look_ns = frame.t_ns
+            if new := self._new_stones(self.fronts(frame.image), frame.t_ns):
+                # Several stones can enter between two previews (one held back by a pair):
+                # one edge each, or the ledger finds decided stones without one.
+                self.triggers += new
+                self._more = [TriggerEvent(frame.t_ns, earliest)] * (new - 1)
+                return TriggerEvent(frame.t_ns, earliest)
         return None
+
+    def _earliest_crossing_ns(self) -> int | None:
+        """A new front was not in the last preview, or only below min_area_mm2 (a preview
+        earlier): it crossed the zone's start after that.  Previews wait while a pair holds
+        the camera, so this can be far more than a preview period before the edge."""
+        return None if self._last_look_ns is None else self._last_look_ns - self.period_ns
 
     async def _preview(self) -> Frame | None:
         async with self.camera.lock:
