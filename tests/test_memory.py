@@ -26,10 +26,14 @@ import pytest
 from sorterd import config, quantiles
 from sorterd.cli.compose import Parts, load_config
 from sorterd.clock import VirtualClock
+from sorterd.domain import JET_BINS
 from sorterd.metrics import Metrics
 from sorterd.parts.camera import Frame
 from sorterd.quantiles import GROWTH, REL_ERROR, Samples
+from sorterd.sim.machine import SimMachine
+from sorterd.sim.stones import StoneSpec
 from sorterd.sim.truth import recorded_rows
+from sorterd.sim.world import World
 from sorterd.sorting.pipeline import Pipeline
 from sorterd.sorting.record import Recorder, StoneRow, make_batch_dir, read_rows
 from sorterd.sorting.stats import LATENCIES
@@ -224,3 +228,33 @@ def test_the_simulators_truth_reads_back_exactly_the_rows_handed_to_the_recorder
     recorder.close()
     assert recorded_rows(recorder.db_path) == rows
     assert recorded_rows(batch / "missing.db") == []  # logged: every stone then counts as unseen
+
+
+def test_the_worlds_indexes_find_what_a_scan_of_every_stone_and_jet_finds(sim_cfg: config.Config) -> None:
+    """A long simulated run looks up stones in view and jets by time; the answers (and their order,
+    which the renderer paints in) are a full scan's."""
+    m = SimMachine(sim_cfg)
+    m.feed(300)
+    m.start_at(1_000_000_000)
+    w = m.world
+    rng = np.random.default_rng(3)
+    for i, s in enumerate(w.stones[::3]):  # jets across a third of the stones' passages, some off
+        valve = JET_BINS[i % len(JET_BINS)]
+        start, end = w.nozzle_passage(s, valve)
+        w.open_jet(valve, start - int(rng.integers(0, 20_000_000)), end + int(rng.integers(-5_000_000, 5_000_000)))
+    width = w.view_mm[0]
+    for t in rng.integers(w.stones[0].t_entry_ns - 10**8, w.last_landing_ns(), 400):
+        scan = [(s.sim_id, s.x_mm_at(int(t))) for s in w.stones
+                if -s.length_mm < s.x_mm_at(int(t)) < width + s.length_mm]
+        assert [(s.sim_id, x) for s, x, _ in w.placed_at(int(t))] == scan
+    for s in w.stones:
+        assert w.landing(s).bin == scan_landing(w, s, sim_cfg.sim.deflect_overlap), s.sim_id
+
+
+def scan_landing(w: World, stone: StoneSpec, overlap: float) -> str:
+    """World.landing as a scan of every jet (what it was before the index)."""
+    for bin_name in sorted(JET_BINS, key=lambda b: w.geometry.nozzle_drop_mm[b]):
+        start, end = w.nozzle_passage(stone, bin_name)
+        if sum(max(0, min(end, off) - max(start, on)) for on, off in w.jets[bin_name]) >= overlap * (end - start):
+            return bin_name
+    return "REJECT"
