@@ -16,7 +16,8 @@ import sorterd
 # Every package of the real sorter (and the trainer), imported module by module.
 REAL_PACKAGES = ("sorterd.sorting", "sorterd.parts", "sorterd.controller", "sorterd.calibration",
                  "sorterd.data", "sorterd.train")
-REAL_MODULES = ("sorterd.config", "sorterd.configfile", "sorterd.metrics", "sorterd.domain", "sorterd.clock")
+REAL_MODULES = ("sorterd.config", "sorterd.configfile", "sorterd.metrics", "sorterd.domain", "sorterd.clock",
+                "sorterd.quantiles")
 
 # Imports every named module, then prints which modules of the given packages ended up loaded.
 PROBE = """

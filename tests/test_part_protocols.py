@@ -99,10 +99,10 @@ def test_vision_previews_wait_for_a_pair_holding_the_cameras_lock() -> None:
 
 def test_lights_and_valves_without_timing_add_nothing_to_the_summary(sim_cfg: config.Config) -> None:
     clock = StepClock()
-    s = summarize(sim_cfg, RunStats(), [], None, "v1", 0.0, valves=DryValves(clock),  # type: ignore[arg-type]
+    s = summarize(sim_cfg, RunStats(), None, "v1", 0.0, valves=DryValves(clock),  # type: ignore[arg-type]
                   lights=SimLights(SimLightsConfig()))
     assert "strobe_error_us" not in s and "valves" not in s and "valve_refusals" not in s
-    assert valve_summary([], None, DryValves(clock)) == {}  # type: ignore[arg-type]
+    assert valve_summary({}, None, valves=DryValves(clock)) == {}  # type: ignore[arg-type]
 
 
 class TimedLights(SimLights):
@@ -122,7 +122,7 @@ class TimedValves(DryValves):
 
 def test_declared_timing_is_what_the_summary_reports(sim_cfg: config.Config) -> None:
     clock = StepClock()
-    s = summarize(sim_cfg, RunStats(), [], None, "v1", 0.0, valves=TimedValves(clock),  # type: ignore[arg-type]
+    s = summarize(sim_cfg, RunStats(), None, "v1", 0.0, valves=TimedValves(clock),  # type: ignore[arg-type]
                   lights=TimedLights(SimLightsConfig()))
     assert s["strobe_error_us"] == {"p50": 1.0, "p99": 2.0, "max": 3.0} and s["strobe_refusals"] == {}
     assert s["valve_refusals"] == 0 and "valves" in s

@@ -109,7 +109,7 @@ def test_a_drain_cut_short_records_pulses_in_flight_as_unknown(tmp_path: Path) -
         assert f"in {row['bin']} or REJECT" in row["reason"]
 
 
-def test_a_stopped_feeder_feeds_nothing_more_and_the_beam_sees_only_fed_stones() -> None:
+def test_a_stopped_feeder_feeds_nothing_more_and_the_beam_sees_only_fed_stones(tmp_path: Path) -> None:
     cfg = load_config(config.sim_config_path(), {"sim": {"seed": 4}})
     clock = VirtualClock()
     loop = clock.new_event_loop()
@@ -145,7 +145,7 @@ def test_a_stopped_feeder_feeds_nothing_more_and_the_beam_sees_only_fed_stones()
     assert len(fed) == 7 and all(s.t_entry_ns <= stop_ns for s in fed)
     # Every edge announced after the stop is one of a fed stone's beam interruptions, in order.
     assert before + after == [t for t, _ in machine.world.beam_times(cfg.trigger.front_mm or 0.0)]
-    assert machine.truth().stones_summary([], {})["stones_fed"] == 7
+    assert machine.truth(tmp_path / "none.db").stones_summary({})["stones_fed"] == 7
 
 
 def _sorterd_run(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:

@@ -10,7 +10,9 @@ from typing import Any
 from sorterd.controller.outputs import ValveStats
 from sorterd.metrics import Metrics
 from sorterd.sim.firmware import TRACE_EDGE, TRACE_SESSION, TRACE_WATCHDOG, TraceRecord, TrueClock, ValveTrace
+from sorterd.sim.truth import planned_pulses
 from sorterd.sorting.record import StoneRow
+from sorterd.sorting.stats import RunCounter
 from sorterd.sorting.summary import valve_summary
 
 TRUTH = TrueClock(t0_ns=1_000_000_000, offset=5_000_000, freq_hz=12_000_000.0)
@@ -54,7 +56,10 @@ def test_edges_open_jets_at_their_true_times_and_give_sync_and_fire_errors() -> 
     rows = [row("S1", "CUT", planned_on, planned_off, "fired"),
             row("S2", "SELECT", 2_100_000_000, 2_105_000_000, "refused: controller disconnected"),
             row("S3", "SELECT", 2_200_000_000, 2_205_000_000, "refused: controller not ready (sync)")]
-    s = valve_summary(rows, world.valve_trace)
+    count = RunCounter(Metrics())  # the daemon counts each finished row's refusal, and keeps no rows
+    for r in rows:
+        count.finished(r.bin, r.route, r.valve_status)
+    s = valve_summary(count.stats.refusal_kinds, world.valve_trace, planned_pulses(rows))
     assert world.jets == [("CUT", planned_on + 4000, planned_off + 6000)]
     assert s["sync_error_us"]["p50"] == 1.0 and s["sync_error_us"]["n"] == 1
     assert s["fire_error_us"]["n"] == 2 and s["fire_error_us"]["max"] == 6.0
@@ -71,7 +76,7 @@ def test_a_valve_left_open_when_the_controller_stops_is_seen() -> None:
 
 
 def test_without_a_controller_there_is_no_valve_section() -> None:
-    assert valve_summary([], None) == {}
+    assert valve_summary({}, None) == {}
 
 
 def test_prometheus_exposes_the_backends_figures() -> None:

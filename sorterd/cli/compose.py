@@ -41,7 +41,9 @@ class SimulatedMachine(Protocol):
 
     def last_landing_ns(self) -> int: ...
 
-    def truth(self) -> RunTruth: ...
+    def truth(self, db_path: Path | None = None) -> RunTruth:
+        """The world's truth against the run's records (its stones.db: the daemon keeps no rows)."""
+        ...
 
     def all_past_ns(self) -> int:
         """When the last fed stone has left the view (the run's end)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import signal
@@ -135,8 +134,9 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
               + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
         t_wall = time.monotonic()
         await _run_pipeline(pipeline, parts, clock, opts, out, stop, t_wall)
-    truth = parts.machine.truth() if parts.machine is not None else None
-    summary = summarize(cfg, pipeline.stats, pipeline.rows, truth, model.version, time.monotonic() - t_wall,
+    # The recorder is closed: the simulator compares the world with what stones.db says.
+    truth = parts.machine.truth(recorder.db_path) if parts.machine is not None else None
+    summary = summarize(cfg, pipeline.stats, truth, model.version, time.monotonic() - t_wall,
                         valves=parts.valves, lights=parts.lights)
     summary["batch_dir"] = str(batch_dir)
     summary["record"] = recorder.summary()
@@ -256,7 +256,7 @@ def _progress_line(pipeline: Pipeline, parts: MachineParts, opts: RunOptions, el
     if parts.machine is not None:
         fed = f"fed {parts.machine.fed_by(pipeline.clock.now_ns())}/{opts.stones}  "
     bins = " ".join(f"{b} {s.decided[b]}" for b in BINS)
-    recent = list(itertools.islice(reversed(s.latency_s["compute"]), 500))
+    recent = s.latency_s["compute"].recent(500)
     p50 = f"{statistics.median(recent) * 1e3:.1f} ms" if recent else "-"
     return (f"[{elapsed:6.1f} s] {fed}decided {s.objects} | {bins} | flagged {s.flagged} | "
             f"misses {s.deadline_misses} | compute p50 {p50}")

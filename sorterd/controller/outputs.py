@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import atexit
 import weakref
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from sorterd.quantiles import Samples
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,6 @@ class Pulse:
 # Fire-time error histogram buckets (seconds of |actual - intended|): a valve
 # edge matters at the 0.1 ms scale, a stone at the 1 ms scale.
 FIRE_ERROR_BUCKETS_S = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
-SAMPLES = 200_000  # timing samples kept per series for the run summary
 
 
 @dataclass(frozen=True)
@@ -86,14 +86,15 @@ class ValveStats:
     reconnects: int = 0
     # Intended vs actual edge as the host sees it (device stamps converted with
     # the host's clock estimate): what a real deployment can measure.
-    fire_error_ns: deque[int] = field(default_factory=lambda: deque(maxlen=SAMPLES))
+    # Every series is bounded (exact up to a cap, then a histogram: sorterd/quantiles.py).
+    fire_error_ns: Samples = field(default_factory=lambda: Samples(floor=1.0))
     fire_hist: ErrorHistogram = field(default_factory=ErrorHistogram)
     # Against the simulator's truth (sim only): the host's estimate of the
     # controller clock at each start vs the true clock then, and each edge's
     # actual time (true relation) vs the intended instant.  A host-side backend
     # (gpio) stamps edges on the host clock itself: its fire_error_ns is the truth.
-    sync_error_ns: deque[int] = field(default_factory=lambda: deque(maxlen=SAMPLES))
-    true_fire_error_ns: deque[int] = field(default_factory=lambda: deque(maxlen=SAMPLES))
+    sync_error_ns: Samples = field(default_factory=lambda: Samples(floor=1.0))
+    true_fire_error_ns: Samples = field(default_factory=lambda: Samples(floor=1.0))
     clock_offset_ns: float | None = None  # last sync sample vs the fitted line
     clock_rtt_ns: int | None = None
     clock_drift_ppm: float | None = None
@@ -109,7 +110,7 @@ class ValveStats:
         """Pulses refused because the timer woke past the late limit (a controller's or the thread's)."""
         return sum(n for kind, n in self.refusals.items() if kind.endswith("late at fire"))
 
-    def true_fire_errors(self) -> deque[int]:
+    def true_fire_errors(self) -> Samples:
         return self.true_fire_error_ns or self.fire_error_ns
 
     def fired(self, intended_ns: int, actual_ns: int) -> None:

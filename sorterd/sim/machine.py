@@ -8,6 +8,7 @@ internals stay in sorterd.sim.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -91,9 +92,10 @@ class SimMachine:
         """A valve line was driven over [on, off): the jet opens (a GPIO backend's edge observer)."""
         self.world.open_jet(valve, on_ns, off_ns)
 
-    def truth(self) -> SimTruth:
-        """What the world knows of the run, for the summary's truth section."""
-        return SimTruth(self.cfg, self.world)
+    def truth(self, db_path: Path | None = None) -> SimTruth:
+        """What the world knows of the run, for the summary's truth section, against the
+        records in db_path (the batch's stones.db; None: no stone was recorded)."""
+        return SimTruth.from_batch(self.cfg, self.world, db_path)
 
 
 def true_valves(cfg: Config) -> SimConfig:

@@ -4,6 +4,10 @@ For a simulated run the world knows the truth: every fed stone's class, size
 and where it physically landed.  Rows are matched to the world's stones by
 position at their exposure instant (a cluster row covers every stone in it).
 
+The rows are the batch's records, read back from its stones.db once the
+recorder has closed (`SimTruth.from_batch`): the daemon keeps none in memory,
+so what is compared with the world is exactly what the records say.
+
 accuracy.bin and accuracy.cost_weighted compare where stones *landed* with
 their §8.2 true bin (what the dealer gets); accuracy.color / .clarity are the
 classifier's, over classified stones.  The daemon's own figures are in
@@ -13,22 +17,33 @@ sorterd.sorting.summary, which adds this section when a run has a truth.
 from __future__ import annotations
 
 import bisect
+import logging
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from sorterd.config import Config
-from sorterd.domain import BINS, cost_weighted_accuracy
+from sorterd.domain import BINS, JET_BINS, cost_weighted_accuracy
 from sorterd.sim.firmware import ValveTrace
 from sorterd.sim.world import World
 from sorterd.sorting.decide import class_bin
-from sorterd.sorting.record import StoneRow
+from sorterd.sorting.record import COLUMNS, StoneRow
+
+log = logging.getLogger(__name__)
 
 
 class SimTruth:
     """What the simulated world knows of a run (sorterd.sorting.summary.RunTruth)."""
 
-    def __init__(self, cfg: Config, world: World) -> None:
+    def __init__(self, cfg: Config, world: World, rows: list[StoneRow] | None = None) -> None:
         self.cfg = cfg
         self.world = world
+        self.rows = rows or []
+
+    @classmethod
+    def from_batch(cls, cfg: Config, world: World, db_path: Path | None) -> SimTruth:
+        """The truth against the batch's records (stones.db, read once the recorder has closed)."""
+        return cls(cfg, world, recorded_rows(db_path) if db_path is not None else [])
 
     @property
     def valve_trace(self) -> ValveTrace | None:
@@ -36,8 +51,34 @@ class SimTruth:
         trace: ValveTrace | None = self.world.valve_trace
         return trace
 
-    def stones_summary(self, rows: list[StoneRow], risks: dict[str, str]) -> dict[str, Any]:
-        return sim_truth(self.cfg, self.world, rows, risks)
+    def stones_summary(self, risks: dict[str, str]) -> dict[str, Any]:
+        return sim_truth(self.cfg, self.world, self.rows, risks)
+
+    def planned_pulses(self) -> list[tuple[str, int, int]]:
+        return planned_pulses(self.rows)
+
+
+def planned_pulses(rows: list[StoneRow]) -> list[tuple[str, int, int]]:
+    """(valve, on_ns, off_ns) of every pulse sent.  Its valve is the row's route (a neighbour
+    conflict may route a stone to the safe route, not its decided bin), or its bin once a
+    refusal moved the route to REJECT; a pulse cancelled for a neighbour never opened anything."""
+    return [(r.route if r.route in JET_BINS else r.bin, r.planned_on_ns, r.planned_off_ns) for r in rows
+            if r.planned_on_ns is not None and r.planned_off_ns is not None and r.valve_status != "cancelled"]
+
+
+def recorded_rows(db_path: Path) -> list[StoneRow]:
+    """Every stone row of a batch's stones.db, in the order they were finished (rowid: the writer
+    inserts them as the pipeline hands them over); none (logged) if it cannot be read."""
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        try:
+            got = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM stones ORDER BY rowid").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        log.error("simulated truth: cannot read the records in %s (%s): every stone counts as unseen", db_path, exc)
+        return []
+    return [StoneRow(**dict(zip(COLUMNS, r, strict=True))) for r in got]
 
 
 def match_rows(world: World, rows: list[StoneRow]) -> dict[int, StoneRow]:

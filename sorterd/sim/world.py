@@ -16,6 +16,7 @@ Geometry (all in mm, times in host monotonic ns):
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -72,6 +73,10 @@ class World:
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.sim.seed)
         self.fall_scale: dict[int, float] = {}
+        # Lookup indexes, rebuilt when what they index changed (a run of 100,000 stones
+        # must not scan every stone per frame, nor every jet per stone).
+        self._view_index: tuple[list[StoneSpec], int, _Spans] | None = None
+        self._jet_index: dict[str, tuple[int, _Spans]] = {}
 
     @property
     def view_mm(self) -> tuple[float, float]:
@@ -172,11 +177,24 @@ class World:
         """Stones (any part) inside the camera's view at t_ns, with centroid x, y."""
         width = self.view_mm[0]
         out = []
-        for s in self.stones:
+        for i in self._in_view_index().overlapping(t_ns, t_ns + 1):
+            s = self.stones[i]
             x = s.x_mm_at(t_ns)
             if -s.length_mm < x < width + s.length_mm:
                 out.append((s, x, s.y_mm))
         return out
+
+    def _in_view_index(self) -> _Spans:
+        """Each stone's time in view (a little wider than the exact test above), indexed."""
+        cached = self._view_index
+        if cached is not None and cached[0] is self.stones and cached[1] == len(self.stones):
+            return cached[2]
+        width = self.view_mm[0]
+        spans = [(s.t_entry_ns - int(s.length_mm / s.speed_mm_s * 1e9) - 1,
+                  s.t_entry_ns + int((width + s.length_mm) / s.speed_mm_s * 1e9) + 2) for s in self.stones]
+        index = _Spans(spans)
+        self._view_index = (self.stones, len(self.stones), index)
+        return index
 
     def beam_times(self, beam_x_mm: float) -> list[tuple[int, int]]:
         """(t_break_ns, t_clear_ns) for each time the beam is interrupted.
@@ -225,12 +243,22 @@ class World:
     def landing(self, stone: StoneSpec) -> Landing:
         for bin_name in sorted(JET_BINS, key=lambda b: self.geometry.nozzle_drop_mm[b]):
             start, end = self.nozzle_passage(stone, bin_name)
-            covered = sum(max(0, min(end, off) - max(start, on)) for on, off in self.jets[bin_name])
+            jets = self.jets[bin_name]
+            covered = sum(max(0, min(end, jets[i][1]) - max(start, jets[i][0]))
+                          for i in self._jets_of(bin_name).overlapping(start, end))
             if covered >= self.sim.deflect_overlap * (end - start):
                 return Landing(bin_name, f"jet {bin_name}", end)
         bottom = max(self.geometry.nozzle_drop_mm.values())
         t_end = stone.t_at_x_ns(self.geometry.lip_mm) + int(fall_time_s(bottom) * 1.2e9)
         return Landing("REJECT", "no jet", t_end)
+
+    def _jets_of(self, bin_name: str) -> _Spans:
+        jets = self.jets[bin_name]
+        cached = self._jet_index.get(bin_name)
+        if cached is None or cached[0] != len(jets):
+            cached = (len(jets), _Spans(jets))
+            self._jet_index[bin_name] = cached
+        return cached[1]
 
     def last_landing_ns(self) -> int:
         if not self.stones:
@@ -238,6 +266,22 @@ class World:
         bottom = max(self.geometry.nozzle_drop_mm.values())
         last = max(s.t_at_x_ns(self.geometry.lip_mm) for s in self.stones)
         return last + int(fall_time_s(bottom) * 1.2e9)
+
+
+class _Spans:
+    """Intervals [start, end) indexed by start: which of them may overlap a query interval."""
+
+    def __init__(self, spans: list[tuple[int, int]]) -> None:
+        self._order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+        self._starts = [spans[i][0] for i in self._order]
+        self._longest = max((end - start for start, end in spans), default=0)
+
+    def overlapping(self, start: int, end: int) -> list[int]:
+        """Indexes (in the caller's order) of every span that starts before `end` and may
+        still be open at `start`; a superset of those overlapping [start, end)."""
+        lo = bisect.bisect_left(self._starts, start - self._longest)
+        hi = bisect.bisect_left(self._starts, end)
+        return sorted(self._order[lo:hi])
 
 
 def _align_to_channel(outline: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -14,10 +14,8 @@ concerns take the default trajectory (REJECT).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +32,7 @@ from sorterd.parts.inference import Model
 from sorterd.parts.inference.onnxruntime import Prediction
 from sorterd.parts.lights import StrobeError, strobe_edges
 from sorterd.parts.trigger import TriggerEvent
+from sorterd.quantiles import Samples
 from sorterd.sorting.capture import capture_pair, lighting_fault
 from sorterd.sorting.decide import decide, safe_route, unsortable_reason
 from sorterd.sorting.eject import Planner, plan_pulse
@@ -59,9 +58,9 @@ LEDGER_TOLERANCE_MM = 0.5
 MIN_STONE_MM = 1.0  # melee: nothing smaller is sorted
 
 
-def _recent_p99_ms(samples: deque[float], n: int = 100) -> float:
+def _recent_p99_ms(samples: Samples, n: int = 100) -> float:
     """p99 of the last n samples (cheap on the loop; the lag that lost the stones is recent)."""
-    recent = list(itertools.islice(reversed(samples), n))
+    recent = samples.recent(n)
     return float(np.percentile(recent, 99)) * 1e3 if recent else float("nan")
 
 
@@ -92,7 +91,6 @@ class Pipeline:
         self.tracker = Tracker(cfg.pipeline.track_tolerance_mm)
         self.pending: dict[str, Pending] = {}
         self.neighbours = Neighbours(self.planner, self.pending, parts.valves, self.count, cfg.machine.safe_route)
-        self.rows: list[StoneRow] = []  # every finished row, for the run summary
         self.record_pairs = recorder.session is not None
         self._next_id = 1
         self._triggers = TriggerQueue(maxsize=16)
@@ -371,9 +369,11 @@ class Pipeline:
         self._finish(row)
 
     def _finish(self, row: StoneRow) -> None:
-        """The stone's fate is sealed: count it and hand the row to the recorder."""
-        self.count.finished(row.bin, row.route)
-        self.rows.append(row)
+        """The stone's fate is sealed: count it and hand the row to the recorder.
+
+        The row is not kept: stones.db holds it, the summary reads running counters
+        (a daemon that sorts for days must not grow with every stone)."""
+        self.count.finished(row.bin, row.route, row.valve_status)
         self.recorder.submit(row)
         self.count.queue_depth("record", self.recorder.depth)
 

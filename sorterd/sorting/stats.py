@@ -17,10 +17,11 @@ thread, and `RunStats` is read by the loop (progress line) or after the run.
 
 from __future__ import annotations
 
-from collections import deque
+import re
 from dataclasses import dataclass, field
 
 from sorterd.metrics import Metrics
+from sorterd.quantiles import Samples
 
 STAGES = ("segment", "infer", "decide", "compute", "model_only")
 # Not a compute stage: from the toplit exposure to the pulse being handed to the
@@ -30,7 +31,13 @@ LATENCIES = (*STAGES, "exposure_to_pulse", "trigger_to_exposure")
 
 @dataclass
 class RunStats:
-    """Counters and latency samples for the run summary (loop thread only)."""
+    """Counters and latency samples for the run summary (loop thread only).
+
+    Bounded by constants, never by the stone count: the rows themselves live in
+    the batch's stones.db only, and latencies are `Samples` (exact up to a cap,
+    then a histogram; sorterd/quantiles.py states the error bound).  A daemon
+    that sorts for days holds the same few kilobytes here as after a minute.
+    """
 
     captures: int = 0
     objects: int = 0
@@ -54,9 +61,10 @@ class RunStats:
     # Where the machine sent them: the decided bin, or REJECT / the safe route after a
     # neighbour conflict, a co-deflection risk or a deadline miss.
     routed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("CUT", "SELECT", "FLIP", "REJECT"), 0))
-    latency_s: dict[str, deque[float]] = field(
-        default_factory=lambda: {s: deque(maxlen=200_000) for s in LATENCIES}
-    )
+    finished: int = 0  # stones whose fate is sealed (their rows handed to the recorder)
+    # refusal kind (the valve status without its figures) -> stones whose pulse the valves refused
+    refusal_kinds: dict[str, int] = field(default_factory=dict)
+    latency_s: dict[str, Samples] = field(default_factory=lambda: {s: Samples(floor=1e-9) for s in LATENCIES})
 
 
 class RunCounter:
@@ -165,11 +173,15 @@ class RunCounter:
         self.stats.deadline_misses += 1
         self.metrics.deadline_misses.inc()
 
-    def finished(self, bin_name: str, route: str) -> None:
-        """A stone's fate is sealed: decided `bin_name`, sent to `route`.
+    def finished(self, bin_name: str, route: str, valve_status: str = "") -> None:
+        """A stone's fate is sealed: decided `bin_name`, sent to `route`; `valve_status` is its row's.
         `sorterd_stones_total{bin}` counts the decided bin, like the summary's `decided`."""
+        self.stats.finished += 1
         self.stats.decided[bin_name] += 1
         self.stats.routed[route] += 1
+        if valve_status.startswith("refused"):
+            kind = refusal_kind(valve_status)
+            self.stats.refusal_kinds[kind] = self.stats.refusal_kinds.get(kind, 0) + 1
         self.metrics.stones.labels(bin_name).inc()
 
     # -- gauges and info ------------------------------------------------------
@@ -179,3 +191,8 @@ class RunCounter:
 
     def model(self, version: str, sha256: str) -> None:
         self.metrics.model.info({"version": version, "sha256": sha256})
+
+
+def refusal_kind(status: str) -> str:
+    """A refusal's kind, without its figures ("refused: late at fire (0.31 ms)" -> "refused: late at fire")."""
+    return re.split(r" \(|\d", status)[0].rstrip(" :(-.")

@@ -9,25 +9,36 @@ composition root hands in for a simulated run (the simulator's truth module).
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
 from sorterd.config import Config
-from sorterd.domain import BINS, JET_BINS
+from sorterd.domain import BINS
 from sorterd.parts.lights import Lights
 from sorterd.parts.valves import Valves
-from sorterd.sorting.record import StoneRow
+from sorterd.quantiles import Samples
 from sorterd.sorting.stats import LATENCIES, STAGES, RunStats
 
 
-def percentiles_ms(samples: Any) -> dict[str, float | None]:
+def percentiles_ms(samples: Samples) -> dict[str, float | None]:
+    return _p50_p99(samples, lambda a: a * 1e3, 4)
+
+
+def _p50_p99(samples: Samples, unit: Callable[[np.ndarray], np.ndarray], digits: int,
+             absolute: bool = False) -> dict[str, float | None]:
+    """p50/p99 in the summary's unit: exact while the series is (every normal run), else
+    from its bounded histogram, within sorterd.quantiles.REL_ERROR of the exact value."""
     if not samples:
         return {"p50": None, "p99": None}
-    a = np.asarray(samples) * 1e3
-    return {"p50": round(float(np.percentile(a, 50)), 4), "p99": round(float(np.percentile(a, 99)), 4)}
+    exact = samples.exact_array()
+    if exact is not None:
+        a = unit(np.abs(exact) if absolute else exact)
+        p50, p99 = np.percentile(a, 50), np.percentile(a, 99)
+    else:
+        p50, p99 = unit(np.array([samples.quantile(q, absolute) for q in (0.5, 0.99)]))
+    return {"p50": round(float(p50), digits), "p99": round(float(p99), digits)}
 
 
 class ValveTiming(Protocol):
@@ -39,27 +50,34 @@ class ValveTiming(Protocol):
 
 
 class RunTruth(Protocol):
-    """What an observer outside the daemon knows of a run; only the simulator has one."""
+    """What an observer outside the daemon knows of a run; only the simulator has one.
+
+    It brings its own copy of the run's records (the simulator reads them back from
+    the batch's stones.db): the daemon keeps no rows, only running counters."""
 
     @property
     def valve_trace(self) -> ValveTiming | None: ...
 
-    def stones_summary(self, rows: list[StoneRow], risks: dict[str, str]) -> dict[str, Any]:
+    def stones_summary(self, risks: dict[str, str]) -> dict[str, Any]:
         """The truth section: stones_fed, stones_seen, bins, landed_as_*_rate, accuracy, unseen_*, misrouted."""
         ...
 
+    def planned_pulses(self) -> list[tuple[str, int, int]]:
+        """(valve, on_ns, off_ns) of every pulse the records say was planned."""
+        ...
 
-def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], truth: RunTruth | None,
+
+def summarize(cfg: Config, stats: RunStats, truth: RunTruth | None,
               model_version: str, wall_s: float, valves: Valves | None = None,
               lights: Lights | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "objects_decided": len(rows),
+        "objects_decided": stats.finished,
         "captures": stats.captures,
         "clusters": stats.clusters,
         "neighbour_conflicts": stats.conflicts,
         "deadline_misses": stats.deadline_misses,
         "flagged": stats.flagged,
-        "flagged_rate": round(stats.flagged / len(rows), 4) if rows else 0.0,
+        "flagged_rate": round(stats.flagged / stats.finished, 4) if stats.finished else 0.0,
         "pairs_dropped": stats.pairs_dropped,
         "camera_failures": stats.camera_failures,
         "camera_gap_triggers": stats.gap_triggers,
@@ -78,37 +96,34 @@ def summarize(cfg: Config, stats: RunStats, rows: list[StoneRow], truth: RunTrut
         "wall_s": round(wall_s, 2),
     }
     if truth is not None:
-        out.update(truth.stones_summary(rows, stats.co_deflection_risks))
-    out.update(valve_summary(rows, truth.valve_trace if truth is not None else None, valves))
+        out.update(truth.stones_summary(stats.co_deflection_risks))
+    trace, planned = (truth.valve_trace, truth.planned_pulses()) if truth is not None else (None, [])
+    out.update(valve_summary(stats.refusal_kinds, trace, planned, valves))
     timing = lights.timing() if lights is not None else None
     if timing is not None:
         out.update(timing)  # strobe_error_us, strobe_refusals
     return out
 
 
-def valve_summary(rows: list[StoneRow], trace: ValveTiming | None, valves: Valves | None = None) -> dict[str, Any]:
+def valve_summary(refusals: Mapping[str, int], trace: ValveTiming | None,
+                  planned: Sequence[tuple[str, int, int]] = (), valves: Valves | None = None) -> dict[str, Any]:
     """Valve timing and faults, where a backend or the simulated controller has them.
 
     sync_error_us / fire_error_us (|error| p50, p99, max; bias = signed median)
     come from the simulated machine watching the controller's pins with the
     true clock relation (a RunTruth's valve_trace), or else from the backend's own
-    truth samples.  valve_refusals counts stones whose pulse the valve
-    backend refused (they took the safe route); watchdog_trips and reconnects
-    come from the controller (simulated) or the backend.
+    truth samples, matched against the `planned` pulses (valve, on_ns, off_ns).
+    valve_refusals counts stones whose pulse the valve backend refused (they took
+    the safe route; `refusals`: kind -> stones, RunStats.refusal_kinds);
+    watchdog_trips and reconnects come from the controller (simulated) or the backend.
     """
     out: dict[str, Any] = {}
     st = valves.stats() if valves is not None else None
     if trace is None and st is None:
         return out
-    refused = [r.valve_status for r in rows if r.valve_status.startswith("refused")]
-    out["valve_refusals"] = len(refused)
-    out["valve_refusal_reasons"] = _group_reasons(refused)
+    out["valve_refusals"] = sum(refusals.values())
+    out["valve_refusal_reasons"] = dict(refusals)
     if trace is not None:
-        # A sent pulse's valve is the row's route (a neighbour conflict may route a stone to the
-        # safe route, not its decided bin), or its bin once a refusal moved the route to REJECT;
-        # a pulse cancelled for a neighbour never opened anything.
-        planned = [(r.route if r.route in JET_BINS else r.bin, r.planned_on_ns, r.planned_off_ns) for r in rows
-                   if r.planned_on_ns is not None and r.planned_off_ns is not None and r.valve_status != "cancelled"]
         truth = trace.summary(planned)
         out.update(sync_error_us=truth["sync_error_us"], fire_error_us=truth["fire_error_us"],
                    valve_controller=truth["valve_controller"])
@@ -123,19 +138,9 @@ def valve_summary(rows: list[StoneRow], trace: ValveTiming | None, valves: Valve
     return out
 
 
-def _group_reasons(statuses: list[str]) -> dict[str, int]:
-    groups: dict[str, int] = {}
-    for text in statuses:
-        key = re.split(r" \(|\d", text)[0].rstrip(" :(-.")  # the kind, without its figures
-        groups[key] = groups.get(key, 0) + 1
-    return groups
-
-
-def _us(errors_ns: Any) -> dict[str, float | None]:
-    if not errors_ns:
-        return {"p50": None, "p99": None}
-    a = np.abs(np.asarray(errors_ns, dtype=float)) / 1e3
-    return {"p50": round(float(np.percentile(a, 50)), 2), "p99": round(float(np.percentile(a, 99)), 2)}
+def _us(errors_ns: Samples) -> dict[str, float | None]:
+    """|error| p50/p99 in microseconds."""
+    return _p50_p99(errors_ns, lambda a: a.astype(float) / 1e3, 2, absolute=True)
 
 
 def _backend_stats(st: Any) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,12 +27,13 @@ import numpy as np
 from sorterd.clock import Clock
 from sorterd.configfile import ConfigError, check_pins, opt
 from sorterd.controller.gpio import GpioLibraryOptions, GpioLines
-from sorterd.controller.outputs import SAMPLES, Pulse, PulseOutcome
+from sorterd.controller.outputs import Pulse, PulseOutcome
 from sorterd.domain import LIGHT_MODES
 from sorterd.parts.lights import LightsOptions, StrobeError, StrobeResult
 from sorterd.parts.registry import Backend, Opening
 from sorterd.parts.valves.gpio import GpioValvesConfig
 from sorterd.parts.valves.mcu import McuValvesConfig
+from sorterd.quantiles import Samples
 
 if TYPE_CHECKING:
     from sorterd.controller.mcu import McuValves
@@ -154,7 +154,7 @@ class PulsedLights:
         self._owns = owns_outputs  # gpio: our own thread; mcu: the valves' controller
         self._tasks: set[asyncio.Task[StrobeResult]] = set()
         # Actual minus intended edge (ns), both edges of every strobe: the timing report.
-        self.error_ns: deque[int] = deque(maxlen=SAMPLES)
+        self.error_ns = Samples(floor=1.0)  # bounded: sorterd/quantiles.py
         self.refusals: dict[str, int] = {}
 
     def strobe(self, mode: str, t_on_ns: int, t_off_ns: int) -> asyncio.Task[StrobeResult]:
@@ -202,9 +202,14 @@ class PulsedLights:
         out: dict[str, Any] = {"strobe_error_us": {"p50": None, "p99": None, "max": None},
                                "strobe_refusals": dict(self.refusals)}
         if self.error_ns:
-            a = np.abs(np.asarray(self.error_ns, dtype=float)) / 1e3
-            out["strobe_error_us"] = {"p50": round(float(np.percentile(a, 50)), 2),
-                                      "p99": round(float(np.percentile(a, 99)), 2), "max": round(float(a.max()), 2)}
+            a = self.error_ns.exact_array()
+            if a is not None:
+                a = np.abs(a) / 1e3
+                p50, p99 = float(np.percentile(a, 50)), float(np.percentile(a, 99))
+            else:  # a long run: from the bounded histogram (within quantiles.REL_ERROR)
+                p50, p99 = (self.error_ns.quantile(q, absolute=True) / 1e3 for q in (0.5, 0.99))
+            out["strobe_error_us"] = {"p50": round(p50, 2), "p99": round(p99, 2),
+                                      "max": round(self.error_ns.max_abs / 1e3, 2)}
         return out
 
     def all_off(self) -> None:
