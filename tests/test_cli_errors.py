@@ -17,6 +17,7 @@ import pytest
 
 from sorterd.cli import main
 from sorterd.cli.paths import Output, OutputPathError, check_outputs, dir_problem, file_problem
+from sorterd.cli.run import RunResult
 from sorterd.data.bundle import ModelError, sha256_file
 from sorterd.parts.inference import onnxruntime as ort_backend
 from sorterd.parts.inference.onnxruntime import OnnxModel
@@ -118,7 +119,12 @@ def test_a_manifest_naming_a_head_the_graph_lacks_is_refused_at_load(tmp_path: P
 def no_run(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Replace the run itself: a refused command must never get there (no model, no calibration)."""
     calls: list[Any] = []
-    monkeypatch.setattr("sorterd.cli.run.run", lambda *a, **k: calls.append(a))
+
+    def fake_run(*a: Any, **k: Any) -> RunResult:
+        calls.append(a)
+        return RunResult({"record": {"lost": {"rows": 0, "unseen": 0, "decisions": 0}}}, Path("."))
+
+    monkeypatch.setattr("sorterd.cli.run.run", fake_run)
     return calls
 
 
