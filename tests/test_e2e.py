@@ -112,7 +112,11 @@ def test_same_seed_same_decisions(tmp_path: Path) -> None:
     same_rule = 0
     for ra, rb in pairs:
         exact = ["color", "clarity", "cluster"]
-        if ra["reason"] == rb["reason"] and (ra["size_mm"] < cut_mm) == (rb["size_mm"] < cut_mm):
+        # The same rule: the same reason, the same side of the size rule and of both confidence gates
+        # ("review" is the reason both of a flagged stone sorted by the mapping and of one below
+        # flag_confidence sent to SELECT: the gate, not the text, tells them apart).
+        if (ra["reason"] == rb["reason"] and (ra["size_mm"] < cut_mm) == (rb["size_mm"] < cut_mm)
+                and _gate(ra["confidence"], cfg) == _gate(rb["confidence"], cfg)):
             same_rule += 1
             exact += ["bin"]  # the same rule of decide() on the same side of the size rule
             if not (ra["deadline_miss"] or rb["deadline_miss"]):
@@ -129,6 +133,14 @@ def test_same_seed_same_decisions(tmp_path: Path) -> None:
         if same_rule == len(pairs):
             assert a.summary["bins"] == b.summary["bins"]
             assert a.summary["decided"] == b.summary["decided"]
+
+
+def _gate(confidence: float | None, cfg: config.Config) -> int:
+    """Which §5.2 band a confidence falls in: 0 below flag_confidence, 1 flagged, 2 sorted."""
+    if confidence is None:
+        return -1
+    d = cfg.decision
+    return 0 if confidence < d.flag_confidence else 1 if confidence < d.sort_confidence else 2
 
 
 def _same_ids_up_to_swaps_within_a_capture(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
