@@ -115,9 +115,10 @@ def run_fakes(n: int, every: float, tmp: Path, out: Path) -> list[tuple[float, i
     import cv2
 
     from sorterd import config
-    from sorterd.cli.compose import Parts, load_config
+    from sorterd.cli.compose import load_config
     from sorterd.clock import VirtualClock
     from sorterd.metrics import Metrics
+    from sorterd.parts import Parts
     from sorterd.parts.camera import Frame
     from sorterd.sorting.pipeline import Pipeline
     from sorterd.sorting.record import Recorder, make_batch_dir

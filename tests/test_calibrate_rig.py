@@ -21,9 +21,10 @@ from sorterd import config
 from sorterd.calibration import checklist as calibrate
 from sorterd.calibration.rig import KitError, MachineRig, load_kit
 from sorterd.cli import main
-from sorterd.cli.compose import Parts, load_config
+from sorterd.cli.compose import load_config
 from sorterd.clock import WallClock
 from sorterd.controller.outputs import Pulse, PulseOutcome, ValveStats
+from sorterd.parts import Parts
 from sorterd.parts.camera import CameraError, Frame
 from sorterd.parts.lights import StrobeResult, check_pair, done
 from sorterd.parts.trigger import TriggerEvent

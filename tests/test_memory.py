@@ -24,10 +24,11 @@ import numpy as np
 import pytest
 
 from sorterd import config, quantiles
-from sorterd.cli.compose import Parts, load_config
+from sorterd.cli.compose import load_config
 from sorterd.clock import VirtualClock
 from sorterd.domain import JET_BINS
 from sorterd.metrics import Metrics
+from sorterd.parts import Parts
 from sorterd.parts.camera import Frame
 from sorterd.quantiles import GROWTH, REL_ERROR, Samples
 from sorterd.sim.machine import SimMachine

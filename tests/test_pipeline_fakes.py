@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 
 from sorterd import config
-from sorterd.cli.compose import Parts, load_config
+from sorterd.cli.compose import load_config
 from sorterd.clock import Clock, VirtualClock
 from sorterd.controller.outputs import Pulse, PulseOutcome
 from sorterd.metrics import Metrics
+from sorterd.parts import Parts
 from sorterd.parts.camera import Frame
-from sorterd.parts.inference.onnxruntime import Prediction
+from sorterd.parts.inference import Prediction
 from sorterd.parts.lights import StrobeResult, done
 from sorterd.parts.trigger import TriggerEvent
 from sorterd.sorting.eject import plan_pulse

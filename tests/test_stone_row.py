@@ -8,7 +8,7 @@ import numpy as np
 
 from sorterd.controller.outputs import Pulse
 from sorterd.parts.camera import Frame, FramePair
-from sorterd.parts.inference.onnxruntime import Prediction
+from sorterd.parts.inference import Prediction
 from sorterd.sorting.decide import Decision
 from sorterd.sorting.record import COLUMNS, stone_row
 from sorterd.sorting.segment import Blob, Observation, Shape

@@ -22,10 +22,11 @@ import pytest
 from test_pipeline_fakes import STONES, FakeCamera, FakeLights, FakeModel, FakeTrigger, FakeValves, Stone
 
 from sorterd import config
-from sorterd.cli.compose import Parts, load_config
+from sorterd.cli.compose import load_config
 from sorterd.clock import VirtualClock
 from sorterd.controller.outputs import Pulse, PulseOutcome
 from sorterd.metrics import Metrics
+from sorterd.parts import Parts
 from sorterd.sim.machine import SimMachine
 from sorterd.sim.parts.trigger import SimTrigger
 from sorterd.sorting.pipeline import Pipeline

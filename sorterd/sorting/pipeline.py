@@ -28,8 +28,7 @@ from sorterd.domain import JET_BINS, LIGHT_MODES
 from sorterd.metrics import Metrics
 from sorterd.parts import Parts
 from sorterd.parts.camera import CameraError, FramePair, RecordedFrameError
-from sorterd.parts.inference import Model
-from sorterd.parts.inference.onnxruntime import Prediction
+from sorterd.parts.inference import Model, Prediction
 from sorterd.parts.lights import StrobeError, strobe_edges
 from sorterd.parts.trigger import TriggerEvent
 from sorterd.quantiles import Samples

@@ -35,7 +35,7 @@ from sorterd.data.session import PairTimes, SessionWriter, stone_order
 if TYPE_CHECKING:  # the row's sources; only their fields are read here
     from sorterd.controller.outputs import Pulse
     from sorterd.parts.camera import FramePair
-    from sorterd.parts.inference.onnxruntime import Prediction
+    from sorterd.parts.inference import Prediction
     from sorterd.sorting.decide import Decision
     from sorterd.sorting.segment import Observation
 

@@ -11,13 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
+
 from sorterd.configfile import opt
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from sorterd.data.bundle import Manifest
-    from sorterd.parts.inference.onnxruntime import Prediction
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One stone's class probabilities, in the manifest's class order (every backend returns these)."""
+
+    p_color: np.ndarray  # (3,)
+    p_clarity: np.ndarray  # (3,)
 
 
 class Model(Protocol):

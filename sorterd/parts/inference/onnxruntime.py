@@ -17,14 +17,8 @@ import numpy as np
 
 from sorterd.configfile import opt
 from sorterd.data.bundle import Manifest, ModelError, read_manifest, sha256_file, softmax
-from sorterd.parts.inference import InferenceOptions
+from sorterd.parts.inference import InferenceOptions, Prediction
 from sorterd.parts.registry import Backend
-
-
-@dataclass(frozen=True)
-class Prediction:
-    p_color: np.ndarray  # (3,) in manifest class order
-    p_clarity: np.ndarray
 
 
 class OnnxModel:
