@@ -203,6 +203,13 @@ class MetricsConfig:
     port: int = opt(9108, "Port; 0 = any free port.", minval=0, maxval=65535)
 
 
+@dataclass(frozen=True)
+class ServiceConfig:
+    stall_s: float = opt(5.0, "Under systemd: a stage (capture, workers, record writer, valve outcomes) with work waiting "
+                         "and no progress for this long stops the watchdog pings, so systemd restarts the sorter; keep "
+                         "it below the unit's WatchdogSec (10 s).", minval=0.5, maxval=600.0)
+
+
 # name -> (min, max, meaning) of faults the simulated machine can be told to have.
 SIM_FAULTS: dict[str, tuple[float, float, str]] = {
     "camera_drop_at_s": (0.0, 1e6, "seconds into the run when the camera disappears"),
@@ -288,6 +295,7 @@ PLAIN_SECTIONS: dict[str, type] = {
     "record": RecordConfig,
     "calibration": CalibrationConfig,
     "metrics": MetricsConfig,
+    "service": ServiceConfig,
     "sim": SimConfig,
 }
 
@@ -308,6 +316,7 @@ class Config:
     calibration: CalibrationConfig
     metrics: MetricsConfig
     sim: SimConfig
+    service: ServiceConfig = dataclasses.field(default_factory=ServiceConfig)
     source: Path | None = None
 
     @property

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,18 @@ from sorterd.cli import REFUSALS, main
 from sorterd.cli.run import STOP_DRAIN_S
 
 UNIT = REPO / "systemd" / "sorterd.service"
+MAX_EXPOSURE = 2.0  # issue 15: `systemd-analyze security` rates the unit at most this
+REQUIRE_SYSTEMD = "SORTERD_REQUIRE_SYSTEMD"  # set (CI, .ci/run): the systemd checks fail instead of skipping
+
+
+def _need_systemd_analyze() -> None:
+    """Skip where systemd-analyze is absent -- or fail, where SORTERD_REQUIRE_SYSTEMD says it must be there."""
+    if shutil.which("systemd-analyze") is not None:
+        return
+    why = "systemd-analyze is not installed here (apt-get install systemd)"
+    if os.environ.get(REQUIRE_SYSTEMD):
+        pytest.fail(f"{REQUIRE_SYSTEMD} is set, but {why}", pytrace=False)
+    pytest.skip(f"{why}; the unit's settings are still checked by the other tests")
 
 
 def _service_settings() -> dict[str, str]:
@@ -74,9 +89,8 @@ def test_no_status_line_outside_systemd(tmp_path: Path, monkeypatch: pytest.Monk
     assert "not sorting" not in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here "
-                    "(apt-get install systemd); the unit's settings are still checked above")
 def test_the_unit_verifies(tmp_path: Path) -> None:
+    _need_systemd_analyze()
     # verify checks that ExecStart exists: point it at this interpreter instead of /opt/sorterd.
     unit = tmp_path / "sorterd.service"
     text = UNIT.read_text()
@@ -85,3 +99,65 @@ def test_the_unit_verifies(tmp_path: Path) -> None:
     proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     complaints = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "sorterd.service" in ln]
     assert proc.returncode == 0 and not complaints, proc.stdout + proc.stderr
+
+
+def test_the_unit_is_hardened_to_the_limit() -> None:
+    _need_systemd_analyze()
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNIT)],
+                          capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for sorterd\.service: (\d+(?:\.\d+)?)", proc.stdout + proc.stderr)
+    assert found, proc.stdout + proc.stderr
+    assert float(found.group(1)) <= MAX_EXPOSURE, proc.stdout
+
+
+def test_the_hardening_keeps_what_the_sorter_needs() -> None:
+    """The hardening must not take away the devices, the network or the RT thread."""
+    text = UNIT.read_text()
+    allowed = {ln.split("=", 1)[1].split()[0] for ln in text.splitlines() if ln.startswith("DeviceAllow=")}
+    assert {"char-ttyACM", "char-ttyUSB", "char-tty", "char-gpiochip", "char-video4linux"} <= allowed
+    s = _service_settings()
+    assert s.get("PrivateDevices", "no") == "no"  # a private /dev has no tty, gpiochip or video
+    assert s.get("RestrictRealtime", "no") == "no"  # the gpio valve thread runs SCHED_FIFO
+    assert s.get("PrivateUsers", "no") == "no"  # the device groups must count
+    assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= set(s["RestrictAddressFamilies"].split())
+    assert "localhost" in s["IPAddressAllow"].split()  # the metrics port and a local trainer
+    assert int(s["LimitRTPRIO"]) > 0 and s["LimitMEMLOCK"] == "infinity"
+    assert s["UMask"] == "0077" and s["NoNewPrivileges"] == "yes"
+    # The watchdog must outlast the pipeline's own stall limit, or systemd restarts a sorter
+    # whose stage is merely slow before the sorter can say which one.
+    from sorterd.config import ServiceConfig
+    assert _seconds(s["WatchdogSec"]) > ServiceConfig().stall_s + 1.0
+
+
+_MDWE_PROBE = """
+import ctypes, mmap, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN (Linux >= 6.3)
+    sys.exit(77)
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    sys.exit("PR_SET_MDWE is set but a writable+executable mapping was allowed")
+except OSError:
+    pass
+import cv2
+import numpy as np
+from sorterd.data.bundle import resolve_bundle
+from sorterd.parts.inference.onnxruntime import OnnxModel
+model = OnnxModel(resolve_bundle("default", None), 2)
+half = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 255, (128, 128, 3), np.uint8), (5, 5), 0)
+preds, _ = model.predict_halves([(half, half)] * 4)
+assert len(preds) == 4 and abs(float(preds[0].p_color.sum()) - 1.0) < 1e-3, preds
+print("inference ok under MDWE")
+"""
+
+
+def test_inference_runs_without_writable_executable_memory() -> None:
+    """MemoryDenyWriteExecute=yes is in the unit: onnxruntime (CPU), OpenCV and numpy must work
+    with W+X memory refused.  systemd does it with a seccomp filter on mmap/mprotect; the
+    kernel's PR_SET_MDWE (which systemd >= 257 also uses) refuses the same and needs no root."""
+    assert _service_settings()["MemoryDenyWriteExecute"] == "yes"
+    proc = subprocess.run([sys.executable, "-c", _MDWE_PROBE], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode == 77:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux < 6.3): MemoryDenyWriteExecute is untested here")
+    assert proc.returncode == 0 and "inference ok under MDWE" in proc.stdout, proc.stdout + proc.stderr
