@@ -28,6 +28,7 @@ from sorterd.data.session import SessionMeta, SessionWriter, new_session_id
 from sorterd.domain import BINS, LIGHT_MODES
 from sorterd.metrics import Metrics
 from sorterd.parts.inference.onnxruntime import OnnxModel
+from sorterd.sorting.liveness import Watchdog, keep_alive
 from sorterd.sorting.pipeline import Pipeline
 from sorterd.sorting.record import Recorder, make_batch_dir
 from sorterd.sorting.summary import format_text, summarize
@@ -173,6 +174,9 @@ async def _run_pipeline(pipeline: Pipeline, parts: MachineParts, clock: Clock, o
         parts.machine.feed(opts.stones)
         parts.machine.start_at(clock.now_ns() + 20_000_000)
     reporter = asyncio.create_task(_progress(pipeline, parts, opts, out, t_wall))
+    # WATCHDOG=1 only while every stage moves or is idle (sorting/liveness.py).
+    watchdog = Watchdog([*pipeline.liveness(), pipeline.recorder], pipeline.cfg.service.stall_s)
+    pinger = asyncio.create_task(keep_alive(watchdog, sdnotify.notify))
     work = asyncio.create_task(_sort_and_land(pipeline, parts, clock))
     asked = asyncio.create_task(stop.asked.wait())
     try:
@@ -182,7 +186,7 @@ async def _run_pipeline(pipeline: Pipeline, parts: MachineParts, clock: Clock, o
         if not work.cancelled():
             work.result()  # a stage's error ends the run here
     finally:
-        for task in (reporter, asked, work):
+        for task in (reporter, pinger, asked, work):
             task.cancel()
         sdnotify.notify("STOPPING=1")
         for sig in signals:
@@ -234,12 +238,11 @@ async def _drain(work: asyncio.Task[None], pipeline: Pipeline, parts: MachinePar
 
 
 async def _progress(pipeline: Pipeline, parts: MachineParts, opts: RunOptions, out: TextIO, t_wall: float) -> None:
-    """A live progress line (and the systemd watchdog ping), on wall time."""
+    """A live progress line, on wall time (the systemd watchdog ping: liveness.keep_alive)."""
     tty = out.isatty()
     last_line = 0.0
     while True:
         await asyncio.sleep(0.25)
-        sdnotify.notify("WATCHDOG=1")
         if not opts.progress:
             continue
         now = time.monotonic()

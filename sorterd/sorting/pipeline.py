@@ -36,6 +36,7 @@ from sorterd.sorting.capture import capture_pair, lighting_fault
 from sorterd.sorting.decide import decide, safe_route, unsortable_reason
 from sorterd.sorting.eject import Planner, plan_pulse
 from sorterd.sorting.ledger import TriggerLedger
+from sorterd.sorting.liveness import Liveness
 from sorterd.sorting.neighbours import Neighbours, Pending, Routed
 from sorterd.sorting.record import ImageJob, Recorder, StoneRow, UnseenRow, stone_row, wall_time_iso
 from sorterd.sorting.segment import Observation, PairingLimits, crop_halves, segment_pair
@@ -97,6 +98,10 @@ class Pipeline:
         self._outcomes: set[asyncio.Task[None]] = set()
         self._input_stopped = False  # stop_input() was called: the trigger loop ends, the rest drains
         self._trigger_task: asyncio.Task[None] | None = None
+        # What the systemd watchdog reads (sorting/liveness.py): loop thread only.
+        self.capture_live = Liveness("capture")
+        self.process_live = Liveness("process")
+        self.valves_live = Liveness("valves")
         cam = parts.camera
         # A replayed session brings its own pair interval; otherwise the strobes' setting.
         self.pair_interval_ms = float(cam.pair_interval_ms or cfg.lights.pair_interval_ms)
@@ -132,6 +137,7 @@ class Pipeline:
     async def _capture_loop(self) -> None:
         seq = 0
         while (ev := await self._triggers.get()) is not None:
+            self.capture_live.begin()
             try:
                 pair = await self._capture(seq, ev)
             except RecordedFrameError as exc:
@@ -147,6 +153,8 @@ class Pipeline:
                 self.count.lighting_fault()
                 log.error("capture %d: strobe refused (%s): its stone falls to REJECT", seq, exc)
                 continue
+            finally:
+                self.capture_live.end()
             seq += 1
             self._triggers.drop_covered(pair.backlit.t_ns)
             self.count.captured((pair.backlit.t_ns - ev.t_ns) / 1e9)
@@ -168,13 +176,17 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         while True:
             lost += len(self._triggers.drop_covered(self.clock.now_ns()))
+            # A reopen that fails is progress (the sorter is retrying); one that never returns is not.
+            self.capture_live.begin()
             try:
                 async with self.parts.camera.lock:  # the vision trigger may be reopening it too
                     await loop.run_in_executor(None, self.parts.camera.reopen)
                 break
             except CameraError as again:
                 log.debug("camera reopen failed: %s", again)
-                await self.clock.sleep_until(self.clock.now_ns() + backoff_ns)
+            finally:
+                self.capture_live.end()
+            await self.clock.sleep_until(self.clock.now_ns() + backoff_ns)
         # Triggers that came while it was away announce stones already past.
         lost += len(self._triggers.drop_covered(self.clock.now_ns()))
         self.count.gap_triggers(lost)
@@ -191,33 +203,41 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         while (pair := await self._pairs.get()) is not None:
             self.count.queue_depth("pairs", self._pairs.qsize())
-            # One worker call per pair: the frames stay in that core's cache
-            # from segmentation to inference, and there is one hand-off only.
-            done: Computed = await loop.run_in_executor(None, self._compute, pair, self.tracker.snapshot())
-            fault, strobes = await lighting_fault(pair, self.clock, self.parts.camera, self.parts.lights)
-            edges = strobe_edges(strobes)
-            if fault:
-                # Frames not lit as §2.2 says cannot be trusted: the pair's stones take the safe route.
-                self.count.lighting_fault()
-                log.error("capture %d: %s: its %d stone(s) take the safe route", pair.seq, fault, len(done.new))
-                done.preds.clear()
-                done.reasons[:] = [f"lighting: {fault}"] * len(done.new)
-            for i, (sid, obs) in enumerate(zip(self._stone_ids(pair, len(done.new)), done.new, strict=True)):
-                t = time.perf_counter()
-                routed, pulse = self._decide_and_plan(sid, obs, done.preds.get(i), done.reasons[i])
-                if i == 0 and self.record_pairs:
-                    self._record_pair(sid, pair, edges)
-                decide_s = time.perf_counter() - t
-                self._dispatch(sid, pair, obs, done.preds.get(i), routed, pulse, done.crops[i], edges)
-                if i in done.preds:
-                    self.count.stage_latencies(done.segment_s, done.infer_s, decide_s, done.model_s)
-                self.count.exposure_to_pulse((self.clock.now_ns() - obs.t_ns) / 1e9)
-                self._account(obs)
-            self.planner.forget_before(self.clock.now_ns())
-            # Every pair exposed up to this one is decided (pairs are processed in order); the
-            # clock would close the ledger's books early whenever processing lags behind.
-            self._settle(pair.backlit.t_ns)
+            self.process_live.begin()
+            try:
+                await self._process(loop, pair)
+            finally:
+                self.process_live.end()
         self._settle(None)  # end of input: edges nothing explained by now never will be
+
+    async def _process(self, loop: asyncio.AbstractEventLoop, pair: FramePair) -> None:
+        """One pair: compute in a worker, then decide, plan and fire each new stone in it."""
+        # One worker call per pair: the frames stay in that core's cache
+        # from segmentation to inference, and there is one hand-off only.
+        done: Computed = await loop.run_in_executor(None, self._compute, pair, self.tracker.snapshot())
+        fault, strobes = await lighting_fault(pair, self.clock, self.parts.camera, self.parts.lights)
+        edges = strobe_edges(strobes)
+        if fault:
+            # Frames not lit as §2.2 says cannot be trusted: the pair's stones take the safe route.
+            self.count.lighting_fault()
+            log.error("capture %d: %s: its %d stone(s) take the safe route", pair.seq, fault, len(done.new))
+            done.preds.clear()
+            done.reasons[:] = [f"lighting: {fault}"] * len(done.new)
+        for i, (sid, obs) in enumerate(zip(self._stone_ids(pair, len(done.new)), done.new, strict=True)):
+            t = time.perf_counter()
+            routed, pulse = self._decide_and_plan(sid, obs, done.preds.get(i), done.reasons[i])
+            if i == 0 and self.record_pairs:
+                self._record_pair(sid, pair, edges)
+            decide_s = time.perf_counter() - t
+            self._dispatch(sid, pair, obs, done.preds.get(i), routed, pulse, done.crops[i], edges)
+            if i in done.preds:
+                self.count.stage_latencies(done.segment_s, done.infer_s, decide_s, done.model_s)
+            self.count.exposure_to_pulse((self.clock.now_ns() - obs.t_ns) / 1e9)
+            self._account(obs)
+        self.planner.forget_before(self.clock.now_ns())
+        # Every pair exposed up to this one is decided (pairs are processed in order); the
+        # clock would close the ledger's books early whenever processing lags behind.
+        self._settle(pair.backlit.t_ns)
 
     def _account(self, obs: Observation) -> None:
         """The ledger: when did this object's front cross the trigger's place?"""
@@ -326,7 +346,9 @@ class Pipeline:
             return
         self.planner.pulses[sid] = pulse
         self.pending[sid] = Pending(row, pulse)
+        self.valves_live.begin()
         task = asyncio.get_running_loop().create_task(self._await_outcome(sid, pulse))
+        task.add_done_callback(lambda _: self.valves_live.end())  # an outcome, or abandoned
         self._outcomes.add(task)
         task.add_done_callback(self._outcomes.discard)
 
@@ -385,6 +407,10 @@ class Pipeline:
             self.recorder.submit_images(ImageJob(sid, thumb, full))
 
     # -- lifecycle ------------------------------------------------------------
+
+    def liveness(self) -> list[Liveness]:
+        """The loop-owned stages the watchdog reads: capture, process (the workers), valve outcomes."""
+        return [self.capture_live, self.process_live, self.valves_live]
 
     async def run(self) -> None:
         """Run until the trigger source ends (simulation) or stop_input() is called, and every

@@ -31,6 +31,7 @@ import numpy as np
 
 from sorterd.data.files import write_png_atomic
 from sorterd.data.session import PairTimes, SessionWriter, stone_order
+from sorterd.sorting.liveness import Beat
 
 if TYPE_CHECKING:  # the row's sources; only their fields are read here
     from sorterd.controller.outputs import Pulse
@@ -244,6 +245,9 @@ class Recorder:
         self.images_low_disk = 0
         self.errors = 0  # writes the disk refused, both writer threads (under _lock)
         self.buffered = 0  # rows the writer holds, refused by the database (SQLite thread)
+        # The watchdog's view (sorting/liveness.py), SQLite thread: turns of its loop, rows in a commit.
+        self._turns = 0
+        self._committing = 0
         self.stalled_since: float | None = None  # monotonic s of the first refusal in a streak (SQLite thread)
         self._submitted = dict.fromkeys(RECORD_KINDS[:2], 0)  # loop thread
         self._settled = dict.fromkeys(RECORD_KINDS[:2], 0)  # written, spilled or lost (SQLite thread)
@@ -295,6 +299,16 @@ class Recorder:
     @property
     def depth(self) -> int:
         return self._rows.qsize()
+
+    @property
+    def name(self) -> str:
+        return "record"
+
+    def beat(self) -> Beat:
+        """The writer thread's liveness: rows queued or in a commit, and the turns of its loop.  A
+        disk that refuses writes is not stuck (the writer keeps turning: retry, spill, count lost);
+        a write that never returns is."""
+        return Beat(self.depth + self._committing, self._turns)
 
     @property
     def stalled(self) -> bool:
@@ -391,8 +405,11 @@ class Recorder:
             ending = self._take(pending, due)
             now = time.monotonic()
             if pending and (ending or now >= due or (len(pending) >= self._batch and not self.stalled)):
+                self._committing = len(pending)
                 if self._commit(conn, pending):
                     pending = []
+                self._committing = 0
+                self._turns += 1
                 due = now + (RETRY_S if self.stalled else self.commit_interval_s)
             elif now >= due:
                 due = now + self.commit_interval_s
@@ -404,6 +421,7 @@ class Recorder:
     def _take(self, pending: list[StoneRow | UnseenRow], due: float) -> bool:
         """Move rows from the queue into `pending` until `due` or a full batch; True at the end of input."""
         while time.monotonic() < due or self._closing.is_set():
+            self._turns += 1
             if time.monotonic() > self._deadline:
                 self._drop_queued()
                 return True
