@@ -260,8 +260,10 @@ REFUSALS = {2: "the config is invalid", 3: "the model or the replayed session is
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from sorterd import journal  # under systemd: the journal, with structured fields
+
+    journal.configure(logging.DEBUG if args.verbose else logging.WARNING,
+                      "%(asctime)s %(levelname)s %(name)s: %(message)s")
     code = int(args.func(args))
     if args.command == "run" and code in REFUSALS:
         _tell_systemd_why(code)

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from sorterd import sdnotify
+from sorterd import journal, sdnotify
 from sorterd.calibration import checklist as calibrate
 from sorterd.cli.compose import MachineParts, open_parts
 from sorterd.clock import Clock, make_clock
@@ -111,6 +111,7 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         parts = open_parts(cfg, clock)
         stack.callback(parts.close)
         batch_dir = make_batch_dir(Path(cfg.record.log_dir).expanduser(), _batch_name(cfg))
+        journal.set_context(sorter=cfg.machine.name, batch=batch_dir.name)  # fields of every journal line
         # Pushed first, so it runs last: the final counts once the recorder has flushed.
         batch_log = stack.enter_context(BatchLog(batch_dir / "batch.json", _batch_info(cfg, model, calibration), stop))
         session = _open_session(cfg, parts, opts.record_dir) if opts.record_dir else None

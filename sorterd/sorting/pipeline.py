@@ -371,7 +371,7 @@ class Pipeline:
                 # also catch the stone behind: counted, so a bin's contamination is explained.
                 self.count.late_off_edge()
                 log.warning("%s: valve %s closed %.1f ms late: a stone just behind may have been carried into %s",
-                            sid, pulse.valve, late_off_ns / 1e6, pulse.valve)
+                            sid, pulse.valve, late_off_ns / 1e6, pulse.valve, extra={"stone_id": sid, "stage": "valves"})
         self._finish(row)
 
     def _outcome_unknown(self, row: StoneRow) -> None:
@@ -386,7 +386,8 @@ class Pipeline:
         row.route = "REJECT"
         self.count.deadline_miss()
         self.planner.pulses.pop(row.stone_id, None)
-        log.warning("%s: deadline miss (%s): falls to REJECT", row.stone_id, why)
+        log.warning("%s: deadline miss (%s): falls to REJECT", row.stone_id, why,
+                    extra={"stone_id": row.stone_id, "stage": "eject"})
         self._finish(row)
 
     def _finish(self, row: StoneRow) -> None:
