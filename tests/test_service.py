@@ -161,3 +161,49 @@ def test_inference_runs_without_writable_executable_memory() -> None:
     if proc.returncode == 77:
         pytest.skip("this kernel has no PR_SET_MDWE (Linux < 6.3): MemoryDenyWriteExecute is untested here")
     assert proc.returncode == 0 and "inference ok under MDWE" in proc.stdout, proc.stdout + proc.stderr
+
+
+INSTALL = REPO / "systemd" / "install.sh"
+
+
+def _install(*args: str) -> str:
+    proc = subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_install_dry_run_says_what_it_would_do_and_changes_nothing() -> None:
+    out = _install("--dry-run", "--no-start")
+    commands = [ln[2:] for ln in out.splitlines() if ln.startswith("+ ")]
+    s = _service_settings()
+    # The directories the unit writes to, owned by its user, with the unit's modes.
+    for d in s["ReadWritePaths"].split():
+        assert f"install -d -m 0750 -o sorterd -g sorterd {d}" in commands
+    assert s["StateDirectoryMode"] == s["LogsDirectoryMode"] == "0750"
+    assert any(c.startswith("install -m 0644") and c.endswith("/etc/systemd/system/sorterd.service") for c in commands)
+    assert any(c.endswith("/etc/udev/rules.d/99-sorterd.rules") for c in commands)
+    if not any(ln.startswith("sorterd:") for ln in Path("/etc/passwd").read_text().splitlines()):
+        groups = s["SupplementaryGroups"].replace(" ", ",")
+        assert any(c.startswith("useradd --system") and f"--groups {groups} sorterd" in c for c in commands)
+    assert not any("enable --now" in c for c in commands)  # --no-start
+    assert out.rstrip().endswith("(dry run: nothing changed)")
+
+
+def test_install_into_a_root_makes_the_tree_the_unit_expects_and_is_idempotent(tmp_path: Path) -> None:
+    _install("--root", str(tmp_path))
+    mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
+    assert mode("var/lib/sorterd") == mode("var/log/sorterd") == mode("etc/sorterd") == 0o750
+    assert mode("etc/sorterd/sorterd.toml") == 0o640
+    assert (tmp_path / "etc/systemd/system/sorterd.service").read_text() == UNIT.read_text()
+    rules = (tmp_path / "etc/udev/rules.d/99-sorterd.rules").read_text()
+    assert 'SYMLINK+="sorterd-valves"' in rules and 'KERNEL=="gpiochip*", GROUP="gpio"' in rules
+    # Again, after the operator edited the config: it is kept, the rest is the same.
+    (tmp_path / "etc/sorterd/sorterd.toml").write_text("[machine]\nname = \"sorter-3\"\n")
+    _install("--root", str(tmp_path))
+    assert (tmp_path / "etc/sorterd/sorterd.toml").read_text() == "[machine]\nname = \"sorter-3\"\n"
+
+
+def test_install_refuses_an_unknown_option() -> None:
+    proc = subprocess.run(["bash", str(INSTALL), "--dryrun"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "install.sh: unknown option --dryrun (allowed: --dry-run, --root DIR, --no-start)"
