@@ -138,10 +138,12 @@ def load_secret(path: Path) -> tuple[bytes, bytes]:
 def load_allowed(directory: Path) -> tuple[dict[bytes, str], list[str]]:
     """The allow-list: ({Z85 public key: sorter id (the file's stem)}, problems found, one line each).
 
-    Only ``*.key`` files count; a bad one is reported and left out, never half-trusted."""
+    Only ``*.key`` files count; a bad one is reported and left out, never half-trusted; a key
+    found under two names is left out under both."""
     if not directory.is_dir():
         raise KeyFileError(f"{directory}: not a directory; the allow-list is a directory of sorters' .key files")
     allowed: dict[bytes, str] = {}
+    names: dict[bytes, list[str]] = {}
     problems: list[str] = []
     for path in sorted(directory.iterdir()):
         if path.name.endswith(SECRET_SUFFIX):
@@ -155,8 +157,11 @@ def load_allowed(directory: Path) -> tuple[dict[bytes, str], list[str]]:
         except KeyFileError as exc:
             problems.append(f"{exc} (left out)")
             continue
-        if key in allowed:
-            problems.append(f"{path}: the same key as {allowed[key]}.key (left out: one key, one sorter)")
-            continue
-        allowed[key] = sorter
+        names.setdefault(key, []).append(sorter)
+    for key, sorters in names.items():
+        if len(sorters) > 1:  # which id would it be?  Neither: fail closed
+            problems.append(f"{directory}: {', '.join(s + '.key' for s in sorters)} hold the same key (all left "
+                            "out: one key, one sorter)")
+        else:
+            allowed[key] = sorters[0]
     return allowed, problems

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
@@ -325,3 +326,28 @@ class LinkServer:
             return
         with contextlib.suppress(zmq.ZMQError):  # the peer went away (or its queue is full): it resends
             wire.send_now(self._sock, [peer.routing_id, *wire.encode(msg)])
+
+
+class ServerCollector:
+    """The server's counters as Prometheus metrics, read at scrape time."""
+
+    def __init__(self, server: LinkServer) -> None:
+        self.server = server
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time only
+
+    def collect(self) -> Iterator[Any]:
+        s = self.server.stats
+        for name, value, text in (("accepted", s.accepted, "Sorter connections that passed the CURVE handshake."),
+                                  ("refused", s.refused, "Connections refused (NULL/PLAIN, wrong key, not allowed)."),
+                                  ("stored", s.stored, "Records the inbox stored (ACKed)."),
+                                  ("duplicates", s.duplicates, "Records sent again and already stored (ACKed)."),
+                                  ("nacked", s.nacked, "NACKs sent."),
+                                  ("malformed", s.malformed, "Messages the parser refused.")):
+            yield CounterMetricFamily(f"sorterd_trainer_link_{name}", text, value=float(value))
+        connected = GaugeMetricFamily("sorterd_trainer_link_sorter_connected", "1 while a sorter is heard from.",
+                                      labels=["sorter"])
+        for sorter, (up, _) in self.server.sorters().items():
+            connected.add_metric([sorter], float(up))
+        yield connected

@@ -431,8 +431,10 @@ def send_now(sock: Any, frames: Sequence[bytes]) -> bool:
 
 def record_key(frames: Sequence[bytes]) -> RecordKey | None:
     """The key a (possibly malformed) STONE/SESSION message names, if its header gives one: for a NACK."""
+    if len(frames) < 3 or bytes(frames[1]) not in (b"STONE", b"SESSION") or len(frames[2]) > MAX_HEADER_BYTES:
+        return None
     try:
-        head: Any = json.loads(bytes(frames[2])) if len(frames) > 2 and len(frames[2]) <= MAX_HEADER_BYTES else None
+        head: Any = json.loads(bytes(frames[2]))
         third = head.get("stone_id") if bytes(frames[1]) == b"STONE" else f"session:{head.get('session_id')}"
         key = (head.get("sorter_id"), head.get("batch"), third)
         ok = all(isinstance(p, str) and _ID.match(p.removeprefix("session:")) for p in key)
