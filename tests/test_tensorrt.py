@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from fake_tensorrt import FakeTensorRT
+
 from sorterd.data.bundle import ModelError, read_golden, read_manifest
 from sorterd.parts.inference import engine_cache as cache
 from sorterd.parts.inference import tensorrt as trtmod
@@ -304,3 +304,36 @@ def test_precision_follows_the_gpu() -> None:
 def test_opt_batch_above_max_batch_is_refused() -> None:
     with pytest.raises(ValueError, match="inference.opt_batch = 9 must not exceed inference.max_batch = 8"):
         TensorRTInferenceConfig(max_batch=8, opt_batch=9)
+
+
+def test_models_build_engine_ahead_then_cache_hit(bundle: Path) -> None:
+    import io
+
+    from sorterd.cli.models import build_engine_ahead
+
+    out = io.StringIO()
+    fake = FakeTensorRT()
+    assert build_engine_ahead(bundle, CFG, out, trt=fake, cudart=fake.cudart) == 0
+    assert "built in" in out.getvalue() and "golden parity passed" in out.getvalue()
+    fake2 = FakeTensorRT()
+    assert build_engine_ahead(bundle, CFG, out, trt=fake2, cudart=fake2.cudart) == 0
+    assert fake2.builds == 0 and "already cached" in out.getvalue()
+    bad = FakeTensorRT()
+    bad.swap_heads = True
+    (bundle.parent / "bundle.engines").rename(bundle.parent / "old.engines")
+    assert build_engine_ahead(bundle, CFG, out, trt=bad, cudart=bad.cudart) == 1
+    assert "engine refused: golden-input parity" in out.getvalue()
+
+
+def test_cli_without_tensorrt_says_what_to_install(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    from sorterd.cli import main
+
+    assert main(["models", "build-engine", str(bundle)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'sorterd[jetson]'" in err
