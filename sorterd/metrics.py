@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from sorterd.parts.inference import Model
 from sorterd.parts.valves import Valves
 
 # Stage latencies are milliseconds-scale; buckets from 0.1 ms to 0.5 s.
@@ -45,6 +46,11 @@ class Metrics:
     def watch_valves(self, valves: Valves) -> None:
         """Expose a valve backend's timing and faults, read at scrape time (none for backends without)."""
         self.registry.register(ValveCollector(valves))
+
+    def watch_inference(self, model: Model) -> None:
+        """Expose which backend runs the model now (tensorrt once its engine is live, onnxruntime before
+        and after a fall-back), read at scrape time: sorterd_inference_backend_info{backend=...} 1."""
+        self.registry.register(InferenceCollector(model))
 
     def watch_recorder(self, recorder: RecordFigures) -> None:
         """Expose what the production log lost and whether its writer is stalled, read at scrape time."""
@@ -139,3 +145,19 @@ class ValveCollector:
         ):
             if value is not None:
                 yield GaugeMetricFamily(name, doc, value=float(value) * scale)
+
+
+class InferenceCollector:
+    """sorterd_inference_backend_info{backend="tensorrt:fp16"|"onnxruntime:CPUExecutionProvider"|...} 1."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        g = GaugeMetricFamily("sorterd_inference_backend_info", "What runs the model now (1 for the active backend).",
+                              labels=["backend", "version"])
+        g.add_metric([self.model.backend, self.model.version], 1.0)
+        yield g

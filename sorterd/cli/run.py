@@ -27,7 +27,8 @@ from sorterd.data.files import write_json_atomic
 from sorterd.data.session import SessionMeta, SessionWriter, new_session_id
 from sorterd.domain import BINS, LIGHT_MODES
 from sorterd.metrics import Metrics
-from sorterd.parts.inference.onnxruntime import OnnxModel
+from sorterd.parts.inference import Model
+from sorterd.parts.inference.open import open_model
 from sorterd.sorting.liveness import Watchdog, keep_alive
 from sorterd.sorting.pipeline import Pipeline
 from sorterd.sorting.record import Recorder, make_batch_dir
@@ -103,8 +104,8 @@ def _batch_name(cfg: Config) -> str:
 async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunResult:
     # Open what can fail on bad input (model, hardware, session) before
     # creating anything; everything opened is closed on every exit path.
-    model = OnnxModel(resolve_bundle(cfg.inference.model, cfg.source.parent if cfg.source else None),
-                      cfg.inference.threads, cfg.inference.providers)
+    bundle = resolve_bundle(cfg.inference.model, cfg.source.parent if cfg.source else None)
+    model = open_model(cfg.inference, bundle)  # tensorrt: onnxruntime until the engine is live (logged)
     cfg, calibration = calibrate.for_run(cfg, model, out, opts.uncalibrated, rig=_self_calibrating_rig(cfg))
     stop = Stop()
     with contextlib.ExitStack() as stack:
@@ -122,6 +123,7 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         port = metrics.serve(cfg.metrics.host, cfg.metrics.port) if cfg.metrics.enabled else None
         stack.callback(metrics.close)
         metrics.watch_valves(parts.valves)
+        metrics.watch_inference(model)
         recorder = Recorder(batch_dir, cfg.record.commit_interval_ms / 1e3, cfg.record.queue_size,
                             cfg.record.thumbnail_px, session, opts.decisions_path,
                             min_free_bytes=int(cfg.record.min_free_mb * 1e6))
@@ -132,7 +134,7 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         stack.callback(parts.valves.close)
         pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics)
         batch_log.counts = lambda: _final_counts(pipeline, parts, recorder, clock)
-        print(f"sorterd: batch {batch_dir}  model {model.version}"
+        print(f"sorterd: batch {batch_dir}  model {model.version} on {model.backend}"
               + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
         t_wall = time.monotonic()
         await _run_pipeline(pipeline, parts, clock, opts, out, stop, t_wall)
@@ -281,12 +283,14 @@ def _open_session(cfg: Config, parts: MachineParts, data_dir: Path) -> SessionWr
     return writer
 
 
-def _batch_info(cfg: Config, model: OnnxModel, calibration: dict[str, Any]) -> dict[str, Any]:
+def _batch_info(cfg: Config, model: Model, calibration: dict[str, Any]) -> dict[str, Any]:
     return {
         "started": datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": cfg.machine.name,
         "config": str(cfg.source) if cfg.source else None,
-        "model": {"version": model.version, "sha256": model.manifest.onnx_sha256, "bundle": str(model.bundle)},
+        "model": {"version": model.version, "sha256": model.manifest.onnx_sha256,
+                  "bundle": str(resolve_bundle(cfg.inference.model, cfg.source.parent if cfg.source else None)),
+                  "backend_at_start": model.backend},
         "simulated": cfg.simulated,
         **calibration,
     }

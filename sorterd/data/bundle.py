@@ -21,10 +21,19 @@ Manifest schema ``sorterd-model/1``::
      "outputs": {"color": "color_logits", "clarity": "clarity_logits", "kind": "logits"},
      "temperature": {"color": 1.0, "clarity": 1.0},
      "onnx_sha256": "<hex sha256 of model.onnx>",
+     "golden": {"inputs": {"file": "golden_inputs.npy", "sha256": "<hex>", "shape": [N,128,128,6]},
+                "outputs": {"file": "golden_outputs.npy", "sha256": "<hex>", "shape": [N,6]},
+                "made_by": "onnxruntime 1.x CPUExecutionProvider"},       (optional)
      "metrics": {...}, "training": {...}}
 
 Meaning: input tensor = ((pixel_uint8 * scale) - mean) / std per channel, in
 channel_order; probabilities = softmax(logits / temperature[head]).
+
+Golden inputs and outputs (optional, written on export): ``golden_inputs.npy`` is
+(N, H, W, 6) uint8 crops in channel_order -- raw pixels, so a check covers the
+preprocessing too -- and ``golden_outputs.npy`` (N, 6) float32 the logits the export's
+onnxruntime gave for them (color's 3 then clarity's 3).  Any backend (a TensorRT
+engine, a release under QA) must reproduce them: `sorterd.parts.inference.golden`.
 """
 
 from __future__ import annotations
@@ -186,3 +195,42 @@ def resolve_bundle(name: str, base: Path | None) -> Path:
     if not p.is_absolute() and base is not None:
         p = base / p
     return p
+
+
+GOLDEN_FILES = {"inputs": "golden_inputs.npy", "outputs": "golden_outputs.npy"}
+
+
+def golden_entry(bundle: Path, made_by: str) -> dict[str, Any]:
+    """The manifest's "golden" entry for the golden files already written in the bundle."""
+    entry: dict[str, Any] = {"made_by": made_by}
+    for role, name in GOLDEN_FILES.items():
+        arr = np.load(bundle / name, allow_pickle=False)
+        entry[role] = {"file": name, "sha256": sha256_file(bundle / name), "shape": list(arr.shape)}
+    return entry
+
+
+def read_golden(bundle: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
+    """(crops uint8 (N,H,W,6), logits float32 (N,6)) from the bundle, each file checked against
+    the manifest's sha256 and shape; None when the bundle carries none; ModelError when damaged."""
+    entry = manifest.raw.get("golden")
+    if entry is None:
+        return None
+    arrays = []
+    for role in GOLDEN_FILES:
+        spec = entry.get(role) if isinstance(entry, dict) else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("file"), str) or "/" in spec["file"]:
+            raise ModelError(f"{bundle / 'manifest.json'}: golden.{role} must name a file in the bundle "
+                             "with its sha256 and shape")
+        path = bundle / spec["file"]
+        if not path.exists():
+            raise ModelError(f"{path}: missing (the manifest's golden.{role})")
+        digest = sha256_file(path)
+        if digest != spec.get("sha256"):
+            raise ModelError(f"{path}: sha256 {digest[:12]}… does not match the manifest's golden.{role}.sha256")
+        arrays.append(np.load(path, allow_pickle=False))
+    crops, logits = arrays
+    n, (h, w) = len(crops), manifest.size
+    if crops.dtype != np.uint8 or crops.shape[1:] != (h, w, 6) or logits.shape != (n, 6):
+        raise ModelError(f"{bundle}: golden inputs {crops.shape} {crops.dtype} / outputs {logits.shape}: "
+                         f"expected (N, {h}, {w}, 6) uint8 and (N, 6)")
+    return crops, logits.astype(np.float32)

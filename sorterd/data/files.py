@@ -59,3 +59,9 @@ def _replace(path: Path, payload: bytes, *, durable: bool) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, payload: bytes) -> None:
+    """Write raw bytes durably (fsync before the rename): engines, golden arrays, anything a
+    reader must see whole or not at all."""
+    _replace(path, payload, durable=True)

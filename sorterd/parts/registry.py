@@ -96,11 +96,11 @@ def options_table(registry: Registry) -> dict[str, dict[str, type]]:
 def real_backends() -> list[Backend]:
     """The backends that drive (or replay) real hardware, gathered from their modules."""
     from sorterd.parts.camera import opencv, replay
-    from sorterd.parts.inference import onnxruntime
+    from sorterd.parts.inference import onnxruntime, tensorrt
     from sorterd.parts.lights import pulsed
     from sorterd.parts.trigger import beam, vision
     from sorterd.parts.valves import dry, gpio, mcu
 
     return [replay.CAMERA_BACKEND, opencv.BACKEND, pulsed.MCU_BACKEND, pulsed.GPIO_BACKEND,
             replay.TRIGGER_BACKEND, beam.BACKEND, vision.BACKEND, dry.BACKEND, mcu.BACKEND, gpio.BACKEND,
-            onnxruntime.BACKEND]
+            onnxruntime.BACKEND, tensorrt.BACKEND]

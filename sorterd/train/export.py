@@ -3,11 +3,14 @@
 The format -- manifest schema, channel and class order, input names -- is
 `sorterd.data.bundle`'s; this module exports the network to ONNX, checks
 onnxruntime reproduces torch, and writes the manifest that module builds.
+Given crops, it also writes the bundle's golden inputs and outputs (`write_golden`:
+onnxruntime's logits on them) that every backend and the release QA check against.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -20,14 +23,16 @@ from torch import nn
 
 from sorterd.data.bundle import (
     CHANNEL_ORDER,
+    GOLDEN_FILES,
     HEADS,
     INPUT_NAME,
     INPUT_SIZE,
     OUTPUT_NAMES,
     build_manifest,
+    golden_entry,
     sha256_file,
 )
-from sorterd.data.files import write_json_atomic
+from sorterd.data.files import write_bytes_atomic, write_json_atomic
 
 OPSET = 17
 VERIFY_TOLERANCE = 1e-4
@@ -48,6 +53,7 @@ def export_bundle(
     temperatures: Mapping[str, float] | None = None,
     metrics: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
+    golden_crops: np.ndarray | None = None,
 ) -> Path:
     """Export ``model`` to ``out_dir/model.onnx``, verify it, write the manifest; return out_dir.
 
@@ -68,7 +74,42 @@ def export_bundle(
         onnx_sha256=sha256_file(onnx_path), metrics=metrics, training=training,
     )
     write_json_atomic(out_dir / "manifest.json", manifest)
+    if golden_crops is not None:
+        write_golden(out_dir, golden_crops)
     return out_dir
+
+
+GOLDEN_ROWS = 32
+
+
+def write_golden(bundle: Path, crops: np.ndarray, rows: int = GOLDEN_ROWS) -> int:
+    """Golden inputs/outputs for a written bundle: onnxruntime's logits on up to `rows` of
+    `crops` ((N, H, W, 6) uint8, channel order) whose class and bin are stable
+    (`golden.stable_rows`); both .npy files fsynced and renamed into place, then the manifest
+    (its "golden" entry, with sha256s) rewritten atomically.  Returns the rows kept."""
+    import onnxruntime as ort  # trainer-side dependency; imported only when exporting
+
+    from sorterd.parts.inference.golden import stable_rows
+    from sorterd.parts.inference.onnxruntime import OnnxModel
+
+    bundle = Path(bundle)
+    model = OnnxModel(bundle, providers=("CPUExecutionProvider",))
+    h, w = model.manifest.size
+    if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (h, w, 6):
+        raise ValueError(f"golden crops {crops.shape} {crops.dtype}: expected (N, {h}, {w}, 6) uint8")
+    color, clarity = model.run(model.preprocess(crops))
+    logits = np.concatenate([color, clarity], axis=1).astype(np.float32)
+    keep = stable_rows(logits, model.manifest)[:rows]
+    if keep.size == 0:
+        raise ValueError(f"golden crops: none of {len(crops)} is far enough from a decision edge; give more crops")
+    for name, arr in ((GOLDEN_FILES["inputs"], crops[keep]), (GOLDEN_FILES["outputs"], logits[keep])):
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+        write_bytes_atomic(bundle / name, buf.getvalue())
+    raw = dict(model.manifest.raw)
+    raw["golden"] = golden_entry(bundle, f"onnxruntime {ort.__version__} CPUExecutionProvider")
+    write_json_atomic(bundle / "manifest.json", raw)
+    return int(keep.size)
 
 
 def _check_args(version: str, mean: Sequence[float], std: Sequence[float], crop_mm: float) -> None:

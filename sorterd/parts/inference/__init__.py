@@ -1,7 +1,9 @@
 """Inference: a model bundle (§4) run on 6-channel crops, dual head out.
 
 Backends (`[inference] type`): `onnxruntime` (CPU/CUDA: `inference/onnxruntime.py`);
-`tensorrt` is to come.  The sorting pipeline, calibration's reference-stone
+`tensorrt` (an engine built on the device and cached, onnxruntime meanwhile:
+`inference/tensorrt.py`).  Both use one copy of the manifest's preprocessing
+(`inference/preprocess.py`); a bundle's golden inputs check any backend (`inference/golden.py`).  The sorting pipeline, calibration's reference-stone
 check and the trainer's evaluation use a model only through `Model`; the
 daemon's run opens it from these options (`sorterd/cli/run.py`).
 """
@@ -37,6 +39,12 @@ class Model(Protocol):
         """The bundle's version (every stone row and the run summary name it)."""
         ...
 
+    @property
+    def backend(self) -> str:
+        """What runs the model right now, e.g. 'onnxruntime:CPUExecutionProvider', 'tensorrt:fp16'
+        (status, metrics and the batch log say it)."""
+        ...
+
     def predict(self, crops_hwc: np.ndarray) -> tuple[list[Prediction], float]:
         """Probabilities for (N, H, W, 6) uint8 RGB crops, and the bare model call's seconds."""
         ...
@@ -44,8 +52,6 @@ class Model(Protocol):
     def predict_halves(self, halves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Prediction], float]:
         """Probabilities for (backlit, toplit) BGR crop pairs (the pipeline's hot path), and the model's seconds."""
         ...
-
-
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from sorterd.configfile import opt
-from sorterd.data.bundle import Manifest, ModelError, read_manifest, sha256_file, softmax
+from sorterd.data.bundle import Manifest, ModelError, read_manifest, sha256_file
 from sorterd.parts.inference import InferenceOptions, Prediction
+from sorterd.parts.inference.preprocess import Preprocess
 from sorterd.parts.registry import Backend
 
 
@@ -48,36 +49,25 @@ class OnnxModel:
         _check_names(self.session, self.manifest, onnx_path)
         m = self.manifest
         self._outputs = [m.color_output, m.clarity_output]
-        # Fold scale, mean and std into one multiply-add per channel.
-        self._mul = (m.scale / m.std).astype(np.float32).reshape(1, 6, 1, 1)
-        self._add = (-m.mean / m.std).astype(np.float32).reshape(1, 6, 1, 1)
+        self._pre = Preprocess(m)  # shared with every backend: one copy of the manifest's preprocessing
+        self.providers = tuple(self.session.get_providers())
+
+    @property
+    def backend(self) -> str:
+        """What runs the model: onnxruntime and the provider it got (CPU unless CUDA was asked for and is there)."""
+        return f"onnxruntime:{self.providers[0]}" if self.providers else "onnxruntime"
 
     @property
     def version(self) -> str:
         return self.manifest.version
 
     def preprocess(self, crops_hwc: np.ndarray) -> np.ndarray:
-        """(N, H, W, 6) uint8 -> (N, 6, H, W) float32 per the manifest."""
-        x = np.ascontiguousarray(crops_hwc.transpose(0, 3, 1, 2), dtype=np.float32)
-        x *= self._mul
-        x += self._add
-        return x
+        """(N, H, W, 6) uint8 -> (N, 6, H, W) float32 per the manifest (`Preprocess.crops`)."""
+        return self._pre.crops(crops_hwc)
 
     def preprocess_halves(self, halves: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """[(backlit BGR, toplit BGR), ...] -> (N, 6, H, W) float32, RGB order per half.
-
-        Same result as `preprocess` on the concatenated RGB crops, ~3x faster:
-        each plane is copied once, with no 6-channel intermediate.
-        """
-        h, w = halves[0][0].shape[:2]
-        x = np.empty((len(halves), 6, h, w), dtype=np.float32)
-        for i, (back, top) in enumerate(halves):
-            for k, img in enumerate((back, top)):
-                for c in range(3):
-                    x[i, 3 * k + c] = img[:, :, 2 - c]  # BGR -> RGB
-        x *= self._mul
-        x += self._add
-        return x
+        """[(backlit BGR, toplit BGR), ...] -> (N, 6, H, W) float32 (`Preprocess.halves`)."""
+        return self._pre.halves(halves)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The bare model call: preprocessed batch in, logits out."""
@@ -96,9 +86,7 @@ class OnnxModel:
         t0 = time.perf_counter()
         color, clarity = self.run(x)
         model_s = time.perf_counter() - t0
-        t = self.manifest.temperature
-        pc, pk = softmax(color, t["color"]), softmax(clarity, t["clarity"])
-        return [Prediction(pc[i], pk[i]) for i in range(len(pc))], model_s
+        return self._pre.predictions(color, clarity), model_s
 
 
 def _load_errors(ort: Any) -> tuple[type[BaseException], ...]:
