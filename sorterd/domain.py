@@ -43,3 +43,14 @@ def cost_weighted_accuracy(true_bins: list[str], got_bins: list[str]) -> float:
     total = sum(COST[i, j] for i, j in zip(t, g, strict=True))
     worst = sum(COST[i].max() for i in t)
     return 1.0 - total / worst
+
+
+def uncertainty_score(p_color: tuple[float, ...] | list[float], p_clarity: tuple[float, ...] | list[float]) -> float:
+    """§5.3: the two heads' entropies (bits, probabilities clipped at 1e-10) summed and
+    normalised by 2 log2(3): 0 for a certain stone, 1 for uniform outputs on both heads."""
+
+    def entropy(probs: tuple[float, ...] | list[float]) -> float:
+        p = np.clip(np.asarray(probs, dtype=np.float64), 1e-10, 1.0)
+        return float(-np.sum(p * np.log2(p)))
+
+    return (entropy(p_color) + entropy(p_clarity)) / (2 * float(np.log2(3)))

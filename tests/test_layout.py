@@ -15,7 +15,7 @@ import sorterd
 
 # Every package of the real sorter (and the trainer), imported module by module.
 REAL_PACKAGES = ("sorterd.sorting", "sorterd.parts", "sorterd.controller", "sorterd.calibration",
-                 "sorterd.data", "sorterd.train")
+                 "sorterd.data", "sorterd.train", "sorterd.trainer")
 REAL_MODULES = ("sorterd.config", "sorterd.configfile", "sorterd.metrics", "sorterd.domain", "sorterd.clock",
                 "sorterd.quantiles")
 

@@ -72,12 +72,17 @@ class SessionMeta:
             raise SessionError(f"{path}: missing (every session needs its session_meta.json)") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SessionError(f"{path}: not readable JSON ({exc})") from None
+        return cls.from_mapping(raw, str(path))
+
+    @classmethod
+    def from_mapping(cls, raw: Any, where: str) -> SessionMeta:
+        """The same strict check as `from_json`, of a decoded JSON value; errors start with `where`."""
         if not isinstance(raw, dict):
-            raise SessionError(f"{path}: must hold a JSON object, not {_json_kind(raw)}")
+            raise SessionError(f"{where}: must hold a JSON object, not {_json_kind(raw)}")
         problems = [f"lacks {key!r}" for key in ("session_id", "pixels_per_mm") if key not in raw]
         values = _checked_fields(cls, raw, problems)
         if problems:
-            raise SessionError(f"{path}: " + "; ".join(problems))
+            raise SessionError(f"{where}: " + "; ".join(problems))
         # Extra fields (a real rig's own notes) are kept out of the dataclass, not refused.
         return cls(**values)
 
