@@ -1,14 +1,15 @@
 """`sorterd trainer`: the training PC's end of the link -- flagged stones from the sorters into a §7.1 dataset.
 
     sorterd trainer --data DIR --key TRAINER.key_secret --allowed DIR [--bind tcp://127.0.0.1:5591]
-                    [--metrics-port N]
+                    [--metrics-port N] [--metrics-host 127.0.0.1]
+    sorterd trainer status --data DIR      the sorters as the inbox last saw them (DIR/inbox/sorters.json)
 
 Composes `sorterd.link.server.LinkServer` (CurveZMQ ROUTER, ZAP allow-list: one sorter public key
 file per sorter in --allowed, its stem the sorter id) with the inbox `sorterd.trainer.inbox`
 (imported when the command runs).  Binds to localhost unless --bind says otherwise.
 
-Exit status: 0 never (it serves until stopped); 2 bad input (key, allow-list, address);
-5 the inbox module is missing from this install; 130/143 stopped by SIGINT/SIGTERM.
+Exit status: 0 never (it serves until stopped); 2 bad input (key, allow-list, address, an
+unreadable dataset); 130/143 stopped by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,31 +20,47 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sorterd.link.server import DEFAULT_ENDPOINT
 
+if TYPE_CHECKING:
+    from sorterd.trainer.inbox import Inbox
+
 log = logging.getLogger(__name__)
-EXIT_BAD_INPUT, EXIT_MISSING = 2, 5
+EXIT_BAD_INPUT = 2
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t = sub.add_parser("trainer", help="receive flagged stones from sorters (the link's trainer end, §5.1)")
+    t.add_argument("action", nargs="?", choices=("serve", "status"), default="serve",
+                   help="serve (default): receive from the sorters; status: print each sorter's state and exit")
     t.add_argument("--data", required=True, type=Path, help="the §7.1 dataset directory the stones go into")
     t.add_argument("--bind", default=DEFAULT_ENDPOINT, metavar="ENDPOINT",
                    help=f"ZeroMQ endpoint to listen on (default {DEFAULT_ENDPOINT}: this machine only; "
                         "e.g. tcp://0.0.0.0:5591 for the workshop network)")
-    t.add_argument("--key", required=True, type=Path, metavar="PATH",
+    t.add_argument("--key", type=Path, metavar="PATH",
                    help="the trainer's secret key file (sorterd keys generate --name trainer; mode 0600)")
-    t.add_argument("--allowed", required=True, type=Path, metavar="DIR",
+    t.add_argument("--allowed", type=Path, metavar="DIR",
                    help="directory of the allowed sorters' public key files (NAME.key: NAME is the sorter id)")
     t.add_argument("--metrics-port", type=int, metavar="N", help="serve Prometheus metrics on this port")
+    t.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR",
+                   help="address of the metrics endpoint (default 127.0.0.1: this machine only)")
     t.set_defaults(func=cmd_trainer)
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
     from sorterd.link.keys import KeyFileError, load_allowed, load_secret
 
+    if args.action == "status":
+        from sorterd.trainer.status import status_main
+
+        return status_main(args.data)
+    missing = [flag for flag, value in (("--key", args.key), ("--allowed", args.allowed)) if value is None]
+    if missing:
+        print(f"sorterd trainer: {' and '.join(missing)} required to serve (the trainer's secret key file and the "
+              "directory of allowed sorter public keys; see sorterd keys generate)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         public, secret = load_secret(args.key)
         allowed, problems = load_allowed(args.allowed)
@@ -58,15 +75,17 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         print(f"sorterd trainer: --metrics-port {args.metrics_port}: a port in [0, 65535]", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from sorterd.trainer.inbox import InboxError, open_inbox
+
     try:
-        from sorterd.trainer.inbox import open_inbox  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as exc:
-        print(f"sorterd trainer: the inbox (sorterd.trainer.inbox) is not in this install: {exc}", file=sys.stderr)
-        return EXIT_MISSING
-    return asyncio.run(_serve(args, public, secret, open_inbox(args.data)))
+        inbox = open_inbox(args.data)
+    except (InboxError, OSError) as exc:
+        print(f"sorterd trainer: --data {args.data}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return asyncio.run(_serve(args, public, secret, inbox))
 
 
-async def _serve(args: argparse.Namespace, public: bytes, secret: bytes, inbox: Any) -> int:
+async def _serve(args: argparse.Namespace, public: bytes, secret: bytes, inbox: Inbox) -> int:
     import zmq
 
     from sorterd.link.server import LinkServer, ServerCollector
@@ -89,16 +108,16 @@ async def _serve(args: argparse.Namespace, public: bytes, secret: bytes, inbox: 
             print(f"sorterd trainer: --bind {args.bind}: cannot listen there: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
         if args.metrics_port is not None:
-            from prometheus_client import CollectorRegistry, start_http_server
-
-            registry = CollectorRegistry()
-            registry.register(ServerCollector(server))
-            metrics = start_http_server(args.metrics_port, registry=registry)
+            # One endpoint: the link's figures join the inbox's own registry.
+            inbox.metrics.registry.register(ServerCollector(server))
+            port = inbox.metrics.serve(args.metrics_host, args.metrics_port)
+            metrics = inbox.metrics
+            print(f"sorterd trainer: metrics on http://{args.metrics_host}:{port}/metrics", file=sys.stderr)
         print(f"sorterd trainer: listening on {server.endpoint}, data in {args.data}", file=sys.stderr)
         await server.run()
     finally:
         server.close()
         inbox.close()
-        if isinstance(metrics, tuple):
-            metrics[0].shutdown()
+        if metrics is not None:
+            metrics.close()
     return 128 + stopped[0] if stopped else 0
