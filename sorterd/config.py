@@ -197,6 +197,18 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class ModelsConfig:
+    dir: str = opt("models_state", "The sorter's signed-release store (releases/<N>, staging/, state.json: "
+                   "sorterd.release.store); relative to the config file.")
+    trusted_keys: tuple[str, ...] = opt((), "Ed25519 release public keys (.release.pub PEM files) whose "
+                                        "signatures this sorter accepts; empty = no release is accepted.")
+    max_release_mb: float = opt(200.0, "Largest release accepted (MB, 10^6 bytes, all files).", above=0.0,
+                                maxval=100_000.0)
+    min_agreement: float = opt(0.90, "QA gate: the least reference-kit agreement before a release may go "
+                               "live (§8.4 item 6).", minval=0.5, maxval=1.0)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = opt(True, "Serve Prometheus metrics over HTTP.")
     host: str = opt("127.0.0.1", "Bind address (localhost unless you mean it).")
@@ -297,6 +309,7 @@ PLAIN_SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "service": ServiceConfig,
     "sim": SimConfig,
+    "models": ModelsConfig,
 }
 
 
@@ -317,6 +330,7 @@ class Config:
     metrics: MetricsConfig
     sim: SimConfig
     service: ServiceConfig = dataclasses.field(default_factory=ServiceConfig)
+    models: ModelsConfig = dataclasses.field(default_factory=ModelsConfig)
     source: Path | None = None
 
     @property

@@ -98,6 +98,13 @@ def read_manifest(bundle: Path) -> Manifest:
         raise ModelError(f"{bundle}: not a model bundle (no manifest.json)") from None
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    return parse_manifest(raw, path)
+
+
+def parse_manifest(raw: Any, path: Path) -> Manifest:
+    """A manifest from its parsed JSON (a signed release's verified bytes); `path` names it in errors."""
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: a manifest is a JSON object, got {type(raw).__name__}")
     if raw.get("format") != MANIFEST_FORMAT:
         raise ModelError(f"{path}: format {raw.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     inp, out = _need(raw, "input", path), _need(raw, "outputs", path)

@@ -47,7 +47,7 @@ def _text(public: bytes, secret: bytes | None) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def _write_new(path: Path, payload: bytes, mode: int) -> None:
+def write_new(path: Path, payload: bytes, mode: int) -> None:
     """Create `path` with `mode` from its first byte, whole (fsync) and only if it does not exist."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -83,9 +83,9 @@ def generate(directory: Path, name: str) -> tuple[Path, Path]:
         if p.exists():
             raise KeyFileError(f"{p}: already exists; a key is never overwritten (remove it first, or use another --name)")
     public, secret = zmq.curve_keypair()
-    _write_new(secret_path, _text(public, secret), 0o600)
+    write_new(secret_path, _text(public, secret), 0o600)
     try:
-        _write_new(public_path, _text(public, None), 0o644)
+        write_new(public_path, _text(public, None), 0o644)
     except BaseException:
         secret_path.unlink(missing_ok=True)  # never half a pair
         raise
@@ -116,6 +116,17 @@ def _load(path: Path) -> tuple[bytes | None, bytes | None]:
         raise KeyFileError(f"{path}: cannot read the key file: {exc}") from None
 
 
+def check_secret_mode(path: Path) -> None:
+    """Refuse (KeyFileError) a secret key file that its group or others may read (link and release keys)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read the secret key file: {exc.strerror}") from None
+    if mode & 0o077:
+        raise KeyFileError(f"{path}: mode {mode:04o} lets others read a secret key; it must be 0600: "
+                           f"chmod 600 {path}")
+
+
 def load_public(path: Path) -> bytes:
     """The Z85 public key of a `.key` (or `.key_secret`) file."""
     public, _ = _load(path)
@@ -124,13 +135,7 @@ def load_public(path: Path) -> bytes:
 
 def load_secret(path: Path) -> tuple[bytes, bytes]:
     """(public, secret) Z85 keys of a `.key_secret` file; refused if its group or others may read it."""
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read the secret key file: {exc.strerror}") from None
-    if mode & 0o077:
-        raise KeyFileError(f"{path}: mode {mode:04o} lets others read a secret key; it must be 0600: "
-                           f"chmod 600 {path}")
+    check_secret_mode(path)
     public, secret = _load(path)
     return _z85_key(public, path, "public"), _z85_key(secret, path, "secret")
 

@@ -1,0 +1,180 @@
+"""The sorter's release store, `[models] dir` (DESIGN §4a; RAUC/Mender's slots, TUF's rollback floor)::
+
+    <dir>/staging/<n>.<pid>/   a download or copy in progress (removed at start-up: never loaded)
+    <dir>/releases/<N>/        releases that passed verification and the QA gate (written once)
+    <dir>/state.json           {"active": N|null, "previous": N|null, "highest_accepted": N,
+                                "pinned": N|null, "history": [...]}
+
+Every transition is one atomic rename -- a staged directory into releases/<N> (files and
+directories fsynced first), or state.json (`write_json_atomic`) -- so a power cut at any
+instant leaves the old state or the new one: the sorter runs the old release or the new one,
+never a mix, never none.  `highest_accepted` only grows (a restart does not reopen
+downgrades); `pin` lets an operator allow exactly one older release.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from sorterd.data.files import write_json_atomic
+from sorterd.release.verify import Refused, ReleaseFloor, Verified, verify_release
+
+STATE = "state.json"
+# A QA gate: the staged release in, its failures as (check, detail) out (empty: passed).
+QaGate = Callable[[Verified], list[tuple[str, str]]]
+
+
+class StoreError(ValueError):
+    """An operator's request the store cannot do (unknown release, nothing to roll back to)."""
+
+
+@dataclass(frozen=True)
+class StoreState:
+    active: int | None = None
+    previous: int | None = None
+    highest_accepted: int = 0
+    pinned: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # the last events: swaps, rollbacks, pins
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class ReleaseStore:
+    """One sorter's `<dir>`; every method is blocking file work (call it from a thread, not the loop)."""
+
+    HISTORY = 50
+
+    def __init__(self, root: Path, trusted: list[Ed25519PublicKey], max_bytes: int) -> None:
+        self.root, self.trusted, self.max_bytes = root, trusted, max_bytes
+        for d in (root, root / "releases", root / "staging"):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> StoreState:
+        path = self.root / STATE
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return StoreState()
+        except (OSError, json.JSONDecodeError) as exc:  # atomic writes make this a damaged disk, not a torn write
+            raise StoreError(f"{path}: cannot read the release state ({exc}); restore it or remove it") from None
+        return StoreState(**{k: raw[k] for k in StoreState.__dataclass_fields__ if k in raw})
+
+    def _write(self, state: StoreState, event: dict[str, Any]) -> StoreState:
+        state = replace(state, history=[*state.history, {"at": _now(), **event}][-self.HISTORY:])
+        write_json_atomic(self.root / STATE, asdict(state))
+        _fsync_dir(self.root)
+        return state
+
+    def floor(self) -> ReleaseFloor:
+        s = self.state()
+        return ReleaseFloor(s.highest_accepted, s.pinned)
+
+    def path(self, release: int) -> Path:
+        return self.root / "releases" / str(release)
+
+    def releases(self) -> list[int]:
+        return sorted(int(p.name) for p in (self.root / "releases").iterdir() if p.name.isdigit())
+
+    # ------------------------------------------------------------------ staging
+    def clean_staging(self) -> list[str]:
+        """Remove what a power cut left in staging/ (start-up); the names removed."""
+        left = sorted(p.name for p in (self.root / "staging").iterdir())
+        for name in left:
+            shutil.rmtree(self.root / "staging" / name, ignore_errors=True)
+        return left
+
+    def stage(self, src: Path, qa: QaGate | None) -> Verified:
+        """Copy `src` into staging, verify it there (the downgrade floor applies), run the QA gate,
+        and move it into releases/<N>; raises `Refused` (staging removed, nothing accepted)."""
+        tmp = self.root / "staging" / f"{src.name}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self._copy(src, tmp)
+            verified = verify_release(tmp, self.trusted, self.floor(), self.max_bytes)
+            problems = qa(verified) if qa is not None else []
+            if problems:
+                check, _ = problems[0]
+                raise Refused(check, "; ".join(detail for _, detail in problems))
+            final = self.path(verified.release)
+            if final.exists():  # accepted before (then pinned): the stored copy is the same signed release
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        state = self.state()
+        self._write(replace(state, highest_accepted=max(state.highest_accepted, verified.release),
+                            pinned=None if verified.release == state.pinned else state.pinned),
+                    {"event": "accepted", "release": verified.release, "trainer": verified.trainer})
+        return replace(verified, path=final)
+
+    def _copy(self, src: Path, dst: Path) -> None:
+        """A copy of a flat bundle, every file and the directory fsynced; symlinks are copied as
+        symlinks (so verification refuses them) and sub-directories are copied empty."""
+        dst.mkdir(parents=True)
+        for p in sorted(src.iterdir()):
+            if p.is_symlink():
+                os.symlink(os.readlink(p), dst / p.name)
+            elif p.is_dir():
+                (dst / p.name).mkdir()
+            else:
+                shutil.copyfile(p, dst / p.name)
+                fd = os.open(dst / p.name, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(dst)
+
+    # ------------------------------------------------------------------ going live
+    def verify_stored(self, release: int) -> Verified:
+        """Re-verify a stored release (start-up, activate, rollback): every check but the floor."""
+        if release not in self.releases():
+            raise StoreError(f"release {release}: not in {self.root / 'releases'} (stored: {self.releases()})")
+        return verify_release(self.path(release), self.trusted, None, self.max_bytes)
+
+    def activate(self, release: int, why: str = "operator") -> StoreState:
+        """Make `release` the active one (the previous active becomes `previous`)."""
+        self.verify_stored(release)
+        s = self.state()
+        if s.active == release:
+            return s
+        return self._write(replace(s, active=release, previous=s.active),
+                           {"event": "activated", "release": release, "previous": s.active, "why": why})
+
+    def rollback(self, why: str = "operator") -> StoreState:
+        """Back to `previous` (the two swap places)."""
+        s = self.state()
+        if s.previous is None:
+            raise StoreError("nothing to roll back to: no previous release (sorterd models list)")
+        self.verify_stored(s.previous)
+        return self._write(replace(s, active=s.previous, previous=s.active),
+                           {"event": "rolled back", "release": s.previous, "from": s.active, "why": why})
+
+    def pin(self, release: int) -> StoreState:
+        """Allow exactly `release` through the downgrade check once (an operator going back on purpose)."""
+        if release < 1:
+            raise StoreError(f"release {release}: releases are whole numbers >= 1")
+        s = self.state()
+        return self._write(replace(s, pinned=release), {"event": "pinned", "release": release})
