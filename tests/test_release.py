@@ -221,3 +221,11 @@ def test_copy_of_store_root_is_not_needed(tmp_path: Path) -> None:
     s = ReleaseStore(tmp_path / "deep" / "state", [], MAX)
     assert {p.name for p in s.root.iterdir()} == {"releases", "staging"}
     shutil.rmtree(s.root)
+
+
+def test_an_onnx_that_does_not_load(store: ReleaseStore, signed: Path, tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    b = copy_release(signed, tmp_path / "b")
+    (b / "model.onnx").write_bytes(b"\x08\x07not a protobuf graph" * 10)
+    resign(b, key)
+    e = refused(store, b)
+    assert e.check == "onnx" and "onnxruntime cannot load it" in str(e)

@@ -1,4 +1,6 @@
-"""`sorterd keys generate --name NAME --dir DIR`: a CurveZMQ key pair for the link (sorterd/link/keys.py).
+"""`sorterd keys generate --name NAME --dir DIR [--kind link|release]`: a CurveZMQ key pair for the
+link (sorterd/link/keys.py), or with `--kind release` an Ed25519 release-signing pair
+(sorterd/release/keys.py: NAME.release.pub, NAME.release.key 0600).
 
 Exit status: 0 written; 2 bad input (a bad name, an existing key, a directory that cannot be written).
 """
@@ -17,13 +19,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     g.add_argument("--name", required=True, help="the key's name: a sorter's id (its file stem in the trainer's "
                                                  "allow-list), or e.g. 'trainer'")
     g.add_argument("--dir", required=True, type=Path, help="where to write the two files (created if missing)")
+    g.add_argument("--kind", choices=("link", "release"), default="link",
+                   help="link: CurveZMQ pair for the link (default); release: Ed25519 pair signing model releases")
     g.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sorterd.link.keys import KeyFileError, generate
+    from sorterd.release import keys as release_keys
 
     try:
+        if args.kind == "release":
+            public, secret = release_keys.generate(args.dir, args.name)
+            print(f"{public}: release public key (list it in the sorters' [models] trusted_keys)")
+            print(f"{secret}: release private key (mode 0600; stays on the trainer: sorterd models sign --key)")
+            return 0
         public, secret = generate(args.dir, args.name)
     except KeyFileError as exc:
         print(f"sorterd keys generate: {exc}", file=sys.stderr)

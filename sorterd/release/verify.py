@@ -224,9 +224,11 @@ def onnx_io_problems(onnx_path: Path, manifest: Manifest) -> list[str]:
     """What differs between the graph's inputs/outputs and the manifest's (empty: they match)."""
     import onnxruntime as ort
 
+    from sorterd.parts.inference.onnxruntime import _load_errors
+
     try:
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's own load errors are plain Exceptions (see onnxruntime.py)
+    except _load_errors(ort) as exc:  # onnxruntime's own load errors, as the backend catches them
         return [f"onnxruntime cannot load it ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"]
     problems = []
     inputs = {i.name: i for i in session.get_inputs()}
