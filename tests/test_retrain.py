@@ -207,7 +207,7 @@ def test_a_tiny_real_run_counts_exactly_the_new_labels(tmp_path: Path, capsys: p
     new = rt.new_label_ids(data, bundle)
     assert len(new) == 34 - sum(1 for line in (data / "labels.jsonl").read_text().splitlines()
                                 if json.loads(line)["color"] is None)
-    tiny = "--epochs-heads 1 --epochs 1 --batch-size 16 --threads 2 --ema-epochs 0"
+    tiny = "--epochs-heads 1 --epochs 1 --batch-size 16 --threads 2"
     code = main(["retrain", "--data", str(data), "--model", str(bundle), "--now", "--reason", "test",
                  "--test-lots", "LOT-R2", "--train-args", tiny])
     out, err = capsys.readouterr()
