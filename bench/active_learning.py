@@ -75,7 +75,7 @@ def score(bundle: Path, data: Path) -> list[tuple[dict[str, Any], float, float]]
     ds = open_dataset(data)
     pc, pk = predict(OnnxModel(bundle, threads=2), ds, ds.labels)
     lines = [json.loads(x) for x in (data / "labels.jsonl").read_text().splitlines() if x.strip()]
-    return [(line, priority(list(c), list(k)), float(min(c.max(), k.max()))) for line, c, k in zip(lines, pc, pk)]
+    return [(line, priority(list(c), list(k)), float(min(c.max(), k.max()))) for line, c, k in zip(lines, pc, pk, strict=True)]
 
 
 def link_dataset(root: Path, images_from: Path, lines: list[dict[str, Any]]) -> None:
