@@ -31,7 +31,7 @@ def test_importing_the_cli_and_building_its_parser_imports_no_torch() -> None:
 
 def test_every_subcommand_is_wired() -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"run", "check-config", "calibrate", "sim", "train", "evaluate", "compare", "models", "keys", "trainer"}
+    assert set(sub.choices) == {"run", "check-config", "calibrate", "sim", "train", "evaluate", "compare", "models", "keys", "trainer", "retrain"}
     assert build_parser().parse_args(["calibrate", "--sim", "--sim-fault", "backlight=-0.08"]).sim_fault == [
         ("backlight", -0.08)]
 

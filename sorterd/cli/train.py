@@ -130,6 +130,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     t.add_argument("--notes", default="", help="notes for the model log entry")
     t.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     t.add_argument("--no-progress", action="store_true", help="epoch lines only, no progress bar")
+    t.add_argument("--progress-json", type=Path, metavar="PATH",
+                   help="also write the progress (epoch, batch, ETA) to PATH as JSON, atomically, about once a second")
     t.set_defaults(func=cmd_train)
 
 
@@ -235,7 +237,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     def run() -> int:
         from sorterd.train.evaluate import format_text
         from sorterd.train.job import FitOptions, default_config, fit
-        from sorterd.train.progress import ProgressBar
+        from sorterd.train.progress import JsonProgress, ProgressBar
 
         cfg = default_config(
             args.from_bundle is not None, epochs_heads=args.epochs_heads, epochs_full=args.epochs,
@@ -251,8 +253,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         bar = ProgressBar(enabled=not args.no_progress)
         say = bar.line if not args.no_progress else _epoch_lines_only
+        machine = JsonProgress(args.progress_json) if args.progress_json else None
+
+        def on_step(event: Any) -> None:
+            bar.step(event)
+            if machine is not None:
+                machine.step(event)
+
         try:
-            outcome = fit(opts, say=say, on_step=bar.step)
+            outcome = fit(opts, say=say, on_step=on_step)
         finally:
             bar.close()
         r = outcome.result

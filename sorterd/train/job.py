@@ -73,7 +73,7 @@ from sorterd.train.loop import (
     train,
 )
 from sorterd.train.mobilenet import MobileNetV3Small
-from sorterd.train.splits import Splits, make_splits, read_splits, write_splits
+from sorterd.train.splits import Splits, make_splits, read_splits, snapshot_ids, write_splits
 from sorterd.train.temperature import expected_calibration_error
 
 WEIGHTS_FILE = "weights.pt"
@@ -583,7 +583,14 @@ def log_entry(opts: FitOptions, version: str, splits: Splits, result: TrainResul
 
 
 def _new_since_last(opts: FitOptions, ds: Dataset, splits: Splits, n_train: int) -> int:
-    """Training stones the previous logged version (of this dataset) did not train on."""
+    """Labelled stones of this snapshot (train, val and test) the previous logged version never saw (§5.5).
+
+    "Saw" is any part of that version's split snapshot of this dataset: a stone it was tested
+    on is not new either.  When the last version learnt from other data (or none is logged),
+    every stone here is new to the line.  This is the count `sorterd.trainer.retrain` triggers
+    on (`new_label_ids`), so the log entry of a retrained model counts exactly the labels added
+    since the model before it.
+    """
     path = log_path(opts)
     last = None
     if path.exists():
@@ -594,12 +601,12 @@ def _new_since_last(opts: FitOptions, ds: Dataset, splits: Splits, n_train: int)
                 continue
             if isinstance(entry, dict):
                 last = entry
-    prev_train = ds.root / "splits" / str((last or {}).get("splits", "")) / "train.txt"
-    if last is None or last.get("data") != str(ds.root.resolve()) or not prev_train.is_file():
-        return n_train  # the last version learnt from other data: every stone here is new to the line
-    before = set(prev_train.read_text().split())
-    by_id = ds.by_id()
-    return sum(1 for s in splits.train if s not in before and by_id[s].classified)
+    ids = [*splits.train, *splits.val, *splits.test]
+    prev = ds.root / "splits" / str((last or {}).get("splits", ""))
+    if last is None or last.get("data") != str(ds.root.resolve()) or not (prev / "train.txt").is_file():
+        return len(ids)
+    before = snapshot_ids(prev)
+    return sum(1 for s in ids if s not in before)
 
 
 def append_log(path: Path, entry: dict[str, Any]) -> None:

@@ -13,7 +13,10 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Protocol, TextIO
+
+from sorterd.data.files import write_json_atomic
 
 
 class StepLike(Protocol):
@@ -113,3 +116,40 @@ def _eta(elapsed: float, done: int, total: int) -> str:
 def _clock(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class JsonProgress:
+    """The same steps, for a program: `path` rewritten atomically (`write_json_atomic`) at most every `every_s`.
+
+    What `sorterd train --progress-json PATH` writes, and what `sorterd.trainer.retrain` reads
+    for its status (the review page's progress bar):
+
+        {"phase": "heads"|"full"|..., "epoch": 3, "epochs": 8, "batch": 12, "batches": 40,
+         "fraction": 0.29, "elapsed_s": 41.0, "eta_s": 99.5, "loss": 0.61, "updated": <unix time>}
+
+    ``eta_s`` is null until a batch has been timed (the planned epochs; early stopping may end
+    sooner).  The last batch of every epoch is always written.
+    """
+
+    def __init__(self, path: Path, every_s: float = 1.0) -> None:
+        self.path = path
+        self.every_s = every_s
+        self._first: tuple[float, int] | None = None
+        self._last = -float("inf")
+
+    def step(self, e: StepLike) -> None:
+        now = time.monotonic()
+        done = (e.epoch - 1) * e.n_batches + e.batch
+        total = max(e.total_epochs * e.n_batches, 1)
+        if self._first is None:
+            self._first = (now, done)
+        if now - self._last < self.every_s and e.batch != e.n_batches:
+            return
+        self._last = now
+        elapsed, timed = now - self._first[0], done - self._first[1]
+        eta = elapsed / timed * max(total - done, 0) if timed > 0 else None
+        write_json_atomic(self.path, {
+            "phase": e.phase, "epoch": e.epoch, "epochs": e.total_epochs, "batch": e.batch,
+            "batches": e.n_batches, "fraction": round(done / total, 4), "elapsed_s": round(elapsed, 1),
+            "eta_s": None if eta is None else round(eta, 1), "loss": round(float(e.loss), 4),
+            "updated": time.time()})

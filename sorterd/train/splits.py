@@ -164,6 +164,16 @@ def _ensure_validation(rest: Sequence[StoneLabel], val_ids: set[str]) -> None:
 # -- snapshots ---------------------------------------------------------------------------
 
 
+def snapshot_ids(folder: Path) -> set[str]:
+    """Every stone id in a snapshot folder's train/val/test lists (missing lists count as empty)."""
+    ids: set[str] = set()
+    for name in ("train", "val", "test"):
+        path = folder / f"{name}.txt"
+        if path.is_file():
+            ids |= set(path.read_text().split())
+    return ids
+
+
 def split_dir(root: Path, version: str) -> Path:
     return root / "splits" / version
 
