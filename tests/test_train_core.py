@@ -429,3 +429,20 @@ def test_a_reused_split_snapshot_is_the_one_the_bundle_records(tmp_path: Path,
     capsys.readouterr()
     assert main(["evaluate", "--model", str(out), "--data", str(ds.root)]) == 0
     assert "[test split v001]" in capsys.readouterr().out
+
+
+def test_verify_onnx_judges_the_difference_by_the_logits_scale(tmp_path: Path) -> None:
+    """A fine-tuned model's logits on the random probe reach thousands; float32 rounding there is
+    not a broken export (the retrain runner's fine-tunes were refused at 3e-4 absolute)."""
+    model = trained_looking_model()
+    with torch.no_grad():
+        for head in (model.head.color, model.head.clarity):
+            head.weight.mul_(1000.0)
+            head.bias.mul_(1000.0)
+    export_bundle(model, tmp_path, version="v001", mean=[0.5] * 6, std=[0.2] * 6,
+                  crop_mm=6.4, temperatures=None, metrics=None, training=None)
+    assert verify_onnx(model, tmp_path / "model.onnx") <= 1e-4
+    with torch.no_grad():
+        model.head.color.bias.add_(50.0)  # a real difference at that scale
+    with pytest.raises(ExportError, match=r"differs from torch by"):
+        verify_onnx(model, tmp_path / "model.onnx")

@@ -28,6 +28,7 @@ from sorterd.data.bundle import (
     INPUT_NAME,
     INPUT_SIZE,
     OUTPUT_NAMES,
+    ModelError,
     build_manifest,
     golden_entry,
     sha256_file,
@@ -35,10 +36,14 @@ from sorterd.data.bundle import (
 from sorterd.data.files import write_bytes_atomic, write_json_atomic
 
 OPSET = 17
+# onnxruntime vs torch, relative to the logits' own scale: float32 sums over a 128 x 128 crop
+# in another order differ by ~1e-6 of their size, and a random-normal probe input drives the
+# logits of a trained model to 20-50 (a fine-tuned one, after BN recalibration on few stones,
+# to thousands), where an absolute 1e-4 is rounding, not a broken export.
 VERIFY_TOLERANCE = 1e-4
 
 
-class ExportError(RuntimeError):
+class ExportError(ModelError):
     """The exported ONNX model does not reproduce the torch model."""
 
 
@@ -158,7 +163,8 @@ def _export_onnx(net: nn.Module, path: Path) -> None:
 
 
 def verify_onnx(net: nn.Module, path: Path, batch: int = 4) -> float:
-    """Max |onnxruntime - torch| over a random batch; raises ExportError above 1e-4."""
+    """Max |onnxruntime - torch| over a random batch, relative to max(1, max |logit|) of each
+    head; raises ExportError above VERIFY_TOLERANCE (a wrong graph differs by far more)."""
     import onnxruntime as ort  # trainer-side dependency; imported only when exporting
 
     x = _example_input(batch, seed=1)
@@ -166,8 +172,9 @@ def verify_onnx(net: nn.Module, path: Path, batch: int = 4) -> float:
         expected = [t.numpy() for t in net(x)]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
-    worst = max(float(np.abs(np.asarray(g) - e).max()) for g, e in zip(got, expected, strict=True))
+    worst = max(float(np.abs(np.asarray(g) - e).max()) / max(1.0, float(np.abs(e).max()))
+                for g, e in zip(got, expected, strict=True))
     if not worst <= VERIFY_TOLERANCE:
-        raise ExportError(f"{path}: onnxruntime differs from torch by {worst:.3g} "
-                          f"(allowed {VERIFY_TOLERANCE})")
+        raise ExportError(f"{path}: onnxruntime differs from torch by {worst:.3g} of the logits' scale "
+                          f"(allowed {VERIFY_TOLERANCE}): the exported graph does not compute the model")
     return worst
