@@ -23,6 +23,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from sorterd.data.crops import cut_window
+
 DIFF_THRESHOLD = 18  # DN; sensor noise of a frame-minus-reference is ~3 DN
 MIN_AREA_PX = 12  # below this a region is noise or dust, not an object
 CLUSTER_SOLIDITY = 0.86  # single rough stones are >= ~0.9 (see sim.appearance)
@@ -321,10 +323,12 @@ def crop_halves(
     """The object's backlit and toplit crops (BGR, out_size², uint8).
 
     Each half is centred on the object's own position in its own frame (the
-    stone moved between the exposures).
+    stone moved between the exposures).  The window is `sorterd.data.crops.cut_window`,
+    the one way a model input is made from a frame (the trainer's crops-only path,
+    `fit_crop`, lands on the same scale).
     """
-    return (_crop_centered(backlit, obs.backlit.cx, obs.backlit.cy, crop_px, out_size),
-            _crop_centered(toplit, obs.toplit.cx, obs.toplit.cy, crop_px, out_size))
+    return (cut_window(backlit, obs.backlit.cx, obs.backlit.cy, crop_px, out_size),
+            cut_window(toplit, obs.toplit.cx, obs.toplit.cy, crop_px, out_size))
 
 
 def crop_pair(
@@ -333,16 +337,3 @@ def crop_pair(
     """The 6-channel model input as an image: backlit RGB then toplit RGB, HWC uint8."""
     b, t = crop_halves(backlit, toplit, obs, crop_px, out_size)
     return np.concatenate([b[:, :, ::-1], t[:, :, ::-1]], axis=2)
-
-
-def _crop_centered(frame: np.ndarray, cx: float, cy: float, side: int, out_size: int) -> np.ndarray:
-    """Sub-pixel centred crop; outside the frame is filled by edge replication."""
-    if side == out_size:  # the common case: crop_mm * px/mm == model input
-        return cv2.getRectSubPix(frame, (side, side), (cx, cy))
-    scale = out_size / side
-    # Affine map taking the crop's centre (cx, cy) to the output's centre.
-    mat = np.array(
-        [[scale, 0.0, out_size / 2.0 - scale * cx], [0.0, scale, out_size / 2.0 - scale * cy]],
-        dtype=np.float64,
-    )
-    return cv2.warpAffine(frame, mat, (out_size, out_size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
