@@ -38,8 +38,14 @@ from sorterd.sorting.track import Track
 PPM = 20.0  # pixels per mm
 W, H = 640, 240  # a 32 x 12 mm view
 BEAM_MM = 10.0  # the sim config's trigger.beam_x_mm: the ledger expects edges there
-SPEED = 400.0  # mm/s
-GAP_NS = 30_000_000  # between trigger edges: the stone ahead is still in view at the next capture
+# The virtual clock is wall time plus skipped idle time, so a capture comes as late as the loop
+# is slow to run it: on a loaded machine (2 cores, several test runs) 10-20 ms.  Each stone must
+# still be decided in its own trigger's capture, so the spacing leaves the same margin both ways:
+# the next stone is fully in view only 26 ms late (6.5 mm), the stone ahead leaves it only 32 ms
+# late (8 mm); at 400 mm/s and 12 mm apart that was 9 ms for the one and 25 ms for the other.
+SPEED = 250.0  # mm/s
+SPACING_MM = 14.0  # centre to centre of consecutive stones on the channel
+GAP_NS = int(SPACING_MM / SPEED * 1e9)  # between trigger edges: the stone ahead is still in view at the next capture
 BACK_BG, TOP_BG = 200, 20  # the empty channel on the backlight / under the ring light
 BACK_STONE = 60
 # The toplit colour of a stone says what the fake model answers for it.

@@ -105,6 +105,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 EXIT_CANNOT_RECORD = 6  # the batch database cannot be opened: nothing sorted
 EXIT_RECORDS_LOST = 7  # sorted, but stone records were lost (disk full or failing)
+EXIT_BAD_SESSION = 3  # a model bundle or a --replay session that cannot be used (also: one that decides nothing)
 
 
 def _flag_values(args: argparse.Namespace) -> dict[tuple[str, str], tuple[str, Any]]:
@@ -190,9 +191,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     lost = _records_lost_exit(result.summary["record"])
     if lost:
         return lost  # lost records outrank how the run ended
+    if _nothing_decided(result.summary, replay=cfg.camera.type == "replay") and result.stop_signal is None:
+        return EXIT_BAD_SESSION
     if result.stop_signal is not None:
         return 128 + result.stop_signal  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     return 0
+
+
+def _nothing_decided(summary: dict[str, Any], replay: bool) -> bool:
+    """Never a silent zero: a run that decided fewer objects than it had pairs says so on
+    stderr with the reasons; True when it is a replay that decided nothing at all (exit 3:
+    the session is no use as it is, like one that cannot be read)."""
+    from sorterd.sorting.summary import shortfall
+
+    short = shortfall(summary)
+    if not short:
+        return False
+    if replay and summary["objects_decided"] == 0:
+        print(f"sorterd: the replay decided nothing: {short}", file=sys.stderr)
+        return True
+    print(f"sorterd: warning: {short}", file=sys.stderr)
+    return False
 
 
 def _records_lost_exit(record: dict[str, Any]) -> int:

@@ -38,6 +38,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from sorterd.data.crops import fit_crop
 from sorterd.domain import CLARITIES, COLORS, FLAGS, LIGHT_MODES
 from sorterd.sorting.segment import DIFF_THRESHOLD
 
@@ -367,21 +368,30 @@ def _as_bgr8(image: np.ndarray, path: Path, where: str) -> np.ndarray:
     return image
 
 
-def fit_to(image: np.ndarray, size: int) -> np.ndarray:
-    """A crop resized to size x size (area-averaged down, bilinear up): consumers resize (§7.1)."""
+def crop_scale(ds: Dataset, label: StoneLabel, image: np.ndarray) -> float | None:
+    """The crop's px per mm: its session's `pixels_per_mm` (§2.4); else, for a square crop of a
+    dataset whose processed_meta.json gives crop_mm, side / crop_mm; else None (unknown)."""
+    info = ds.sessions.get(label.session_id)
+    if info is not None and info.pixels_per_mm is not None:
+        return info.pixels_per_mm
     h, w = image.shape[:2]
-    if (h, w) == (size, size):
-        return image
-    interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
-    return np.asarray(cv2.resize(image, (size, size), interpolation=interp))
+    covered = ds.crop_mm()
+    return w / covered if covered is not None and h == w else None
 
 
-def load_crops(ds: Dataset, labels: Sequence[StoneLabel], size: int) -> np.ndarray:
-    """(N, size, size, 6) uint8: backlit RGB then toplit RGB, the daemon's crop_pair layout."""
+def load_crops(ds: Dataset, labels: Sequence[StoneLabel], size: int, crop_mm: float | None = None) -> np.ndarray:
+    """(N, size, size, 6) uint8: backlit RGB then toplit RGB, the daemon's crop_pair layout.
+
+    Each crop goes through `sorterd.data.crops.fit_crop` at the model's `crop_mm` (default:
+    the dataset's own, else DEFAULT_CROP_MM) and the crop's scale (`crop_scale`): aspect and
+    physical size kept, padded with the crop's background, never stretched.
+    """
+    window = crop_mm or ds.crop_mm() or DEFAULT_CROP_MM
     out = np.empty((len(labels), size, size, 6), dtype=np.uint8)
     for i, lab in enumerate(labels):
         for k, mode in enumerate(LIGHT_MODES):
-            out[i, :, :, 3 * k:3 * k + 3] = fit_to(read_crop(ds, lab, mode), size)[:, :, ::-1]
+            image = read_crop(ds, lab, mode)
+            out[i, :, :, 3 * k:3 * k + 3] = fit_crop(image, crop_scale(ds, lab, image), window, size)[:, :, ::-1]
     return out
 
 

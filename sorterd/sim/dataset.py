@@ -42,7 +42,8 @@ def machine_captures(machine: SimMachine, cfg: Config, refs: dict[str, np.ndarra
     for t_edge, _ in machine.world.beam_times(trigger.beam_x_mm):
         t0 = t_edge + int(trigger.latency_ms * 1e6)
         back, top = machine.render("backlit", t0), machine.render("toplit", t0 + dt)
-        seg = segment_pair(back, top, refs["backlit"], refs["toplit"], t0 + dt, lim)
+        # Speed from the pair's own exposure instants, as the sorter and a replay measure it.
+        seg = segment_pair(back, top, refs["backlit"], refs["toplit"], t0 + dt, lim, t_backlit_ns=t0)
         found = []
         for obs in seg.observations:
             stone = _truth(machine, obs)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -75,6 +75,7 @@ class Computed:
     segment_s: float
     infer_s: float
     model_s: float
+    skipped: dict[str, int]  # regions found but not decided, by reason (the summary's not_decided)
 
 
 class Pipeline:
@@ -215,6 +216,7 @@ class Pipeline:
         # One worker call per pair: the frames stay in that core's cache
         # from segmentation to inference, and there is one hand-off only.
         done: Computed = await loop.run_in_executor(None, self._compute, pair, self.tracker.snapshot())
+        self.count.not_decided(done.skipped, empty=not done.new)
         fault, strobes = await lighting_fault(pair, self.clock, self.parts.camera, self.parts.lights)
         edges = strobe_edges(strobes)
         if fault:
@@ -277,14 +279,18 @@ class Pipeline:
         """Worker thread: segment, keep the objects not seen before, crop, classify."""
         t = time.perf_counter()
         tol = self.cfg.pipeline.track_tolerance_mm
+        still = self.cfg.geometry.speed_min_mm_s
         seg = segment_pair(pair.backlit.image, pair.toplit.image, self._refs["backlit"],
                            self._refs["toplit"], pair.toplit.t_ns, self._limits,
-                           known=lambda x, y: is_known(x, y, pair.toplit.t_ns, known, tol))
+                           known=lambda seen: is_known(seen, pair.toplit.t_ns, known, tol, still),
+                           t_backlit_ns=pair.backlit.t_ns)
         segment_s = time.perf_counter() - t
         new = seg.observations
+        skipped = {"unpaired": seg.unpaired, "touching_border": seg.touching_border,
+                   "already_decided": seg.already_decided}
         reasons = [unsortable_reason(o.size_mm, o.length_mm, o.reason, self.cfg.decision) for o in new]
         if not new:
-            return Computed([], [], [], {}, segment_s, 0.0, 0.0)
+            return Computed([], [], [], {}, segment_s, 0.0, 0.0, skipped)
         t = time.perf_counter()
         crops = [crop_halves(pair.backlit.image, pair.toplit.image, o, self._crop_px, self._input_px) for o in new]
         to_classify = [i for i, r in enumerate(reasons) if not r]
@@ -293,7 +299,7 @@ class Pipeline:
         if to_classify:
             out, model_s = self.model.predict_halves([crops[i] for i in to_classify])
             preds = dict(zip(to_classify, out, strict=True))
-        return Computed(new, reasons, crops, preds, segment_s, time.perf_counter() - t, model_s)
+        return Computed(new, reasons, crops, preds, segment_s, time.perf_counter() - t, model_s, skipped)
 
     def _record_pair(self, sid: str, pair: FramePair, edges: dict[str, int | None]) -> None:
         """`run --record`: the raw pair, named after the first new stone in it."""
@@ -318,13 +324,38 @@ class Pipeline:
         else:
             m = self.model.manifest
             dec = decide(pred.p_color, pred.p_clarity, obs.size_mm, self.cfg.decision, m.color_classes, m.clarity_classes)
-        track = Track(sid, obs.t_ns, obs.x_mm, obs.speed_mm_s, obs.length_mm,
-                      spread_mm=obs.length_mm if obs.cluster else 0.0)
+        untimed = self._untimed(obs)
+        # A stone at rest stays where it was seen (speed 0): seen again, it is the same stone.
+        track = Track(sid, obs.t_ns, obs.x_mm, obs.speed_mm_s if not untimed else 0.0, obs.length_mm,
+                      spread_mm=obs.length_mm if obs.cluster else 0.0, area_mm2=obs.toplit.area / self._limits.pixels_per_mm**2,
+                      look=obs.look)
         self.tracker.add(track, obs.y_mm)
+        if untimed:
+            # No passage to predict: not planned, so no neighbour's jet is checked against it.
+            self.count.untimed()
+            return Routed(replace(dec, reason=f"{dec.reason}; {untimed}".lstrip("; ")), "REJECT"), None
         routed = self.neighbours.resolve(track, dec)
         route = routed.route
         pulse = plan_pulse(track, route, self.cfg.geometry, self.cfg.ejection) if route in JET_BINS else None
         return routed, pulse
+
+    def _untimed(self, obs: Observation) -> str:
+        """Why no jet can be timed for this object ('' when one can).
+
+        A jet is timed from the stone's speed (`sorting/eject.py`); a stone slower
+        than the channel's slowest (at rest: placed by hand, stopped in view) or
+        whose pair measured no speed has no passage to aim at.  It keeps its decided
+        bin and takes the default trajectory, REJECT, the one route that needs no
+        jet (a SELECT safe route would need a timed one too); with dry-run valves
+        (a replay) nothing would fire anyway, so its decision is all that counts.
+        """
+        if not obs.speed_known:
+            return "speed unknown (the pair's exposures at one instant): no jet can be timed, default trajectory"
+        slowest = self.cfg.geometry.speed_min_mm_s
+        if obs.speed_mm_s < slowest:
+            return (f"speed {obs.speed_mm_s:.0f} mm/s, below geometry.speed_min_mm_s = {slowest:g}: "
+                    "no jet can be timed, default trajectory")
+        return ""
 
     def _dispatch(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
                   routed: Routed, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],

@@ -17,16 +17,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
 import numpy as np
 
+from sorterd.data.crops import cut_window
+
 DIFF_THRESHOLD = 18  # DN; sensor noise of a frame-minus-reference is ~3 DN
 MIN_AREA_PX = 12  # below this a region is noise or dust, not an object
 CLUSTER_SOLIDITY = 0.86  # single rough stones are >= ~0.9 (see sim.appearance)
 CLUSTER_NOTCH = 0.12  # convexity-defect depth / sqrt(area) that marks two lobes
+# Extra cost of a pair slower than geometry.speed_min_mm_s: a tie-breaker only, well
+# below the cost of leaving a blob unpaired (1.0) so that a still stone still pairs.
+SLOW_PAIR_COST = 0.1
 
 
 @dataclass(frozen=True)
@@ -70,12 +75,48 @@ class Observation:
     length_mm: float
     cluster: bool
     reason: str = ""  # why it is a cluster / unusable, for the log
+    # False when the pair cannot measure a speed (its two exposures at one instant):
+    # speed_mm_s is then 0.0 and means nothing; the sorter gives it no jet.
+    speed_known: bool = True
+    look: np.ndarray | None = field(default=None, repr=False, compare=False)  # `look(toplit, toplit blob)`
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A paired object before its shape is measured: what `known` is asked about."""
+
+    x_mm: float
+    y_mm: float
+    speed_mm_s: float | None  # None: the pair could not measure it
+    area_mm2: float
+    patch: np.ndarray | None = field(default=None, repr=False, compare=False)  # `look(toplit, blob)`
+
+
+PATCH_PX = 24
+
+
+def look(frame: np.ndarray, blob: Blob) -> np.ndarray:
+    """The fine detail of the blob's box (grey, high-passed, zero-mean, unit-norm,
+    PATCH_PX²): what tells a stone still lying where it was (the same texture and
+    facets under fresh sensor noise) from another of like size and outline put down
+    on the same spot.  Two looks' dot product is their normalised correlation."""
+    x, y, w, h = blob.bbox
+    box = frame[y:y + h, x:x + w]
+    grey = cv2.cvtColor(box, cv2.COLOR_BGR2GRAY) if box.ndim == 3 else box
+    small = cv2.resize(grey, (PATCH_PX, PATCH_PX), interpolation=cv2.INTER_AREA).astype(np.float32)
+    # The silhouette (what every round stone shares) is the low frequencies: take it away.
+    small = (small - cv2.GaussianBlur(small, (0, 0), 1.0)).ravel()
+    small -= small.mean()
+    norm = float(np.linalg.norm(small))
+    return small / norm if norm > 0 else small
 
 
 @dataclass(frozen=True)
 class Segmentation:
     observations: list[Observation]
     unpaired: int  # regions seen in only one frame (entering/leaving the view)
+    touching_border: int = 0  # paired, but cut by the frame's edge: not measured, not decided
+    already_decided: int = 0  # paired, but `known` said it was decided from an earlier capture
 
 
 def difference_mask(frame: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -152,7 +193,8 @@ class PairingLimits:
                    cfg.decision.max_single_length_mm)
 
 
-def pair_blobs(back: list[Blob], top: list[Blob], lim: PairingLimits) -> list[tuple[int, int]]:
+def pair_blobs(back: list[Blob], top: list[Blob], lim: PairingLimits,
+               dt_s: float | None = None) -> list[tuple[int, int]]:
     """Order-preserving alignment of backlit and toplit blobs (dynamic programming).
 
     Stones cannot overtake on the channel, so the k-th stone in one frame is the
@@ -166,7 +208,7 @@ def pair_blobs(back: list[Blob], top: list[Blob], lim: PairingLimits) -> list[tu
     move = [[3] * (m + 1)] + [[2] + [0] * m for _ in range(n)]  # 1 = match, 2 = skip back, 3 = skip top
     for i in range(1, n + 1):
         for j in range(1, m + 1):
-            c_match = cost[i - 1][j - 1] + _match_cost(back[i - 1], top[j - 1], lim)
+            c_match = cost[i - 1][j - 1] + _match_cost(back[i - 1], top[j - 1], lim, dt_s)
             c_b, c_t = cost[i - 1][j] + skip, cost[i][j - 1] + skip
             best = min(c_match, c_b, c_t)
             cost[i][j] = best
@@ -188,12 +230,21 @@ def _backtrack(move: list[list[int]], i: int, j: int) -> list[tuple[int, int]]:
     return pairs[::-1]
 
 
-def _match_cost(b: Blob, t: Blob, lim: PairingLimits) -> float:
-    """0..~1 for a plausible pair, inf when physically impossible."""
+def _match_cost(b: Blob, t: Blob, lim: PairingLimits, dt_s: float | None = None) -> float:
+    """0..~1 for a plausible pair, inf when physically impossible.
+
+    Any speed from rest to `speed_max_mm_s` pairs (a stone placed by hand, one
+    resting when the camera fired, a slow feeder: §1.2); a stone cannot go
+    backwards, but a resting one's centroid jitters by a fraction of a pixel,
+    hence the tolerance below zero.  A displacement slower than the channel's
+    `speed_min_mm_s` costs a little more, so that when two alignments are both
+    possible the one at the channel's own speeds wins.
+    """
+    dt = lim.dt_s if dt_s is None else dt_s
     ppm = lim.pixels_per_mm
     dx_mm = (t.cx - b.cx) / ppm
     tol_mm = 0.5
-    if not lim.speed_min_mm_s * lim.dt_s - tol_mm <= dx_mm <= lim.speed_max_mm_s * lim.dt_s + tol_mm:
+    if not -tol_mm <= dx_mm <= max(lim.speed_max_mm_s * dt, 0.0) + tol_mm:
         return math.inf
     dy_mm = abs(t.cy - b.cy) / ppm
     if dy_mm > 1.0:
@@ -201,7 +252,8 @@ def _match_cost(b: Blob, t: Blob, lim: PairingLimits) -> float:
     area_ratio = abs(math.log(max(t.area, 1.0) / max(b.area, 1.0)))
     if area_ratio > math.log(2.5):
         return math.inf
-    return 0.5 * area_ratio + 0.3 * dy_mm
+    slow = SLOW_PAIR_COST if dx_mm < lim.speed_min_mm_s * dt - tol_mm else 0.0
+    return 0.5 * area_ratio + 0.3 * dy_mm + slow
 
 
 def segment_pair(
@@ -211,26 +263,42 @@ def segment_pair(
     ref_toplit: np.ndarray,
     t_toplit_ns: int,
     lim: PairingLimits,
-    known: Callable[[float, float], bool] | None = None,
+    known: Callable[[Seen], bool] | None = None,
+    t_backlit_ns: int | None = None,
 ) -> Segmentation:
     """Every object fully in view in both frames.
 
-    known(x_mm, y_mm) marks objects already decided (still in view from an
-    earlier capture); they are skipped before their shape is measured.
+    known(seen) marks objects already decided (still in view from an earlier
+    capture); they are skipped before their shape is measured.
+
+    Speed: the pair's displacement over the pair's own interval, taken from its
+    exposure instants when `t_backlit_ns` is given (the live camera's stamps, a
+    replay's recorded frames.jsonl times), else the nominal `lim.dt_s`.  Two
+    exposures at one instant measure no speed: the observation says so
+    (`speed_known` False) rather than invent one.
     """
+    dt_s = lim.dt_s if t_backlit_ns is None else (t_toplit_ns - t_backlit_ns) / 1e9
     back = find_blobs(backlit, ref_backlit)
     top = find_blobs(toplit, ref_toplit)
-    pairs = pair_blobs(back, top, lim)
+    pairs = pair_blobs(back, top, lim, dt_s)
     ppm = lim.pixels_per_mm
-    obs = [
-        _observe(back[i], top[j], t_toplit_ns, lim) for i, j in pairs
-        if not (back[i].touches_border or top[j].touches_border)
-        and not (known is not None and known(top[j].cx / ppm, top[j].cy / ppm))
-    ]
-    return Segmentation(obs, unpaired=len(back) + len(top) - 2 * len(pairs))
+    obs, border, decided = [], 0, 0
+    for i, j in pairs:
+        b, t = back[i], top[j]
+        if b.touches_border or t.touches_border:
+            border += 1
+            continue
+        speed = (t.cx - b.cx) / ppm / dt_s if dt_s > 0 else None
+        patch = look(toplit, t)
+        if known is not None and known(Seen(t.cx / ppm, t.cy / ppm, speed, t.area / ppm**2, patch)):
+            decided += 1
+            continue
+        obs.append(replace(_observe(b, t, t_toplit_ns, lim, speed), look=patch))
+    return Segmentation(obs, unpaired=len(back) + len(top) - 2 * len(pairs), touching_border=border,
+                        already_decided=decided)
 
 
-def _observe(b: Blob, t: Blob, t_ns: int, lim: PairingLimits) -> Observation:
+def _observe(b: Blob, t: Blob, t_ns: int, lim: PairingLimits, speed_mm_s: float | None) -> Observation:
     ppm = lim.pixels_per_mm
     sb, st = blob_shape(b), blob_shape(t)
     size_mm = (sb.size_px + st.size_px) / 2.0 / ppm
@@ -244,8 +312,8 @@ def _observe(b: Blob, t: Blob, t_ns: int, lim: PairingLimits) -> Observation:
         reason = f"cluster: {length_mm:.1f} mm long, longer than any single stone"
     return Observation(
         backlit=b, toplit=t, shapes=(sb, st), x_mm=t.cx / ppm, y_mm=t.cy / ppm, t_ns=t_ns,
-        speed_mm_s=(t.cx - b.cx) / ppm / lim.dt_s, size_mm=size_mm, length_mm=length_mm,
-        cluster=bool(reason), reason=reason,
+        speed_mm_s=0.0 if speed_mm_s is None else speed_mm_s, size_mm=size_mm, length_mm=length_mm,
+        cluster=bool(reason), reason=reason, speed_known=speed_mm_s is not None,
     )
 
 
@@ -255,10 +323,12 @@ def crop_halves(
     """The object's backlit and toplit crops (BGR, out_size², uint8).
 
     Each half is centred on the object's own position in its own frame (the
-    stone moved between the exposures).
+    stone moved between the exposures).  The window is `sorterd.data.crops.cut_window`,
+    the one way a model input is made from a frame (the trainer's crops-only path,
+    `fit_crop`, lands on the same scale).
     """
-    return (_crop_centered(backlit, obs.backlit.cx, obs.backlit.cy, crop_px, out_size),
-            _crop_centered(toplit, obs.toplit.cx, obs.toplit.cy, crop_px, out_size))
+    return (cut_window(backlit, obs.backlit.cx, obs.backlit.cy, crop_px, out_size),
+            cut_window(toplit, obs.toplit.cx, obs.toplit.cy, crop_px, out_size))
 
 
 def crop_pair(
@@ -267,16 +337,3 @@ def crop_pair(
     """The 6-channel model input as an image: backlit RGB then toplit RGB, HWC uint8."""
     b, t = crop_halves(backlit, toplit, obs, crop_px, out_size)
     return np.concatenate([b[:, :, ::-1], t[:, :, ::-1]], axis=2)
-
-
-def _crop_centered(frame: np.ndarray, cx: float, cy: float, side: int, out_size: int) -> np.ndarray:
-    """Sub-pixel centred crop; outside the frame is filled by edge replication."""
-    if side == out_size:  # the common case: crop_mm * px/mm == model input
-        return cv2.getRectSubPix(frame, (side, side), (cx, cy))
-    scale = out_size / side
-    # Affine map taking the crop's centre (cx, cy) to the output's centre.
-    mat = np.array(
-        [[scale, 0.0, out_size / 2.0 - scale * cx], [0.0, scale, out_size / 2.0 - scale * cy]],
-        dtype=np.float64,
-    )
-    return cv2.warpAffine(frame, mat, (out_size, out_size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)

@@ -7,7 +7,7 @@ Prometheus series (`sorterd/metrics.py`) in the same call, so the two can never
 disagree.  Some figures exist on one side only, on purpose: `objects` and
 `valve_unknown` have no series of their own (`sorterd_stones_total` and
 `sorterd_pulses_total{status="unknown"}` carry them), `unreadable_pairs` (replay
-only) has none, and the queue depths,
+only), `not_decided` and `untimed` have none (yet), and the queue depths,
 pulse outcomes and the model's info are series only.
 
 Threads: loop thread only.  Every method is called from the event loop (the
@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from sorterd.metrics import Metrics
 from sorterd.quantiles import Samples
 
+# Why a region found in a pair was not decided (segment.Segmentation), and pairs that
+# gave no new object at all.
+NOT_DECIDED = ("unpaired", "touching_border", "already_decided", "empty_pairs")
 STAGES = ("segment", "infer", "decide", "compute", "model_only")
 # Not a compute stage: from the toplit exposure to the pulse being handed to the
 # valves, including queueing and worker hand-offs (the budget that matters).
@@ -57,6 +60,10 @@ class RunStats:
     # stone id -> the bin a neighbour's jet (too late to cancel) may have carried it into
     co_deflection_risks: dict[str, str] = field(default_factory=dict)
     lighting_faults: int = 0  # pairs not lit as §2.2 says (their stones take the safe route)
+    # Regions found but not decided, by reason, and pairs in which nothing new was decided:
+    # why a run decided fewer objects than it had pairs (never a silent zero).
+    not_decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NOT_DECIDED, 0))
+    untimed: int = 0  # decided stones too slow (at rest) or of unknown speed: no jet, default trajectory
     decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("CUT", "SELECT", "FLIP", "REJECT"), 0))
     # Where the machine sent them: the decided bin, or REJECT / the safe route after a
     # neighbour conflict, a co-deflection risk or a deadline miss.
@@ -105,6 +112,16 @@ class RunCounter:
         """Replay: a recorded pair's files could not be read; it was skipped (no series:
         a replay is a bench run, not the service)."""
         self.stats.unreadable_pairs += 1
+
+    def not_decided(self, skipped: dict[str, int], empty: bool) -> None:
+        """A pair's regions that were not decided (by reason); `empty`: it gave no new object."""
+        for reason, n in skipped.items():
+            self.stats.not_decided[reason] += n
+        self.stats.not_decided["empty_pairs"] += int(empty)
+
+    def untimed(self) -> None:
+        """A decided stone had no usable speed: no jet could be timed for it."""
+        self.stats.untimed += 1
 
     def gap_triggers(self, n: int) -> None:
         """Triggers (stones) lost while the camera was away."""

@@ -89,6 +89,8 @@ def summarize(cfg: Config, stats: RunStats, truth: RunTruth | None,
         "late_off_edges": stats.late_off_edges,
         "untriggered": stats.untriggered,
         "lighting_faults": stats.lighting_faults,
+        "not_decided": dict(stats.not_decided),
+        "untimed": stats.untimed,
         "decided": dict(stats.decided),
         "routed": dict(stats.routed),
         "latency_ms": {s: percentiles_ms(stats.latency_s[s]) for s in LATENCIES},
@@ -158,7 +160,8 @@ def _backend_stats(st: Any) -> dict[str, Any]:
 FAULT_COUNTS = (("lighting_faults", "lighting faults"), ("passed_unseen", "passed unseen"),
                 ("untriggered", "untriggered"), ("co_deflection_risks", "co-deflection risks"),
                 ("valve_unknown", "valve outcomes unknown"), ("late_off_edges", "late off edges"),
-                ("triggers_dropped", "triggers dropped"), ("unreadable_pairs", "unreadable recorded pairs (skipped)"))
+                ("triggers_dropped", "triggers dropped"), ("unreadable_pairs", "unreadable recorded pairs (skipped)"),
+                ("untimed", "too slow to time a jet (default trajectory)"))
 
 
 def format_text(s: dict[str, Any]) -> str:
@@ -184,12 +187,25 @@ def format_text(s: dict[str, Any]) -> str:
         lines.append(f"valve timing us p50/p99: sync {sy['p50']}/{sy['p99']}  fire {fi['p50']}/{fi['p99']}  "
                      f"valve refusals {s['valve_refusals']}  watchdog trips {s['watchdog_trips']}  "
                      f"reconnects {s['reconnects']}")
+    short = shortfall(s)
+    if short:
+        lines.append(short)
     lat = s["latency_ms"]
     lines.append("latency ms p50/p99: " + "  ".join(
         f"{k} {_ms(lat[k]['p50'])}/{_ms(lat[k]['p99'])}" for k in STAGES))
     lines.append(f"model {s['model']['version']}   wall time {s['wall_s']} s")
     lines += _record_lines(s.get("record"))
     return "\n".join(lines)
+
+
+def shortfall(s: dict[str, Any]) -> str:
+    """'' when the run decided at least one object per pair; else the line saying by how
+    much it fell short and why (the regions found but not decided, by reason)."""
+    decided, pairs = s["objects_decided"], s["captures"]
+    if decided >= pairs:
+        return ""
+    why = ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in s["not_decided"].items() if n) or "no reason counted"
+    return f"decided {decided} objects from {pairs} pairs: not decided: {why}"
 
 
 def _ms(v: float | None) -> str:

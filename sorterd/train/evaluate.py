@@ -90,7 +90,7 @@ def predict(model: Model, ds: Dataset, labels: Sequence[StoneLabel]) -> tuple[np
     pk = np.zeros((len(labels), 3))
     for start in range(0, len(labels), BATCH):
         chunk = labels[start:start + BATCH]
-        preds, _ = model.predict(load_crops(ds, chunk, size))
+        preds, _ = model.predict(load_crops(ds, chunk, size, m.crop_mm))
         pc[start:start + len(chunk)] = [p.p_color[color_cols] for p in preds]
         pk[start:start + len(chunk)] = [p.p_clarity[clarity_cols] for p in preds]
     return pc, pk

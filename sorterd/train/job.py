@@ -160,7 +160,7 @@ def _published(bundle: Path, version: str) -> bool:
 
 def _fit_with_splits(opts: FitOptions, ds: Dataset, previous: _Previous | None, version: str, crop_mm: float,
                      splits: Splits, say: Say, on_step: StepHook | None, started: float) -> FitOutcome:
-    train_set, val_set = (_arrays(ds, splits, name) for name in ("train", "val"))
+    train_set, val_set = (_arrays(ds, splits, name, crop_mm) for name in ("train", "val"))
     _warn_small_classes(train_set[0], say)
     prepared = time.perf_counter()
     cfg = _config(opts.config, previous)
@@ -409,13 +409,13 @@ def _splits(ds: Dataset, opts: FitOptions, version: str, previous: _Previous | N
     return splits
 
 
-def _arrays(ds: Dataset, splits: Splits, name: str) -> tuple[list[StoneLabel], TrainData]:
+def _arrays(ds: Dataset, splits: Splits, name: str, crop_mm: float) -> tuple[list[StoneLabel], TrainData]:
     by_id = ds.by_id()
     labels = [by_id[s] for s in splits.ids(name) if by_id[s].classified]
     need = 2 if name == "train" else 1
     if len(labels) < need:
         raise DatasetError(f"{ds.root}: the {name} split has {len(labels)} classified stones; need at least {need}")
-    x = np.ascontiguousarray(load_crops(ds, labels, INPUT_SIZE).transpose(0, 3, 1, 2))
+    x = np.ascontiguousarray(load_crops(ds, labels, INPUT_SIZE, crop_mm).transpose(0, 3, 1, 2))
     color = np.array([lab.color_index for lab in labels], dtype=np.int64)
     clarity = np.array([lab.clarity_index for lab in labels], dtype=np.int64)
     return labels, TrainData(x, color, clarity)
