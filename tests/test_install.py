@@ -1,0 +1,121 @@
+"""`pip install .` (a wheel, not an editable install) gives a working sorter from any directory.
+
+The wheel is built from a copy of the checkout and installed into a fresh venv.  So that the test
+downloads nothing, the fresh venv sees this venv's third-party packages through a .pth line --
+but not this checkout's sorterd: the editable install's finder lives in a .pth file of this venv's
+site-packages, which a path added by another .pth is not scanned for, and PYTHONPATH is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_NOT_SOURCES = shutil.ignore_patterns(".git", "*.egg-info", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache")
+_ROOT_ONLY = {".venv", "venv", "build", "dist", "production_logs", "data", "runs"}  # .gitignore's root entries
+
+
+def _ignore(directory: str, names: list[str]) -> set[str]:
+    skip = set(_NOT_SOURCES(directory, names))
+    if Path(directory) == REPO:
+        skip |= _ROOT_ONLY & set(names)
+    return skip
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """(the fresh venv's bin/, an environment without this checkout) after installing the wheel."""
+    tmp = tmp_path_factory.mktemp("install")
+    src = tmp / "src"
+    shutil.copytree(REPO, src, ignore=_ignore)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SORTERD_MODELS", "SORTERD_FIRMWARE_SRC",
+                                                            "VIRTUAL_ENV", "PYTHONHOME")}
+    dist = tmp / "dist"
+    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
+                  str(src)], tmp, env)
+    assert built.returncode == 0, built.stderr
+    wheels = list(dist.glob("sorterd-*.whl"))
+    assert len(wheels) == 1, wheels
+    venv = tmp / "venv"
+    made = _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp, env)
+    assert made.returncode == 0, made.stderr
+    py = venv / "bin" / "python"
+    inst = _run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index",
+                 str(wheels[0])], tmp, env)
+    assert inst.returncode == 0, inst.stderr
+    purelib = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                        tmp, env).stdout.strip())
+    outer = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
+    (purelib / "zz_outer_deps.pth").write_text("".join(f"{p}\n" for p in sorted(outer)))
+    return venv / "bin", env
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_model_configs_and_firmware_but_not_the_trainer_weights(
+        installed: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    whl = next((Path(installed[0]).parent.parent / "dist").glob("sorterd-*.whl"))
+    names = set(zipfile.ZipFile(whl).namelist())
+    for want in ("sorterd/_bundled/models/default/model.onnx", "sorterd/_bundled/models/default/manifest.json",
+                 "sorterd/configs/sim.toml", "sorterd/configs/machine.toml",
+                 "sorterd/_bundled/firmware/host/Makefile", "sorterd/_bundled/firmware/core/vc_core.c"):
+        assert want in names, want
+    assert not [n for n in names if n.endswith("weights.pt")]
+
+
+@pytest.mark.slow
+def test_an_installed_sorter_runs_the_simulated_machine_from_any_directory(
+        installed: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    bin_dir, env = installed
+    where = _run([str(bin_dir / "python"), "-c",
+                  "import sorterd, sorterd.data.bundle as b, sorterd.sim.firmware as f; "
+                  "print(sorterd.__file__); print(b.default_bundle()); print(f.firmware_source())"], tmp_path, env)
+    assert where.returncode == 0, where.stderr
+    module, bundle, firmware = (Path(line) for line in where.stdout.split())
+    venv = bin_dir.parent
+    assert module.is_relative_to(venv) and not module.is_relative_to(REPO)
+    assert bundle == module.parent / "_bundled" / "models" / "default"
+    assert firmware == module.parent / "_bundled" / "firmware"
+
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    r = _run([str(bin_dir / "sorterd"), "run", "--sim", "--stones", "50", "--no-progress", "--json", "out.json"],
+             run_dir, env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((run_dir / "out.json").read_text())
+    shipped = json.loads((REPO / "models" / "default" / "manifest.json").read_text())
+    assert summary["stones_fed"] == 50
+    assert summary["stones_seen"] > 0 and sum(summary["decided"].values()) == summary["objects_decided"]
+    assert summary["model"]["version"] == shipped["version"]
+    assert (run_dir / summary["batch_dir"] / "stones.db").is_file()
+
+
+@pytest.mark.slow
+def test_sorterd_models_overrides_the_bundled_default(installed: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    bin_dir, env = installed
+    sim_toml = _run([str(bin_dir / "python"), "-c", "from sorterd.config import sim_config_path as p; print(p())"],
+                    tmp_path, env).stdout.strip()
+    models = tmp_path / "models"
+    shutil.copytree(REPO / "models" / "default", models / "default",
+                    ignore=shutil.ignore_patterns("weights.pt"))
+    ok = _run([str(bin_dir / "sorterd"), "check-config", sim_toml], tmp_path, {**env, "SORTERD_MODELS": str(models)})
+    assert ok.returncode == 0, ok.stderr
+    assert f"at {models / 'default'}" in ok.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = _run([str(bin_dir / "sorterd"), "check-config", sim_toml], tmp_path, {**env, "SORTERD_MODELS": str(empty)})
+    assert bad.returncode == 3, bad.stdout + bad.stderr
+    assert str(empty / "default") in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
