@@ -8,6 +8,8 @@ site-packages, which a path added by another .pth is not scanned for, and PYTHON
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -36,6 +38,17 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def _can_build_wheels_here() -> bool:
+    """setuptools >= 70.1 has bdist_wheel itself; older ones need the `wheel` package."""
+    if importlib.util.find_spec("wheel") is not None:
+        return True
+    try:
+        major, minor = (int(x) for x in importlib.metadata.version("setuptools").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (70, 1)
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """(the fresh venv's bin/, an environment without this checkout) after installing the wheel."""
@@ -45,7 +58,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SORTERD_MODELS", "SORTERD_FIRMWARE_SRC",
                                                             "VIRTUAL_ENV", "PYTHONHOME")}
     dist = tmp / "dist"
-    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
+    # Offline with this venv's setuptools when it can build wheels itself; else pip's isolated build.
+    isolation = [] if _can_build_wheels_here() else ["--use-pep517"]
+    no_isolation = ["--no-build-isolation"] if not isolation else []
+    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *no_isolation, *isolation, "-q", "-w", str(dist),
                   str(src)], tmp, env)
     assert built.returncode == 0, built.stderr
     wheels = list(dist.glob("sorterd-*.whl"))

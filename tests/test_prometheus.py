@@ -180,6 +180,7 @@ def test_a_real_prometheus_scrapes_the_simulated_sorter_and_agrees_with_its_summ
         _wait_for("the sorter up", sorter_up, 60)
         exposition = _wait_for("a scrapable /metrics", lambda: _fetch(f"http://127.0.0.1:{target}/metrics"), 30)
         stdout, _ = sorter.communicate(timeout=180)
+        ended = time.time()
     finally:
         if sorter.poll() is None:
             sorter.kill()
@@ -223,6 +224,20 @@ def test_a_real_prometheus_scrapes_the_simulated_sorter_and_agrees_with_its_summ
     assert set(queues) >= {"pairs", "record"} and all(v >= 0 for v in queues.values())
     model = api.query("last_over_time(sorterd_model_info[10m])")
     assert [r["metric"]["version"] for r in model] == [summary["model"]["version"]]
+    # Every dashboard query is valid PromQL here, and the core panels have data at the run's end.
+    dashboard = json.loads((REPO / "monitoring" / "grafana" / "dashboards" / "sorterd.json").read_text())
+    at = f"{ended - 1.0:.3f}"
+    with_data = set()
+    for panel in dashboard["panels"]:
+        for t in panel["targets"]:
+            expr = t["expr"].replace("$__rate_interval", "10s").replace('"$instance"', '".*"')
+            body = api.get("/api/v1/query", query=expr, time=at)
+            assert body["status"] == "success", (panel["title"], expr, body)
+            if body["data"]["result"]:
+                with_data.add(panel["title"])
+    for title in ("Stones per second, by decided bin", "Latency heatmap: infer", "Stage latency p50 / p99",
+                  "Queue depths", "Model release and link", "Pulses fired / refused per second, by valve"):
+        assert title in with_data, title
     # The shipped rules load and evaluate against the real series.
     groups = api.get("/api/v1/rules")["data"]["groups"]
     health = {r["name"]: r["health"] for g in groups for r in g["rules"]}
