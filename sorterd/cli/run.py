@@ -186,8 +186,14 @@ async def _run_pipeline(pipeline: Pipeline, parts: MachineParts, clock: Clock, o
             work.result()  # a stage's error ends the run here
         t_linger = time.monotonic()
         if linger_s > 0 and not stop.asked.is_set():
+            # The batch is complete: a signal now only ends the wait (the run still exits 0).
+            ended = asyncio.Event()
+            for sig in signals:
+                loop.add_signal_handler(sig, ended.set)
             sdnotify.notify("STATUS=batch done, serving its final metrics")
-            await asyncio.wait({asked}, timeout=linger_s)  # a skip on the virtual clock
+            waiting = asyncio.create_task(ended.wait())
+            await asyncio.wait({waiting}, timeout=linger_s)  # a skip on the virtual clock
+            waiting.cancel()
         return time.monotonic() - t_linger
     finally:
         for task in (reporter, asked, work):
