@@ -17,6 +17,7 @@ import site
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -58,11 +59,22 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SORTERD_MODELS", "SORTERD_FIRMWARE_SRC",
                                                             "VIRTUAL_ENV", "PYTHONHOME")}
     dist = tmp / "dist"
+    # Like `python -m build`: the sdist first, the wheel from the unpacked sdist (so MANIFEST.in
+    # must carry what setup.py copies into the wheel).
+    sdist = _run([sys.executable, "-c", f"from setuptools import build_meta as b; print(b.build_sdist({str(dist)!r}))"],
+                 src, env)
+    assert sdist.returncode == 0, sdist.stderr
+    tarballs = list(dist.glob("sorterd-*.tar.gz"))
+    assert len(tarballs) == 1, tarballs
+    with tarfile.open(tarballs[0]) as tar:
+        # Our own tarball; the "data" filter where this Python has it (3.11.4+, and backports).
+        tar.extractall(tmp / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # noqa: S202
+    unpacked = next((tmp / "unpacked").iterdir())
     # Offline with this venv's setuptools when it can build wheels itself; else pip's isolated build.
     isolation = [] if _can_build_wheels_here() else ["--use-pep517"]
     no_isolation = ["--no-build-isolation"] if not isolation else []
     built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *no_isolation, *isolation, "-q", "-w", str(dist),
-                  str(src)], tmp, env)
+                  str(unpacked)], tmp, env)
     assert built.returncode == 0, built.stderr
     wheels = list(dist.glob("sorterd-*.whl"))
     assert len(wheels) == 1, wheels
@@ -90,6 +102,16 @@ def test_the_wheel_carries_the_model_configs_and_firmware_but_not_the_trainer_we
                  "sorterd/_bundled/firmware/host/Makefile", "sorterd/_bundled/firmware/core/vc_core.c"):
         assert want in names, want
     assert not [n for n in names if n.endswith("weights.pt")]
+
+
+@pytest.mark.slow
+def test_the_sdist_carries_the_trainer_weights_and_the_firmware(installed: tuple[Path, dict[str, str]]) -> None:
+    tarball = next((Path(installed[0]).parent.parent / "dist").glob("sorterd-*.tar.gz"))
+    with tarfile.open(tarball) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for want in ("models/default/weights.pt", "models/default/model.onnx", "models/default/manifest.json",
+                 "hw/firmware/host/Makefile", "hw/firmware/core/vc_core.c", "hw/PROTOCOL.md", "setup.py"):
+        assert want in names, want
 
 
 @pytest.mark.slow
