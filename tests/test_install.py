@@ -68,7 +68,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     assert len(tarballs) == 1, tarballs
     with tarfile.open(tarballs[0]) as tar:
         # Our own tarball; the "data" filter where this Python has it (3.11.4+, and backports).
-        tar.extractall(tmp / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # noqa: S202
+        tar.extractall(tmp / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     unpacked = next((tmp / "unpacked").iterdir())
     # Offline with this venv's setuptools when it can build wheels itself; else pip's isolated build.
     isolation = [] if _can_build_wheels_here() else ["--use-pep517"]
