@@ -6,8 +6,8 @@ the wheel under `sorterd/_bundled/`:
 
 - models/default/{model.onnx, manifest.json}: the bundle `[inference] model = "default"` names
   (not weights.pt: the sorter never reads it; the trainer takes it from a clone or the sdist),
-- hw/firmware/{core, host}: the C sources `sorterd run --sim --valves mcu` builds the
-  valve controller's host build from.
+- hw/firmware/{core, host, test}: the C sources `sorterd run --sim --valves mcu` builds the
+  valve controller's host build from (`make all test`: the core's unit tests run first).
 
 An editable install (`pip install -e .`) copies nothing: the code finds them in the checkout.
 See `sorterd/data/bundle.py` (default_bundle) and `sorterd/sim/firmware.py` (firmware_source).
@@ -26,7 +26,8 @@ BUNDLED = {  # source (repository) -> destination under sorterd/_bundled/
     "models/default/model.onnx": "models/default/model.onnx",
     "models/default/manifest.json": "models/default/manifest.json",
 }
-BUNDLED_TREES = {"hw/firmware/core": "firmware/core", "hw/firmware/host": "firmware/host"}
+BUNDLED_TREES = {"hw/firmware/core": "firmware/core", "hw/firmware/host": "firmware/host",
+                 "hw/firmware/test": "firmware/test"}  # the build runs the core's unit tests first
 TREE_SUFFIXES = (".c", ".h")
 TREE_NAMES = ("Makefile",)
 

@@ -99,7 +99,8 @@ def test_the_wheel_carries_the_model_configs_and_firmware_but_not_the_trainer_we
     names = set(zipfile.ZipFile(whl).namelist())
     for want in ("sorterd/_bundled/models/default/model.onnx", "sorterd/_bundled/models/default/manifest.json",
                  "sorterd/configs/sim.toml", "sorterd/configs/machine.toml",
-                 "sorterd/_bundled/firmware/host/Makefile", "sorterd/_bundled/firmware/core/vc_core.c"):
+                 "sorterd/_bundled/firmware/host/Makefile", "sorterd/_bundled/firmware/core/vc_core.c",
+                 "sorterd/_bundled/firmware/test/test_core.c"):
         assert want in names, want
     assert not [n for n in names if n.endswith("weights.pt")]
 
@@ -157,3 +158,17 @@ def test_sorterd_models_overrides_the_bundled_default(installed: tuple[Path, dic
     bad = _run([str(bin_dir / "sorterd"), "check-config", sim_toml], tmp_path, {**env, "SORTERD_MODELS": str(empty)})
     assert bad.returncode == 3, bad.stdout + bad.stderr
     assert str(empty / "default") in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.host_build(rebuild=True)
+def test_an_installed_sorter_builds_and_runs_the_firmware_host_build_from_its_bundled_sources(
+        installed: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    bin_dir, env = installed
+    cache = tmp_path / "cache"  # a fresh cache: the binary is built here, from the wheel's copy
+    r = _run([str(bin_dir / "sorterd"), "run", "--sim", "--valves", "mcu", "--stones", "20", "--no-progress",
+              "--json", "out.json"], tmp_path, {**env, "SORTERD_CACHE": str(cache)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert list(cache.glob("sorterd/firmware/*/vc-host"))
+    summary = json.loads((tmp_path / "out.json").read_text())
+    assert summary["stones_fed"] == 20 and summary["fire_error_us"]["n"] > 0

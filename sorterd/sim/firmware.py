@@ -54,7 +54,7 @@ class FirmwareError(OSError):
 
 def firmware_source() -> Path:
     """The host build's C sources: $SORTERD_FIRMWARE_SRC, else the checkout's hw/firmware, else the
-    copy a wheel carries (sorterd/_bundled/firmware: core/ and host/, see setup.py)."""
+    copy a wheel carries (sorterd/_bundled/firmware: core/, host/, test/; see setup.py)."""
     env = os.environ.get("SORTERD_FIRMWARE_SRC")
     package = Path(__file__).resolve().parents[1]
     checkout = package.parent / "hw" / "firmware"
