@@ -8,12 +8,16 @@ sorterd exports (or one announced by a later issue), and the dashboard and its p
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import yaml
 
 from sorterd.controller.outputs import ValveStats
@@ -113,3 +117,14 @@ def test_the_dashboard_is_laid_out_and_uses_the_provisioned_datasource() -> None
     assert {"timeseries", "heatmap"} <= kinds
     heatmaps = [t["expr"] for p in dash["panels"] if p["type"] == "heatmap" for t in p["targets"]]
     assert heatmaps and all("_bucket" in e and "by (le)" in e for e in heatmaps)
+
+
+def test_promtool_lints_the_full_exposition_valve_and_recorder_collectors_included() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("SORTERD_REQUIRE_PROMETHEUS"):
+            pytest.fail("SORTERD_REQUIRE_PROMETHEUS is set, but promtool is not on PATH", pytrace=False)
+        pytest.skip("promtool is not on PATH (Debian: apt-get install prometheus)")
+    r = subprocess.run([promtool, "check", "metrics"], input=_exposition(), capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
