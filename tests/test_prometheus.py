@@ -8,6 +8,7 @@ is set (.ci/run installs the package and sets it).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -243,6 +244,17 @@ def test_a_real_prometheus_scrapes_the_simulated_sorter_and_agrees_with_its_summ
     health = {r["name"]: r["health"] for g in groups for r in g["rules"]}
     assert "SorterdDown" in health and "sorterd:stones:rate1m" in health
     assert set(health.values()) <= {"ok", "unknown"}, health
+
+    # The README's picture is drawn this way: the dashboard's panels from this Prometheus.
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location("render_dashboard", REPO / "monitoring" / "render_dashboard.py")
+    assert spec is not None and spec.loader is not None
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    png = tmp_path / "dashboard.png"
+    assert render.main(["--prometheus", api.url, "--end", f"{ended:.0f}", "--minutes", "1", "--step", "1",
+                        "--rate-interval", "5s", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
 
 
 def _risks_into(summary: dict[str, Any], valve: str) -> float:
