@@ -213,6 +213,9 @@ class MetricsConfig:
     enabled: bool = opt(True, "Serve Prometheus metrics over HTTP.")
     host: str = opt("127.0.0.1", "Bind address (localhost unless you mean it).")
     port: int = opt(9108, "Port; 0 = any free port.", minval=0, maxval=65535)
+    linger_s: float = opt(0.0, "After the batch ends, keep serving its final figures this many seconds so a "
+                          "scrape catches the last counts (0: stop at once; skipped on the virtual clock).",
+                          minval=0.0, maxval=3600.0)
 
 
 @dataclass(frozen=True)

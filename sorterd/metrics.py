@@ -1,7 +1,14 @@
 """Prometheus metrics (prometheus-client), one registry per daemon.
 
-Names follow Prometheus conventions: `sorterd_stones_total{bin=...}`,
-`sorterd_stage_seconds{stage=...}` histograms, gauges for queue depths.
+Names follow Prometheus conventions (https://prometheus.io/docs/practices/naming/): base units
+(seconds, ratios), counters end in `_total` (the collector families below are named without it;
+prometheus-client appends it), histograms in `_seconds` with explicit buckets fine enough for the
+sub-millisecond stages (10 us steps at the bottom).  `monitoring/` holds the scrape config, the
+alert rules and the Grafana dashboard that use these names; tests/test_prometheus.py has a real
+Prometheus scrape a simulated sorter and `promtool check metrics` the exposition.
+
+Renamed (issue 15): `sorterd_valve_clock_drift_ppm` -> `sorterd_valve_clock_drift_ratio` (base
+unit: 37 ppm reads 3.7e-05).
 """
 
 from __future__ import annotations
@@ -9,18 +16,35 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from sorterd.parts.inference import Model
 from sorterd.parts.valves import Valves
 
-# Stage latencies are milliseconds-scale; buckets from 0.1 ms to 0.5 s.
-_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
+# Stage latencies: decide is ~0.1 ms, segment under 1 ms, infer a few ms; the pulse budget tens of
+# ms.  Buckets from 10 us to 1 s, about three per decade below 1 ms and finer where p99s sit.
+STAGE_BUCKETS_S = (1e-5, 2.5e-5, 5e-5, 7.5e-5, 1e-4, 1.5e-4, 2e-4, 3e-4, 4e-4, 5e-4, 7.5e-4,
+                   0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+                   0.075, 0.1, 0.25, 0.5, 1.0)
+# From an exposure to its pulse, and from a trigger to its exposure: ms to tens of ms.
+SPAN_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+                  0.15, 0.25, 0.5, 1.0)
 
 
 class Metrics:
     def __init__(self) -> None:
+        # No `*_created` gauge beside every counter and histogram (process-wide, and this
+        # process serves one registry): they double the series and nothing here reads them.
+        disable_created_metrics()
         r = self.registry = CollectorRegistry()
         self.stones = Counter("sorterd_stones_total", "Objects finished, by decided bin (not by route: a conflict or deadline miss keeps it).",
                               ["bin"], registry=r)
@@ -38,7 +62,15 @@ class Metrics:
         self.untriggered = Counter("sorterd_stones_untriggered_total", "Decided stones whose crossing no trigger edge explains (the trigger missed them).", registry=r)
         self.captures = Counter("sorterd_captures_total", "Frame pairs captured.", registry=r)
         self.pulses = Counter("sorterd_pulses_total", "Valve pulses by outcome.", ["valve", "status"], registry=r)
-        self.stage = Histogram("sorterd_stage_seconds", "Per-stage latency.", ["stage"], buckets=_BUCKETS, registry=r)
+        self.stage = Histogram("sorterd_stage_seconds", "Per-object compute latency by stage (segment, infer, decide, "
+                               "compute = their sum, model_only = the bare model call).", ["stage"],
+                               buckets=STAGE_BUCKETS_S, registry=r)
+        self.exposure_to_pulse = Histogram(
+            "sorterd_exposure_to_pulse_seconds", "From an object's toplit exposure to its pulse handed to the "
+            "valves (queueing and hand-offs included): the ejection budget.", buckets=SPAN_BUCKETS_S, registry=r)
+        self.trigger_to_exposure = Histogram(
+            "sorterd_trigger_to_exposure_seconds", "From a trigger edge to its pair's backlit exposure.",
+            buckets=SPAN_BUCKETS_S, registry=r)
         self.queue_depth = Gauge("sorterd_queue_depth", "Items waiting, by queue.", ["queue"], registry=r)
         self.model = Info("sorterd_model", "The active model bundle.", registry=r)
         self.server: Any = None
@@ -141,7 +173,8 @@ class ValveCollector:
         for name, doc, value, scale in (
             ("sorterd_valve_clock_offset_seconds", "Last clock-sync sample vs the fitted line.", st.clock_offset_ns, 1e-9),
             ("sorterd_valve_clock_rtt_seconds", "Round trip of the last clock-sync exchange.", st.clock_rtt_ns, 1e-9),
-            ("sorterd_valve_clock_drift_ppm", "Controller clock rate vs nominal.", st.clock_drift_ppm, 1.0),
+            ("sorterd_valve_clock_drift_ratio", "Controller clock rate vs nominal (a ratio: 1 ppm = 1e-6).",
+             st.clock_drift_ppm, 1e-6),
         ):
             if value is not None:
                 yield GaugeMetricFamily(name, doc, value=float(value) * scale)

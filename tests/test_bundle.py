@@ -174,3 +174,12 @@ def test_an_image_that_cannot_be_encoded_leaves_no_file(tmp_path: Path) -> None:
     with pytest.raises(cv2.error):
         write_png_atomic(tmp_path / "bad.png", np.zeros((0, 0, 3), np.uint8))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sorterd_models_names_the_default_bundle_and_never_falls_back(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SORTERD_MODELS", str(tmp_path))
+    assert resolve_bundle("default", None) == tmp_path / "default"  # absent: the load fails naming it
+    assert resolve_bundle("models/v3", tmp_path) == tmp_path / "models" / "v3"  # paths are not searched
+    monkeypatch.delenv("SORTERD_MODELS")
+    assert resolve_bundle("default", None) == REPO / "models" / "default"  # a checkout: its models/

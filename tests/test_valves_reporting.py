@@ -96,4 +96,4 @@ def test_prometheus_exposes_the_backends_figures() -> None:
     assert "sorterd_valve_watchdog_trips_total 1.0" in body
     assert "sorterd_valve_reconnects_total 2.0" in body
     assert "sorterd_valve_clock_rtt_seconds 0.00015" in body
-    assert "sorterd_valve_clock_drift_ppm 37.0" in body
+    assert "sorterd_valve_clock_drift_ratio 3.7e-05" in body  # base unit: 37 ppm

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulation: inject a fault or drift (repeatable), e.g. camera_drop_at_s=2 "
                         "camera_down_s=0.5 backlight=-0.08 scale=0.1")
     r.add_argument("--metrics-port", type=int, help="Prometheus port (metrics.port; 0 = any free port)")
+    r.add_argument("--metrics-linger", type=float, metavar="S",
+                   help="keep serving the final metrics S seconds after the batch ends (metrics.linger_s)")
     r.add_argument("--no-progress", action="store_true", help="no live progress line")
     r.add_argument("--uncalibrated", action="store_true",
                    help="sort without a passing calibration of today (operator override, logged in the batch)")
@@ -113,7 +115,8 @@ def _flag_values(args: argparse.Namespace) -> dict[tuple[str, str], tuple[str, A
     log_dir = str(args.log_dir.resolve()) if args.log_dir else None
     return {("sim", "rate_per_s"): ("--rate", args.rate), ("sim", "seed"): ("--seed", args.seed),
             ("sim", "clock"): ("--clock", args.clock), ("record", "log_dir"): ("--log-dir", log_dir),
-            ("record", "batch"): ("--batch", args.batch), ("metrics", "port"): ("--metrics-port", args.metrics_port)}
+            ("record", "batch"): ("--batch", args.batch), ("metrics", "port"): ("--metrics-port", args.metrics_port),
+            ("metrics", "linger_s"): ("--metrics-linger", args.metrics_linger)}
 
 
 def _blame_flags(exc: ConfigError, args: argparse.Namespace) -> ConfigError:

@@ -137,7 +137,8 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         print(f"sorterd: batch {batch_dir}  model {model.version} on {model.backend}"
               + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
         t_wall = time.monotonic()
-        await _run_pipeline(pipeline, parts, clock, opts, out, stop, t_wall)
+        linger_s = cfg.metrics.linger_s if port is not None else 0.0
+        t_wall += await _run_pipeline(pipeline, parts, clock, opts, out, stop, t_wall, linger_s)
     # The recorder is closed: the simulator compares the world with what stones.db says.
     truth = parts.machine.truth(recorder.db_path) if parts.machine is not None else None
     summary = summarize(cfg, pipeline.stats, truth, model.version, time.monotonic() - t_wall,
@@ -167,8 +168,10 @@ def _self_calibrating_rig(cfg: Config) -> calibrate.Rig | None:
 
 
 async def _run_pipeline(pipeline: Pipeline, parts: MachineParts, clock: Clock, opts: RunOptions,
-                        out: TextIO, stop: Stop, t_wall: float) -> None:
-    """Sort until the input ends, or until a signal: then stop the input and drain (bounded)."""
+                        out: TextIO, stop: Stop, t_wall: float, linger_s: float = 0.0) -> float:
+    """Sort until the input ends, or until a signal: then stop the input and drain (bounded).
+    With linger_s, the finished batch's metrics stay served that long (a signal ends it at once);
+    returns the seconds spent lingering (not part of the run's wall time)."""
     loop = asyncio.get_running_loop()
     signals = _handle_signals(loop, stop)
     sdnotify.notify("READY=1\nSTATUS=sorting")
@@ -188,6 +191,17 @@ async def _run_pipeline(pipeline: Pipeline, parts: MachineParts, clock: Clock, o
             await _drain(work, pipeline, parts, clock, stop, out)
         if not work.cancelled():
             work.result()  # a stage's error ends the run here
+        t_linger = time.monotonic()
+        if linger_s > 0 and not stop.asked.is_set():
+            # The batch is complete: a signal now only ends the wait (the run still exits 0).
+            ended = asyncio.Event()
+            for sig in signals:
+                loop.add_signal_handler(sig, ended.set)
+            sdnotify.notify("STATUS=batch done, serving its final metrics")
+            waiting = asyncio.create_task(ended.wait())
+            await asyncio.wait({waiting}, timeout=linger_s)  # a skip on the virtual clock
+            waiting.cancel()
+        return time.monotonic() - t_linger
     finally:
         for task in (reporter, pinger, asked, work):
             task.cancel()

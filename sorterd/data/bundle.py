@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -194,10 +195,32 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+MODELS_ENV = "SORTERD_MODELS"
+
+
+def default_bundle() -> Path:
+    """Where `[inference] model = "default"` is, searched in this order (README "Models"):
+
+    1. ``$SORTERD_MODELS/default`` when SORTERD_MODELS is set (a site's models directory; set
+       but without a bundle, the load fails naming that path -- never a silent fallback),
+    2. the checkout's ``models/default`` (a clone, or ``pip install -e .``),
+    3. the copy bundled in the installed package (``sorterd/_bundled/models/default``: a
+       wheel or ``pip install .``, see setup.py).
+    """
+    env = os.environ.get(MODELS_ENV)
+    if env:
+        return Path(env).expanduser() / "default"
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "models" / "default").is_dir():
+        return checkout / "models" / "default"
+    return package / "_bundled" / "models" / "default"
+
+
 def resolve_bundle(name: str, base: Path | None) -> Path:
-    """'default' -> the repository's models/default; otherwise a path (relative to base, if given)."""
+    """'default' -> default_bundle(); otherwise a path (relative to base, if given: the config's directory)."""
     if name == "default":
-        return Path(__file__).resolve().parents[2] / "models" / "default"
+        return default_bundle()
     p = Path(name).expanduser()
     if not p.is_absolute() and base is not None:
         p = base / p

@@ -53,12 +53,21 @@ class FirmwareError(OSError):
 
 
 def firmware_source() -> Path:
+    """The host build's C sources: $SORTERD_FIRMWARE_SRC, else the checkout's hw/firmware, else the
+    copy a wheel carries (sorterd/_bundled/firmware: core/, host/, test/; see setup.py)."""
     env = os.environ.get("SORTERD_FIRMWARE_SRC")
-    src = Path(env) if env else Path(__file__).resolve().parents[2] / "hw" / "firmware"
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent / "hw" / "firmware"
+    if env:
+        src = Path(env)
+    elif (checkout / "host" / "Makefile").is_file():
+        src = checkout
+    else:
+        src = package / "_bundled" / "firmware"
     if not (src / "host" / "Makefile").is_file():
         raise FirmwareError(
-            f"the valve-controller firmware sources are not at {src} (sorterd installed without its "
-            "repository?): install from a clone with `pip install -e .`, or set SORTERD_FIRMWARE_SRC")
+            f"the valve-controller firmware sources are not at {src} (host/Makefile is missing): "
+            "reinstall sorterd from a wheel or a clone, or set SORTERD_FIRMWARE_SRC to a copy of hw/firmware")
     return src
 
 

@@ -91,6 +91,7 @@ class RunCounter:
     def captured(self, trigger_to_exposure_s: float) -> None:
         """A frame pair was captured this long after its trigger edge."""
         self.stats.latency_s["trigger_to_exposure"].append(trigger_to_exposure_s)
+        self.metrics.trigger_to_exposure.observe(trigger_to_exposure_s)
         self.stats.captures += 1
         self.metrics.captures.inc()
 
@@ -149,8 +150,9 @@ class RunCounter:
             self.metrics.stage.labels(stage).observe(v)
 
     def exposure_to_pulse(self, seconds: float) -> None:
-        """From an object's toplit exposure to its pulse handed to the valves (summary only)."""
+        """From an object's toplit exposure to its pulse handed to the valves."""
         self.stats.latency_s["exposure_to_pulse"].append(seconds)
+        self.metrics.exposure_to_pulse.observe(seconds)
 
     # -- decisions and pulses -----------------------------------------------
 

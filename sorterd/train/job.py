@@ -583,7 +583,7 @@ def log_entry(opts: FitOptions, version: str, splits: Splits, result: TrainResul
 
 
 def _new_since_last(opts: FitOptions, ds: Dataset, splits: Splits, n_train: int) -> int:
-    """Labelled stones of this snapshot (train, val and test) the previous logged version never saw (§5.5).
+    """Classified stones of this snapshot (train, val and test) the previous logged version never saw (§5.5).
 
     "Saw" is any part of that version's split snapshot of this dataset: a stone it was tested
     on is not new either.  When the last version learnt from other data (or none is logged),
@@ -601,7 +601,9 @@ def _new_since_last(opts: FitOptions, ds: Dataset, splits: Splits, n_train: int)
                 continue
             if isinstance(entry, dict):
                 last = entry
-    ids = [*splits.train, *splits.val, *splits.test]
+    by_id = ds.by_id()
+    # Samples are classified stones: a skipped or non-gem label is never trained on (splits.py).
+    ids = [s for s in (*splits.train, *splits.val, *splits.test) if s in by_id and by_id[s].classified]
     prev = ds.root / "splits" / str((last or {}).get("splits", ""))
     if last is None or last.get("data") != str(ds.root.resolve()) or not (prev / "train.txt").is_file():
         return len(ids)
