@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -191,6 +194,14 @@ class HealthWatch:
             log.info("release health: %s sorted %d stones like the release before it: committed", version, len(self.new))
 
 
+def _background_priority() -> None:
+    """The preparing thread yields the CPU to the sorting workers (Linux: a thread's own nice value)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: it still works, only less politely
+        log.debug("release watch: cannot lower the preparing thread's priority (%s)", exc)
+
+
 class ReleaseWatcher:
     """The daemon's side of the store: swaps in what state.json names active, watches its health,
     rolls back by itself.  `run()` is a loop task; every file and model step runs in a thread."""
@@ -202,16 +213,30 @@ class ReleaseWatcher:
         self.refused: set[int] = set()  # active releases that failed to open (not retried until state changes)
         self.health = HealthWatch(bounds, self._unhealthy)
         self._rollback: tuple[str, str] | None = None
+        self._trusted_back: int | None = None
+        self._previous: tuple[Model, int | None] | None = None  # the model a swap replaced, kept open for a rollback
+        # Opening a release and its golden check run here, at the lowest priority: a swap under
+        # load must not take the workers' CPU (the pair deadlines).
+        self._prepare = ThreadPoolExecutor(1, "sorterd-release", initializer=_background_priority)
         pipeline.row_observers.append(self.health.observe)
 
     def _unhealthy(self, version: str, why: str) -> None:
+        """Loop thread, from the row that completed the watch: the release before it, still open, is
+        swapped straight back in (the next pair), and the store is rolled back on the next step."""
         log.error("release health: %s sorts unlike the release before it (%s): rolling back", version, why)
         self._rollback = (version, why)
+        if self._previous is not None:
+            model, release = self._previous
+            self.pipeline.swap_model(model)
+            self.running, self._previous = release, None
 
     async def run(self) -> None:
-        while True:
-            await self.step()
-            await asyncio.sleep(self.poll_s)
+        try:
+            while True:
+                await self.step()
+                await asyncio.sleep(self.poll_s)
+        finally:
+            self._prepare.shutdown(wait=False, cancel_futures=True)
 
     async def step(self) -> None:
         """One look at the store: a pending rollback first, then the active release."""
@@ -219,7 +244,8 @@ class ReleaseWatcher:
             version, why = self._rollback
             self._rollback = None
             try:
-                await asyncio.to_thread(self.store.rollback, f"health check: {version}: {why}")
+                state = await asyncio.to_thread(self.store.rollback, f"health check: {version}: {why}")
+                self._trusted_back = state.active  # the release it ran before: swapped in unwatched
                 self.metrics.model_rollbacks.inc()
             except (StoreError, Refused) as exc:
                 log.error("release health: cannot roll back (%s); %s keeps running", exc, version)
@@ -231,7 +257,8 @@ class ReleaseWatcher:
         if active is None or active == self.running or active in self.refused:
             return
         try:
-            model = await asyncio.to_thread(open_release, self.store, active, self.options)
+            model = await asyncio.get_running_loop().run_in_executor(
+                self._prepare, open_release, self.store, active, self.options)
         except Refused as exc:
             self.refused.add(active)
             self.metrics.model_refusals.labels(exc.check).inc()
@@ -242,7 +269,10 @@ class ReleaseWatcher:
             log.error("release %d: %s", active, exc)
             return
         old = self.pipeline.swap_model(model)
+        self._previous = (old, self.running)
         self.running = active
         self.metrics.model_swaps.inc()
-        self.health.swapped(old.version, model.version)
+        if active != self._trusted_back:  # a rollback's target is not judged against the bad release
+            self.health.swapped(old.version, model.version)
+        self._trusted_back = None
         log.info("release %d live: %s replaces %s between two frame pairs", active, model.version, old.version)
