@@ -206,6 +206,14 @@ class ModelsConfig:
                                 maxval=100_000.0)
     min_agreement: float = opt(0.90, "QA gate: the least reference-kit agreement before a release may go "
                                "live (§8.4 item 6).", minval=0.5, maxval=1.0)
+    poll_s: float = opt(1.0, "How often the running sorter reads state.json for a newly activated release "
+                        "(sorterd.release.swap).", minval=0.05, maxval=600.0)
+    health_stones: int = opt(200, "Health watch: stones compared after a swap (and of the release before it) "
+                             "before the new release is committed or rolled back.", minval=10, maxval=1_000_000)
+    health_max_flagged_delta: float = opt(0.15, "Health watch: largest change of the flagged rate.", minval=0.0, maxval=1.0)
+    health_max_select_delta: float = opt(0.15, "Health watch: largest change of the SELECT rate.", minval=0.0, maxval=1.0)
+    health_max_mix_distance: float = opt(0.25, "Health watch: largest total-variation distance between the "
+                                         "(color, clarity) mixes.", minval=0.0, maxval=1.0)
 
 
 @dataclass(frozen=True)

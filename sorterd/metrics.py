@@ -73,6 +73,11 @@ class Metrics:
             buckets=SPAN_BUCKETS_S, registry=r)
         self.queue_depth = Gauge("sorterd_queue_depth", "Items waiting, by queue.", ["queue"], registry=r)
         self.model = Info("sorterd_model", "The active model bundle.", registry=r)
+        self.model_swaps = Counter("sorterd_model_swaps_total", "Releases swapped in while running.", registry=r)
+        self.model_refusals = Counter("sorterd_model_refusals_total", "Releases refused, by the check that failed.",
+                                      ["check"], registry=r)
+        self.model_rollbacks = Counter("sorterd_model_rollbacks_total", "Automatic rollbacks by the release health watch.",
+                                       registry=r)
         self.server: Any = None
 
     def watch_valves(self, valves: Valves) -> None:

@@ -29,6 +29,7 @@ from sorterd.domain import BINS, LIGHT_MODES
 from sorterd.metrics import Metrics
 from sorterd.parts.inference import Model
 from sorterd.parts.inference.open import open_model
+from sorterd.release.swap import HealthBounds, ReleaseWatcher, open_for_run, open_store
 from sorterd.sorting.liveness import Watchdog, keep_alive
 from sorterd.sorting.pipeline import Pipeline
 from sorterd.sorting.record import Recorder, make_batch_dir
@@ -105,7 +106,10 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
     # Open what can fail on bad input (model, hardware, session) before
     # creating anything; everything opened is closed on every exit path.
     bundle = resolve_bundle(cfg.inference.model, cfg.source.parent if cfg.source else None)
-    model = open_model(cfg.inference, bundle)  # tensorrt: onnxruntime until the engine is live (logged)
+    # The store's active release if [models] has one (sorterd/release/swap.py), else the bundle;
+    # tensorrt: onnxruntime until the engine is live (logged).
+    store = open_store(cfg)
+    model, running = open_for_run(cfg, store, lambda: open_model(cfg.inference, bundle))
     cfg, calibration = calibrate.for_run(cfg, model, out, opts.uncalibrated, rig=_self_calibrating_rig(cfg))
     stop = Stop()
     with contextlib.ExitStack() as stack:
@@ -133,12 +137,14 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         # slower (recorder flush, metrics server shutdown) can delay it.
         stack.callback(parts.valves.close)
         pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics)
+        watcher = None if store is None else ReleaseWatcher(
+            store, cfg.inference, pipeline, metrics, HealthBounds.from_config(cfg.models), cfg.models.poll_s, running)
         batch_log.counts = lambda: _final_counts(pipeline, parts, recorder, clock)
         print(f"sorterd: batch {batch_dir}  model {model.version} on {model.backend}"
               + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
         t_wall = time.monotonic()
         linger_s = cfg.metrics.linger_s if port is not None else 0.0
-        t_wall += await _run_pipeline(pipeline, parts, clock, opts, out, stop, t_wall, linger_s)
+        t_wall += await _run_pipeline(pipeline, parts, clock, opts, out, stop, t_wall, linger_s, watcher)
     # The recorder is closed: the simulator compares the world with what stones.db says.
     truth = parts.machine.truth(recorder.db_path) if parts.machine is not None else None
     summary = summarize(cfg, pipeline.stats, truth, model.version, time.monotonic() - t_wall,
@@ -168,10 +174,12 @@ def _self_calibrating_rig(cfg: Config) -> calibrate.Rig | None:
 
 
 async def _run_pipeline(pipeline: Pipeline, parts: MachineParts, clock: Clock, opts: RunOptions,
-                        out: TextIO, stop: Stop, t_wall: float, linger_s: float = 0.0) -> float:
+                        out: TextIO, stop: Stop, t_wall: float, linger_s: float = 0.0,
+                        watcher: ReleaseWatcher | None = None) -> float:
     """Sort until the input ends, or until a signal: then stop the input and drain (bounded).
-    With linger_s, the finished batch's metrics stay served that long (a signal ends it at once);
-    returns the seconds spent lingering (not part of the run's wall time)."""
+    `watcher` swaps in what the release store activates meanwhile.  With linger_s, the finished
+    batch's metrics stay served that long (a signal ends it at once); returns the seconds spent
+    lingering (not part of the run's wall time)."""
     loop = asyncio.get_running_loop()
     signals = _handle_signals(loop, stop)
     sdnotify.notify("READY=1\nSTATUS=sorting")
@@ -185,6 +193,7 @@ async def _run_pipeline(pipeline: Pipeline, parts: MachineParts, clock: Clock, o
     pinger = asyncio.create_task(keep_alive(watchdog, sdnotify.notify))
     work = asyncio.create_task(_sort_and_land(pipeline, parts, clock))
     asked = asyncio.create_task(stop.asked.wait())
+    releases = asyncio.create_task(watcher.run() if watcher is not None else asyncio.sleep(0))
     try:
         await asyncio.wait({work, asked}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():
@@ -203,7 +212,7 @@ async def _run_pipeline(pipeline: Pipeline, parts: MachineParts, clock: Clock, o
             waiting.cancel()
         return time.monotonic() - t_linger
     finally:
-        for task in (reporter, pinger, asked, work):
+        for task in (reporter, pinger, asked, work, releases):
             task.cancel()
         sdnotify.notify("STOPPING=1")
         for sig in signals:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -29,6 +30,7 @@ from sorterd.metrics import Metrics
 from sorterd.parts import Parts
 from sorterd.parts.camera import CameraError, FramePair, RecordedFrameError
 from sorterd.parts.inference import Model, Prediction
+from sorterd.parts.inference.live import LiveModel
 from sorterd.parts.lights import StrobeError, strobe_edges
 from sorterd.parts.trigger import TriggerEvent
 from sorterd.quantiles import Samples
@@ -76,6 +78,7 @@ class Computed:
     infer_s: float
     model_s: float
     skipped: dict[str, int]  # regions found but not decided, by reason (the summary's not_decided)
+    model: Model  # the release that classified this pair: its rows record its version, decide uses its class order
 
 
 class Pipeline:
@@ -84,7 +87,10 @@ class Pipeline:
         self.cfg = cfg
         self.clock = clock
         self.parts = parts
-        self.model = model
+        # The live model, read once per pair (`LiveModel.current()`): a release swapped in
+        # (`swap_model`, sorterd/release/swap.py) classifies the next pair, never half of one.
+        self.model = model if isinstance(model, LiveModel) else LiveModel(model)
+        self.row_observers: list[Callable[[StoneRow], None]] = []  # each finished row (the release health watch)
         self.recorder = recorder
         self.count = RunCounter(metrics)  # every figure and Prometheus series goes through it
         self.stats = self.count.stats  # read by the summary and the progress line
@@ -116,6 +122,7 @@ class Pipeline:
         size = model.manifest.size
         self._input_px = int(size[0])
         self._crop_px = max(8, int(round(model.manifest.crop_mm * cam.pixels_per_mm)))
+        self._sized_for = model.manifest
         self.count.model(model.version, model.manifest.onnx_sha256)
 
     # -- stage 1: triggers ----------------------------------------------------
@@ -227,11 +234,11 @@ class Pipeline:
             done.reasons[:] = [f"lighting: {fault}"] * len(done.new)
         for i, (sid, obs) in enumerate(zip(self._stone_ids(pair, len(done.new)), done.new, strict=True)):
             t = time.perf_counter()
-            routed, pulse = self._decide_and_plan(sid, obs, done.preds.get(i), done.reasons[i])
+            routed, pulse = self._decide_and_plan(sid, obs, done.preds.get(i), done.reasons[i], done.model)
             if i == 0 and self.record_pairs:
                 self._record_pair(sid, pair, edges)
             decide_s = time.perf_counter() - t
-            self._dispatch(sid, pair, obs, done.preds.get(i), routed, pulse, done.crops[i], edges)
+            self._dispatch(sid, pair, obs, done.preds.get(i), routed, pulse, done.crops[i], edges, done.model.version)
             if i in done.preds:
                 self.count.stage_latencies(done.segment_s, done.infer_s, decide_s, done.model_s)
             self.count.exposure_to_pulse((self.clock.now_ns() - obs.t_ns) / 1e9)
@@ -290,16 +297,32 @@ class Pipeline:
                    "already_decided": seg.already_decided}
         reasons = [unsortable_reason(o.size_mm, o.length_mm, o.reason, self.cfg.decision) for o in new]
         if not new:
-            return Computed([], [], [], {}, segment_s, 0.0, 0.0, skipped)
+            return Computed([], [], [], {}, segment_s, 0.0, 0.0, skipped, self.model.current())
         t = time.perf_counter()
-        crops = [crop_halves(pair.backlit.image, pair.toplit.image, o, self._crop_px, self._input_px) for o in new]
+        model = self.model.current()  # read once: this pair is cropped, classified and recorded with one release
+        crop_px, input_px = self._crop_size(model)
+        crops = [crop_halves(pair.backlit.image, pair.toplit.image, o, crop_px, input_px) for o in new]
         to_classify = [i for i, r in enumerate(reasons) if not r]
         preds: dict[int, Prediction] = {}
         model_s = 0.0
         if to_classify:
-            out, model_s = self.model.predict_halves([crops[i] for i in to_classify])
+            out, model_s = model.predict_halves([crops[i] for i in to_classify])
             preds = dict(zip(to_classify, out, strict=True))
-        return Computed(new, reasons, crops, preds, segment_s, time.perf_counter() - t, model_s, skipped)
+        return Computed(new, reasons, crops, preds, segment_s, time.perf_counter() - t, model_s, skipped, model)
+
+    def _crop_size(self, model: Model) -> tuple[int, int]:
+        """(crop px on the frame, model input px) for `model`'s manifest (a release may change them)."""
+        if model.manifest is self._sized_for:
+            return self._crop_px, self._input_px
+        return (max(8, int(round(model.manifest.crop_mm * self.parts.camera.pixels_per_mm))),
+                int(model.manifest.size[0]))
+
+    def swap_model(self, new: Model) -> Model:
+        """Put `new` live between two frame pairs (the pair being computed finishes on the old one);
+        returns the old one.  Any thread; the metrics' model info follows."""
+        old = self.model.swap(new)
+        self.count.model(new.version, new.manifest.onnx_sha256)
+        return old
 
     def _record_pair(self, sid: str, pair: FramePair, edges: dict[str, int | None]) -> None:
         """`run --record`: the raw pair, named after the first new stone in it."""
@@ -317,12 +340,12 @@ class Pipeline:
         first, self._next_id = self._next_id, self._next_id + n
         return [f"S{k:06d}" for k in range(first, first + n)]
 
-    def _decide_and_plan(self, sid: str, obs: Observation, pred: Prediction | None, reason: str
-                         ) -> tuple[Routed, Pulse | None]:
+    def _decide_and_plan(self, sid: str, obs: Observation, pred: Prediction | None, reason: str,
+                         model: Model) -> tuple[Routed, Pulse | None]:
         if pred is None:
             dec = safe_route(self.cfg.machine.safe_route, reason)
         else:
-            m = self.model.manifest
+            m = model.manifest
             dec = decide(pred.p_color, pred.p_clarity, obs.size_mm, self.cfg.decision, m.color_classes, m.clarity_classes)
         untimed = self._untimed(obs)
         # A stone at rest stays where it was seen (speed 0): seen again, it is the same stone.
@@ -359,11 +382,12 @@ class Pipeline:
 
     def _dispatch(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
                   routed: Routed, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],
-                  edges: dict[str, int | None]) -> None:
-        """Send the pulse (or not), and hand the stone to the recorder."""
+                  edges: dict[str, int | None], model_version: str) -> None:
+        """Send the pulse (or not), and hand the stone to the recorder (`model_version`: the
+        release that classified its pair)."""
         dec = routed.decision
         row = stone_row(sid, pair, obs, pred, dec, pulse, edges, t_decided_ns=self.clock.now_ns(),
-                        model_version=self.model.version, wall_time=wall_time_iso(), route=routed.route)
+                        model_version=model_version, wall_time=wall_time_iso(), route=routed.route)
         self.count.decided_object(obs.cluster, dec.flagged)
         self._save_images(sid, pair, crop, dec.flagged)
         if pulse is None:
@@ -428,6 +452,8 @@ class Pipeline:
         (a daemon that sorts for days must not grow with every stone)."""
         self.count.finished(row.bin, row.route, row.valve_status)
         self.recorder.submit(row)
+        for observe in self.row_observers:
+            observe(row)
         self.count.queue_depth("record", self.recorder.depth)
 
     def _save_images(self, sid: str, pair: FramePair, crop: tuple[np.ndarray, np.ndarray], flagged: bool) -> None:

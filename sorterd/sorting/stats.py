@@ -209,7 +209,9 @@ class RunCounter:
         self.metrics.queue_depth.labels(queue).set(depth)
 
     def model(self, version: str, sha256: str) -> None:
-        self.metrics.model.info({"version": version, "sha256": sha256})
+        """sorterd_model_info{version, release, sha256}: release is N of a store release ("<v>@r<N>"), else ''."""
+        release = version.rpartition("@r")[2] if "@r" in version else ""
+        self.metrics.model.info({"version": version, "release": release, "sha256": sha256})
 
 
 def refusal_kind(status: str) -> str:

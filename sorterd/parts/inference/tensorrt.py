@@ -51,6 +51,7 @@ from sorterd.data.bundle import Manifest, ModelError, read_manifest
 from sorterd.parts.inference import InferenceOptions, Prediction
 from sorterd.parts.inference import engine_cache as cache
 from sorterd.parts.inference.golden import GOLDEN_ATOL, check_golden
+from sorterd.parts.inference.live import LiveRef
 from sorterd.parts.inference.onnxruntime import OnnxModel
 from sorterd.parts.inference.preprocess import Preprocess
 from sorterd.parts.registry import Backend
@@ -388,8 +389,8 @@ class TensorRTModel:
     """The bundle on a TensorRT engine once it is built, checked and live; on onnxruntime until then.
 
     Threads: `predict*` run on the pipeline's workers (preprocessing there), the engine calls on
-    the inference thread; `_live` is written by the inference thread (going live) or by a worker
-    (falling back) under `_lock`, and read once per call."""
+    the inference thread; `_live` (a `LiveRef`, the one swap mechanism of `inference/live.py`) is
+    written by the inference thread (going live) or by a worker (falling back), and read once per call."""
 
     def __init__(self, bundle: Path, cfg: TensorRTInferenceConfig, *, trt: Any = None, cudart: Any = None,
                  fallback: OnnxModel | None = None, background: bool = True) -> None:
@@ -400,8 +401,7 @@ class TensorRTModel:
         self.cuda = Cuda(cudart if cudart is not None else import_cudart())
         self.onnx = fallback if fallback is not None else OnnxModel(bundle, cfg.threads, cfg.providers)
         self._pre = Preprocess(self.manifest)
-        self._lock = threading.Lock()
-        self._live: _EngineModel | None = None
+        self._live: LiveRef[_EngineModel | None] = LiveRef(None)
         self.report = EngineReport()
         self.ready = threading.Event()  # set once the engine is live, refused or failed
         self.thread = InferenceThread()
@@ -416,7 +416,7 @@ class TensorRTModel:
 
     @property
     def backend(self) -> str:
-        live = self._live
+        live = self._live.get()
         return live.backend if live is not None else self.onnx.backend
 
     @property
@@ -479,9 +479,8 @@ class TensorRTModel:
             engine.close()
             self._not_live("refused", "golden-input parity: " + "; ".join(problems))
             return
-        with self._lock:
-            self._live = candidate  # the swap: the next call (the next frame pair) runs on the engine
-            self.report.state = "live"
+        self._live.swap(candidate)  # the swap: the next call (the next frame pair) runs on the engine
+        self.report.state = "live"
         log.info("inference: %s now runs on %s (golden parity passed)", self.version, candidate.backend)
 
     def _not_live(self, state: str, detail: str) -> None:
@@ -496,7 +495,7 @@ class TensorRTModel:
         return self._classify(self._pre.halves(halves))
 
     def _classify(self, x: np.ndarray) -> tuple[list[Prediction], float]:
-        live = self._live  # read once: this batch runs wholly on one backend
+        live = self._live.get()  # read once: this batch runs wholly on one backend
         if live is not None:
             try:
                 color, clarity, model_s = self.thread.submit(lambda: _timed(live.engine.run, x)).result()
@@ -507,15 +506,13 @@ class TensorRTModel:
         return self._pre.predictions(color, clarity), model_s
 
     def _fall_back(self, live: _EngineModel, reason: str) -> None:
-        with self._lock:
-            if self._live is not live:
-                return  # another worker already fell back
-            self._live = None
+        if not self._live.replace_if(live, None):
+            return  # another worker already fell back
         self._not_live("failed", f"at run time: {reason}")
         self.thread.submit(live.engine.close)
 
     def close(self) -> None:
-        live, self._live = self._live, None
+        live = self._live.swap(None)
         if live is not None:
             self.thread.submit(live.engine.close)
         self.thread.close()

@@ -1,0 +1,278 @@
+"""Going live on the sorter: the store's active release swapped in between two frame pairs, its
+health watched, and rolled back by itself when it sorts unlike the release before it (DESIGN
+§4a "swap between two frame pairs → health watch → commit, or roll back"; issue 12 items 5-7).
+
+How a release reaches the running daemon: `sorterd models activate N` (or `rollback`) writes the
+store's state.json (atomic rename); the daemon's `ReleaseWatcher` reads it every
+`[models] poll_s` seconds (in a thread: file work never runs on the loop).  When `active`
+differs from what runs, the watcher re-verifies the stored release (`ReleaseStore.verify_stored`:
+signature, files, sizes, hashes), opens it with the `[inference]` backend and runs the golden
+check (`check_golden`, the QA gate's first half) -- all in a worker thread -- and only then
+publishes it with `Pipeline.swap_model` (`LiveModel`, the one swap mechanism of
+`sorterd/parts/inference/live.py`): the pair being computed finishes on the old release, the next
+one is classified by the new, and every stone row records the release that classified it
+(`model_version` = "<manifest version>@r<N>").  Start-up goes the same way: `open_active` opens
+the active release (or None: the configured bundle runs).  A release that fails to open is
+refused (counted by check, logged) and the old one keeps running.
+
+The health watch (`HealthWatch`): the last `health_stones` rows of the release before the swap
+are the baseline; once the new release has classified as many, its flagged rate, SELECT rate
+and (color, clarity) mix are compared with the baseline's; past `[models]` bounds the store is
+rolled back (`ReleaseStore.rollback(why)`, state.json, so a restart runs the old one too), the
+old model swapped back in, and why is logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sorterd.data.bundle import ModelError
+from sorterd.parts.inference import InferenceOptions, Model, Prediction
+from sorterd.parts.inference.golden import GOLDEN_ATOL, check_golden
+from sorterd.parts.inference.open import open_model
+from sorterd.release.store import ReleaseStore, StoreError
+from sorterd.release.verify import Refused
+
+if TYPE_CHECKING:
+    from sorterd.config import Config, ModelsConfig
+    from sorterd.data.bundle import Manifest
+    from sorterd.metrics import Metrics
+    from sorterd.sorting.pipeline import Pipeline
+    from sorterd.sorting.record import StoneRow
+
+log = logging.getLogger(__name__)
+
+
+class ReleasedModel:
+    """A model opened from the store's releases/<N>: its version names the release."""
+
+    def __init__(self, model: Model, release: int) -> None:
+        self.inner, self.release = model, release
+        self.manifest: Manifest = model.manifest
+
+    @property
+    def version(self) -> str:
+        return f"{self.inner.version}@r{self.release}"
+
+    @property
+    def backend(self) -> str:
+        return self.inner.backend
+
+    def predict(self, crops_hwc: np.ndarray) -> tuple[list[Prediction], float]:
+        return self.inner.predict(crops_hwc)
+
+    def predict_halves(self, halves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Prediction], float]:
+        return self.inner.predict_halves(halves)
+
+
+def open_release(store: ReleaseStore, release: int, options: InferenceOptions) -> ReleasedModel:
+    """Verify stored release `release` again, open it, check golden parity; raises `Refused`
+    (check named) -- blocking: call it from a thread."""
+    v = store.verify_stored(release)
+    try:
+        model = open_model(options, v.path)
+    except ModelError as exc:
+        raise Refused("onnx-load", str(exc)) from None
+    problems = check_golden(model, v.path, GOLDEN_ATOL["fp32"])
+    if problems:
+        raise Refused("golden", "; ".join(problems))
+    return ReleasedModel(model, release)
+
+
+def open_active(store: ReleaseStore, options: InferenceOptions) -> ReleasedModel | None:
+    """The store's active release opened (start-up), or None when there is none."""
+    active = store.state().active
+    return None if active is None else open_release(store, active, options)
+
+
+def open_store(cfg: Config) -> ReleaseStore | None:
+    """The `[models]` store, or None when the sorter trusts no release key (it cannot accept any);
+    what a power cut left in staging/ is removed (never loaded)."""
+    from sorterd.release.keys import load_public
+
+    m = cfg.models
+    if not m.trusted_keys:
+        return None
+    store = ReleaseStore(cfg.resolve(m.dir), [load_public(cfg.resolve(k)) for k in m.trusted_keys],
+                         int(m.max_release_mb * 1e6))
+    left = store.clean_staging()
+    if left:
+        log.warning("release store: removed what a stop left in staging: %s", ", ".join(left))
+    return store
+
+
+def open_for_run(cfg: Config, store: ReleaseStore | None, configured: Callable[[], Model]) -> tuple[Model, int | None]:
+    """Start-up: the store's active release when it has one and it opens, else the configured
+    bundle (`configured()`); and which release runs (None: the configured bundle)."""
+    if store is not None:
+        try:
+            model = open_active(store, cfg.inference)
+        except (Refused, StoreError) as exc:
+            log.error("release store: the active release cannot run (%s); the configured bundle %s runs instead",
+                      exc, cfg.inference.model)
+        else:
+            if model is not None:
+                log.info("release %d: %s opened from %s", model.release, model.version, store.root)
+                return model, model.release
+    return configured(), None
+
+
+@dataclass(frozen=True)
+class HealthBounds:
+    stones: int
+    max_flagged_delta: float
+    max_select_delta: float
+    max_mix_distance: float
+
+    @classmethod
+    def from_config(cls, m: ModelsConfig) -> HealthBounds:
+        return cls(m.health_stones, m.health_max_flagged_delta, m.health_max_select_delta, m.health_max_mix_distance)
+
+
+def _figures(rows: list[tuple[bool, bool, str]]) -> tuple[float, float, Counter[str]]:
+    n = len(rows)
+    return (sum(f for f, _, _ in rows) / n, sum(s for _, s, _ in rows) / n, Counter(c for _, _, c in rows))
+
+
+def compare(baseline: list[tuple[bool, bool, str]], new: list[tuple[bool, bool, str]], b: HealthBounds) -> str:
+    """Why `new` (flagged, SELECT, class per stone) sorts unlike `baseline` ('' = healthy)."""
+    f0, s0, m0 = _figures(baseline)
+    f1, s1, m1 = _figures(new)
+    mix = 0.5 * sum(abs(m0[k] / len(baseline) - m1[k] / len(new)) for k in set(m0) | set(m1))
+    why = []
+    if abs(f1 - f0) > b.max_flagged_delta:
+        why.append(f"flagged rate {f1:.0%} vs {f0:.0%} (bound ±{b.max_flagged_delta:.0%})")
+    if abs(s1 - s0) > b.max_select_delta:
+        why.append(f"SELECT rate {s1:.0%} vs {s0:.0%} (bound ±{b.max_select_delta:.0%})")
+    if mix > b.max_mix_distance:
+        why.append(f"class mix distance {mix:.2f} (bound {b.max_mix_distance:.2f})")
+    return "; ".join(why)
+
+
+class HealthWatch:
+    """Fed every finished row (loop thread); calls `on_unhealthy(why)` once when the release under
+    watch, after `bounds.stones` stones, sorts unlike the baseline."""
+
+    def __init__(self, bounds: HealthBounds, on_unhealthy: Callable[[str, str], None]) -> None:
+        self.bounds, self.on_unhealthy = bounds, on_unhealthy
+        self.recent: deque[tuple[str, tuple[bool, bool, str]]] = deque(maxlen=bounds.stones)
+        self.watching: str | None = None
+        self.baseline: list[tuple[bool, bool, str]] = []
+        self.new: list[tuple[bool, bool, str]] = []
+        self.verdicts: list[tuple[str, str]] = []  # (version, '' healthy | why rolled back)
+
+    def swapped(self, old_version: str, new_version: str) -> None:
+        self.baseline = [s for v, s in self.recent if v == old_version]
+        self.watching, self.new = new_version, []
+
+    def observe(self, row: StoneRow) -> None:
+        if row.color is None or row.clarity is None:
+            return  # not classified (unsortable, lighting): says nothing about the model
+        sample = (bool(row.flagged), row.bin == "SELECT", f"{row.color}/{row.clarity}")
+        self.recent.append((row.model_version, sample))
+        if row.model_version != self.watching:
+            return
+        self.new.append(sample)
+        if len(self.new) < self.bounds.stones:
+            return
+        version, self.watching = self.watching, None
+        why = compare(self.baseline, self.new, self.bounds) if self.baseline else ""
+        self.verdicts.append((version, why))
+        if why:
+            self.on_unhealthy(version, why)
+        else:
+            log.info("release health: %s sorted %d stones like the release before it: committed", version, len(self.new))
+
+
+def _background_priority() -> None:
+    """The preparing thread yields the CPU to the sorting workers (Linux: a thread's own nice value)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: it still works, only less politely
+        log.debug("release watch: cannot lower the preparing thread's priority (%s)", exc)
+
+
+class ReleaseWatcher:
+    """The daemon's side of the store: swaps in what state.json names active, watches its health,
+    rolls back by itself.  `run()` is a loop task; every file and model step runs in a thread."""
+
+    def __init__(self, store: ReleaseStore, options: InferenceOptions, pipeline: Pipeline, metrics: Metrics,
+                 bounds: HealthBounds, poll_s: float, running: int | None) -> None:
+        self.store, self.options, self.pipeline, self.metrics = store, options, pipeline, metrics
+        self.poll_s, self.running = poll_s, running
+        self.refused: set[int] = set()  # active releases that failed to open (not retried until state changes)
+        self.health = HealthWatch(bounds, self._unhealthy)
+        self._rollback: tuple[str, str] | None = None
+        self._trusted_back: int | None = None
+        self._previous: tuple[Model, int | None] | None = None  # the model a swap replaced, kept open for a rollback
+        # Opening a release and its golden check run here, at the lowest priority: a swap under
+        # load must not take the workers' CPU (the pair deadlines).
+        self._prepare = ThreadPoolExecutor(1, "sorterd-release", initializer=_background_priority)
+        pipeline.row_observers.append(self.health.observe)
+
+    def _unhealthy(self, version: str, why: str) -> None:
+        """Loop thread, from the row that completed the watch: the release before it, still open, is
+        swapped straight back in (the next pair), and the store is rolled back on the next step."""
+        log.error("release health: %s sorts unlike the release before it (%s): rolling back", version, why)
+        self._rollback = (version, why)
+        if self._previous is not None:
+            model, release = self._previous
+            self.pipeline.swap_model(model)
+            self.running, self._previous = release, None
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self.step()
+                await asyncio.sleep(self.poll_s)
+        finally:
+            self._prepare.shutdown(wait=False, cancel_futures=True)
+
+    async def step(self) -> None:
+        """One look at the store: a pending rollback first, then the active release."""
+        if self._rollback is not None:
+            version, why = self._rollback
+            self._rollback = None
+            try:
+                state = await asyncio.to_thread(self.store.rollback, f"health check: {version}: {why}")
+                self._trusted_back = state.active  # the release it ran before: swapped in unwatched
+                self.metrics.model_rollbacks.inc()
+            except (StoreError, Refused) as exc:
+                log.error("release health: cannot roll back (%s); %s keeps running", exc, version)
+        try:
+            active = (await asyncio.to_thread(self.store.state)).active
+        except StoreError as exc:
+            log.error("release watch: %s", exc)
+            return
+        if active is None or active == self.running or active in self.refused:
+            return
+        try:
+            model = await asyncio.get_running_loop().run_in_executor(
+                self._prepare, open_release, self.store, active, self.options)
+        except Refused as exc:
+            self.refused.add(active)
+            self.metrics.model_refusals.labels(exc.check).inc()
+            log.error("release %d: refused at swap: %s; %s keeps running", active, exc, self.pipeline.model.version)
+            return
+        except StoreError as exc:
+            self.refused.add(active)
+            log.error("release %d: %s", active, exc)
+            return
+        old = self.pipeline.swap_model(model)
+        self._previous = (old, self.running)
+        self.running = active
+        self.metrics.model_swaps.inc()
+        if active != self._trusted_back:  # a rollback's target is not judged against the bad release
+            self.health.swapped(old.version, model.version)
+        self._trusted_back = None
+        log.info("release %d live: %s replaces %s between two frame pairs", active, model.version, old.version)
