@@ -144,7 +144,7 @@ class Outbox:
     the outbox thread only and read by anyone (plain ints, replaced whole)."""
 
     def __init__(self, directory: Path, quota_bytes: int, *, queue_size: int = 64,
-                 close_timeout_s: float = 5.0, connect: Connect = connect_db) -> None:
+                 close_timeout_s: float = 5.0, connect: Connect | None = None) -> None:
         self.dir = directory
         self.db_path = directory / DB_NAME
         self.quota_bytes = quota_bytes
@@ -157,10 +157,11 @@ class Outbox:
         self._bytes = 0
         self._jobs: queue.Queue[_Put | _Call | None] = queue.Queue()
         self._puts_waiting = 0  # _Put jobs in _jobs (bounded by queue_size); under _lock
+        self._current: _Put | None = None  # the record the outbox thread is writing; under _lock
         self._lock = threading.Lock()
         self._closed = False
-        self._connect = connect
-        self._check(connect)
+        self._connect = connect or connect_db  # (looked up now: a test swaps the module's for a slow disk)
+        self._check(self._connect)
         self._thread = threading.Thread(target=self._serve, name="sorterd-outbox", daemon=True)
         self._thread.start()
 
@@ -257,7 +258,12 @@ class Outbox:
             if isinstance(job, _Put):
                 with self._lock:
                     self._puts_waiting -= 1
-                job.future.set_result(self._store(conn, job.record, job.arrays))
+                    self._current = job
+                done = self._store(conn, job.record, job.arrays)
+                with self._lock:
+                    self._current = None
+                    if not job.future.done():  # close() gave up on it meanwhile (counted lost)
+                        job.future.set_result(done)
                 continue
             try:
                 job.future.set_result(job.fn(conn))
@@ -375,6 +381,9 @@ class Outbox:
             return 0
         lost = 0
         with self._lock:
+            if self._current is not None:  # stuck in the disk: it may still land there, or not
+                lost += 1
+                self._current.future.set_result(False)
             while True:  # the writer is stuck in the disk: what it has not taken is lost
                 try:
                     job = self._jobs.get_nowait()
