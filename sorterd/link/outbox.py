@@ -153,8 +153,7 @@ class Outbox:
         self.drops = _DropLog()
         self.queued = 0  # records made durable during this run
         self.delivered = 0  # records acknowledged during this run
-        self._entries = 0
-        self._bytes = 0
+        self._depth = (0, 0)  # (entries, bytes) pending: replaced whole, so a reader never sees half an update
         self._jobs: queue.Queue[_Put | _Call | None] = queue.Queue()
         self._puts_waiting = 0  # _Put jobs in _jobs (bounded by queue_size); under _lock
         self._current: _Put | None = None  # the record the outbox thread is writing; under _lock
@@ -175,7 +174,8 @@ class Outbox:
             conn.executescript(_SCHEMA)
             conn.execute("INSERT OR IGNORE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             version = conn.execute("SELECT value FROM info WHERE key = 'schema_version'").fetchone()[0]
-            self._entries, self._bytes = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
+            entries, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
+            self._depth = (int(entries), int(size))
         except (OSError, sqlite3.Error) as exc:
             raise OutboxError(f"link.outbox_dir {str(self.dir)!r}: cannot open {DB_NAME}: {exc}") from None
         conn.close()  # the outbox thread opens its own: it alone uses it from now on
@@ -217,7 +217,7 @@ class Outbox:
         self._call(lambda conn: self._set_aside(conn, key, reason), None)
 
     def depth(self) -> tuple[int, int]:
-        return self._entries, self._bytes
+        return self._depth
 
     def refused_count(self) -> int:
         """Records the trainer refused for good, kept aside (all runs)."""
@@ -304,7 +304,8 @@ class Outbox:
             _rollback(conn)
             self.drops.drop("error", f"{what}: the disk refused it: {exc}")
             return False
-        self._entries, self._bytes = self._entries + 1 - len(evicted), self._bytes + size - sum(evicted)
+        entries, total = self._depth
+        self._depth = (entries + 1 - len(evicted), total + size - sum(evicted))
         self.queued += 1
         for _ in evicted:
             self.drops.drop("quota", f"evicted for {what}")
@@ -313,7 +314,7 @@ class Outbox:
     def _make_room(self, conn: sqlite3.Connection, size: int, prio: int, session: str) -> list[int] | None:
         """Evict until `size` more bytes fit (inside the caller's transaction): the sizes evicted,
         or None if it cannot fit (nothing is evicted then: the caller rolls back)."""
-        total, evicted = self._bytes, []
+        total, evicted = self._depth[1], []
         while total + size > self.quota_bytes:
             victim = conn.execute(
                 "SELECT id, size FROM entries WHERE kind = 'stone' AND priority >= ? "
@@ -339,7 +340,7 @@ class Outbox:
         conn.execute("DELETE FROM entries WHERE id = ?", (row[0],))
         conn.execute("DELETE FROM images WHERE entry = ?", (row[0],))
         conn.execute("COMMIT")
-        self._entries, self._bytes = self._entries - 1, self._bytes - row[1]
+        self._depth = (self._depth[0] - 1, self._depth[1] - row[1])
         self.delivered += 1
 
     def _set_aside(self, conn: sqlite3.Connection, key: RecordKey, reason: str) -> None:
@@ -352,7 +353,7 @@ class Outbox:
                      "FROM entries WHERE id = ?", (reason, time.strftime("%Y-%m-%dT%H:%M:%S%z"), row[0]))
         conn.execute("DELETE FROM entries WHERE id = ?", (row[0],))
         conn.execute("COMMIT")
-        self._entries, self._bytes = self._entries - 1, self._bytes - row[1]
+        self._depth = (self._depth[0] - 1, self._depth[1] - row[1])
         self.drops.drop("refused", f"{_describe(key)}: {reason}")
 
     def _fail_all(self, exc: OutboxError) -> None:
