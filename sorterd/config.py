@@ -12,6 +12,7 @@ The plain sections (machine, geometry, decision, ...) are here.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,57 @@ class ServiceConfig:
                          "it below the unit's WatchdogSec (10 s).", minval=0.5, maxval=600.0)
 
 
+# A sorter id names files and folders on the trainer (its key file, its inbox folder).
+SORTER_ID_CHARS = "letters, digits, '.', '_' and '-' (not starting with '.' or '-'), at most 64"
+
+
+def file_name_safe(name: str) -> bool:
+    """`name` may name a file on any system: SORTER_ID_CHARS."""
+    return re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}", name) is not None
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """The link to the trainer (§5.1): flagged stones go to a disk outbox first, then over CurveZMQ."""
+
+    enabled: bool = opt(False, "Send flagged stones (and drift stones) to the trainer; needs link.trainer_key "
+                        "and link.secret_key.")
+    sorter_id: str = opt("", "This sorter's id on the trainer; empty = machine.name. File-name-safe: " + SORTER_ID_CHARS + ".")
+    trainer: str = opt("tcp://127.0.0.1:5591", "The trainer's ZeroMQ endpoint (tcp://host:port).")
+    trainer_key: str = opt("", "Path of the trainer's public key file (CurveZMQ).")
+    secret_key: str = opt("", "Path of this sorter's secret key file (CurveZMQ; readable by this user only).")
+    outbox_dir: str = opt("outbox", "Where the outbox (outbox.db) keeps records until the trainer has them; "
+                          "relative to the working directory.")
+    outbox_quota_mb: float = opt(2000.0, "Most payload the outbox keeps (MB, 10^6 bytes); beyond it the oldest "
+                                 "drift stones go first, then the oldest flagged ones (counted, logged).",
+                                 minval=1.0, maxval=1_000_000.0)
+    drift_every: int = opt(0, "Also send every Nth confidently sorted stone (reason 'drift'); 0 = none.",
+                           minval=0, maxval=1_000_000)
+    send_window: int = opt(16, "Records sent and not yet acknowledged, at most.", minval=1, maxval=1024)
+    heartbeat_s: float = opt(1.0, "Heartbeat interval to the trainer.", above=0.0, maxval=60.0)
+    ack_timeout_s: float = opt(10.0, "A record not acknowledged this long is sent again.", above=0.0, maxval=3600.0)
+    reconnect_max_s: float = opt(30.0, "Longest wait between reconnection attempts (backoff).", above=0.0, maxval=3600.0)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.sorter_id and not file_name_safe(self.sorter_id):
+            problems.append(f"link.sorter_id = {self.sorter_id!r} is not file-name-safe: use {SORTER_ID_CHARS}")
+        if not self.trainer.startswith(("tcp://", "ipc://")) or self.trainer.endswith("//"):
+            problems.append(f"link.trainer = {self.trainer!r}: give a ZeroMQ endpoint, tcp://HOST:PORT (or ipc://PATH)")
+        if self.enabled:
+            missing = [f"link.{k}" for k in ("trainer_key", "secret_key") if not getattr(self, k)]
+            if missing:
+                problems.append(f"link.enabled = true needs {' and '.join(missing)}: the path(s) of the key "
+                                "files (`sorterd keys generate`)")
+        if problems:
+            raise ConfigError(problems)
+
+
+def link_sorter_id(cfg: Config) -> str:
+    """The id this sorter's records carry: link.sorter_id, or machine.name."""
+    return cfg.link.sorter_id or cfg.machine.name
+
+
 # name -> (min, max, meaning) of faults the simulated machine can be told to have.
 SIM_FAULTS: dict[str, tuple[float, float, str]] = {
     "camera_drop_at_s": (0.0, 1e6, "seconds into the run when the camera disappears"),
@@ -319,6 +371,7 @@ PLAIN_SECTIONS: dict[str, type] = {
     "calibration": CalibrationConfig,
     "metrics": MetricsConfig,
     "service": ServiceConfig,
+    "link": LinkConfig,
     "sim": SimConfig,
     "models": ModelsConfig,
 }
@@ -342,6 +395,7 @@ class Config:
     sim: SimConfig
     service: ServiceConfig = dataclasses.field(default_factory=ServiceConfig)
     models: ModelsConfig = dataclasses.field(default_factory=ModelsConfig)
+    link: LinkConfig = dataclasses.field(default_factory=LinkConfig)
     source: Path | None = None
 
     @property
@@ -399,6 +453,7 @@ def from_dict(raw: dict[str, Any], source: Path | None = None, *, backends: Back
     for name, cls in PLAIN_SECTIONS.items():
         sections[name] = build(cls, raw.get(name, {}), name, problems)
     problems += _cross_checks(sections)
+    problems += _link_checks(sections)
     if problems:
         raise ConfigError(problems, str(source) if source else "")
     return Config(source=source, **sections)
@@ -413,6 +468,15 @@ def _cross_checks(sections: dict[str, Any]) -> list[str]:
     for part in ("camera", "trigger", "lights", "valves"):
         problems += sections[part].cross_check(sections)
     return problems
+
+
+def _link_checks(sections: dict[str, Any]) -> list[str]:
+    """The link names this sorter machine.name when link.sorter_id is empty: then that must be safe too."""
+    link, machine = sections.get("link"), sections.get("machine")
+    if link is None or machine is None or not link.enabled or link.sorter_id or file_name_safe(machine.name):
+        return []
+    return [f"machine.name = {machine.name!r} is this sorter's id on the trainer (link.sorter_id is empty) and is "
+            f"not file-name-safe: set link.sorter_id, using {SORTER_ID_CHARS}"]
 
 
 def load(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None, *, backends: Backends) -> Config:

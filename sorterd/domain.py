@@ -9,6 +9,7 @@ on anything else in sorterd.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 BINS = ("CUT", "SELECT", "FLIP", "REJECT")
 JET_BINS = ("CUT", "SELECT", "FLIP")  # REJECT is the default trajectory: no jet
@@ -45,12 +46,14 @@ def cost_weighted_accuracy(true_bins: list[str], got_bins: list[str]) -> float:
     return 1.0 - total / worst
 
 
-def uncertainty_score(p_color: tuple[float, ...] | list[float], p_clarity: tuple[float, ...] | list[float]) -> float:
-    """§5.3: the two heads' entropies (bits, probabilities clipped at 1e-10) summed and
-    normalised by 2 log2(3): 0 for a certain stone, 1 for uniform outputs on both heads."""
+def uncertainty_score(p_color: npt.ArrayLike, p_clarity: npt.ArrayLike) -> float:
+    """§5.3: the mean normalised entropy of the two heads, in [0, 1] (higher = more worth a label).
 
-    def entropy(probs: tuple[float, ...] | list[float]) -> float:
-        p = np.clip(np.asarray(probs, dtype=np.float64), 1e-10, 1.0)
-        return float(-np.sum(p * np.log2(p)))
+    Each head's entropy (base 2, probabilities clipped at 1e-10) over log2(3), averaged:
+    [1/3, 1/3, 1/3] on both heads gives 1.0, a one-hot pair gives 0.0."""
+    def entropy(p: npt.ArrayLike) -> float:
+        q = np.clip(np.asarray(p, dtype=np.float64), 1e-10, 1.0)
+        return float(-np.sum(q * np.log2(q)))
 
-    return (entropy(p_color) + entropy(p_clarity)) / (2 * float(np.log2(3)))
+    score = (entropy(p_color) + entropy(p_clarity)) / (2 * np.log2(3))
+    return float(min(1.0, max(0.0, score)))

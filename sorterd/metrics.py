@@ -93,6 +93,10 @@ class Metrics:
         """Expose what the production log lost and whether its writer is stalled, read at scrape time."""
         self.registry.register(RecordCollector(recorder))
 
+    def watch_outbox(self, outbox: OutboxFigures) -> None:
+        """Expose the link's outbox (its depth, what it dropped), read at scrape time."""
+        self.registry.register(OutboxCollector(outbox))
+
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port."""
         result = start_http_server(port, addr=host, registry=self.registry)
@@ -141,6 +145,36 @@ class RecordCollector:
                                 "wait in a bounded buffer and are retried.", value=float(r.stalled))
         yield GaugeMetricFamily("sorterd_record_buffered_rows", "Rows the database refused, held for a retry.",
                                 value=float(r.buffered))
+
+
+class OutboxFigures(Protocol):
+    """What the link's outbox (sorterd.link.outbox.Outbox) tells about itself."""
+
+    def depth(self) -> tuple[int, int]: ...
+
+    def dropped_counts(self) -> dict[str, int]: ...
+
+
+class OutboxCollector:
+    """The outbox's depth and drops (kept by its thread) as Prometheus metrics, read at scrape time."""
+
+    def __init__(self, outbox: OutboxFigures) -> None:
+        self.outbox = outbox
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time only
+
+    def collect(self) -> Iterator[Any]:
+        entries, size = self.outbox.depth()
+        yield GaugeMetricFamily("sorterd_outbox_entries", "Records waiting in the outbox for the trainer's ack.",
+                                value=float(entries))
+        yield GaugeMetricFamily("sorterd_outbox_bytes", "Payload bytes waiting in the outbox.", value=float(size))
+        dropped = CounterMetricFamily("sorterd_link_dropped", "Records for the trainer not kept, by reason: "
+                                      "queue_full, quota, refused (kept aside), duplicate, error, shutdown.",
+                                      labels=["reason"])
+        for reason, n in self.outbox.dropped_counts().items():
+            dropped.add_metric([reason], float(n))
+        yield dropped
 
 
 class ValveCollector:

@@ -135,6 +135,8 @@ def _run_outputs(args: argparse.Namespace, cfg: Config) -> list[Output]:
     outs = [Output("--log-dir" if args.log_dir else "record.log_dir", Path(cfg.record.log_dir), "dir")]
     given = (("--json", args.json_path, "file"), ("--record", args.record, "dir"),
              ("--decisions", args.decisions, "file"))
+    if cfg.link.enabled:
+        outs.append(Output("link.outbox_dir", Path(cfg.link.outbox_dir), "dir"))
     return outs + [Output(label, path, kind) for label, path, kind in given if path is not None]
 
 
@@ -145,6 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sorterd.cli.run import RunOptions, run
     from sorterd.data.bundle import ModelError
     from sorterd.data.session import SessionError
+    from sorterd.link.outbox import OutboxError
     from sorterd.parts.camera import CameraError
     from sorterd.sorting.record import RecordError
 
@@ -188,6 +191,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RecordError as exc:
         print(f"sorterd: cannot record: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RECORD
+    except OutboxError as exc:
+        print(f"sorterd: cannot open the link's outbox: {exc}", file=sys.stderr)
+        return 2
     except (OSError, CameraError) as exc:
         print(f"sorterd: cannot run the machine: {exc}", file=sys.stderr)
         return 4

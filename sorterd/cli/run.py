@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,11 +21,13 @@ from sorterd import journal, sdnotify
 from sorterd.calibration import checklist as calibrate
 from sorterd.cli.compose import MachineParts, open_parts
 from sorterd.clock import Clock, make_clock
-from sorterd.config import Config
+from sorterd.config import Config, link_sorter_id
 from sorterd.data.bundle import resolve_bundle
 from sorterd.data.files import write_json_atomic
 from sorterd.data.session import SessionMeta, SessionWriter, new_session_id
 from sorterd.domain import BINS, LIGHT_MODES
+from sorterd.link.outbox import Outbox
+from sorterd.link.records import SessionRecord
 from sorterd.metrics import Metrics
 from sorterd.parts.inference import Model
 from sorterd.parts.inference.open import open_model
@@ -33,6 +35,7 @@ from sorterd.release.swap import HealthBounds, ReleaseWatcher, open_for_run, ope
 from sorterd.sorting.liveness import Watchdog, keep_alive
 from sorterd.sorting.pipeline import Pipeline
 from sorterd.sorting.record import Recorder, make_batch_dir
+from sorterd.sorting.review import Reviewer, ReviewSource
 from sorterd.sorting.summary import format_text, summarize
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,8 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         # Pushed first, so it runs last: the final counts once the recorder has flushed.
         batch_log = stack.enter_context(BatchLog(batch_dir / "batch.json", _batch_info(cfg, model, calibration), stop))
         session = _open_session(cfg, parts, opts.record_dir) if opts.record_dir else None
+        # After batch.json (so its end counts come after the outbox's last write), before the recorder.
+        outbox = _open_outbox(cfg, stack, out) if cfg.link.enabled else None
         if opts.decisions_path is not None:
             opts.decisions_path.parent.mkdir(parents=True, exist_ok=True)
             opts.decisions_path.write_text("")
@@ -136,10 +141,15 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         # Callbacks run last-in first-out: the valves go off before anything
         # slower (recorder flush, metrics server shutdown) can delay it.
         stack.callback(parts.valves.close)
-        pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics)
+        review = None
+        if outbox is not None:
+            metrics.watch_outbox(outbox)
+            review = _start_review(cfg, parts, model, outbox, batch_dir, session)
+            _start_link(cfg, outbox)
+        pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics, review)
         watcher = None if store is None else ReleaseWatcher(
             store, cfg.inference, pipeline, metrics, HealthBounds.from_config(cfg.models), cfg.models.poll_s, running)
-        batch_log.counts = lambda: _final_counts(pipeline, parts, recorder, clock)
+        batch_log.counts = lambda: _final_counts(pipeline, parts, recorder, clock, outbox)
         print(f"sorterd: batch {batch_dir}  model {model.version} on {model.backend}"
               + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
         t_wall = time.monotonic()
@@ -154,7 +164,11 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
     if session is not None:
         summary["recorded_session"] = str(session.dir)
     summary["stop"] = {"reason": stop.reason, "abandoned_pulses": stop.abandoned}
+    if outbox is not None:
+        summary["link"] = outbox.summary()
     print(format_text(summary), file=out)
+    if outbox is not None:
+        print(_link_line(summary["link"]), file=out)
     if stop.signal is not None:
         print(f"stopped by {stop.reason}: counted are the stones fed before the stop"
               + (f"; {stop.abandoned} pulse(s) recorded with an unknown outcome" if stop.abandoned else ""), file=out)
@@ -306,6 +320,59 @@ def _open_session(cfg: Config, parts: MachineParts, data_dir: Path) -> SessionWr
     return writer
 
 
+def _open_outbox(cfg: Config, stack: contextlib.ExitStack, out: TextIO) -> Outbox:
+    """link.enabled: the durable outbox, closed at exit within its bound (what it could not
+    write is counted and said here).  An outbox that cannot open raises OutboxError (exit 2)."""
+    outbox = Outbox(Path(cfg.link.outbox_dir).expanduser(), int(cfg.link.outbox_quota_mb * 1e6))
+
+    def close() -> None:
+        lost = outbox.close()
+        if lost:
+            print(f"sorterd: LINK: {lost} record(s) for the trainer were still queued and could not be "
+                  f"written to {outbox.db_path} before the exit: they are lost", file=out, flush=True)
+
+    stack.callback(close)
+    return outbox
+
+
+def _start_review(cfg: Config, parts: MachineParts, model: Model, outbox: Outbox, batch_dir: Path,
+                  session: SessionWriter | None) -> Reviewer:
+    """The run's session record (§2.4 meta with pixels_per_mm, the reference frames), queued
+    before any stone, and the pipeline's reviewer that queues its stones."""
+    cam = parts.camera
+    batch = batch_dir.name.removeprefix("batch_")
+    if session is not None:
+        meta = session.meta
+    else:  # not recording: the run is the session, named after its batch
+        meta = SessionMeta(
+            session_id=batch, timestamp_start=datetime.now().astimezone().isoformat(timespec="seconds"),
+            pixels_per_mm=cam.pixels_per_mm, reference_check_passed=False,
+            pair_interval_ms=float(cam.pair_interval_ms or cfg.lights.pair_interval_ms),
+            notes=f"sorted by sorterd run on {cfg.machine.name}")
+    sorter_id = link_sorter_id(cfg)
+    record = SessionRecord(sorter_id=sorter_id, batch=batch, session_id=meta.session_id, meta=asdict(meta))
+    outbox.submit_session(record, {f"reference_{m}": cam.reference(m) for m in LIGHT_MODES})
+    return Reviewer(outbox, ReviewSource(
+        sorter_id=sorter_id, batch=batch, session_id=meta.session_id, lot_id=meta.lot_id,
+        model_version=model.version, pixels_per_mm=cam.pixels_per_mm, crop_mm=model.manifest.crop_mm,
+        drift_every=cfg.link.drift_every))
+
+
+def _start_link(cfg: Config, outbox: Outbox) -> None:
+    """LEAD: start the wire engineer's `LinkClient(ClientOptions(...from cfg.link...), outbox)` here
+    (its `run()` as a task, `stop()` at exit before the outbox closes).  Until then nothing is
+    sent: records wait in the outbox (and are resent by a later run)."""
+    log.info("link: the outbox %s is open; no link client is started yet", outbox.db_path)
+
+
+def _link_line(link: dict[str, Any]) -> str:
+    pend = link["pending"]
+    dropped = ", ".join(f"{k} {n}" for k, n in link["dropped"].items() if n) or "none"
+    return (f"link: {link['queued']} record(s) queued, {link['delivered']} delivered this run, dropped: {dropped}; "
+            f"waiting in the outbox: {pend.get('flagged', 0)} flagged stone(s), {pend.get('drift', 0)} drift, "
+            f"{pend.get('session', 0)} session(s) ({pend['bytes'] / 1e6:.1f} MB)")
+
+
 def _batch_info(cfg: Config, model: Model, calibration: dict[str, Any]) -> dict[str, Any]:
     return {
         "started": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -354,7 +421,8 @@ def _error_reason(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {exc}"
 
 
-def _final_counts(pipeline: Pipeline, parts: MachineParts, recorder: Recorder, clock: Clock) -> dict[str, Any]:
+def _final_counts(pipeline: Pipeline, parts: MachineParts, recorder: Recorder, clock: Clock,
+                  outbox: Outbox | None = None) -> dict[str, Any]:
     """What the batch holds when it ends (the recorder has flushed by then)."""
     s = pipeline.stats
     counts: dict[str, Any] = {
@@ -365,4 +433,6 @@ def _final_counts(pipeline: Pipeline, parts: MachineParts, recorder: Recorder, c
     }
     if parts.machine is not None:
         counts["stones_fed"] = parts.machine.fed_by(clock.now_ns())
+    if outbox is not None:  # closed by now (its callback runs before this one)
+        counts["link"] = outbox.summary()
     return counts

@@ -41,6 +41,7 @@ from sorterd.sorting.ledger import TriggerLedger
 from sorterd.sorting.liveness import Liveness
 from sorterd.sorting.neighbours import Neighbours, Pending, Routed
 from sorterd.sorting.record import ImageJob, Recorder, StoneRow, UnseenRow, stone_row, wall_time_iso
+from sorterd.sorting.review import Reviewer
 from sorterd.sorting.segment import Observation, PairingLimits, crop_halves, segment_pair
 from sorterd.sorting.stats import RunCounter
 from sorterd.sorting.track import Known, Track, Tracker, is_known
@@ -83,8 +84,9 @@ class Computed:
 
 class Pipeline:
     def __init__(self, cfg: Config, clock: Clock, parts: Parts, model: Model,
-                 recorder: Recorder, metrics: Metrics) -> None:
+                 recorder: Recorder, metrics: Metrics, review: Reviewer | None = None) -> None:
         self.cfg = cfg
+        self.review = review  # stones for the trainer (link.enabled); None: none are sent
         self.clock = clock
         self.parts = parts
         # The live model, read once per pair (`LiveModel.current()`): a release swapped in
@@ -390,6 +392,8 @@ class Pipeline:
                         model_version=model_version, wall_time=wall_time_iso(), route=routed.route)
         self.count.decided_object(obs.cluster, dec.flagged)
         self._save_images(sid, pair, crop, dec.flagged)
+        if self.review is not None:
+            self.review.decided(sid, pred, dec, obs.size_mm, pair, crop, row.wall_time, row.model_version)
         if pulse is None:
             self._finish(row)
             return
@@ -454,6 +458,8 @@ class Pipeline:
         self.recorder.submit(row)
         for observe in self.row_observers:
             observe(row)
+        if self.review is not None:
+            self.review.finished(row.stone_id, row.route)
         self.count.queue_depth("record", self.recorder.depth)
 
     def _save_images(self, sid: str, pair: FramePair, crop: tuple[np.ndarray, np.ndarray], flagged: bool) -> None:
