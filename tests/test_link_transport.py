@@ -335,3 +335,31 @@ def test_without_a_zap_handler_nobody_gets_in(tmp_path: Path) -> None:
         assert replies == 0 and got == 0  # the allowed sorter's messages never reached the ROUTER
 
     run(go())
+
+
+def test_a_sorter_whose_id_the_trainer_knows_otherwise_sends_nothing_and_keeps_all(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """link.sorter_id 'sorter-x' but the trainer's allow-list names the key 'sorter-a': every record
+    would be refused for good; the client sends none, keeps them all, and says what to rename."""
+    ks = KeySet(tmp_path)
+
+    async def go() -> None:
+        inbox = FakeInbox()
+        srv = server_for(ks, inbox)
+        await srv.start()
+        serving = asyncio.ensure_future(srv.run())
+        outbox = FakeOutbox([stone(1, sorter="sorter-x"), stone(2, sorter="sorter-x")])
+        client = LinkClient(options(ks, srv.endpoint, sorter_id="sorter-x", heartbeat_s=0.2), outbox)
+        task = asyncio.ensure_future(client.run())
+        await until(lambda: client.stats.identity_mismatch == "sorter-a")
+        await asyncio.sleep(0.6)  # a few heartbeats: still nothing sent
+        client.stop()
+        await asyncio.wait_for(task, 2)
+        srv.close()
+        await serving
+        assert client.stats.sent == 0 and not outbox.refusals and len(outbox.waiting) == 2 and not inbox.kept
+
+    with caplog.at_level(logging.ERROR, logger="sorterd.link.client"):
+        run(go())
+    assert any("knows this sorter's key as 'sorter-a'" in r.getMessage() and "sorter-x.key" in r.getMessage()
+               for r in caplog.records)

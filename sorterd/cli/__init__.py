@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--record", type=Path, metavar="DATA_DIR",
                    help="record every frame pair as a §7.1 session under DATA_DIR/images/raw/")
     r.add_argument("--decisions", type=Path, metavar="PATH", help="write one JSON line per stone here")
+    r.add_argument("--link-drain", type=float, default=0.0, metavar="S",
+                   help="with [link] enabled: after the batch, wait up to S seconds for the trainer to "
+                        "acknowledge what the outbox holds (default 0: leave it for the next run)")
     r.add_argument("--valves", choices=_valve_types(), metavar="TYPE",
                    help="valve backend for this run, overriding [valves] type: " + ", ".join(_valve_types())
                         + " (mcu with the simulated machine runs the controller firmware's host build on a pty)")
@@ -147,6 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sorterd.cli.run import RunOptions, run
     from sorterd.data.bundle import ModelError
     from sorterd.data.session import SessionError
+    from sorterd.link.keys import KeyFileError
     from sorterd.link.outbox import OutboxError
     from sorterd.parts.camera import CameraError
     from sorterd.sorting.record import RecordError
@@ -175,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         result = run(cfg, RunOptions(stones=args.stones, json_path=args.json_path, progress=not args.no_progress,
                                      record_dir=args.record, decisions_path=args.decisions,
-                                     uncalibrated=args.uncalibrated))
+                                     uncalibrated=args.uncalibrated, link_drain_s=max(0.0, args.link_drain)))
     except ModelError as exc:
         print(f"sorterd: model error: {exc}", file=sys.stderr)
         return 3
@@ -193,6 +197,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CANNOT_RECORD
     except OutboxError as exc:
         print(f"sorterd: cannot open the link's outbox: {exc}", file=sys.stderr)
+        return 2
+    except KeyFileError as exc:
+        print(f"sorterd: [link] key: {exc}", file=sys.stderr)
         return 2
     except (OSError, CameraError) as exc:
         print(f"sorterd: cannot run the machine: {exc}", file=sys.stderr)

@@ -26,6 +26,8 @@ from sorterd.data.bundle import resolve_bundle
 from sorterd.data.files import write_json_atomic
 from sorterd.data.session import SessionMeta, SessionWriter, new_session_id
 from sorterd.domain import BINS, LIGHT_MODES
+from sorterd.link.client import ClientOptions, LinkClient, LinkCollector
+from sorterd.link.keys import load_public, load_secret
 from sorterd.link.outbox import Outbox
 from sorterd.link.records import SessionRecord
 from sorterd.metrics import Metrics
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 # by then is recorded as unknown.  Closing follows (valves off at once, the recorder's last
 # commit).  systemd/sorterd.service's TimeoutStopSec must leave room for both.
 STOP_DRAIN_S = 5.0
+LINK_STOP_S = 2.0  # the link client's stop (LINGER 0: it never waits on a dead trainer)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class RunOptions:
     record_dir: Path | None = None  # write raw pairs as a §7.1 session under this data dir
     decisions_path: Path | None = None  # one JSON line per stone
     uncalibrated: bool = False  # operator override: sort without today's passing calibration (logged)
+    link_drain_s: float = 0.0  # after the batch, wait up to this long for the outbox to empty (0: don't wait)
 
 
 @dataclass
@@ -124,6 +128,8 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         batch_log = stack.enter_context(BatchLog(batch_dir / "batch.json", _batch_info(cfg, model, calibration), stop))
         session = _open_session(cfg, parts, opts.record_dir) if opts.record_dir else None
         # After batch.json (so its end counts come after the outbox's last write), before the recorder.
+        # The keys first: a bad key file stops the run before anything opens for it (exit 2).
+        link_options = _link_options(cfg) if cfg.link.enabled else None
         outbox = _open_outbox(cfg, stack, out) if cfg.link.enabled else None
         if opts.decisions_path is not None:
             opts.decisions_path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,11 +147,11 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         # Callbacks run last-in first-out: the valves go off before anything
         # slower (recorder flush, metrics server shutdown) can delay it.
         stack.callback(parts.valves.close)
-        review = None
-        if outbox is not None:
+        review, link = None, None
+        if outbox is not None and link_options is not None:
             metrics.watch_outbox(outbox)
             review = _start_review(cfg, parts, model, outbox, batch_dir, session)
-            _start_link(cfg, outbox)
+            link = _start_link(link_options, outbox, metrics)
         pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics, review)
         watcher = None if store is None else ReleaseWatcher(
             store, cfg.inference, pipeline, metrics, HealthBounds.from_config(cfg.models), cfg.models.poll_s, running)
@@ -154,7 +160,13 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
               + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
         t_wall = time.monotonic()
         linger_s = cfg.metrics.linger_s if port is not None else 0.0
-        t_wall += await _run_pipeline(pipeline, parts, clock, opts, out, stop, t_wall, linger_s, watcher)
+        try:
+            t_wall += await _run_pipeline(pipeline, parts, clock, opts, out, stop, t_wall, linger_s, watcher)
+            if link is not None and opts.link_drain_s > 0 and outbox is not None:
+                t_wall += await _drain_link(link, outbox, opts.link_drain_s, stop, out)
+        finally:
+            if link is not None:
+                await link.close()  # before the outbox closes (the stack's callback, below)
     # The recorder is closed: the simulator compares the world with what stones.db says.
     truth = parts.machine.truth(recorder.db_path) if parts.machine is not None else None
     summary = summarize(cfg, pipeline.stats, truth, model.version, time.monotonic() - t_wall,
@@ -166,6 +178,8 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
     summary["stop"] = {"reason": stop.reason, "abandoned_pulses": stop.abandoned}
     if outbox is not None:
         summary["link"] = outbox.summary()
+        if link is not None:
+            summary["link"]["client"] = asdict(link.client.stats)
     print(format_text(summary), file=out)
     if outbox is not None:
         print(_link_line(summary["link"]), file=out)
@@ -358,11 +372,56 @@ def _start_review(cfg: Config, parts: MachineParts, model: Model, outbox: Outbox
         drift_every=cfg.link.drift_every))
 
 
-def _start_link(cfg: Config, outbox: Outbox) -> None:
-    """LEAD: start the wire engineer's `LinkClient(ClientOptions(...from cfg.link...), outbox)` here
-    (its `run()` as a task, `stop()` at exit before the outbox closes).  Until then nothing is
-    sent: records wait in the outbox (and are resent by a later run)."""
-    log.info("link: the outbox %s is open; no link client is started yet", outbox.db_path)
+def _link_options(cfg: Config) -> ClientOptions:
+    """[link] as the client's options; the key files are read (and their modes checked) here:
+    a missing, malformed or group/world-readable key raises KeyFileError (exit 2)."""
+    lk = cfg.link
+    public, secret = load_secret(Path(lk.secret_key).expanduser())
+    return ClientOptions(endpoint=lk.trainer, server_public_key=load_public(Path(lk.trainer_key).expanduser()),
+                         public_key=public, secret_key=secret, window=lk.send_window, heartbeat_s=lk.heartbeat_s,
+                         ack_timeout_s=lk.ack_timeout_s, reconnect_max_s=lk.reconnect_max_s,
+                         sorter_id=link_sorter_id(cfg))
+
+
+@dataclass
+class RunningLink:
+    """The link client's task beside the pipeline: it only reads the outbox (through threads),
+    so nothing it does can delay a stone; `close` stops it within LINK_STOP_S."""
+
+    client: LinkClient
+    task: asyncio.Task[None]
+
+    async def close(self) -> None:
+        self.client.stop()
+        done, _ = await asyncio.wait({self.task}, timeout=LINK_STOP_S)
+        if not done:
+            self.task.cancel()
+            log.error("link: the client did not stop within %.0f s; cancelled", LINK_STOP_S)
+        elif not self.task.cancelled() and (exc := self.task.exception()) is not None:
+            log.error("link: the client failed: %s (records stay in the outbox for the next run)", exc)
+
+
+def _start_link(options: ClientOptions, outbox: Outbox, metrics: Metrics) -> RunningLink:
+    client = LinkClient(options, outbox)
+    metrics.registry.register(LinkCollector(client))
+    log.info("link: sending to the trainer at %s from %s", options.endpoint, outbox.db_path)
+    return RunningLink(client, asyncio.create_task(client.run(), name="sorterd-link"))
+
+
+async def _drain_link(link: RunningLink, outbox: Outbox, limit_s: float, stop: Stop, out: TextIO) -> float:
+    """`run --link-drain S`: the batch is done; wait (at most S, or until a signal) for the trainer to
+    acknowledge what the outbox holds.  Returns the seconds waited (not part of the run's wall time)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s and not stop.asked.is_set():
+        if outbox.depth()[0] == 0 and link.client.in_flight == 0:
+            break
+        await asyncio.sleep(0.1)
+    entries, _ = outbox.depth()
+    if entries:
+        print(f"sorterd: LINK: {entries} record(s) still wait in the outbox after --link-drain "
+              f"{limit_s:g} s (trainer {'connected' if link.client.stats.connected else 'not reached'}); "
+              "the next run sends them", file=out, flush=True)
+    return time.monotonic() - t0
 
 
 def _link_line(link: dict[str, Any]) -> str:

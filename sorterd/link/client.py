@@ -58,6 +58,7 @@ class ClientOptions:
     reconnect_max_s: float = 30.0
     software: str = f"sorterd {__version__}"
     idle_poll_s: float = 0.25  # how soon to ask an empty outbox again
+    sorter_id: str = ""  # the id this sorter's records carry; the trainer must know its key by it ("": unchecked)
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_s", "ack_timeout_s", "reconnect_max_s", "idle_poll_s"):
@@ -78,6 +79,7 @@ class ClientStats:
     refused: int = 0  # records refused for good (NACK retry=false, or unsendable)
     connected: bool = False  # welcomed by the trainer and not lost since
     reconnects: int = 0
+    identity_mismatch: str = ""  # the id the trainer knows this key by, when it is not options.sorter_id
 
 
 @dataclass
@@ -252,6 +254,18 @@ class LinkClient:
         return True
 
     def _welcomed(self, sock: zmq.asyncio.Socket, msg: wire.Welcome) -> None:
+        want = self.options.sorter_id
+        if want and msg.sorter_id != want:
+            # Every record would be refused for good (a sorter sends only its own): send nothing,
+            # keep them all in the outbox, and say what to fix.
+            if self.stats.identity_mismatch != msg.sorter_id:
+                log.error("link: the trainer %s knows this sorter's key as %r, but its records carry %r "
+                          "(link.sorter_id, else machine.name): nothing is sent until they agree -- rename the "
+                          "key file in the trainer's --allowed directory to %s.key, or set link.sorter_id = %r",
+                          self.options.endpoint, msg.sorter_id, want, want, msg.sorter_id)
+            self.stats.identity_mismatch = msg.sorter_id
+            return
+        self.stats.identity_mismatch = ""
         if not self.stats.connected:
             log.info("link: connected to the trainer %s as %s", self.options.endpoint, msg.sorter_id)
         self.stats.connected = True
