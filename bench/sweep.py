@@ -8,7 +8,7 @@
 Two sweeps, each run being `sorterd run --sim` in this process (`sorterd.cli.run.run`):
 
 * **rate**: the simulator's frames (640x240 at 20 px/mm) on a fast channel (`FAST_CHANNEL`:
-  1200 mm/s, 1.5 mm singulation gap, so up to ~200 stones/s can really be fed) at each of
+  800 mm/s, 1 mm singulation gap, so up to ~170 stones/s can really be fed) at each of
   `--rates`; the summary's `feed` section gives the rate achieved.
 * **size**: at `--size-rate` stones/s, each frame profile of `PROFILES`: the simulator's frames,
   an 800x800 ROI at 70 px/mm, a full 2448x2048 frame at 70 px/mm.
@@ -35,6 +35,8 @@ import io
 import json
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,15 +49,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import Sampler, decided_by, track_pipelines  # noqa: E402 -- bench/memory.py, reused
 
 STAGES = ("segment", "infer", "decide", "compute", "model_only", "exposure_to_pulse")
-FAST_CHANNEL: dict[str, dict[str, Any]] = {"sim": {"speed_mm_s": 1200.0, "min_gap_mm": 1.5},
-                                           "geometry": {"speed_max_mm_s": 2000.0}}
+# 800 mm/s and a 1 mm gap: ~170 stones/s can be fed; a 5 ms pair interval keeps the pair's 4 mm
+# move well inside the 32 mm view even when an exposure comes a few ms late.
+FAST_CHANNEL: dict[str, dict[str, Any]] = {"sim": {"speed_mm_s": 800.0, "min_gap_mm": 1.0},
+                                           "geometry": {"speed_max_mm_s": 1500.0},
+                                           "lights": {"pair_interval_ms": 5.0, "lights_off_ms": 10.0}}
 # name -> (config overrides, label)
 PROFILES: dict[str, tuple[dict[str, dict[str, Any]], str]] = {
     "sim": ({}, "640x240 @ 20 px/mm"),
-    # An 11.4 mm view: the beam near its left edge and a short pair interval keep a 5 mm
-    # stone in view for both exposures.
+    # An 11.4 mm view: a whole stone (up to ~8 mm long) must be in view when its front breaks
+    # the beam, and still in view 2 ms later (0.8 mm at 400 mm/s) plus the trigger's latency.
     "roi800": ({"camera": {"width_px": 800, "height_px": 800, "pixels_per_mm": 70.0},
-                "trigger": {"beam_x_mm": 2.0}, "lights": {"pair_interval_ms": 4.0, "lights_off_ms": 8.0}},
+                "trigger": {"beam_x_mm": 8.5}, "lights": {"pair_interval_ms": 2.0, "lights_off_ms": 4.0}},
                "800x800 ROI @ 70 px/mm"),
     "full": ({"camera": {"width_px": 2448, "height_px": 2048, "pixels_per_mm": 70.0}}, "2448x2048 @ 70 px/mm"),
 }
@@ -142,6 +147,11 @@ def one_run(profile: str, rate: float, stones: int, clock: str, fast: bool, tmp:
     sampler.stop.set()
     sampler.sample()
     pipeline = made[-1]
+    from sorterd.sim import render  # the simulator's caches share the process: their size, to tell apart
+
+    sim_mb = sum(a.nbytes for a in [*render._BACKGROUNDS.values(), *render._NOISE_BANKS.values()]) / 2**20
+    sim_mb += sum(v.nbytes for looks in render._LOOKS.values() for look in looks.values()
+                  for v in vars(look).values() if isinstance(v, np.ndarray)) / 2**20
     lat = {k: [round(v * 1e3, 4) for v in pipeline.stats.latency_s[k]] for k in STAGES}
     p50 = summary["latency_ms"]
     ratio = (p50["compute"]["p50"] / p50["model_only"]["p50"]) if p50["model_only"]["p50"] else None
@@ -151,6 +161,7 @@ def one_run(profile: str, rate: float, stones: int, clock: str, fast: bool, tmp:
             "deadline_misses": summary["deadline_misses"], "landed_as_decided_rate": summary.get("landed_as_decided_rate"),
             "latency_ms": summary["latency_ms"], "compute_over_model_p50": None if ratio is None else round(ratio, 3),
             "rss_kb": sampler.rows, "rss_max_mb": round(max(r[2] for r in sampler.rows) / 1024, 1),
+            "sim_caches_mb": round(sim_mb, 1),
             **ready.figures(), "wall_s": summary["wall_s"], "samples_ms": lat}
 
 
@@ -230,9 +241,23 @@ def plots(runs: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
     return written
 
 
+def run_one(args: argparse.Namespace) -> int:
+    """One run, in this process (the sweep's child): its figures to OUT_DIR/run.json."""
+    if args.full_mask:
+        from sorterd.sorting import segment
+
+        segment.mask_step = lambda pixels_per_mm: 1  # type: ignore[assignment]
+    with tempfile.TemporaryDirectory(prefix="sorterd-run-") as tmp:
+        r = one_run(args.one, float(args.rates.split(",")[0]), args.stones, args.clock, args.fast, Path(tmp),
+                    track_pipelines(), ReadyClock())
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "run.json").write_text(json.dumps(r) + "\n")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", default="20,50,100,150", help="comma-separated stones/s for the rate sweep")
+    ap.add_argument("--rates", default="20,50,100,140", help="comma-separated stones/s for the rate sweep")
     ap.add_argument("--sizes", default="sim,roi800,full", help=f"frame profiles: {', '.join(PROFILES)}")
     ap.add_argument("--size-rate", type=float, default=20.0, help="stones/s of the frame-size sweep")
     ap.add_argument("--stones", type=int, default=400)
@@ -242,6 +267,8 @@ def main() -> int:
     ap.add_argument("--full-mask", action="store_true",
                     help="segment with the whole frame masked at full resolution (the code before the coarse "
                          "mask: a before/after in one tree)")
+    ap.add_argument("--one", choices=tuple(PROFILES), help=argparse.SUPPRESS)  # one run (the sweep's child)
+    ap.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)  # that run on FAST_CHANNEL
     ap.add_argument("--smoke", action="store_true", help="a few stones, one rate, one size (the test's mode)")
     args = ap.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r]
@@ -251,30 +278,35 @@ def main() -> int:
         ap.error(f"--sizes: unknown {', '.join(bad)} (known: {', '.join(PROFILES)}); --rates: positive numbers")
     if args.smoke:
         rates, sizes, args.stones = rates[:1], [], 8
-    if args.full_mask:
-        from sorterd.sorting import segment
-
-        segment.mask_step = lambda pixels_per_mm: 1  # type: ignore[assignment]
+    if args.one:
+        return run_one(args)
     if args.edge:
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before any thread starts: all inherit it
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # inherited by every run's process
     plan = [("rate", "sim", r) for r in rates] + [("size", s, args.size_rate) for s in sizes]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     title = (f"{'edge: 1 core' if args.edge else f'{len(os.sched_getaffinity(0))} cores'}, {args.clock} clock"
              + (", full-frame mask" if args.full_mask else ""))
     runs = []
-    made, ready = track_pipelines(), ReadyClock()
     with tempfile.TemporaryDirectory(prefix="sorterd-sweep-") as tmp:
         for i, (sweep, profile, rate) in enumerate(plan):
+            # Each run in a process of its own: its RSS is that run's, from a cold start.
             work = Path(tmp) / str(i)
             work.mkdir()
-            r = one_run(profile, rate, args.stones, args.clock, sweep == "rate", work, made, ready)
+            cmd = [sys.executable, __file__, "--one", profile, "--rates", str(rate), "--stones", str(args.stones),
+                   "--clock", args.clock, "--out-dir", str(work)] + (["--fast"] if sweep == "rate" else []) \
+                + (["--full-mask"] if args.full_mask else [])
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"sweep: the run {profile} at {rate:g}/s failed (exit {done.returncode}): {shlex.join(cmd)}")
+            r = json.loads((work / "run.json").read_text())
             r["sweep"] = sweep
             runs.append(r)
             lat = r["latency_ms"]
             print(f"{sweep:4} {profile:6} {rate:6g}/s fed {r['feed'] and r['feed']['achieved_per_s']}/s  "
                   f"compute p50/p99 {lat['compute']['p50']}/{lat['compute']['p99']} ms  model_only p50 "
                   f"{lat['model_only']['p50']}  ratio {r['compute_over_model_p50']}  misses {r['deadline_misses']}  "
-                  f"unseen {r['unseen_stones']}  RSS max {r['rss_max_mb']} MB  READY {r['calibrated_to_ready_s']} s "
+                  f"unseen {r['unseen_stones']}  RSS max {r['rss_max_mb']} MB (sim caches {r['sim_caches_mb']})  READY {r['calibrated_to_ready_s']} s "
                   f"after calibration  load {r['load_before']}->{r['load_after']}", file=sys.stderr, flush=True)
     pngs = plots(runs, args.out_dir, title)
     result = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}", "cores": title,
