@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                         + " (mcu needs --valves mcu: the strobes are outputs of the valve controller)")
     r.add_argument("--stones", type=positive_int, default=500, help="simulation: stones to feed (default 500)")
     r.add_argument("--rate", type=positive_float, help="simulation: stones per second (sim.rate_per_s)")
+    r.add_argument("--sim-speed", type=positive_float, metavar="MM_S",
+                   help="simulation: mean stone speed on the channel (sim.speed_mm_s)")
+    r.add_argument("--sim-gap", type=float, metavar="MM",
+                   help="simulation: singulation's smallest edge-to-edge gap (sim.min_gap_mm)")
     r.add_argument("--seed", type=int, help="simulation: world seed (sim.seed)")
     r.add_argument("--clock", choices=("virtual", "wall"), help="simulation: clock (sim.clock)")
     r.add_argument("--log-dir", type=Path, help="where the batch folder goes (record.log_dir)")
@@ -117,6 +121,7 @@ def _flag_values(args: argparse.Namespace) -> dict[tuple[str, str], tuple[str, A
     """(section, key) -> (the CLI flag that sets that option, the value it gave; None: not given)."""
     log_dir = str(args.log_dir.resolve()) if args.log_dir else None
     return {("sim", "rate_per_s"): ("--rate", args.rate), ("sim", "seed"): ("--seed", args.seed),
+            ("sim", "speed_mm_s"): ("--sim-speed", args.sim_speed), ("sim", "min_gap_mm"): ("--sim-gap", args.sim_gap),
             ("sim", "clock"): ("--clock", args.clock), ("record", "log_dir"): ("--log-dir", log_dir),
             ("record", "batch"): ("--batch", args.batch), ("metrics", "port"): ("--metrics-port", args.metrics_port),
             ("metrics", "linger_s"): ("--metrics-linger", args.metrics_linger)}
@@ -164,8 +169,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(_blame_flags(exc, args).report(), file=sys.stderr)
         return 2
-    if not cfg.simulated and any(v is not None for v in (args.rate, args.seed)):
-        print("sorterd: --rate, --seed and --clock only apply to the simulated machine", file=sys.stderr)
+    if not cfg.simulated and any(v is not None for v in (args.rate, args.seed, args.sim_speed, args.sim_gap)):
+        print("sorterd: --rate, --seed, --sim-speed, --sim-gap and --clock only apply to the simulated machine", file=sys.stderr)
         return 2
     if cfg.simulated and not cfg.offline and cfg.sim.clock == "virtual":
         parts = cfg.real_time_parts

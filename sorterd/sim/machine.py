@@ -7,6 +7,7 @@ internals stay in sorterd.sim.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from sorterd.sim.render import Optics, render_frame, render_reference
 from sorterd.sim.stones import StoneSpec
 from sorterd.sim.truth import SimTruth
 from sorterd.sim.world import World
+
+log = logging.getLogger(__name__)
 
 
 class SimMachine:
@@ -61,6 +64,9 @@ class SimMachine:
     def feed(self, n: int) -> None:
         """Put n stones on the feeder (relative to 0: generating them takes real time)."""
         self.world.feed(n, 0)
+        warning = self.world.feed_report()["warning"]
+        if warning:
+            log.warning("%s", warning)
 
     def start_at(self, t_ns: int) -> None:
         """The fed stones start arriving at t_ns."""

@@ -65,7 +65,7 @@ _MAX_TRANSMISSION = 0.98
 _FRACTURE_DARKENING = 0.7  # backlit: a crack line passes 30 % of the body light
 _FRACTURE_GLINT = 0.45  # toplit: a crack line is 45 % of the way to pale gray
 _FRACTURE_GLINT_DN = 205.0
-_LOOK_CACHE_SIZE = 128  # stones; a frame holds at most ~10, a capture pair reuses them
+_LOOK_CACHE_SIZE = 128  # stones at 20 px/mm (fewer at finer scales); a frame holds at most ~10, a pair reuses them
 
 _CACHE_LOCK = threading.Lock()
 _LOOKS: OrderedDict[tuple[object, ...], dict[str, _Look]] = OrderedDict()
@@ -364,7 +364,8 @@ def _looks(stone: StoneSpec, px_per_mm: float) -> dict[str, _Look]:
     looks = _build_looks(stone.outline_mm, stone.appearance, px_per_mm)
     with _CACHE_LOCK:
         _LOOKS[key] = looks
-        while len(_LOOKS) > _LOOK_CACHE_SIZE:
+        # A look's size grows with the scale squared: at 70 px/mm 128 of them held ~0.6 GB.
+        while len(_LOOKS) > max(16, int(_LOOK_CACHE_SIZE * (20.0 / px_per_mm) ** 2)):
             _LOOKS.popitem(last=False)
     return looks
 

@@ -71,14 +71,17 @@ class SimRig:
         rng = np.random.default_rng(KIT_SEED)
         wrong = round(self.machine.faults.get("reference_mislabel", 0.0) * KIT_SIZE)
         dx = TEST_SPEED * self.cfg.lights.pair_interval_ms / 1e3
-        h_mm = self.machine.world.view_mm[1]
+        w_mm, h_mm = self.machine.world.view_mm
+        # 12 mm into the view; in a view too narrow for that (an 800x800 ROI at 70 px/mm is
+        # 11.4 mm wide) both exposures centred in it.
+        x = min(12.0, (w_mm - dx) / 2)
         kit = []
         for i in range(KIT_SIZE):
             color, clarity = COLORS[i % 3], CLARITIES[(i // 3) % 3]
             outline, size, length, look = make_stone_look(color, clarity, float(rng.uniform(2.0, 4.5)), rng)
             s = StoneSpec(10_000 + i, color, clarity, outline, size, length, look, TEST_SPEED, 0, h_mm / 2)
-            b = render_frame("backlit", [(s, 12.0, h_mm / 2)], self.machine.optics, rng)
-            t = render_frame("toplit", [(s, 12.0 + dx, h_mm / 2)], self.machine.optics, rng)
+            b = render_frame("backlit", [(s, x, h_mm / 2)], self.machine.optics, rng)
+            t = render_frame("toplit", [(s, x + dx, h_mm / 2)], self.machine.optics, rng)
             if i < wrong:  # the label on the box is not what the stone is
                 color = COLORS[(COLORS.index(color) + 1) % 3]
             kit.append((b, t, color, clarity))

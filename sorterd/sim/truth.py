@@ -114,6 +114,8 @@ def sim_truth(cfg: Config, world: World, rows: list[StoneRow], risks: dict[str, 
     ids = [s.sim_id for s in world.stones]
     return {
         "stones_fed": n,
+        # Requested vs fed rate and what caps it (a loud warning when the rate asked cannot be fed).
+        "feed": world.feed_report(),
         "stones_seen": len(owner),
         "bins": {b: sum(1 for i in ids if landed[i] == b) for b in BINS},
         "landed_as_decided_rate": round(as_decided / n, 5) if n else 0.0,

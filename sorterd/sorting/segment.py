@@ -27,6 +27,7 @@ from sorterd.data.crops import cut_window
 
 DIFF_THRESHOLD = 18  # DN; sensor noise of a frame-minus-reference is ~3 DN
 MIN_AREA_PX = 12  # below this a region is noise or dust, not an object
+MASK_PX_PER_MM = 14.0  # a finer frame is first masked on a coarse grid of about this scale (70 px/mm: every 5th pixel)
 CLUSTER_SOLIDITY = 0.86  # single rough stones are >= ~0.9 (see sim.appearance)
 CLUSTER_NOTCH = 0.12  # convexity-defect depth / sqrt(area) that marks two lobes
 # Extra cost of a pair slower than geometry.speed_min_mm_s: a tie-breaker only, well
@@ -137,12 +138,76 @@ def difference_mask(frame: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return mask
 
 
-def find_blobs(frame: np.ndarray, reference: np.ndarray) -> list[Blob]:
-    mask = difference_mask(frame, reference)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    h, w = mask.shape[:2]
-    blobs = [_blob(c, w, h) for c in contours if cv2.contourArea(c) >= MIN_AREA_PX]
+def find_blobs(frame: np.ndarray, reference: np.ndarray, step: int = 1) -> list[Blob]:
+    """Every region that differs from the reference, at full resolution.
+
+    step > 1 (a large frame at a fine scale, `mask_step`): the difference mask is first
+    taken on every step-th pixel, and only the boxes around what it finds (with a margin
+    of two coarse pixels) are masked again at full resolution for the contours: on an
+    800x800 ROI at 70 px/mm the stones cover a few % of the frame, so the full-resolution
+    work shrinks to their boxes.  A region smaller than a coarse pixel is missed, far
+    below the smallest stone (1 mm = 70 px across at 70 px/mm, 14 coarse pixels at step 5).
+    """
+    h, w = frame.shape[:2]
+    if step <= 1:
+        return _blobs_in(frame, reference, (0, 0, w, h), w, h)
+    small = cv2.resize(frame, (w // step, h // step), interpolation=cv2.INTER_NEAREST)
+    coarse, _ = cv2.findContours(difference_mask(small, _coarse_reference(reference, step)),
+                                 cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    margin = 2
+    boxes = []
+    for c in coarse:
+        x, y, bw, bh = cv2.boundingRect(c)
+        boxes.append((max(0, (x - margin) * step), max(0, (y - margin) * step),
+                      min(w, (x + bw + margin) * step), min(h, (y + bh + margin) * step)))
+    blobs = [b for box in _merge_boxes(boxes) for b in _blobs_in(frame, reference, box, w, h)]
     return sorted(blobs, key=lambda b: b.cx)
+
+
+def mask_step(pixels_per_mm: float) -> int:
+    """The coarse mask's pixel step for this scale: about MASK_PX_PER_MM coarse pixels per mm,
+    the smallest stone (1 mm) still 14 coarse pixels across; 1 at the simulator's 20 px/mm."""
+    return max(1, int(pixels_per_mm // MASK_PX_PER_MM))
+
+
+def _blobs_in(frame: np.ndarray, reference: np.ndarray, box: tuple[int, int, int, int],
+              width: int, height: int) -> list[Blob]:
+    x0, y0, x1, y1 = box
+    mask = difference_mask(frame[y0:y1, x0:x1], reference[y0:y1, x0:x1])
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0))
+    blobs = [_blob(c, width, height) for c in contours if cv2.contourArea(c) >= MIN_AREA_PX]
+    return sorted(blobs, key=lambda b: b.cx)
+
+
+def _merge_boxes(boxes: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Overlapping boxes merged (x0, y0, x1, y1): a region is contoured in one box only."""
+    merged: list[tuple[int, int, int, int]] = []
+    for box in sorted(boxes):
+        for i, m in enumerate(merged):
+            if box[0] < m[2] and m[0] < box[2] and box[1] < m[3] and m[1] < box[3]:
+                merged[i] = (min(box[0], m[0]), min(box[1], m[1]), max(box[2], m[2]), max(box[3], m[3]))
+                break
+        else:
+            merged.append(box)
+    # A merge can make a box overlap another one merged earlier: repeat until none does.
+    return merged if len(merged) == len(boxes) else _merge_boxes(merged)
+
+
+_COARSE_REFS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _coarse_reference(reference: np.ndarray, step: int) -> np.ndarray:
+    """The reference subsampled like the frames, kept per reference (it changes only at
+    calibration); the cache holds the reference itself, so an id is never reused stale."""
+    key = (id(reference), step)
+    got = _COARSE_REFS.get(key)
+    if got is None or got[0] is not reference:
+        h, w = reference.shape[:2]
+        got = (reference, cv2.resize(reference, (w // step, h // step), interpolation=cv2.INTER_NEAREST))
+        if len(_COARSE_REFS) > 8:
+            _COARSE_REFS.clear()
+        _COARSE_REFS[key] = got
+    return got[1]
 
 
 def _blob(contour: np.ndarray, width: int, height: int) -> Blob:
@@ -278,8 +343,9 @@ def segment_pair(
     (`speed_known` False) rather than invent one.
     """
     dt_s = lim.dt_s if t_backlit_ns is None else (t_toplit_ns - t_backlit_ns) / 1e9
-    back = find_blobs(backlit, ref_backlit)
-    top = find_blobs(toplit, ref_toplit)
+    step = mask_step(lim.pixels_per_mm)
+    back = find_blobs(backlit, ref_backlit, step)
+    top = find_blobs(toplit, ref_toplit, step)
     pairs = pair_blobs(back, top, lim, dt_s)
     ppm = lim.pixels_per_mm
     obs, border, decided = [], 0, 0

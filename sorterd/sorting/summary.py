@@ -169,6 +169,12 @@ def format_text(s: dict[str, Any]) -> str:
     if "stones_fed" in s:
         lines.append(f"stones fed {s['stones_fed']}, seen {s['stones_seen']}, objects decided {s['objects_decided']}"
                      f" ({s['clusters']} clusters), captures {s['captures']}")
+        feed = s.get("feed") or {}
+        if feed.get("achieved_per_s") is not None:
+            lines.append(f"feed rate: requested {feed['requested_per_s']:g}/s, achieved {feed['achieved_per_s']:g}/s"
+                         f" (singulation allows ~{feed['capacity_per_s']:.0f}/s)")
+        if feed.get("warning"):
+            lines.append(f"WARNING: {feed['warning']}")
         lines.append("landed: " + "  ".join(f"{b} {s['bins'][b]}" for b in BINS)
                      + f"   landed as decided {s['landed_as_decided_rate']:.2%}"
                      + f", as routed {s['landed_as_routed_rate']:.2%}")
