@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -178,8 +179,12 @@ class LabelStore:
             spot = self._spot()
             if spot is None or spot["annotator"] != name:
                 return []
-            return [s for s in spot["stone_ids"] if (s, name, "spot") not in st.checks]
+            return [s for s in spot["stone_ids"] if not self._spot_done(spot, s)]
         raise LabelError(f"mode {mode!r}: allowed modes are label, gold, spot")
+
+    def _spot_done(self, spot: dict[str, Any], stone_id: str) -> bool:
+        live = self._state.checks.get((stone_id, spot["annotator"], "spot"))
+        return live is not None and live.record.get("spot_round") == spot.get("round")
 
     def _has_label(self, stone_id: str, name: str) -> bool:
         p = self._state.primary.get(stone_id)
@@ -228,9 +233,10 @@ class LabelStore:
                 spot = self._spot()
                 if spot is None or spot["annotator"] != name or sid not in spot["stone_ids"]:
                     raise Conflict(f"stone {sid} is not in {name}'s current spot set; POST /api/spot starts one")
-                if (sid, name, "spot") in self._state.checks:
+                if self._spot_done(spot, sid):
                     raise Conflict(f"stone {sid} already re-labelled by {name} in this spot round; undo it first")
                 file = CHECKS_FILE
+                record["spot_round"] = spot["round"]
             elif self._has_label(sid, name):
                 raise Conflict(f"stone {sid} already labelled by {name}; undo (POST /api/undo) to change it")
             elif primary is None:
@@ -302,19 +308,21 @@ class LabelStore:
             if not mine:
                 raise Conflict(f"annotator {name!r} has no classified labels to re-label (§3.5)")
             ids = sorted(random.Random(seed).sample(mine, min(size, len(mine))))
-            spot = {"annotator": name, "stone_ids": ids, "created": now_iso()}
+            spot = {"annotator": name, "stone_ids": ids, "created": now_iso(), "round": secrets.token_hex(8)}
             write_json_atomic(self.root / REVIEW_DIR / SPOT_FILE, spot)
             return spot
 
     def agreement(self) -> dict[str, Any]:
-        """§3.3: κ per head between each pair (first annotator, second annotator), disagreements listed."""
+        """§3.3: κ per head for each two annotators who labelled the same stones, disagreements listed."""
         with self._lock:
             self._refresh()
             pairs = [(self._state.primary[s].record, live.record) for (s, _, check), live in self._state.checks.items()
                      if check == "second" and s in self._state.primary]
         by_pair: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-        for first, second in pairs:
-            by_pair.setdefault((first.get("annotator", ""), second["annotator"]), []).append((first, second))
+        for first, second in pairs:  # κ is symmetric: one entry per two people, whoever labelled first
+            a, b = str(first.get("annotator", "")), str(second["annotator"])
+            key, item = ((a, b), (first, second)) if a <= b else ((b, a), (second, first))
+            by_pair.setdefault(key, []).append(item)
         gold = set(self._gold_ids())
         out = []
         for (a, b), items in sorted(by_pair.items()):
@@ -338,7 +346,7 @@ class LabelStore:
                 return {"spot": None}
             name = spot["annotator"]
             done = [(self._state.primary[s].record, self._state.checks[(s, name, "spot")].record)
-                    for s in spot["stone_ids"] if (s, name, "spot") in self._state.checks and s in self._state.primary]
+                    for s in spot["stone_ids"] if self._spot_done(spot, s) and s in self._state.primary]
         differ = [_disagreement(x, y) for x, y in done
                   if (x.get("color"), x.get("clarity")) != (y.get("color"), y.get("clarity"))]
         rate = len(differ) / len(done) if done else None
