@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.inbox_records import session, stone
 from sorterd.trainer.inbox import open_inbox
+from tests.inbox_records import session, stone
 
 
 def flagged_dataset(root: Path, n: int, seed: int = 0) -> list[str]:
