@@ -14,9 +14,9 @@ import pytest
 pytest.importorskip("aiohttp")
 from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 
-from sorterd.data.dataset import effective_labels, open_dataset, read_labels  # noqa: E402
+from sorterd.data.dataset import DatasetError, effective_labels, open_dataset, read_labels  # noqa: E402
 from sorterd.domain import CLARITIES, COLORS  # noqa: E402
-from sorterd.trainer.labels import LabelStore, cohen_kappa  # noqa: E402
+from sorterd.trainer.labels import LabelError, LabelStore, cohen_kappa  # noqa: E402
 from sorterd.trainer.review.app import make_app  # noqa: E402
 from tests.reviewdata import flagged_dataset  # noqa: E402
 
@@ -248,3 +248,33 @@ def test_retrain_endpoints_answer_503_while_the_module_is_absent(tmp_path: Path,
     for status, answer in run(tmp_path, scenario):
         assert status == 503 and "sorterd.trainer.retrain" in answer["error"]
     assert not os.path.exists(tmp_path / "models")
+
+
+def test_two_processes_on_one_dataset_see_each_others_labels(tmp_path: Path) -> None:
+    ids = flagged_dataset(tmp_path, 3)
+    a, b = LabelStore(tmp_path), LabelStore(tmp_path)  # e.g. `sorterd review` beside `sorterd trainer`
+    a.add(label(ids[0], "duke"))
+    with pytest.raises(LabelError, match="already labelled by duke") as exc:
+        b.add(label(ids[0], "duke", color="inky"))
+    assert exc.value.status == 409
+    assert b.add(label(ids[0], "ann"))["check"] == "second"  # b read a's line before deciding
+    assert b.undo("duke")["stone_id"] == ids[0]  # and can withdraw it
+    assert {q["stone_id"] for q in a.queue("duke", 10)} == set(ids)
+
+
+def test_the_dataset_reader_checks_retraction_lines(tmp_path: Path) -> None:
+    path = tmp_path / "labels.jsonl"
+    path.write_text('{"stone_id": "a1", "color": "blue", "clarity": "opaque"}\n'
+                    '{"stone_id": "a1", "retract": true, "annotator": "duke"}\n'
+                    '{"stone_id": "a1", "color": "inky", "clarity": "opaque"}\n'
+                    '{"stone_id": "b2", "retract": true}\n'
+                    '{"stone_id": "c3", "retract": "yes"}\n')
+    with pytest.raises(DatasetError) as exc:
+        read_labels(path)
+    assert exc.value.problems == [
+        f"{path}:4: retracts stone_id 'b2', which has no live label above it; a retraction follows the label "
+        "it withdraws",
+        f"{path}:5: retract = 'yes': a retraction line has \"retract\": true"]
+    path.write_text("\n".join(path.read_text().splitlines()[:3]) + "\n")
+    (lab,) = read_labels(path)
+    assert (lab.stone_id, lab.color, lab.line) == ("a1", "inky", 3)

@@ -227,7 +227,10 @@ def _read_labels(path: Path) -> tuple[list[StoneLabel], list[str]]:
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        before = len(problems)
         retracted = _collect(problems, _retraction, line, f"{path}:{lineno}")
+        if len(problems) > before:  # a retraction line, but a bad one
+            continue
         if retracted is not None:
             if retracted not in live:
                 problems.append(f"{path}:{lineno}: retracts stone_id {retracted!r}, which has no live label "

@@ -127,7 +127,7 @@ class LabelStore:
         self._lock = threading.Lock()
         self._queue: dict[str, dict[str, Any]] = {}
         self._queue_offset = 0
-        self._sizes: dict[str, int] = {}
+        self._offsets = {LABELS_FILE: 0, CHECKS_FILE: 0}  # bytes of each file applied to _state
         self._state = _State()
         with _flocked(self.labels_path):  # the one lock every writer of this dataset takes
             for path in (self.labels_path, self.checks_path):
@@ -258,7 +258,7 @@ class LabelStore:
                     if live.record.get("annotator") == name]
             if not mine:
                 raise LabelError(f"annotator {name!r} has no label to undo", 404)
-            last = max(mine, key=lambda live: live.seq)
+            last = max(mine, key=_recency)
             rec = last.record
             retraction: dict[str, Any] = {"stone_id": rec["stone_id"], "annotator": name, "retract": True,
                                           "timestamp": now_iso()}
@@ -376,10 +376,39 @@ class LabelStore:
     def _refresh(self) -> None:
         """Read what was appended since the last look (the inbox, another process): the lock is held."""
         self._read_queue_tail()
-        sizes = {f: _size(p) for f, p in ((LABELS_FILE, self.labels_path), (CHECKS_FILE, self.checks_path))}
-        if sizes != self._sizes:
-            self._state = self._replay()
-            self._sizes = sizes
+        paths = {LABELS_FILE: self.labels_path, CHECKS_FILE: self.checks_path}
+        if any(_size(path) < self._offsets[f] for f, path in paths.items()):  # cut short: start over
+            self._state, self._offsets = _State(), dict.fromkeys(paths, 0)
+        for file, path in paths.items():
+            self._offsets[file] += self._apply_tail(file, path, self._offsets[file])
+
+    def _apply_tail(self, file: str, path: Path, offset: int) -> int:
+        """Apply the whole lines of `path` after `offset`; returns how many bytes were taken."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        end = data.rfind(b"\n") + 1  # a line still being written (or torn) is left for later
+        for rec in _parse_lines(data[:end], path):
+            self._apply(file, rec)
+        return end
+
+    def _apply(self, file: str, rec: dict[str, Any]) -> None:
+        st = self._state
+        st.seq += 1
+        sid, name, check = str(rec["stone_id"]), str(rec.get("annotator", "")), str(rec.get("check", ""))
+        retract = rec.get("retract") is True
+        if file == LABELS_FILE:
+            if retract:
+                st.primary.pop(sid, None)
+            elif sid not in st.primary:
+                st.primary[sid] = _Live(rec, file, st.seq)
+        elif retract:
+            st.checks.pop((sid, name, check), None)
+        else:
+            st.checks[(sid, name, check)] = _Live(rec, file, st.seq)
 
     def _read_queue_tail(self) -> None:
         path = self.root / QUEUE_FILE
@@ -399,24 +428,6 @@ class LabelStore:
             if isinstance(q, dict) and isinstance(q.get("stone_id"), str):
                 self._queue.setdefault(q["stone_id"], q)
         self._queue_offset += end
-
-    def _replay(self) -> _State:
-        st = _State()
-        for file, path in ((LABELS_FILE, self.labels_path), (CHECKS_FILE, self.checks_path)):
-            for rec in _records(path):
-                st.seq += 1
-                sid, name = str(rec["stone_id"]), str(rec.get("annotator", ""))
-                check = str(rec.get("check", ""))
-                if file == LABELS_FILE:
-                    if rec.get("retract") is True:
-                        st.primary.pop(sid, None)
-                    elif sid not in st.primary:
-                        st.primary[sid] = _Live(rec, file, st.seq)
-                elif rec.get("retract") is True:
-                    st.checks.pop((sid, name, check), None)
-                else:
-                    st.checks[(sid, name, check)] = _Live(rec, file, st.seq)
-        return st
 
 
 def check_annotator(value: Any) -> str:
@@ -467,28 +478,31 @@ def _label_fields(body: Any) -> dict[str, Any]:
     return out
 
 
+def _recency(live: _Live) -> tuple[float, int]:
+    """Undo takes the latest label: by its timestamp (the two files interleave in time), then file order."""
+    try:
+        when = datetime.fromisoformat(str(live.record.get("timestamp", ""))).timestamp()
+    except ValueError:
+        when = 0.0
+    return when, live.seq
+
+
 def _disagreement(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
     return {"stone_id": first["stone_id"],
             "first": {k: first.get(k) for k in ("annotator", "color", "clarity", "notes")},
             "second": {k: second.get(k) for k in ("annotator", "color", "clarity", "notes")}}
 
 
-def _records(path: Path) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a .jsonl file; a torn last line is skipped, other bad lines logged."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return
-    lines = text.splitlines()
-    if lines and not text.endswith("\n") and is_torn(lines[-1]):
-        lines.pop()
-    for lineno, line in enumerate(lines, 1):
+def _parse_lines(data: bytes, path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of whole .jsonl lines; a bad line is logged and skipped (the strict reader,
+    `sorterd.data.dataset.read_labels`, names it when training)."""
+    for line in data.splitlines():
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d: not valid JSON; ignored", path, lineno)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            log.warning("%s: a line that is not valid JSON; ignored", path)
             continue
         if isinstance(rec, dict) and isinstance(rec.get("stone_id"), str):
             yield rec

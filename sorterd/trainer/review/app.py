@@ -127,8 +127,13 @@ async def image(request: web.Request) -> web.StreamResponse:
         raise LabelError(f"image kind {kind!r}: allowed are {', '.join(IMAGE_KINDS)}", 404)
     if not name.endswith(".png") or not _ID.match(name[:-4]):
         raise LabelError(f"image {name!r}: must be <stone_id>.png", 404)
-    store = request.app[STORE]
-    q = await asyncio.to_thread(store.stone, name[:-4])
+    path = await asyncio.to_thread(_image_path, request.app[STORE], kind, name)
+    return web.FileResponse(path, headers={"Cache-Control": "max-age=3600"})
+
+
+def _image_path(store: LabelStore, kind: str, name: str) -> Path:
+    """Where the inbox put one of a stone's four PNGs (sorterd.trainer.inbox's layout)."""
+    q = store.stone(name[:-4])
     mode, part = kind.split("_")
     if part == "crop":
         path = store.root / "images" / "processed" / mode / name
@@ -136,7 +141,7 @@ async def image(request: web.Request) -> web.StreamResponse:
         path = store.root / "images" / "raw" / str(q.get("session_id", "")) / mode / name
     if not path.is_file():
         raise LabelError(f"{kind} of stone {name[:-4]} is missing on disk ({path})", 404)
-    return web.FileResponse(path, headers={"Cache-Control": "max-age=3600"})
+    return path
 
 
 async def _json_body(request: web.Request) -> Any:

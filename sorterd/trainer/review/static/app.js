@@ -11,6 +11,7 @@ const OTHER = [["r", "reject: not a sapphire (sends the stone)"], ["s", "skip: n
 
 const state = { queue: [], current: null, color: null, clarity: null, flags: new Set(), busy: 0 };
 const $ = (id) => document.getElementById(id);
+const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 
 function annotator() { return $("annotator").value.trim(); }
 function mode() { return $("mode").value; }
@@ -177,7 +178,7 @@ async function refreshCounts() {
   if (a.ok) {
     const pairs = a.data.pairs;
     $("agreement").innerHTML = (a.data.gold_set.length ? `gold set: ${a.data.gold_set.length} stones<br>` : "") +
-      (pairs.length ? pairs.map((p) => `${p.first} vs ${p.second}: ${p.stones} stones, κ colour ` +
+      (pairs.length ? pairs.map((p) => `${esc(p.first)} vs ${esc(p.second)}: ${p.stones} stones, κ colour ` +
         `<b class="${p.kappa_color !== null && p.kappa_color < a.data.target_kappa ? "warn" : ""}">${fmt(p.kappa_color)}</b>, ` +
         `κ clarity <b class="${p.kappa_clarity !== null && p.kappa_clarity < a.data.target_kappa ? "warn" : ""}">${fmt(p.kappa_clarity)}</b>` +
         (p.disagreements.length ? `<br>disagree: ${p.disagreements.map((d) => d.stone_id).join(", ")}` : "")).join("<br>")
@@ -186,13 +187,13 @@ async function refreshCounts() {
   const s = await api("GET", "/api/spot");
   if (s.ok) {
     $("spot").innerHTML = !s.data.spot ? "no spot round" :
-      `${s.data.spot.annotator}: ${s.data.relabelled} re-labelled, ${s.data.remaining} to go; disagreement ` +
+      `${esc(s.data.spot.annotator)}: ${s.data.relabelled} re-labelled, ${s.data.remaining} to go; disagreement ` +
       `<b class="${s.data.investigate ? "warn" : ""}">${s.data.disagreement === null ? "–" :
         (100 * s.data.disagreement).toFixed(0) + " %"}</b>${s.data.investigate ? " (> 10 %: investigate)" : ""}`;
   }
 }
 
-function link(href, text) { return href ? `<a href="${href}" target="_blank">${text}</a>` : ""; }
+function link(href, text) { return href ? `<a href="${esc(href)}" target="_blank">${text}</a>` : ""; }
 
 async function refreshRetrain() {
   const r = await api("GET", "/api/retrain");
@@ -201,10 +202,10 @@ async function refreshRetrain() {
   const d = r.data, p = d.progress ?? 0;
   $("retrain-progress").value = p;
   const eta = d.eta_s ? ` · ETA ${Math.round(d.eta_s / 60)} min` : "";
-  const epoch = d.epoch !== undefined && d.epoch !== null ? ` · epoch ${d.epoch}${d.epochs ? "/" + d.epochs : ""}` : "";
-  $("retrain").innerHTML = `${d.state ?? "idle"}${epoch}${eta}` +
-    (d.new_labels !== undefined ? ` · ${d.new_labels} new labels` : "") +
-    ` ${link(d.log_url, "§5.5 log entry")} ${link(d.report_url, "report")}` + (d.message ? `<br>${d.message}` : "");
+  const epoch = d.epoch !== undefined && d.epoch !== null ? ` · epoch ${esc(d.epoch)}${d.epochs ? "/" + esc(d.epochs) : ""}` : "";
+  $("retrain").innerHTML = `${esc(d.state ?? "idle")}${epoch}${eta}` +
+    (d.new_labels !== undefined ? ` · ${esc(d.new_labels)} new labels` : "") +
+    ` ${link(d.log_url, "§5.5 log entry")} ${link(d.report_url, "report")}` + (d.message ? `<br>${esc(d.message)}` : "");
 }
 
 function nameChanged() { localStorage.setItem("sorterd-annotator", annotator()); loadQueue(); }
