@@ -278,3 +278,23 @@ def test_the_dataset_reader_checks_retraction_lines(tmp_path: Path) -> None:
     path.write_text("\n".join(path.read_text().splitlines()[:3]) + "\n")
     (lab,) = read_labels(path)
     assert (lab.stone_id, lab.color, lab.line) == ("a1", "inky", 3)
+
+
+def test_each_appended_line_is_applied_once(tmp_path: Path) -> None:
+    """The store reads only what was appended (a missing checks.jsonl once made it replay every file
+    on every request: O(labels²))."""
+    ids = flagged_dataset(tmp_path, 8)
+    applied: list[str] = []
+
+    class Counting(LabelStore):
+        def _apply(self, file: str, rec: dict[str, Any]) -> None:
+            applied.append(rec["stone_id"])
+            super()._apply(file, rec)
+
+    store = Counting(tmp_path)
+    for sid in ids:
+        store.add(label(sid))
+        store.queue("duke", 10)
+        store.counts()
+    store.undo("duke")
+    assert sorted(applied) == sorted([*ids, ids[-1]])  # eight labels and one retraction, each applied once

@@ -555,4 +555,4 @@ def _size(path: Path) -> int:
     try:
         return path.stat().st_size
     except FileNotFoundError:
-        return -1
+        return 0  # not yet written: nothing applied from it either
