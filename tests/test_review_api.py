@@ -298,3 +298,31 @@ def test_each_appended_line_is_applied_once(tmp_path: Path) -> None:
         store.counts()
     store.undo("duke")
     assert sorted(applied) == sorted([*ids, ids[-1]])  # eight labels and one retraction, each applied once
+
+
+def test_retrain_endpoints_call_the_retrain_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    flagged_dataset(tmp_path, 1)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model_log.jsonl").write_text('{"version": "v002"}\n')
+    calls: list[tuple[Path, str]] = []
+    fake = types.ModuleType("sorterd.trainer.retrain")
+    fake.read_status = lambda root: {"state": "training", "epoch": 3, "progress": 0.4}  # type: ignore[attr-defined]
+    fake.request_run = lambda root, reason: calls.append((root, reason)) or {"queued": True}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sorterd.trainer.retrain", fake)
+
+    async def scenario(c: TestClient) -> list[tuple[int, Any]]:
+        out = []
+        for r in (await c.get("/api/retrain"), await c.post("/api/retrain", json={"reason": "button"}),
+                  await c.post("/api/retrain", json={"reason": 7}), await c.get("/reports/models/model_log.jsonl"),
+                  await c.get("/reports/labels.jsonl"), await c.get("/reports/models/../labels.jsonl")):
+            out.append((r.status, await r.text()))
+        return out
+
+    answers = run(tmp_path, scenario)
+    assert [s for s, _ in answers] == [200, 202, 400, 200, 404, 404]
+    assert json.loads(answers[0][1])["epoch"] == 3 and json.loads(answers[1][1]) == {"queued": True}
+    assert calls == [(tmp_path, "button")]  # the bad reason reached nothing
+    assert "v002" in answers[3][1]

@@ -14,6 +14,11 @@
     GET  /api/retrain, POST /api/retrain  {"reason"}: `sorterd.trainer.retrain` (503 while it is absent)
     GET  /reports/<path>                  files under DIR/models/ and DIR/reports/ (the retrain logs)
 
+What the page shows of `read_status(root)` (every key optional; others are ignored): "state"
+(str), "progress" (0..1), "epoch", "epochs", "eta_s", "new_labels", "message", and "log_url" /
+"report_url" (links, e.g. /reports/models/model_log.jsonl for a file under DIR/models or
+DIR/reports).  POST answers 202 with `request_run(root, reason)`'s dict.
+
 Bad input is a 4xx with ``{"error": "<what was wrong and what is allowed>"}`` and changes nothing.
 Every store call does file I/O and runs in a worker thread (`asyncio.to_thread`).
 """
