@@ -21,7 +21,7 @@ def test_importing_the_cli_and_building_its_parser_imports_no_torch() -> None:
     code = ("import sys\n"
             "import sorterd.cli\n"
             "sorterd.cli.build_parser()\n"
-            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib')\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib', 'aiohttp')\n"
             "               or m.startswith('sorterd.train'))\n"
             "print(','.join(heavy))\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -31,7 +31,8 @@ def test_importing_the_cli_and_building_its_parser_imports_no_torch() -> None:
 
 def test_every_subcommand_is_wired() -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"run", "check-config", "calibrate", "sim", "train", "evaluate", "compare", "models", "keys", "trainer", "retrain"}
+    assert set(sub.choices) == {"run", "check-config", "calibrate", "sim", "train", "evaluate", "compare", "models", "keys", "trainer",
+                                "retrain", "review"}
     assert build_parser().parse_args(["calibrate", "--sim", "--sim-fault", "backlight=-0.08"]).sim_fault == [
         ("backlight", -0.08)]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sorterd import __version__
-from sorterd.cli import calibrate, keys, models, retrain, train, trainer
+from sorterd.cli import calibrate, keys, models, retrain, review, train, trainer
 from sorterd.cli.args import fault, positive_float, positive_int
 from sorterd.cli.paths import Output, OutputPathError, check_outputs
 from sorterd.configfile import ConfigError
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reference", action="store_true", help="print the config reference instead")
     r.set_defaults(func=cmd_run)
     c.set_defaults(func=cmd_check_config)
-    for commands in (calibrate, train, keys, trainer, models, retrain):
+    for commands in (calibrate, train, keys, trainer, models, retrain, review):
         # Each adds its subcommands with set_defaults(func=...); heavy imports
         # (torch, the pipeline) happen inside the command functions, not here.
         commands.add_commands(sub)

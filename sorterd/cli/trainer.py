@@ -1,12 +1,14 @@
 """`sorterd trainer`: the training PC's end of the link -- flagged stones from the sorters into a §7.1 dataset.
 
     sorterd trainer --data DIR --key TRAINER.key_secret --allowed DIR [--bind tcp://127.0.0.1:5591]
-                    [--metrics-port N] [--metrics-host 127.0.0.1]
+                    [--metrics-port N] [--metrics-host 127.0.0.1] [--review-port N [--review-host 127.0.0.1]]
     sorterd trainer status --data DIR      the sorters as the inbox last saw them (DIR/inbox/sorters.json)
 
 Composes `sorterd.link.server.LinkServer` (CurveZMQ ROUTER, ZAP allow-list: one sorter public key
 file per sorter in --allowed, its stem the sorter id) with the inbox `sorterd.trainer.inbox`
-(imported when the command runs).  Binds to localhost unless --bind says otherwise.
+(imported when the command runs).  Binds to localhost unless --bind says otherwise.  With
+--review-port the same process serves the review page (`sorterd.trainer.review`, the trainer extra)
+on the same dataset, as `sorterd review` would.
 
 Exit status: 0 never (it serves until stopped); 2 bad input (key, allow-list, address, an
 unreadable dataset); 130/143 stopped by SIGINT/SIGTERM.
@@ -25,6 +27,8 @@ from typing import TYPE_CHECKING
 from sorterd.link.server import DEFAULT_ENDPOINT
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from sorterd.trainer.inbox import Inbox
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     t.add_argument("--metrics-port", type=int, metavar="N", help="serve Prometheus metrics on this port")
     t.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR",
                    help="address of the metrics endpoint (default 127.0.0.1: this machine only)")
+    t.add_argument("--review-port", type=int, metavar="N",
+                   help="also serve the review page (§3.1) on this port (needs the trainer extra: aiohttp)")
+    t.add_argument("--review-host", default="127.0.0.1", metavar="ADDR",
+                   help="address of the review page (default 127.0.0.1: this machine only)")
     t.set_defaults(func=cmd_trainer)
 
 
@@ -75,6 +83,9 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         print(f"sorterd trainer: --metrics-port {args.metrics_port}: a port in [0, 65535]", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.review_port is not None and not 0 <= args.review_port <= 65535:
+        print(f"sorterd trainer: --review-port {args.review_port}: a port in [0, 65535]", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from sorterd.trainer.inbox import InboxError, open_inbox
 
     try:
@@ -101,6 +112,7 @@ async def _serve(args: argparse.Namespace, public: bytes, secret: bytes, inbox: 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop, sig)
     metrics = None
+    review = None
     try:
         try:
             await server.start()
@@ -113,11 +125,36 @@ async def _serve(args: argparse.Namespace, public: bytes, secret: bytes, inbox: 
             port = inbox.metrics.serve(args.metrics_host, args.metrics_port)
             metrics = inbox.metrics
             print(f"sorterd trainer: metrics on http://{args.metrics_host}:{port}/metrics", file=sys.stderr)
+        if args.review_port is not None:
+            review = await _start_review(args)
+            if review is None:
+                return EXIT_BAD_INPUT
         print(f"sorterd trainer: listening on {server.endpoint}, data in {args.data}", file=sys.stderr)
         await server.run()
     finally:
+        if review is not None:
+            await review.cleanup()
         server.close()
         inbox.close()
         if metrics is not None:
             metrics.close()
     return 128 + stopped[0] if stopped else 0
+
+
+async def _start_review(args: argparse.Namespace) -> web.AppRunner | None:
+    """The review page beside the link (None, with the reason printed, when it cannot start)."""
+    try:
+        from sorterd.trainer.labels import LabelError
+        from sorterd.trainer.review.app import make_app, start_site
+    except ModuleNotFoundError as exc:
+        print(f"sorterd trainer: --review-port needs the trainer extra ({exc.name} missing): "
+              "pip install -e '.[trainer]'", file=sys.stderr)
+        return None
+    try:
+        runner, port = await start_site(make_app(args.data), args.review_host, args.review_port)
+    except (LabelError, OSError) as exc:
+        print(f"sorterd trainer: --review-host {args.review_host} --review-port {args.review_port}: {exc}",
+              file=sys.stderr)
+        return None
+    print(f"sorterd trainer: review page on http://{args.review_host}:{port}/", file=sys.stderr)
+    return runner

@@ -19,6 +19,18 @@ or by a real rig, works the same.  What a label line must hold:
   size; else it is measured from the backlit crop when the session's
   ``pixels_per_mm`` is known).  Other fields are kept and ignored.
 
+labels.jsonl is append-only (the review page, `sorterd.trainer.labels`, writes it; §3.4):
+
+* a *retraction* line ``{"stone_id": ..., "retract": true, "annotator": ..., "timestamp": ...}``
+  withdraws the stone's live label (the page's undo); the stone may then be labelled again on a
+  later line.  A second live line for one stone (no retraction between) is still an error.
+* second opinions (§3.3 agreement, §3.5 spot re-labelling) never go here: they go to
+  ``DIR/review/checks.jsonl`` (same line format plus ``"check"``), so one live line per stone
+  stays the rule and training uses the first annotator's label (§3.3: the gold annotator's
+  decision is ground truth).  `effective_labels` is what training counts.
+* a torn last line (no final newline, not valid JSON: the writer was killed mid-append) is
+  skipped by readers and cut off by the next writer (`sorterd.trainer.labels`).
+
 Every problem is reported as ``FILE:LINE: what is wrong``, all of them at
 once (`DatasetError`), before any training starts -- never as a crash deep
 inside torch.
@@ -208,22 +220,61 @@ def _read_labels(path: Path) -> tuple[list[StoneLabel], list[str]]:
         return [], [f"{path}: missing (a dataset needs its labels.jsonl, §3.4)"]
     except (OSError, UnicodeDecodeError) as exc:
         return [], [f"{path}: cannot be read ({exc})"]
-    labels: list[StoneLabel] = []
+    live: dict[str, StoneLabel] = {}  # stone_id -> its live label, in first-labelled order
     problems: list[str] = []
-    first_line: dict[str, int] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    if lines and not text.endswith("\n") and is_torn(lines[-1]):
+        lines.pop()  # a torn last line: the writer died mid-append; that label was never acknowledged
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
+            continue
+        before = len(problems)
+        retracted = _collect(problems, _retraction, line, f"{path}:{lineno}")
+        if len(problems) > before:  # a retraction line, but a bad one
+            continue
+        if retracted is not None:
+            if retracted not in live:
+                problems.append(f"{path}:{lineno}: retracts stone_id {retracted!r}, which has no live label "
+                                "above it; a retraction follows the label it withdraws")
+            live.pop(retracted, None)
             continue
         lab = _collect(problems, parse_label, line, f"{path}:{lineno}", lineno)
         if lab is None:
             continue
-        if lab.stone_id in first_line:
+        if lab.stone_id in live:
             problems.append(f"{path}:{lineno}: stone_id {lab.stone_id!r} already labelled on line "
-                            f"{first_line[lab.stone_id]}; keep one line per stone")
+                            f"{live[lab.stone_id].line}; keep one line per stone (or retract it first)")
             continue
-        first_line[lab.stone_id] = lineno
-        labels.append(lab)
-    return labels, problems
+        live[lab.stone_id] = lab
+    return sorted(live.values(), key=lambda lab: lab.line), problems
+
+
+def is_torn(line: str) -> bool:
+    """A last line without its newline that is not a whole JSON value: an interrupted append."""
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return True
+    return False
+
+
+def _retraction(line: str, where: str) -> str | None:
+    """The stone_id a retraction line withdraws, or None for any other line (parse_label judges it)."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(rec, dict) or "retract" not in rec:
+        return None
+    if rec["retract"] is not True:
+        raise DatasetError(f"{where}: retract = {rec['retract']!r}: a retraction line has \"retract\": true")
+    return _stone_id(rec, where)
+
+
+def effective_labels(root: Path) -> list[StoneLabel]:
+    """The labels training uses: DIR/labels.jsonl's live lines after retractions (undo), one per
+    stone, the first annotator's; second opinions (DIR/review/checks.jsonl) are not among them."""
+    return read_labels(Path(root) / LABELS_FILE)
 
 
 def parse_label(line: str, where: str, lineno: int = 0) -> StoneLabel:
