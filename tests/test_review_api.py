@@ -326,3 +326,21 @@ def test_retrain_endpoints_call_the_retrain_module(tmp_path: Path, monkeypatch: 
     assert json.loads(answers[0][1])["epoch"] == 3 and json.loads(answers[1][1]) == {"queued": True}
     assert calls == [(tmp_path, "button")]  # the bad reason reached nothing
     assert "v002" in answers[3][1]
+
+
+def test_the_page_reads_the_runners_status_as_it_is_written(tmp_path: Path) -> None:
+    """The real runner's keys (fraction, reports under DIR/retrain/runs, refused) become what the
+    page shows (progress, links it can serve, one message); paths outside the dataset get no link."""
+    from sorterd.trainer.review.app import page_status
+
+    root = tmp_path / "ds"
+    run = root / "retrain" / "runs" / "r1"
+    run.mkdir(parents=True)
+    status = {"state": "done", "fraction": 1.0, "refused": ["CUT recall 0.80 < 0.85"],
+              "reports": {"report_html": str(run / "report.html"), "train_log": str(run / "train.log"),
+                          "evaluate": str(tmp_path / "elsewhere.json")}}
+    page = page_status(root, status)
+    assert page["progress"] == 1.0 and page["message"] == "not a candidate: CUT recall 0.80 < 0.85"
+    assert page["report_url"] == "/reports/retrain/runs/r1/report.html"
+    assert page["log_url"] == "/reports/retrain/runs/r1/train.log"
+    assert "report_url" not in page_status(root, {"reports": {"evaluate": str(tmp_path / "elsewhere.json")}})

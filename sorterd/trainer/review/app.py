@@ -41,7 +41,7 @@ STATIC = Path(__file__).parent / "static"
 IMAGE_KINDS = ("backlit_crop", "toplit_crop", "backlit_full", "toplit_full")
 MAX_LIMIT = 1000
 MAX_BODY = 64 * 1024  # a label is < 3 kB; notes are capped at 2000 characters
-REPORT_DIRS = ("models", "reports")
+REPORT_DIRS = ("models", "reports", "retrain")  # retrain/runs/<run>/: the runner's logs and reports
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 STORE: web.AppKey[LabelStore] = web.AppKey("store", LabelStore)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -202,7 +202,40 @@ def _retrain_module() -> Any:
 
 async def retrain_status(request: web.Request) -> web.Response:
     module = _retrain_module()
-    return web.json_response(await asyncio.to_thread(module.read_status, request.app[STORE].root))
+    root = request.app[STORE].root
+    return web.json_response(page_status(root, await asyncio.to_thread(module.read_status, root)))
+
+
+def page_status(root: Path, status: dict[str, Any]) -> dict[str, Any]:
+    """The runner's `read_status` with what the page shows: progress (its fraction), a one-line
+    message (why it ran, failed or was refused), and links to its report and the §5.5 log."""
+    out = dict(status)
+    if "fraction" in status and "progress" not in status:
+        out["progress"] = status["fraction"]
+    if "message" not in status:
+        refused = status.get("refused")
+        out["message"] = (status.get("error") or ("not a candidate: " + "; ".join(map(str, refused)) if refused else "")
+                          or (f"candidate release: {status['candidate']}" if status.get("candidate") else "")
+                          or str(status.get("reason") or ""))
+    found = status.get("reports")
+    reports: dict[str, Any] = found if isinstance(found, dict) else {}
+    for key, names in (("report_url", ("report_html", "evaluate")), ("log_url", ("train_log",))):
+        for name in names:
+            url = _report_url(root, reports.get(name))
+            if url and key not in out:
+                out[key] = url
+    return out
+
+
+def _report_url(root: Path, path: object) -> str | None:
+    """/reports/<path> for a file under one of REPORT_DIRS of the dataset, else None."""
+    if not isinstance(path, str) or not path:
+        return None
+    try:
+        rel = Path(path).resolve().relative_to(root.resolve())
+    except ValueError:
+        return None
+    return f"/reports/{rel.as_posix()}" if rel.parts and rel.parts[0] in REPORT_DIRS else None
 
 
 async def retrain_now(request: web.Request) -> web.Response:
