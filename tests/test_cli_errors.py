@@ -122,7 +122,8 @@ def no_run(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     def fake_run(*a: Any, **k: Any) -> RunResult:
         calls.append(a)
-        return RunResult({"record": {"lost": {"rows": 0, "unseen": 0, "decisions": 0}}}, Path("."))
+        return RunResult({"record": {"lost": {"rows": 0, "unseen": 0, "decisions": 0}}, "objects_decided": 0,
+                          "captures": 0, "not_decided": {}}, Path("."))
 
     monkeypatch.setattr("sorterd.cli.run.run", fake_run)
     return calls

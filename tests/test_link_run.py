@@ -18,18 +18,25 @@ import pytest
 from sorterd import config
 from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
+from sorterd.link import keys
 from sorterd.link import outbox as outbox_mod
 from sorterd.link.outbox import Outbox
 from sorterd.link.records import SESSION_IMAGES, STONE_IMAGES, SessionRecord, StoneRecord
 from sorterd.sorting.record import read_rows
 
-KEYS = {"trainer_key": "keys/trainer.key", "secret_key": "keys/sorter-1.key_secret"}
+def link_keys(tmp_path: Path) -> dict[str, str]:
+    """Real key files (the run reads them); no trainer listens: records wait in the outbox."""
+    keys.generate(tmp_path / "keys", "trainer")
+    keys.generate(tmp_path / "keys", "sorter-1")
+    return {"trainer_key": str(tmp_path / "keys" / "trainer.key"),
+            "secret_key": str(tmp_path / "keys" / "sorter-1.key_secret"),
+            "trainer": "tcp://127.0.0.1:9"}  # the discard port: nothing answers
 
 
 def sim(tmp_path: Path, link: dict[str, Any], **sim_over: object) -> config.Config:
     return load_config(config.sim_config_path(), {
         "record": {"log_dir": str(tmp_path / "logs")}, "metrics": {"enabled": False}, "sim": dict(sim_over),
-        "link": {"enabled": True, "outbox_dir": str(tmp_path / "outbox"), **KEYS, **link}})
+        "link": {"enabled": True, "outbox_dir": str(tmp_path / "outbox"), **link_keys(tmp_path), **link}})
 
 
 def expected(rows: list[dict[str, Any]], drift_every: int) -> dict[str, str]:

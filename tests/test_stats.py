@@ -124,4 +124,6 @@ def test_queue_depths_and_the_model_are_gauges_and_info() -> None:
     c.model("v009", "ab")
     assert sample(m, "sorterd_queue_depth", queue="pairs") == 1
     assert sample(m, "sorterd_queue_depth", queue="record") == 7
-    assert sample(m, "sorterd_model_info", version="v009", sha256="ab") == 1
+    assert sample(m, "sorterd_model_info", version="v009", release="", sha256="ab") == 1
+    c.model("v003@r7", "cd")  # a store release: its number is a label of its own
+    assert sample(m, "sorterd_model_info", version="v003@r7", release="7", sha256="cd") == 1

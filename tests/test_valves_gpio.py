@@ -184,7 +184,7 @@ def test_jetson_active_low_inverts_every_level() -> None:
     lib = FakeJetsonGPIO()
 
     async def body(v: G.GpioValves) -> None:
-        p = pulse("CUT", 10, 3)
+        p = pulse("CUT", 60, 3)  # far enough ahead that a loaded host still fires it (not refused late)
         v.schedule(p)
         await v.outcome(p)
 
@@ -294,8 +294,11 @@ def test_outputs_forced_off_when_the_thread_fails() -> None:
 
     async def body(v: G.GpioValves) -> None:
         lib.fail_on_high = True
-        v.schedule(pulse("FLIP", 5, 3))
-        await asyncio.sleep(0.05)
+        v.schedule(pulse("FLIP", 30, 3))  # ahead enough not to be refused late on a loaded host
+        for _ in range(200):  # until the thread has tried the write and failed
+            await asyncio.sleep(0.01)
+            if v.stats().state == "failed":
+                break
         got["after"] = v.schedule(pulse("FLIP", 20, 3, "S2"))
         got["state"] = v.stats().state
 
@@ -310,9 +313,13 @@ def test_interpreter_exit_switches_open_backends_off() -> None:
     lib = FakeGpiod()
 
     async def main() -> None:
-        v = G.open_gpio_valves(GPIOD, WallClock(), lib=lib)
-        v.schedule(pulse("CUT", 5, 30))
-        await asyncio.sleep(0.015)  # open now
+        cfg = gpiod_lines(rt_priority=0, late_limit_us=5000.0, max_on_ms=1000.0)
+        v = G.open_gpio_valves(cfg, WallClock(), lib=lib)
+        v.schedule(pulse("CUT", 5, 900))
+        for _ in range(160):  # open by now, even on a loaded host (the pulse lasts 0.9 s)
+            await asyncio.sleep(0.005)
+            if lib.value[17] == Value.ACTIVE:
+                break
         assert lib.value[17] == Value.ACTIVE
         sorterd.controller.outputs._close_all_at_exit()  # what atexit runs when close() was never called
 
