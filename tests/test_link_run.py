@@ -24,6 +24,7 @@ from sorterd.link.outbox import Outbox
 from sorterd.link.records import SESSION_IMAGES, STONE_IMAGES, SessionRecord, StoneRecord
 from sorterd.sorting.record import read_rows
 
+
 def link_keys(tmp_path: Path) -> dict[str, str]:
     """Real key files (the run reads them); no trainer listens: records wait in the outbox."""
     keys.generate(tmp_path / "keys", "trainer")
