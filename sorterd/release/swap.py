@@ -42,6 +42,7 @@ from sorterd.data.bundle import ModelError
 from sorterd.parts.inference import InferenceOptions, Model, Prediction
 from sorterd.parts.inference.golden import GOLDEN_ATOL, check_golden
 from sorterd.parts.inference.open import open_model
+from sorterd.release import crash
 from sorterd.release.qa import KitPolicy, latest_kit, qa_problems
 from sorterd.release.store import QaGate, ReleaseStore, StoreError
 from sorterd.release.verify import Refused, Verified
@@ -337,7 +338,9 @@ class ReleaseWatcher:
             self.refused.add(active)
             log.error("release %d: %s", active, exc)
             return
+        crash.point("swap.opened")
         old = self.pipeline.swap_model(model)
+        crash.point("swap.swapped")
         if self._previous is not None:  # the one before the previous: no rollback goes to it without a re-open
             self._retire(self._previous[0])
         self._previous = (old, self.running)
