@@ -207,6 +207,9 @@ class ModelsConfig:
                                 maxval=100_000.0)
     min_agreement: float = opt(0.90, "QA gate: the least reference-kit agreement before a release may go "
                                "live (§8.4 item 6).", minval=0.5, maxval=1.0)
+    require_kit: bool = opt(True, "QA gate: refuse a release while no reference kit is recorded (calibration's "
+                            "reference-stone step writes <calibration.dir>/<machine>/<date>/kit.npz); false = "
+                            "only the golden check runs then.")
     poll_s: float = opt(1.0, "How often the running sorter reads state.json for a newly activated release "
                         "(sorterd.release.swap).", minval=0.05, maxval=600.0)
     health_stones: int = opt(200, "Health watch: stones compared after a swap (and of the release before it) "

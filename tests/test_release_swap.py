@@ -7,6 +7,7 @@ import io
 import json
 import threading
 import time
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -16,18 +17,25 @@ from sorterd import config
 from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
 from sorterd.release.keys import generate, load_private, load_public
+from sorterd.release.qa import KIT_FILE, save_kit
 from sorterd.release.store import ReleaseStore
 from sorterd.release.swap import HealthBounds, HealthWatch, compare
 from sorterd.sorting.record import read_rows
-from tests.release_fakes import make_release, resign, swap_clarity_outputs
+from tests.release_fakes import faithful_kit, make_release, resign, swap_clarity_outputs
 
 
-def _store_and_cfg(tmp_path: Path, **models: object) -> tuple[ReleaseStore, config.Config, Path]:
+def _store_and_cfg(tmp_path: Path, kit: bool = True, **models: object) -> tuple[ReleaseStore, config.Config, Path]:
+    """A sorter with a release store; `kit`: a reference kit recorded today (the QA gate's)."""
     pub, sec = generate(tmp_path / "keys", "trainer")
     over: dict[str, dict[str, object]] = {
         "record": {"log_dir": str(tmp_path / "logs")}, "metrics": {"port": 0},
+        "calibration": {"dir": str(tmp_path / "cal")},
         "models": {"dir": str(tmp_path / "state"), "trusted_keys": [str(pub)], "poll_s": 0.05, **models}}
     cfg = load_config(config.sim_config_path(), over)
+    if kit:
+        day = tmp_path / "cal" / cfg.machine.name / date.today().isoformat()
+        day.mkdir(parents=True)
+        save_kit(day / KIT_FILE, faithful_kit())
     store = ReleaseStore(tmp_path / "state", [load_public(pub)], 10**9)
     return store, cfg, sec
 
@@ -103,7 +111,9 @@ def test_bad_release_rolled_back_by_the_health_watch(tmp_path: Path) -> None:
     """The clarity head swapped (signed, every file check passes; the golden check is re-recorded by the
     trainer that made it, so only sorting shows it): rolled back within health_stones stones."""
     stones = 40
-    store, cfg, sec = _store_and_cfg(tmp_path, health_stones=stones)
+    # No kit: the reference kit would refuse the clarity-swapped release before it went live; the
+    # health watch is what catches a bad release that the gate cannot see.
+    store, cfg, sec = _store_and_cfg(tmp_path, kit=False, require_kit=False, health_stones=stones)
     key = load_private(sec)
     store.stage(make_release(tmp_path / "r1", key, 1), None)
     bad = make_release(tmp_path / "r2src", key, 2)

@@ -11,7 +11,10 @@ Steps (§2.4, §8.4):
   backlight        panel intensity vs the stored baseline: drift > 5 % fails
   white balance    gray card under the ring light -> WB matrix; dE > 3 vs baseline warns
   scale            a target of known size -> px/mm; > 2 % off the configured scale fails
-  reference stones the kit through segmentation + model: < 90 % agreement fails
+  reference stones the kit through segmentation + model: < 90 % agreement fails; when it
+                   passes, the crops fed to the model and their labels are the recorded kit
+                   (`<dir>/<machine>/<date>/kit.npz`, `sorterd.release.qa`) that the release
+                   QA gate judges every new release on (§8.4 item 6, issue 12 item 4)
   valve timing     test stones, pulses shifted around the plan: each valve's hit window
                    bracketed and bisected (one dropped stone per probe), its delay
                    measured and corrected in the profile
@@ -45,6 +48,7 @@ from sorterd.data.files import write_json_atomic, write_png_atomic
 from sorterd.data.session import SessionMeta
 from sorterd.domain import JET_BINS
 from sorterd.parts.inference import Model
+from sorterd.release.qa import KIT_FILE, RecordedKit, save_kit
 from sorterd.sorting.segment import PairingLimits, crop_pair, find_blobs, segment_pair
 
 BACKLIGHT_DRIFT_MAX = 0.05  # §2.4 step 3
@@ -86,9 +90,18 @@ class Profile:
     opening_latency_ms: dict[str, float]
     reference_dir: str
     steps: list[StepResult] = field(default_factory=list)
+    # The reference-stone step's crops and labels when it passed (saved beside profile.json as
+    # kit.npz by `save_profile`, not in the JSON).
+    kit: RecordedKit | None = field(default=None, repr=False, compare=False)
+
+    def as_json(self) -> dict[str, Any]:
+        """profile.json's content (the kit is its own file)."""
+        raw = asdict(replace(self, kit=None))
+        del raw["kit"]
+        return raw
 
     def save(self, path: Path) -> None:
-        write_json_atomic(path, asdict(self))
+        write_json_atomic(path, self.as_json())
 
     @classmethod
     def load(cls, path: Path) -> Profile:
@@ -240,6 +253,7 @@ class Checklist:
         # A real machine's gray card, target, kit and test stones need a person.
         self.unattended = ask is None and rig.needs_operator
         self.results: list[StepResult] = []
+        self.kit: RecordedKit | None = None  # the reference stones as fed to the model, once that step passed
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -302,7 +316,7 @@ class Checklist:
         latency = self.valves()
         passed = all(r.status != "fail" and (r.status != "skip" or r.name in OPTIONAL_STEPS) for r in self.results)
         profile = Profile(date.today().isoformat(), self.cfg.machine.name, passed, ppm, matrix, intensity,
-                          latency, "", self.results)
+                          latency, "", self.results, self.kit)
         return profile, refs
 
     def backlight(self, backlit_ref: np.ndarray, base: Baseline | None) -> float:
@@ -360,12 +374,16 @@ class Checklist:
         refs = self.rig.reference_frames()
         agree, seen = 0, 0
         crop_px = int(round(model.manifest.crop_mm * ppm))
+        crops, labels = [], []
         for backlit, toplit, color, clarity in kit:
             obs = segment_pair(backlit, toplit, refs["backlit"], refs["toplit"], 0, lim).observations
             if len(obs) != 1:
                 continue
             seen += 1
-            [pred], _ = model.predict(crop_pair(backlit, toplit, obs[0], crop_px, model.manifest.size[0])[None])
+            crop = crop_pair(backlit, toplit, obs[0], crop_px, model.manifest.size[0])
+            crops.append(crop)
+            labels.append((color, clarity))
+            [pred], _ = model.predict(crop[None])
             m = model.manifest
             got = (m.color_classes[int(np.argmax(pred.p_color))], m.clarity_classes[int(np.argmax(pred.p_clarity))])
             agree += got == (color, clarity)
@@ -377,6 +395,7 @@ class Checklist:
                                    "§8.4): stop — check the kit's labels, the lighting and the model before sorting"))
         else:
             self.record(StepResult("reference stones", "pass", meas, f"{agree}/{len(kit)} agree ({rate:.0%})"))
+            self.kit = RecordedKit(np.stack(crops), labels, model.manifest.crop_mm)
 
     def valves(self) -> dict[str, float]:
         latency = dict(self.cfg.ejection.opening_latency_ms)
@@ -414,11 +433,14 @@ def profile_dir(root: Path, machine: str) -> Path:
 
 
 def save_profile(root: Path, profile: Profile, refs: dict[str, np.ndarray], meta: SessionMeta) -> Path:
-    """calibration/<machine>/<date>/: profile.json, session_meta.json, reference/{backlit,toplit}.png."""
+    """calibration/<machine>/<date>/: profile.json, session_meta.json, reference/{backlit,toplit}.png,
+    and kit.npz when the reference-stone step passed (the release QA gate's kit)."""
     d = profile_dir(root, profile.machine) / profile.date
     (d / "reference").mkdir(parents=True, exist_ok=True)
     for mode, img in refs.items():
         write_png_atomic(d / "reference" / f"{mode}.png", img)
+    if profile.kit is not None:
+        save_kit(d / KIT_FILE, profile.kit)
     profile.reference_dir = str(d / "reference")
     profile.save(d / "profile.json")
     write_json_atomic(d / "session_meta.json", asdict(meta))
@@ -533,4 +555,4 @@ def for_run(cfg: Config, model: Model, out: TextIO, uncalibrated: bool,
             return cfg, {"calibration": f"OVERRIDDEN: {why}"}
         raise CalibrationRefused(f"{why}: run `sorterd calibrate`, or `sorterd run --uncalibrated` to sort "
                                  "anyway (logged in the batch)")
-    return apply(cfg, profile), {"calibration": asdict(profile)}
+    return apply(cfg, profile), {"calibration": profile.as_json()}

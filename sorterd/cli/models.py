@@ -44,7 +44,8 @@ def add_release_commands(msub: argparse._SubParsersAction) -> None:  # type: ign
                    help="a trusted release public key (repeatable; default: [models] trusted_keys of --config)")
     v.add_argument("--config", type=Path, help="the sorter's config: trusted keys, size limit and downgrade floor")
     v.set_defaults(func=cmd_verify)
-    for name, what in (("stage", "verify BUNDLE into the sorter's release store (no QA gate: activate runs it live)"),
+    for name, what in (("stage", "verify BUNDLE into the sorter's release store and run the QA gate (golden + "
+                                 "the reference kit calibration recorded)"),
                        ("list", "the stored releases, the active and previous one, the downgrade floor"),
                        ("activate", "make a stored release the active one (next start-up loads it)"),
                        ("rollback", "back to the previous release"),
@@ -125,7 +126,11 @@ def cmd_store(args: argparse.Namespace) -> int:
     try:
         store = _open_store(args.config)
         if command == "stage":
-            v = store.stage(args.bundle, None)
+            from sorterd.cli.compose import load_config
+            from sorterd.release.swap import kit_policy, qa_gate
+
+            cfg = load_config(args.config)
+            v = store.stage(args.bundle, qa_gate(cfg.inference, kit_policy(cfg)))
             print(f"release {v.release} staged: {v.path}")
         elif command == "activate":
             store.activate(args.release)

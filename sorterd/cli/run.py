@@ -33,7 +33,7 @@ from sorterd.link.records import SessionRecord
 from sorterd.metrics import Metrics
 from sorterd.parts.inference import Model
 from sorterd.parts.inference.open import open_model
-from sorterd.release.swap import HealthBounds, ReleaseWatcher, open_for_run, open_store
+from sorterd.release.swap import HealthBounds, ReleaseWatcher, kit_policy, open_for_run, open_store
 from sorterd.sorting.liveness import Watchdog, keep_alive
 from sorterd.sorting.pipeline import Pipeline
 from sorterd.sorting.record import Recorder, make_batch_dir
@@ -154,7 +154,8 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
             link = _start_link(link_options, outbox, metrics)
         pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics, review)
         watcher = None if store is None else ReleaseWatcher(
-            store, cfg.inference, pipeline, metrics, HealthBounds.from_config(cfg.models), cfg.models.poll_s, running)
+            store, cfg.inference, pipeline, metrics, HealthBounds.from_config(cfg.models), cfg.models.poll_s, running,
+            kit_policy(cfg))
         batch_log.counts = lambda: _final_counts(pipeline, parts, recorder, clock, outbox)
         print(f"sorterd: batch {batch_dir}  model {model.version} on {model.backend}"
               + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)

@@ -134,6 +134,7 @@ class SorterLink:
     outbox_bytes: int = 0
     messages: int = 0
     software: str = ""
+    release_results: dict[int, wire.ReleaseResult] = field(default_factory=dict)  # the last word on each release
 
 
 @dataclass
@@ -260,6 +261,15 @@ class LinkServer:
         if isinstance(msg, wire.Hello | wire.Ping):
             self._slots.release()
             self._heartbeat(peer, msg)
+        elif isinstance(msg, wire.ReleaseResult):
+            self._slots.release()
+            self.links[peer.sorter_id].release_results[msg.release] = msg
+            log.info("link: %s: release %d %s%s", peer.sorter_id, msg.release, msg.status,
+                     f" ({msg.check}: {msg.detail})" if msg.check else "")
+        elif isinstance(msg, wire.ReleaseGet):
+            # Serving release chunks (the trainer's offers) is not built yet: say so, once per ask.
+            self._slots.release()
+            self._reply(peer, wire.Nack(None, f"RELEASE_GET {msg.release}: this trainer offers no release", retry=False))
         else:
             self._spawn(self._store(peer, msg))
 

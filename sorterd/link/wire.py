@@ -41,8 +41,8 @@ MAX_COUNT = 2**53  # JSON integers both ends read exactly
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last chunk: length 0, type, its CRC
 
-SORTER_TYPES = ("HELLO", "PING", "STONE", "SESSION")
-TRAINER_TYPES = ("WELCOME", "PONG", "ACK", "NACK")
+SORTER_TYPES = ("HELLO", "PING", "STONE", "SESSION", "RELEASE_GET", "RELEASE_RESULT")
+TRAINER_TYPES = ("WELCOME", "PONG", "ACK", "NACK", "RELEASE_OFFER", "RELEASE_CHUNK")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _ID_ALLOWED = "1-64 characters of A-Z a-z 0-9 . _ -, not starting with . _ -"
 
@@ -100,7 +100,68 @@ class Nack:
     retry: bool
 
 
-Message = Hello | Ping | Welcome | Pong | Ack | Nack | StoneRecord | SessionRecord
+MAX_CHUNK_BYTES = 256 * 1024  # one RELEASE_CHUNK: small enough never to hold the sorter's link task long
+MAX_RELEASE_FILES = 64
+MAX_RELEASE_BYTES = 2**40  # total_bytes' bound on the wire; the sorter's own [models] max_release_mb is tighter
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+@dataclass(frozen=True)
+class ReleaseFile:
+    """One file of an offered release: a plain name, its size and sha256 (the signed manifest lists them too)."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ReleaseOffer:
+    """Trainer → sorter: signed release `release` is there for the taking.  The byte stream a
+    sorter downloads is the files in this order, back to back (`total_bytes` = the sum of sizes);
+    `manifest_sha256` is manifest.json's.  Nothing here is trusted: the sorter verifies the signed
+    manifest after the download (`sorterd.release.verify`)."""
+
+    release: int
+    manifest_sha256: str
+    total_bytes: int
+    files: tuple[ReleaseFile, ...]
+
+
+@dataclass(frozen=True)
+class ReleaseGet:
+    """Sorter → trainer: send `length` bytes (≤ MAX_CHUNK_BYTES) of the release's stream from `offset`."""
+
+    release: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ReleaseChunk:
+    """Trainer → sorter: bytes [offset, offset + len(data)) of the release's stream (one blob frame)."""
+
+    release: int
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    """Sorter → trainer: what became of an offered release (or of the running one, after a health
+    rollback: status "rolled-back").  `check` names the failed check ('' when accepted)."""
+
+    release: int
+    status: str  # accepted | refused | rolled-back
+    check: str
+    detail: str
+
+
+RELEASE_STATUSES = ("accepted", "refused", "rolled-back")
+
+Message = (Hello | Ping | Welcome | Pong | Ack | Nack | StoneRecord | SessionRecord | ReleaseOffer | ReleaseGet
+           | ReleaseChunk | ReleaseResult)
 
 # -- encoding ---------------------------------------------------------------------------------
 
@@ -142,6 +203,17 @@ def encode(msg: Message) -> list[bytes]:
         frames = [TAG, b"PONG", _header({})]
     elif isinstance(msg, Ack):
         frames = [TAG, b"ACK", _header({"key": list(msg.key), "status": msg.status})]
+    elif isinstance(msg, ReleaseOffer):
+        files = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in msg.files]
+        frames = [TAG, b"RELEASE_OFFER", _header({"release": msg.release, "manifest_sha256": msg.manifest_sha256,
+                                                   "total_bytes": msg.total_bytes, "files": files})]
+    elif isinstance(msg, ReleaseGet):
+        frames = [TAG, b"RELEASE_GET", _header({"release": msg.release, "offset": msg.offset, "length": msg.length})]
+    elif isinstance(msg, ReleaseChunk):
+        frames = [TAG, b"RELEASE_CHUNK", _header({"release": msg.release, "offset": msg.offset}), bytes(msg.data)]
+    elif isinstance(msg, ReleaseResult):
+        frames = [TAG, b"RELEASE_RESULT", _header({"release": msg.release, "status": msg.status, "check": msg.check,
+                                                    "detail": _one_line(msg.detail)})]
     else:
         key = None if msg.key is None else list(msg.key)
         frames = [TAG, b"NACK", _header({"key": key, "reason": _one_line(msg.reason), "retry": msg.retry})]
@@ -161,17 +233,17 @@ def _one_line(text: str) -> str:
 # -- decoding ---------------------------------------------------------------------------------
 
 
-def decode_from_sorter(frames: Sequence[bytes]) -> Hello | Ping | StoneRecord | SessionRecord:
+def decode_from_sorter(frames: Sequence[bytes]) -> Hello | Ping | StoneRecord | SessionRecord | ReleaseGet | ReleaseResult:
     """A message the trainer received (routing id already removed)."""
     msg = decode(frames, SORTER_TYPES)
-    assert isinstance(msg, Hello | Ping | StoneRecord | SessionRecord)
+    assert isinstance(msg, Hello | Ping | StoneRecord | SessionRecord | ReleaseGet | ReleaseResult)
     return msg
 
 
-def decode_from_trainer(frames: Sequence[bytes]) -> Welcome | Pong | Ack | Nack:
+def decode_from_trainer(frames: Sequence[bytes]) -> Welcome | Pong | Ack | Nack | ReleaseOffer | ReleaseChunk:
     """A message the sorter received."""
     msg = decode(frames, TRAINER_TYPES)
-    assert isinstance(msg, Welcome | Pong | Ack | Nack)
+    assert isinstance(msg, Welcome | Pong | Ack | Nack | ReleaseOffer | ReleaseChunk)
     return msg
 
 
@@ -189,7 +261,9 @@ def decode(frames: Sequence[bytes], allowed: Sequence[str]) -> Message:
         raise WireError(f"message type {kind[:16]!r}: one of {', '.join(allowed)} expected here")
     head = _parse_header(bytes(frames[2]))
     blobs = [bytes(f) for f in frames[3:]]
-    if kind not in ("STONE", "SESSION") and blobs:
+    if kind == "RELEASE_CHUNK" and len(blobs) != 1:
+        raise WireError(f"{kind}: {len(blobs)} data frames; exactly 1 (4 frames in all) required")
+    if kind not in ("STONE", "SESSION", "RELEASE_CHUNK") and blobs:
         raise WireError(f"{kind}: {len(blobs)} extra frames; exactly 3 allowed")
     return _DECODERS[kind](Fields(kind, head), blobs)
 
@@ -415,8 +489,72 @@ def _nack(f: Fields, blobs: list[bytes]) -> Nack:
     return m
 
 
-_DECODERS: dict[str, Callable[[Fields, list[bytes]], Message]] = {"STONE": _stone, "SESSION": _session, "HELLO": _hello, "PING": _ping, "WELCOME": _welcome,
-             "PONG": _pong, "ACK": _ack, "NACK": _nack}
+def _release_number(f: Fields) -> int:
+    v = f.count("release")
+    if v < 1:
+        raise f.fail("release", v, "a whole number >= 1")
+    return v
+
+
+def _release_offer(f: Fields, blobs: list[bytes]) -> ReleaseOffer:
+    release = _release_number(f)
+    manifest_sha = f.text("manifest_sha256", 64)
+    if not _SHA256.match(manifest_sha):
+        raise f.fail("manifest_sha256", manifest_sha, "64 lowercase hex digits")
+    total = f.count("total_bytes", MAX_RELEASE_BYTES)
+    listed = f._get("files")
+    if not isinstance(listed, list) or not 1 <= len(listed) <= MAX_RELEASE_FILES:
+        raise f.fail("files", listed, f"a list of 1 to {MAX_RELEASE_FILES} {{name, size, sha256}}")
+    files = []
+    for entry in listed:
+        ok = (isinstance(entry, dict) and set(entry) == {"name", "size", "sha256"} and isinstance(entry["name"], str)
+              and _FILE_NAME.match(entry["name"]) is not None and type(entry["size"]) is int
+              and 0 <= entry["size"] <= MAX_RELEASE_BYTES and isinstance(entry["sha256"], str)
+              and _SHA256.match(entry["sha256"]) is not None)
+        if not ok:
+            raise f.fail("files", entry, "entries {name: a plain file name (1-128 of A-Z a-z 0-9 . _ -), "
+                         "size: bytes, sha256: 64 lowercase hex}")
+        files.append(ReleaseFile(entry["name"], entry["size"], entry["sha256"]))
+    if len({x.name for x in files}) != len(files):
+        raise f.fail("files", [x.name for x in files], "each file name once")
+    if "manifest.json" not in {x.name for x in files}:
+        raise f.fail("files", [x.name for x in files], "a list that includes manifest.json")
+    if sum(x.size for x in files) != total:
+        raise f.fail("total_bytes", total, f"the sum of the files' sizes ({sum(x.size for x in files)})")
+    f.done()
+    return ReleaseOffer(release, manifest_sha, total, tuple(files))
+
+
+def _release_get(f: Fields, blobs: list[bytes]) -> ReleaseGet:
+    m = ReleaseGet(_release_number(f), f.count("offset", MAX_RELEASE_BYTES), f.count("length", MAX_CHUNK_BYTES))
+    if m.length < 1:
+        raise f.fail("length", m.length, f"an integer in [1, {MAX_CHUNK_BYTES}]")
+    f.done()
+    return m
+
+
+def _release_chunk(f: Fields, blobs: list[bytes]) -> ReleaseChunk:
+    m = ReleaseChunk(_release_number(f), f.count("offset", MAX_RELEASE_BYTES), blobs[0])
+    if not 1 <= len(m.data) <= MAX_CHUNK_BYTES:
+        raise WireError(f"RELEASE_CHUNK: {len(m.data)} data bytes; 1 to {MAX_CHUNK_BYTES} allowed")
+    f.done()
+    return m
+
+
+def _release_result(f: Fields, blobs: list[bytes]) -> ReleaseResult:
+    release, status = _release_number(f), f.choice("status", RELEASE_STATUSES)
+    check = f.text("check", 64)
+    if (status == "accepted") != (check == ""):
+        raise f.fail("check", check, "empty exactly when status is accepted (else the check that failed)")
+    m = ReleaseResult(release, status, check, f.text("detail"))
+    f.done()
+    return m
+
+
+_DECODERS: dict[str, Callable[[Fields, list[bytes]], Message]] = {
+    "STONE": _stone, "SESSION": _session, "HELLO": _hello, "PING": _ping, "WELCOME": _welcome, "PONG": _pong,
+    "ACK": _ack, "NACK": _nack, "RELEASE_OFFER": _release_offer, "RELEASE_GET": _release_get,
+    "RELEASE_CHUNK": _release_chunk, "RELEASE_RESULT": _release_result}
 
 
 def send_now(sock: Any, frames: Sequence[bytes]) -> bool:
@@ -443,5 +581,6 @@ def record_key(frames: Sequence[bytes]) -> RecordKey | None:
         return None
 
 
-__all__ = ["Ack", "Hello", "MAX_FRAME_BYTES", "Message", "Nack", "Ping", "Pong", "Record", "WireError", "Welcome",
+__all__ = ["Ack", "Hello", "MAX_CHUNK_BYTES", "MAX_FRAME_BYTES", "Message", "Nack", "Ping", "Pong", "Record",
+           "ReleaseChunk", "ReleaseFile", "ReleaseGet", "ReleaseOffer", "ReleaseResult", "WireError", "Welcome",
            "decode_from_sorter", "decode_from_trainer", "encode", "record_key", "send_now"]

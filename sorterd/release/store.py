@@ -26,9 +26,11 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sorterd.data.files import write_json_atomic
+from sorterd.release import crash
 from sorterd.release.verify import Refused, ReleaseFloor, Verified, verify_release
 
 STATE = "state.json"
+PART_SUFFIX = ".part"  # staging/<N>.part: a download over the link in progress (sorterd.link)
 # A QA gate: the staged release in, its failures as (check, detail) out (empty: passed).
 QaGate = Callable[[Verified], list[tuple[str, str]]]
 
@@ -81,7 +83,9 @@ class ReleaseStore:
 
     def _write(self, state: StoreState, event: dict[str, Any]) -> StoreState:
         state = replace(state, history=[*state.history, {"at": _now(), **event}][-self.HISTORY:])
+        crash.point("state.write")
         write_json_atomic(self.root / STATE, asdict(state))
+        crash.point("state.written")
         _fsync_dir(self.root)
         return state
 
@@ -97,10 +101,25 @@ class ReleaseStore:
 
     # ------------------------------------------------------------------ staging
     def clean_staging(self) -> list[str]:
-        """Remove what a power cut left in staging/ (start-up); the names removed."""
-        left = sorted(p.name for p in (self.root / "staging").iterdir())
+        """Remove what a power cut left in staging/ and a state.json write's temporary file
+        (start-up); the names removed.  A download's `<N>.part` (`PART_SUFFIX`) is kept: it resumes."""
+        left = sorted(p.name for p in (self.root / "staging").iterdir() if not p.name.endswith(PART_SUFFIX))
         for name in left:
-            shutil.rmtree(self.root / "staging" / name, ignore_errors=True)
+            path = self.root / "staging" / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        for tmp in sorted(self.root.glob(f".{STATE}.*.tmp")):  # write_json_atomic's, cut before its rename
+            tmp.unlink(missing_ok=True)
+            left.append(tmp.name)
+        # A cut between a release's rename into releases/<N> and the state write that records it:
+        # it passed every check before the rename, so it counts as accepted (the floor never lags).
+        state, stored = self.state(), max(self.releases(), default=0)
+        if stored > state.highest_accepted:
+            self._write(replace(state, highest_accepted=stored), {"event": "accepted", "release": stored,
+                                                                  "why": "found whole in releases/ at start-up"})
+            left.append(f"releases/{stored} (recorded as accepted)")
         return left
 
     def stage(self, src: Path, qa: QaGate | None) -> Verified:
@@ -110,7 +129,9 @@ class ReleaseStore:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             self._copy(src, tmp)
+            crash.point("stage.verify")
             verified = verify_release(tmp, self.trusted, self.floor(), self.max_bytes)
+            crash.point("stage.qa")
             problems = qa(verified) if qa is not None else []
             if problems:
                 check, _ = problems[0]
@@ -119,6 +140,7 @@ class ReleaseStore:
             if final.exists():  # accepted before (then pinned): the stored copy is the same signed release
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            crash.point("stage.rename")
             _fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -145,6 +167,7 @@ class ReleaseStore:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+            crash.point("stage.copy")
         _fsync_dir(dst)
 
     # ------------------------------------------------------------------ going live

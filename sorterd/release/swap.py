@@ -7,7 +7,8 @@ store's state.json (atomic rename); the daemon's `ReleaseWatcher` reads it every
 `[models] poll_s` seconds (in a thread: file work never runs on the loop).  When `active`
 differs from what runs, the watcher re-verifies the stored release (`ReleaseStore.verify_stored`:
 signature, files, sizes, hashes), opens it with the `[inference]` backend and runs the golden
-check (`check_golden`, the QA gate's first half) -- all in a worker thread -- and only then
+check and the reference kit (`qa_problems`: the whole QA gate, with the newest recorded kit,
+`KitPolicy`) -- all in a worker thread -- and only then
 publishes it with `Pipeline.swap_model` (`LiveModel`, the one swap mechanism of
 `sorterd/parts/inference/live.py`): the pair being computed finishes on the old release, the next
 one is classified by the new, and every stone row records the release that classified it
@@ -32,6 +33,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,8 +42,10 @@ from sorterd.data.bundle import ModelError
 from sorterd.parts.inference import InferenceOptions, Model, Prediction
 from sorterd.parts.inference.golden import GOLDEN_ATOL, check_golden
 from sorterd.parts.inference.open import open_model
-from sorterd.release.store import ReleaseStore, StoreError
-from sorterd.release.verify import Refused
+from sorterd.release import crash
+from sorterd.release.qa import KitPolicy, latest_kit, qa_problems
+from sorterd.release.store import QaGate, ReleaseStore, StoreError
+from sorterd.release.verify import Refused, Verified
 
 if TYPE_CHECKING:
     from sorterd.config import Config, ModelsConfig
@@ -74,19 +78,67 @@ class ReleasedModel:
     def predict_halves(self, halves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Prediction], float]:
         return self.inner.predict_halves(halves)
 
+    def close(self) -> None:
+        self.inner.close()
 
-def open_release(store: ReleaseStore, release: int, options: InferenceOptions) -> ReleasedModel:
-    """Verify stored release `release` again, open it, check golden parity; raises `Refused`
-    (check named) -- blocking: call it from a thread."""
-    v = store.verify_stored(release)
+
+def kit_policy(cfg: Config) -> KitPolicy:
+    """`[models]`'s reference-kit rule: the newest kit calibration recorded for this machine."""
+    root, machine = Path(cfg.calibration.dir), cfg.machine.name
+    return KitPolicy(lambda: latest_kit(root, machine), cfg.models.require_kit, cfg.models.min_agreement)
+
+
+def _gate(model: Model, path: Path, kit: KitPolicy | None) -> None:
+    """The QA gate on an opened model: golden always, the reference kit when `kit` is given."""
+    if kit is None:
+        problems = [("golden", p) for p in check_golden(model, path, GOLDEN_ATOL["fp32"])]
+    else:
+        try:
+            recorded, where = kit.load()
+        except ValueError as exc:
+            raise Refused("reference-kit", str(exc)) from None
+        problems = qa_problems(model, path, recorded, None, kit.min_agreement, require_kit=kit.require)
+        if recorded is not None:
+            log.info("release QA: reference kit %s (%d stones)", where, len(recorded.labels))
+    if problems:
+        check, _ = problems[0]
+        raise Refused(check, "; ".join(detail for _, detail in problems))
+
+
+def _open(options: InferenceOptions, path: Path) -> Model:
     try:
-        model = open_model(options, v.path)
+        return open_model(options, path)
     except ModelError as exc:
         raise Refused("onnx-load", str(exc)) from None
-    problems = check_golden(model, v.path, GOLDEN_ATOL["fp32"])
-    if problems:
-        raise Refused("golden", "; ".join(problems))
+
+
+def open_release(store: ReleaseStore, release: int, options: InferenceOptions,
+                 kit: KitPolicy | None = None) -> ReleasedModel:
+    """Verify stored release `release` again, open it, run the QA gate (golden; and the reference
+    kit when `kit` is given); raises `Refused` (check named) -- blocking: call it from a thread."""
+    v = store.verify_stored(release)
+    model = _open(options, v.path)
+    try:
+        _gate(model, v.path, kit)
+    except BaseException:
+        model.close()
+        raise
     return ReleasedModel(model, release)
+
+
+def qa_gate(options: InferenceOptions, kit: KitPolicy) -> QaGate:
+    """`ReleaseStore.stage`'s gate (`sorterd models stage`, a download over the link): the staged
+    release opened with the sorter's backend, golden + reference kit, closed again."""
+    def gate(v: Verified) -> list[tuple[str, str]]:
+        model = _open(options, v.path)
+        try:
+            _gate(model, v.path, kit)
+        except Refused as exc:
+            return [(exc.check, exc.detail)]
+        finally:
+            model.close()
+        return []
+    return gate
 
 
 def open_active(store: ReleaseStore, options: InferenceOptions) -> ReleasedModel | None:
@@ -163,8 +215,9 @@ class HealthWatch:
     """Fed every finished row (loop thread); calls `on_unhealthy(why)` once when the release under
     watch, after `bounds.stones` stones, sorts unlike the baseline."""
 
-    def __init__(self, bounds: HealthBounds, on_unhealthy: Callable[[str, str], None]) -> None:
-        self.bounds, self.on_unhealthy = bounds, on_unhealthy
+    def __init__(self, bounds: HealthBounds, on_unhealthy: Callable[[str, str], None],
+                 on_committed: Callable[[str], None] | None = None) -> None:
+        self.bounds, self.on_unhealthy, self.on_committed = bounds, on_unhealthy, on_committed
         self.recent: deque[tuple[str, tuple[bool, bool, str]]] = deque(maxlen=bounds.stones)
         self.watching: str | None = None
         self.baseline: list[tuple[bool, bool, str]] = []
@@ -192,6 +245,8 @@ class HealthWatch:
             self.on_unhealthy(version, why)
         else:
             log.info("release health: %s sorted %d stones like the release before it: committed", version, len(self.new))
+            if self.on_committed is not None:
+                self.on_committed(version)
 
 
 def _background_priority() -> None:
@@ -207,11 +262,11 @@ class ReleaseWatcher:
     rolls back by itself.  `run()` is a loop task; every file and model step runs in a thread."""
 
     def __init__(self, store: ReleaseStore, options: InferenceOptions, pipeline: Pipeline, metrics: Metrics,
-                 bounds: HealthBounds, poll_s: float, running: int | None) -> None:
+                 bounds: HealthBounds, poll_s: float, running: int | None, kit: KitPolicy | None = None) -> None:
         self.store, self.options, self.pipeline, self.metrics = store, options, pipeline, metrics
-        self.poll_s, self.running = poll_s, running
+        self.poll_s, self.running, self.kit = poll_s, running, kit
         self.refused: set[int] = set()  # active releases that failed to open (not retried until state changes)
-        self.health = HealthWatch(bounds, self._unhealthy)
+        self.health = HealthWatch(bounds, self._unhealthy, self._committed)
         self._rollback: tuple[str, str] | None = None
         self._trusted_back: int | None = None
         self._previous: tuple[Model, int | None] | None = None  # the model a swap replaced, kept open for a rollback
@@ -220,6 +275,21 @@ class ReleaseWatcher:
         self._prepare = ThreadPoolExecutor(1, "sorterd-release", initializer=_background_priority)
         pipeline.row_observers.append(self.health.observe)
 
+    def _retire(self, model: Model) -> None:
+        """Close a replaced model once no pair uses it, in the preparing thread (never a worker's time)."""
+        def closer(m: Model) -> None:
+            try:
+                self._prepare.submit(m.close)
+            except RuntimeError:  # the watcher stopped: close it here
+                m.close()
+        self.pipeline.model.retire(model, closer)
+
+    def _committed(self, version: str) -> None:
+        """The new release passed its health watch: the one before it need not stay open."""
+        if self._previous is not None:
+            self._retire(self._previous[0])
+            self._previous = None
+
     def _unhealthy(self, version: str, why: str) -> None:
         """Loop thread, from the row that completed the watch: the release before it, still open, is
         swapped straight back in (the next pair), and the store is rolled back on the next step."""
@@ -227,7 +297,7 @@ class ReleaseWatcher:
         self._rollback = (version, why)
         if self._previous is not None:
             model, release = self._previous
-            self.pipeline.swap_model(model)
+            self._retire(self.pipeline.swap_model(model))
             self.running, self._previous = release, None
 
     async def run(self) -> None:
@@ -258,7 +328,7 @@ class ReleaseWatcher:
             return
         try:
             model = await asyncio.get_running_loop().run_in_executor(
-                self._prepare, open_release, self.store, active, self.options)
+                self._prepare, open_release, self.store, active, self.options, self.kit)
         except Refused as exc:
             self.refused.add(active)
             self.metrics.model_refusals.labels(exc.check).inc()
@@ -268,7 +338,11 @@ class ReleaseWatcher:
             self.refused.add(active)
             log.error("release %d: %s", active, exc)
             return
+        crash.point("swap.opened")
         old = self.pipeline.swap_model(model)
+        crash.point("swap.swapped")
+        if self._previous is not None:  # the one before the previous: no rollback goes to it without a re-open
+            self._retire(self._previous[0])
         self._previous = (old, self.running)
         self.running = active
         self.metrics.model_swaps.inc()

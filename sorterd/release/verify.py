@@ -41,6 +41,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sorterd.data.bundle import Manifest, ModelError, parse_manifest, sha256_file
+from sorterd.release import crash
 from sorterd.release.keys import key_id
 from sorterd.release.sign import MANIFEST, SIG_FORMAT, SIGNATURE
 
@@ -94,6 +95,7 @@ def verify_release(bundle: Path, trusted: list[Ed25519PublicKey], floor: Release
         raise Refused("unsigned", f"{bundle}: no {SIGNATURE}; sign it on the trainer (sorterd models sign)")
     manifest_bytes = (bundle / MANIFEST).read_bytes()
     signer = _check_signature(bundle, manifest_bytes, trusted)
+    crash.point("verify.signature")
     manifest, raw = _parse(bundle, manifest_bytes)
     files = _listed(bundle, raw["files"])
     release = raw["release"]
@@ -103,6 +105,7 @@ def verify_release(bundle: Path, trusted: list[Ed25519PublicKey], floor: Release
                       f"sorter has accepted{pin}; to go back on purpose: sorterd models pin {release}")
     total = _check_sizes(bundle, names, files, max_bytes)
     _check_hashes(bundle, files)
+    crash.point("verify.hashes")
     onnx_sha = _check_onnx(bundle, manifest, files)
     return Verified(bundle, release, raw["trainer"], signer, onnx_sha, total, manifest)
 

@@ -301,15 +301,16 @@ class Pipeline:
         if not new:
             return Computed([], [], [], {}, segment_s, 0.0, 0.0, skipped, self.model.current())
         t = time.perf_counter()
-        model = self.model.current()  # read once: this pair is cropped, classified and recorded with one release
-        crop_px, input_px = self._crop_size(model)
-        crops = [crop_halves(pair.backlit.image, pair.toplit.image, o, crop_px, input_px) for o in new]
-        to_classify = [i for i, r in enumerate(reasons) if not r]
-        preds: dict[int, Prediction] = {}
-        model_s = 0.0
-        if to_classify:
-            out, model_s = model.predict_halves([crops[i] for i in to_classify])
-            preds = dict(zip(to_classify, out, strict=True))
+        # Read once: this pair is cropped, classified and recorded with one release (not closed while on it).
+        with self.model.using() as model:
+            crop_px, input_px = self._crop_size(model)
+            crops = [crop_halves(pair.backlit.image, pair.toplit.image, o, crop_px, input_px) for o in new]
+            to_classify = [i for i, r in enumerate(reasons) if not r]
+            preds: dict[int, Prediction] = {}
+            model_s = 0.0
+            if to_classify:
+                out, model_s = model.predict_halves([crops[i] for i in to_classify])
+                preds = dict(zip(to_classify, out, strict=True))
         return Computed(new, reasons, crops, preds, segment_s, time.perf_counter() - t, model_s, skipped, model)
 
     def _crop_size(self, model: Model) -> tuple[int, int]:

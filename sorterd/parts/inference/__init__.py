@@ -53,6 +53,11 @@ class Model(Protocol):
         """Probabilities for (backlit, toplit) BGR crop pairs (the pipeline's hot path), and the model's seconds."""
         ...
 
+    def close(self) -> None:
+        """Release what the model holds (sessions, an engine and its inference thread); called once
+        no pair uses it any more (after a swap, at the end of a run).  Idempotent."""
+        ...
+
 
 @dataclass(frozen=True)
 class InferenceOptions:

@@ -8,11 +8,18 @@ ready, then the engine, back on a run-time failure); `LiveModel` keeps the live 
 (the release watcher, `sorterd/release/swap.py`, swaps a verified, QA-passed release in).  A
 reader holding the old reference finishes its batch on the old model; no pair is classified by
 a half-loaded one, because a model is only published once it is wholly open and checked.
+
+A replaced model is closed (`Model.close`: its session, a TensorRT engine and its thread) only
+once no pair uses it: the pipeline classifies inside `LiveModel.using()`, which counts the pairs
+on each model, and `LiveModel.retire(old, closer)` closes `old` at once when none is on it, or
+when the last such pair finishes.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
@@ -61,9 +68,46 @@ class LiveModel:
     def __init__(self, model: Model) -> None:
         self._ref: LiveRef[Model] = LiveRef(model)
         self.swaps = 0
+        self._lock = threading.Lock()
+        self._users: dict[int, int] = {}  # id(model) -> pairs being classified on it
+        self._retired: dict[int, tuple[Model, Callable[[Model], None]]] = {}  # closed when their last pair ends
 
     def current(self) -> Model:
         return self._ref.get()
+
+    @contextmanager
+    def using(self) -> Iterator[Model]:
+        """The current model, for one pair: it is not closed while the pair is on it."""
+        with self._lock:
+            model = self._ref.get()
+            self._users[id(model)] = self._users.get(id(model), 0) + 1
+        try:
+            yield model
+        finally:
+            with self._lock:
+                left = self._users.pop(id(model)) - 1
+                if left:
+                    self._users[id(model)] = left
+                retired = self._retired.pop(id(model), None) if not left else None
+            if retired is not None:
+                retired[1](retired[0])
+
+    def retire(self, old: Model, closer: Callable[[Model], None]) -> bool:
+        """Close `old` with `closer` once no pair uses it (now when none does; True then).  The live
+        model is never retired (False, nothing closed)."""
+        with self._lock:
+            if old is self._ref.get():
+                return False
+            if self._users.get(id(old)):
+                self._retired[id(old)] = (old, closer)
+                return False
+        closer(old)
+        return True
+
+    def in_use(self, model: Model) -> int:
+        """Pairs being classified on `model` now."""
+        with self._lock:
+            return self._users.get(id(model), 0)
 
     def swap(self, new: Model) -> Model:
         """`new` classifies the next pair; returns the model it replaced."""
@@ -88,3 +132,7 @@ class LiveModel:
 
     def predict_halves(self, halves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Prediction], float]:
         return self._ref.get().predict_halves(halves)
+
+    def close(self) -> None:
+        """Close the live model (the end of a run; a replaced one is closed by whoever swapped it out)."""
+        self._ref.get().close()

@@ -71,6 +71,8 @@ class OnnxModel:
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The bare model call: preprocessed batch in, logits out."""
+        if self.session is None:
+            raise ModelError(f"{self.bundle}: the model was closed (a swap replaced it)")
         color, clarity = self.session.run(self._outputs, {self.manifest.input_name: x})
         return color, clarity
 
@@ -81,6 +83,10 @@ class OnnxModel:
     def predict_halves(self, halves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Prediction], float]:
         """Probabilities for (backlit, toplit) BGR crop pairs: the pipeline's hot path."""
         return self._classify(self.preprocess_halves(halves))
+
+    def close(self) -> None:
+        """Drop the session (onnxruntime frees it with its last reference); idempotent."""
+        self.session = None
 
     def _classify(self, x: np.ndarray) -> tuple[list[Prediction], float]:
         t0 = time.perf_counter()

@@ -372,6 +372,9 @@ class _EngineModel:
         color, clarity = self.engine.run(self._pre.halves(halves))
         return self._pre.predictions(color, clarity), time.perf_counter() - t0
 
+    def close(self) -> None:
+        """Nothing of its own: the engine belongs to the `TensorRTModel` (closed on its thread there)."""
+
 
 @dataclass
 class EngineReport:
@@ -512,10 +515,12 @@ class TensorRTModel:
         self.thread.submit(live.engine.close)
 
     def close(self) -> None:
+        """Free the engine on its thread, stop the thread, drop the fallback session; idempotent."""
         live = self._live.swap(None)
         if live is not None:
             self.thread.submit(live.engine.close)
         self.thread.close()
+        self.onnx.close()
 
 
 def _timed(fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

@@ -1,0 +1,142 @@
+"""A release swap's effect on pair latency under full simulated load (issue 12 "Done when").
+
+    python bench/release_swap.py [--stones 3000] [--rate 50] [--swap-at 20] [--out bench/results/release_swap.json]
+
+Two runs of `sorterd run --sim` on the *wall* clock in one invocation, same seed: the control
+(release 1 all along) and the swap run (release 1 at start-up; release 2 activated `--swap-at`
+seconds into sorting, as `sorterd models activate 2` would, then opened, QA-checked on the
+golden inputs and the reference kit in the watcher's low-priority thread and swapped in between
+two frame pairs).  Per window -- before the activation, during (activation to 2 s after the
+first pair on release 2), after -- the pair latency (toplit exposure to decided, the slowest
+stone of each pair) p50/p99 and the deadline misses; the control is cut at the same offsets.
+Also: stones lost (fed - seen) and that every row names the release that classified it.
+The machine is shared: read the swap run's windows against the control's, in one invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from sorterd import config
+from sorterd.cli.compose import load_config
+from sorterd.cli.run import RunOptions, run
+from sorterd.release.keys import generate, load_private, load_public
+from sorterd.release.qa import KIT_FILE, save_kit
+from sorterd.release.sign import sign_release
+from sorterd.release.store import ReleaseStore
+from sorterd.sorting.record import read_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.release_fakes import DEFAULT, faithful_kit  # noqa: E402
+
+DURING_TAIL_S = 2.0
+
+
+def _pct(values: list[float]) -> dict[str, float | int]:
+    if not values:
+        return {"pairs": 0}
+    a = np.asarray(values)
+    return {"pairs": len(values), "p50_ms": round(float(np.percentile(a, 50)), 2),
+            "p99_ms": round(float(np.percentile(a, 99)), 2), "max_ms": round(float(a.max()), 2)}
+
+
+def _windows(rows: list[dict[str, Any]], t_start: int, t_act: int, t_end: int) -> dict[str, Any]:
+    """Pair latency and deadline misses in [t_start, t_act), [t_act, t_end], (t_end, ...)."""
+    pairs: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        pairs.setdefault(r["capture_seq"], []).append(r)
+    out: dict[str, Any] = {}
+    for name, lo, hi in (("before", t_start, t_act), ("during", t_act, t_end + 1), ("after", t_end + 1, 2**63)):
+        sel = [p for p in pairs.values() if lo <= p[0]["t_toplit_ns"] < hi]
+        lat = [max(r["t_decided_ns"] - r["t_toplit_ns"] for r in p) / 1e6 for p in sel]
+        out[name] = {**_pct(lat), "deadline_misses": sum(r["deadline_miss"] for p in sel for r in p)}
+    return out
+
+
+def _one(tmp: Path, args: argparse.Namespace, swap: bool) -> dict[str, Any]:
+    pub, sec = generate(tmp / "keys", "trainer")
+    key: Ed25519PrivateKey = load_private(sec)
+    store = ReleaseStore(tmp / "state", [load_public(pub)], 10**9)
+    for n in (1, 2):
+        store.stage(sign_release(DEFAULT, tmp / f"r{n}", key, n, "bench"), None)
+    store.activate(1)
+    logs = tmp / "logs"
+    cfg = load_config(config.sim_config_path(), {
+        "sim": {"rate_per_s": args.rate, "seed": args.seed, "clock": "wall"},
+        "record": {"log_dir": str(logs)}, "metrics": {"port": 0}, "calibration": {"dir": str(tmp / "cal")},
+        "models": {"dir": str(tmp / "state"), "trusted_keys": [str(pub)], "poll_s": 0.2}})
+    day = tmp / "cal" / cfg.machine.name / date.today().isoformat()  # the reference kit, as calibration records it
+    day.mkdir(parents=True)
+    save_kit(day / KIT_FILE, faithful_kit())
+    t_act: list[int] = []
+
+    def activate() -> None:
+        while not any(logs.glob("*/stones.db")):
+            time.sleep(0.05)
+        time.sleep(args.swap_at)
+        t_act.append(time.monotonic_ns())  # the wall clock's now_ns: the rows' time base
+        if swap:
+            store.activate(2)
+
+    if swap:
+        assert store.state().active == 1
+    t = threading.Thread(target=activate, daemon=True)
+    t.start()
+    res = run(cfg, RunOptions(stones=args.stones, progress=False), io.StringIO())
+    t.join(5)
+    s = res.summary
+    rows = sorted(read_rows(res.batch_dir / "stones.db"), key=lambda r: r["t_toplit_ns"])
+    versions = list(dict.fromkeys(r["model_version"] for r in rows))
+    t0, ta = rows[0]["t_toplit_ns"], t_act[0]
+    new = [r["t_toplit_ns"] for r in rows if r["model_version"].endswith("@r2")]
+    if swap and not new:
+        raise SystemExit("release_swap: release 2 never went live (see the log): nothing to measure")
+    swap_s = (min(new) - ta) / 1e9 if new else None
+    t_end = (min(new) if new else ta) + int(DURING_TAIL_S * 1e9)
+    return {"swap": swap, "versions": versions, "stones_fed": s["stones_fed"], "binned": sum(s["bins"].values()),
+            "rows": len(rows), "deadline_misses": s["deadline_misses"],
+            "activation_to_first_new_pair_s": None if swap_s is None else round(swap_s, 3),
+            "windows": _windows(rows, t0, ta, t_end), "wall_s": s.get("wall_s")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stones", type=int, default=3000)
+    ap.add_argument("--rate", type=float, default=50.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--swap-at", type=float, default=20.0, help="seconds of sorting before release 2 is activated")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    load = os.getloadavg()
+    result: dict[str, Any] = {"stones": args.stones, "rate": args.rate, "swap_at_s": args.swap_at,
+                              "loadavg_start": [round(x, 2) for x in load]}
+    for name, swap in (("control", False), ("swap", True)):
+        with tempfile.TemporaryDirectory() as tmp:
+            result[name] = _one(Path(tmp), args, swap)
+    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    w, c = result["swap"]["windows"], result["control"]["windows"]
+    result["p99_swap_over_control"] = {k: round(w[k]["p99_ms"] / c[k]["p99_ms"], 2)
+                                       for k in w if w[k].get("pairs") and c[k].get("pairs")}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
