@@ -65,3 +65,13 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
     """Write raw bytes durably (fsync before the rename): engines, golden arrays, anything a
     reader must see whole or not at all."""
     _replace(path, payload, durable=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in directory `path` durable (a rename into it, a new file): POSIX
+    puts a file's name in its directory, which has its own fsync."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -25,6 +25,8 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
+from sorterd.data.files import fsync_dir
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 NAME_ALLOWED = "1-64 characters of A-Z a-z 0-9 . _ -, not starting with . _ -"
 PUBLIC_SUFFIX, SECRET_SUFFIX = ".key", ".key_secret"
@@ -67,6 +69,18 @@ def write_new(path: Path, payload: bytes, mode: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_pair(secret_path: Path, secret: bytes, public_path: Path, public: bytes) -> None:
+    """A key pair on disk, never half of one: the secret (0600) first, then the public (0644),
+    then their directory made durable (link and release keys)."""
+    write_new(secret_path, secret, 0o600)
+    try:
+        write_new(public_path, public, 0o644)
+    except BaseException:
+        secret_path.unlink(missing_ok=True)  # never half a pair
+        raise
+    fsync_dir(secret_path.parent)
+
+
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise KeyFileError(f"key name {name!r}: {NAME_ALLOWED} (it becomes the sorter id and a file name)")
@@ -83,17 +97,7 @@ def generate(directory: Path, name: str) -> tuple[Path, Path]:
         if p.exists():
             raise KeyFileError(f"{p}: already exists; a key is never overwritten (remove it first, or use another --name)")
     public, secret = zmq.curve_keypair()
-    write_new(secret_path, _text(public, secret), 0o600)
-    try:
-        write_new(public_path, _text(public, None), 0o644)
-    except BaseException:
-        secret_path.unlink(missing_ok=True)  # never half a pair
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_pair(secret_path, _text(public, secret), public_path, _text(public, None))
     return public_path, secret_path
 
 

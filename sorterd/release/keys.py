@@ -15,14 +15,13 @@ signature file names it, so a refusal can say which key signed.
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sorterd.link.keys import KeyFileError, check_name, check_secret_mode, write_new
+from sorterd.link.keys import KeyFileError, check_name, check_secret_mode, write_pair
 
 PUBLIC_SUFFIX, SECRET_SUFFIX = ".release.pub", ".release.key"
 
@@ -46,17 +45,7 @@ def generate(directory: Path, name: str) -> tuple[Path, Path]:
                                        serialization.NoEncryption())
     public_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
-    write_new(secret_path, secret_pem, 0o600)
-    try:
-        write_new(public_path, public_pem, 0o644)
-    except BaseException:
-        secret_path.unlink(missing_ok=True)  # never half a pair
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_pair(secret_path, secret_pem, public_path, public_pem)
     return public_path, secret_path
 
 

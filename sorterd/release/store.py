@@ -25,7 +25,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from sorterd.data.files import write_json_atomic
+from sorterd.data.files import fsync_dir, write_json_atomic
 from sorterd.release import crash
 from sorterd.release.verify import Refused, ReleaseFloor, Verified, verify_release
 
@@ -47,13 +47,6 @@ class StoreState:
     pinned: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # the last events: swaps, rollbacks, pins
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now() -> str:
@@ -86,7 +79,7 @@ class ReleaseStore:
         crash.point("state.write")
         write_json_atomic(self.root / STATE, asdict(state))
         crash.point("state.written")
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return state
 
     def floor(self) -> ReleaseFloor:
@@ -141,7 +134,7 @@ class ReleaseStore:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             crash.point("stage.rename")
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -168,7 +161,7 @@ class ReleaseStore:
                 finally:
                     os.close(fd)
             crash.point("stage.copy")
-        _fsync_dir(dst)
+        fsync_dir(dst)
 
     # ------------------------------------------------------------------ going live
     def verify_stored(self, release: int) -> Verified:

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from sorterd.data.dataset import LABELS_FILE, StoneLabel, read_labels
-from sorterd.data.files import write_json_atomic
+from sorterd.data.files import fsync_dir, write_json_atomic
 from sorterd.train.splits import snapshot_ids
 
 ACTIVE = ("training", "comparing")
@@ -400,18 +400,11 @@ def _make_candidate(root: Path, bundle: Path, version: str, comparison: dict[str
         "pending": pending, "held_out": evaluation.get("data", {}), "n_stones": comparison.get("n_stones"),
         "metrics": comparison.get("metrics"), "log_entry": status.get("log_entry"), "reports": status["reports"],
     })
-    _fsync_dir(staging)
+    fsync_dir(staging)
     os.replace(staging, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return dest
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def watch(root: Path, bundle: Path, policy: RetrainPolicy = RetrainPolicy(), interval_s: float = 60.0,
