@@ -19,11 +19,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+import tomllib
 
 from sorterd import config
 from sorterd.link.outbox import DB_NAME, Outbox
@@ -117,6 +118,7 @@ def write_config(path: Path, overrides: Mapping[str, Mapping[str, object]]) -> P
         lines.append(f"[{section}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
         lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import signal
 import subprocess
 import threading
@@ -21,8 +22,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from linke2e import (PY, REPO, SOAK_SORT_CONFIDENCE, Keys, StoneKey, Trainer, dataset_keys, duplicates, env,
-                     flagged_in_batches, free_port, make_keys, outbox_pending, run_args, sorter_config, wait_for)
+import tomllib
+from linke2e import (
+    PY,
+    REPO,
+    SOAK_SORT_CONFIDENCE,
+    Keys,
+    StoneKey,
+    Trainer,
+    dataset_keys,
+    duplicates,
+    env,
+    flagged_in_batches,
+    free_port,
+    make_keys,
+    outbox_pending,
+    run_args,
+    sorter_config,
+    wait_for,
+    write_config,
+)
+
+from sorterd.cli import build_parser
+from sorterd.cli.compose import load_config
+from sorterd.cli.run import _link_options
 
 CHILD = REPO / "tests" / "link_kill_child.py"
 FLAGGY = {"decision": {"sort_confidence": SOAK_SORT_CONFIDENCE}, "sim": {"clock": "wall", "rate_per_s": 40.0}}
@@ -137,7 +160,7 @@ def test_real_sorter_killed_then_restarted_resends_what_it_held(tmp_path: Path, 
     for i in range(3):
         proc = subprocess.Popen(run_args(cfg, "--stones", "400", "--seed", str(i + 1)), env=env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: any((tmp_path / "logs").glob("batch_*/stones.db")) and len(list((tmp_path / "logs").glob("batch_*"))) > i,
+        wait_for(lambda n=i + 1: len(list((tmp_path / "logs").glob("batch_*/stones.db"))) >= n,  # type: ignore[misc]
                  120, "the run to start its batch")
         time.sleep(rng.uniform(1.0, 4.0))
         proc.kill()
@@ -230,3 +253,84 @@ def test_trainer_disk_full_sorter_keeps_sorting_and_its_outbox_then_all_arrive(t
         exactly_once(trainer.data, flagged_in_batches(tmp_path / "logs", "sorter-1"))
     finally:
         trainer.stop()
+
+
+def readme_section() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("## Two machines: the sorter and the trainer")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def blocks(section: str, lang: str) -> list[str]:
+    parts = section.split(f"```{lang}\n")[1:]
+    return [p.split("```")[0] for p in parts]
+
+
+def test_readme_two_machines_commands_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's two-machine walk-through, run as written in one directory (both sides' keys in
+    keys/): the key commands, the allow-list copy, the trainer (on a free localhost port instead of
+    the workshop address) and its status; `sorterd run`'s flags parse; the [link] snippet merged
+    into the sim config loads and its key paths are the ones the commands wrote."""
+    section = readme_section()
+    [bash], [toml] = blocks(section, "bash"), blocks(section, "toml")
+    commands = [line.split(" #")[0].strip() for line in bash.splitlines() if line.strip() and not line.startswith("#")]
+    assert any(c.startswith("sorterd trainer --") and "--bind tcp://0.0.0.0:" in c for c in commands)
+    assert "trainer status" in section and "Firewall" in section
+    ran = set()
+    for cmd in commands:
+        argv = shlex.split(cmd)
+        if argv[0] != "sorterd":
+            assert subprocess.run(["bash", "-c", cmd], cwd=tmp_path).returncode == 0, cmd
+            continue
+        build_parser().parse_args(argv[1:])  # every flag as the CLI knows it (SystemExit otherwise)
+        if argv[1] == "keys" or argv[1:3] == ["trainer", "status"]:
+            done = subprocess.run([PY, "-m", "sorterd", *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
+                                  env=env())
+            assert done.returncode == 0, (cmd, done.stderr)
+            ran.add(" ".join(argv[1:3]))
+        elif argv[1] == "trainer":
+            port = free_port()
+            argv[argv.index("--bind") + 1] = f"tcp://127.0.0.1:{port}"
+            log = tmp_path / "trainer.log"
+            with log.open("w") as f:
+                proc = subprocess.Popen([PY, "-m", "sorterd", *argv[1:]], cwd=tmp_path, stdout=f,
+                                        stderr=subprocess.STDOUT, env=env())
+            try:
+                wait_for(lambda p=proc, f=log: "listening on" in f.read_text() or p.poll() is not None,  # type: ignore[misc]
+                         60, "the trainer")
+                assert proc.poll() is None, log.read_text()
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            ran.add("trainer serve")
+    assert ran == {"keys generate", "trainer serve", "trainer status"}
+    link = tomllib.loads(toml)["link"]
+    cfg = load_config(write_config(tmp_path / "sorterd.toml", {"link": link}))
+    monkeypatch.chdir(tmp_path)
+    options = _link_options(cfg)  # reads keys/trainer.key and keys/sorter-1.key_secret as written above
+    assert options.sorter_id == "sorter-1" and options.endpoint == link["trainer"]
+
+
+@pytest.mark.slow
+def test_soak_short_trainer_offline_then_started(tmp_path: Path) -> None:
+    """bench/link_soak.py's short version: 2x the nominal rate, ~20 % flagged, the trainer started
+    after 80 % of the sorting time.  Checked here from the files it left, not from its report."""
+    work = tmp_path / "work"
+    done = subprocess.run([PY, str(REPO / "bench" / "link_soak.py"), "--stones", "200", "--work", str(work),
+                           "--results", str(tmp_path / "results"), "--label", "t", "--no-plot", "--drain", "180"],
+                          capture_output=True, text=True, env=env(), timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "results" / "link_soak_t.json").read_text())
+    assert report["trainer_started_s"] is not None
+    flagged = flagged_in_batches(work / "link" / "logs", "sorter-1")
+    assert 0.1 <= len(flagged) / 200 <= 0.4  # ~20 % flagged (of the stones fed; some pass unseen)
+    exactly_once(work / "ds", flagged)
+    assert outbox_pending(work / "link" / "outbox") == set()
+    for run in ("plain", "link"):
+        s = json.loads((work / f"{run}.json").read_text())
+        assert s["stones_fed"] == 200 and s["landed_as_routed_rate"] == 1.0
+        assert s["passed_unseen"] == s["unseen_beam_events"]
+    link = json.loads((work / "link.json").read_text())["link"]
+    assert link["delivered"] == link["queued"] == len(flagged) + 1  # and the session record
+    assert not any(link["dropped"].values())
+    assert (report["lost"], report["duplicated"], report["extra"]) == (0, 0, 0)
