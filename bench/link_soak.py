@@ -71,8 +71,9 @@ def run_sorter(cfg: Path, stones: int, summary: Path, every: float, drain_s: flo
     if drain_s:
         args += ["--link-drain", str(drain_s)]
     t0 = time.monotonic()
-    proc = subprocess.Popen(L.run_args(cfg, *args), env=L.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    log = cfg.parent / "run.log"  # a file, not a pipe: a pipe nobody reads fills and stops the sorter
+    with log.open("w") as f:
+        proc = subprocess.Popen(L.run_args(cfg, *args), env=L.env(), stdout=f, stderr=subprocess.STDOUT)
     samples: list[tuple[float, int, int]] = []
     outbox = cfg.parent / "outbox"
     while proc.poll() is None:
@@ -83,9 +84,8 @@ def run_sorter(cfg: Path, stones: int, summary: Path, every: float, drain_s: flo
         if on_tick is not None:
             on_tick(t)
         time.sleep(every)
-    out = proc.stdout.read() if proc.stdout else ""
     if proc.returncode != 0:
-        raise SystemExit(f"sorterd run exited {proc.returncode}:\n{out[-3000:]}")
+        raise SystemExit(f"sorterd run exited {proc.returncode}:\n{log.read_text()[-3000:]}")
     return samples, time.monotonic() - t0
 
 

@@ -188,12 +188,11 @@ def test_two_sorters_into_one_trainer_each_stone_once_under_its_id(tmp_path: Pat
     for name in ("sorter-1", "sorter-2"):
         work = tmp_path / name
         cfgs[name] = sorter_config(tmp_path / f"{name}.toml", work, name, keys, trainer.port, sorting=FLAGGY)
-        procs.append(subprocess.Popen(run_args(cfgs[name], "--stones", "120", "--seed", "4", "--link-drain", "120",
-                                               "--json", work / "sum.json"),
-                                      env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-2000:]
+        with (tmp_path / f"{name}.log").open("w") as log:  # a file: an unread pipe would stop the sorter
+            procs.append(subprocess.Popen(run_args(cfgs[name], "--stones", "120", "--seed", "4", "--link-drain", "120",
+                                                   "--json", work / "sum.json"), env=env(), stdout=log, stderr=log))
+    for p, name in zip(procs, cfgs, strict=True):
+        assert p.wait(300) == 0, (tmp_path / f"{name}.log").read_text()[-2000:]
     want: set[StoneKey] = set()
     for name in cfgs:
         mine = flagged_in_batches(tmp_path / name / "logs", name)
