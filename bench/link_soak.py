@@ -95,7 +95,8 @@ def figures(s: dict[str, Any]) -> dict[str, Any]:
     return {k: s.get(k) for k in keys}
 
 
-def soak(work: Path, stones: int, rate: float, offline: float, seed: int, every: float, drain_s: float) -> dict[str, Any]:
+def soak(work: Path, stones: int, rate: float, offline: float, seed: int, every: float, drain_s: float,
+         trainer_nice: int) -> dict[str, Any]:
     keys = L.make_keys(work / "keys", ("sorter-1",))
     port = L.free_port()
     plain = L.sorter_config(work / "plain" / "s.toml", work / "plain", "sorter-1", keys, port, link=False,
@@ -104,7 +105,7 @@ def soak(work: Path, stones: int, rate: float, offline: float, seed: int, every:
                              sorting=sorting(rate, seed))
     load_before = os.getloadavg()[0]
     plain_samples, plain_wall = run_sorter(plain, stones, work / "plain.json", every, 0)
-    trainer = L.Trainer(work / "ds", keys, port, work / "trainer.log")
+    trainer = L.Trainer(work / "ds", keys, port, work / "trainer.log", nice=trainer_nice)
     started: list[float] = []  # when the trainer was started, s since the run began
     batch_t0: list[float] = []  # when the batch began (the model loaded): sorting time counts from here
     start_at = offline * stones / rate
@@ -128,7 +129,7 @@ def soak(work: Path, stones: int, rate: float, offline: float, seed: int, every:
     rss = [r for _, r, _ in link_samples]
     return {
         "stones": stones, "rate_per_s": rate, "nominal_rate_per_s": NOMINAL_RATE, "seed": seed,
-        "sort_confidence": L.SOAK_SORT_CONFIDENCE, "offline_fraction": offline,
+        "sort_confidence": L.SOAK_SORT_CONFIDENCE, "offline_fraction": offline, "trainer_nice": trainer_nice,
         "trainer_started_s": started[0] if started else None, "link_run_wall_s": round(link_wall, 2),
         "plain_run_wall_s": round(plain_wall, 2),
         "drain_s_after_trainer_start": round(link_wall - started[0], 2) if started else None,
@@ -190,6 +191,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--every", type=float, default=0.5, help="RSS sampling period, s")
     p.add_argument("--drain", type=float, default=600.0, help="--link-drain of the link run, s")
+    p.add_argument("--trainer-nice", type=int, default=0,
+                   help="run the trainer under nice -n N (it stands for a trainer on its own PC; default 0)")
     p.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     p.add_argument("--label", default="soak")
     p.add_argument("--results", type=Path, default=RESULTS, help="where the JSON, CSV and PNG go")
@@ -197,10 +200,10 @@ def main() -> None:
     a = p.parse_args()
     if a.work is not None:
         a.work.mkdir(parents=True, exist_ok=True)
-        result = soak(a.work, a.stones, a.rate, a.offline, a.seed, a.every, a.drain)
+        result = soak(a.work, a.stones, a.rate, a.offline, a.seed, a.every, a.drain, a.trainer_nice)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            result = soak(Path(tmp), a.stones, a.rate, a.offline, a.seed, a.every, a.drain)
+            result = soak(Path(tmp), a.stones, a.rate, a.offline, a.seed, a.every, a.drain, a.trainer_nice)
     write(result, a.results, a.label, not a.no_plot)
 
 

@@ -144,8 +144,9 @@ def run_args(cfg: Path, *extra: str | Path) -> list[str]:
 class Trainer:
     """`sorterd trainer` in a child process; started, killed, restarted on the same dataset."""
 
-    def __init__(self, data: Path, keys: Keys, port: int, log: Path) -> None:
+    def __init__(self, data: Path, keys: Keys, port: int, log: Path, nice: int = 0) -> None:
         self.data, self.keys, self.port, self.log = data, keys, port, log
+        self.nice = nice  # > 0: a trainer sharing the sorter's box yields it the CPU (as if on its own PC)
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -156,7 +157,7 @@ class Trainer:
     def start(self, timeout: float = 60.0) -> None:
         self._log = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [PY, "-m", "sorterd", "trainer", "--data", str(self.data), "--key", str(self.keys.trainer_secret),
+            [*(["nice", "-n", str(self.nice)] if self.nice else []), PY, "-m", "sorterd", "trainer", "--data", str(self.data), "--key", str(self.keys.trainer_secret),
              "--allowed", str(self.keys.allowed), "--bind", self.endpoint],
             stdout=self._log, stderr=subprocess.STDOUT, env=env())
         wait_for(lambda: b"listening on" in self.log.read_bytes() or self.proc is None or self.proc.poll() is not None,
