@@ -334,17 +334,3 @@ def test_soak_short_trainer_offline_then_started(tmp_path: Path) -> None:
     assert not any(link["dropped"].values())
     assert (report["lost"], report["duplicated"], report["extra"]) == (0, 0, 0)
 
-
-def test_outbox_thread_runs_at_the_lowest_priority(tmp_path: Path) -> None:
-    """Found by the soak: the outbox thread's PNG encoding competed with the sorting workers at
-    the same priority.  Its nice value must be 19 (Linux: /proc/self/task/<tid>/stat, field 19)."""
-    from sorterd.link.outbox import Outbox
-
-    box = Outbox(tmp_path / "outbox", 10**6)
-    try:
-        box.pending(1, frozenset())  # answered by the outbox thread: it is up and has set its priority
-        stat = Path(f"/proc/self/task/{box._thread.native_id}/stat").read_text()
-        nice = int(stat.rsplit(")", 1)[1].split()[16])  # fields after the command: state is field 3
-        assert nice == 19
-    finally:
-        box.close()

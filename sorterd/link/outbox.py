@@ -39,7 +39,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import queue
 import sqlite3
 import threading
@@ -249,7 +248,6 @@ class Outbox:
     # -- the outbox thread --------------------------------------------------------
 
     def _serve(self) -> None:
-        _background_priority()
         try:
             conn = self._connect(self.db_path)
         except (OSError, sqlite3.Error) as exc:
@@ -455,17 +453,6 @@ def _png(image: np.ndarray) -> bytes:
 
 def _describe(key: RecordKey) -> str:
     return "/".join(key)
-
-
-def _background_priority() -> None:
-    """The outbox thread yields the CPU to the sorting workers (Linux: a thread's own nice value, 19).
-    Its PNG encoding of two full frames per record is ~50 ms of CPU: at 40 stones/s with 20 %
-    flagged that is a third of a core, taken from the pipeline's workers on a 2-core sorter unless
-    it waits its turn (bench/link_soak.py; a record waits in the bounded queue meanwhile)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: it still works, only less politely
-        log.debug("outbox: cannot lower its thread's priority (%s)", exc)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
