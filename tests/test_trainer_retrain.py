@@ -9,7 +9,6 @@ run to "done" through the trainer is in tests/test_loop_e2e.py.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
