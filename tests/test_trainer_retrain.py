@@ -130,3 +130,47 @@ def test_bad_retrain_options_are_refused_before_anything_starts(
     assert main(["trainer", *trainer_argv(tmp_path, data), *extra]) == 2
     assert says in capsys.readouterr().err
     assert not (data / "inbox").exists() and not (data / "retrain").exists()  # nothing opened
+
+
+def test_a_failed_run_is_not_retried_until_more_labels_come(tmp_path: Path) -> None:
+    """The watcher's own loop (no trainer around it): batch trigger 2; the bundle cannot be trained from,
+    so the run fails; the same count never starts another run, one more label does."""
+    import asyncio
+
+    data = tmp_path / "ds"
+    data.mkdir()
+    line = '{{"stone_id": "S{}", "color": "blue", "clarity": "opaque", "lot_id": "L1"}}\n'
+    (data / "labels.jsonl").write_text(line.format(1) + line.format(2))
+    bundle = tmp_path / "broken"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"version": "v002", "created": "2026-01-01T00:00:00Z"}))
+    log = data / "retrain" / "watch.log"
+
+    def runs() -> int:
+        return log.read_text().count("retraining: ") if log.exists() else 0
+
+    async def scenario() -> tuple[int, int, str]:
+        task = asyncio.create_task(rt.watch(data, bundle, rt.RetrainPolicy(batch=2), interval_s=0.2))
+        try:
+            async def until(cond: Any, timeout_s: float) -> None:
+                deadline = time.monotonic() + timeout_s
+                while not cond() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+
+            await until(lambda: rt.read_status(data).get("state") == "failed", 120)
+            state = str(rt.read_status(data).get("state"))
+            await asyncio.sleep(3.0)  # 15 checks at 0.2 s: the same count, no new run
+            before = runs()
+            with open(data / "labels.jsonl", "a") as fh:
+                fh.write(line.format(3))
+            await until(lambda: rt.read_status(data).get("new_labels") == 3
+                        and rt.read_status(data).get("state") == "failed", 120)
+            return before, runs(), state
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    before, after, state = asyncio.run(scenario())
+    assert state == "failed" and "sorterd train exited" in rt.read_status(data)["error"]
+    assert (before, after) == (1, 2)
+    assert rt.read_status(data)["new_labels"] == 3
