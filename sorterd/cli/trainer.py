@@ -2,13 +2,17 @@
 
     sorterd trainer --data DIR --key TRAINER.key_secret --allowed DIR [--bind tcp://127.0.0.1:5591]
                     [--metrics-port N] [--metrics-host 127.0.0.1] [--review-port N [--review-host 127.0.0.1]]
+                    [--retrain-model BUNDLE [--retrain-every S] [--retrain-test-lots LOT,..] [--retrain-train-args A]]
     sorterd trainer status --data DIR      the sorters as the inbox last saw them (DIR/inbox/sorters.json)
 
 Composes `sorterd.link.server.LinkServer` (CurveZMQ ROUTER, ZAP allow-list: one sorter public key
 file per sorter in --allowed, its stem the sorter id) with the inbox `sorterd.trainer.inbox`
 (imported when the command runs).  Binds to localhost unless --bind says otherwise.  With
 --review-port the same process serves the review page (`sorterd.trainer.review`, the trainer extra)
-on the same dataset, as `sorterd review` would.
+on the same dataset, as `sorterd review` would.  With --retrain-model the same process runs the §5.4
+schedule (`sorterd.trainer.retrain.watch`: 500 new labels, weekly with >= 100, or the page's "retrain
+now"), each run in a child process so the link and the page never wait; stopping the trainer ends a
+run in progress (its status then reads "interrupted").
 
 Exit status: 0 never (it serves until stopped); 2 bad input (key, allow-list, address, an
 unreadable dataset); 130/143 stopped by SIGINT/SIGTERM.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -54,6 +59,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    help="also serve the review page (§3.1) on this port (needs the trainer extra: aiohttp)")
     t.add_argument("--review-host", default="127.0.0.1", metavar="ADDR",
                    help="address of the review page (default 127.0.0.1: this machine only)")
+    t.add_argument("--retrain-model", type=Path, metavar="BUNDLE",
+                   help="run the §5.4 retraining schedule, fine-tuning from this model bundle (the current model)")
+    t.add_argument("--retrain-every", type=float, default=10.0, metavar="S",
+                   help="with --retrain-model: seconds between checks of the trigger (default 10)")
+    t.add_argument("--retrain-test-lots", default="", metavar="LOT[,LOT]",
+                   help="with --retrain-model: held-out lots for sorterd train (default: its choice)")
+    t.add_argument("--retrain-train-args", default="", metavar="ARGS",
+                   help="with --retrain-model: more `sorterd train` options, one shell-quoted string")
     t.set_defaults(func=cmd_trainer)
 
 
@@ -86,6 +99,11 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     if args.review_port is not None and not 0 <= args.review_port <= 65535:
         print(f"sorterd trainer: --review-port {args.review_port}: a port in [0, 65535]", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.retrain_model is not None:
+        problem = _retrain_problem(args)
+        if problem:
+            print(f"sorterd trainer: {problem}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     from sorterd.trainer.inbox import InboxError, open_inbox
 
     try:
@@ -113,6 +131,7 @@ async def _serve(args: argparse.Namespace, public: bytes, secret: bytes, inbox: 
         loop.add_signal_handler(sig, stop, sig)
     metrics = None
     review = None
+    retrain: asyncio.Task[None] | None = None
     try:
         try:
             await server.start()
@@ -129,9 +148,16 @@ async def _serve(args: argparse.Namespace, public: bytes, secret: bytes, inbox: 
             review = await _start_review(args)
             if review is None:
                 return EXIT_BAD_INPUT
+        if args.retrain_model is not None:
+            retrain = asyncio.create_task(_retrain_watch(args), name="retrain-watch")
+            print(f"sorterd trainer: retraining from {args.retrain_model} (§5.4 schedule, checked every "
+                  f"{args.retrain_every:g} s)", file=sys.stderr)
         print(f"sorterd trainer: listening on {server.endpoint}, data in {args.data}", file=sys.stderr)
         await server.run()
     finally:
+        if retrain is not None:
+            retrain.cancel()
+            await asyncio.gather(retrain, return_exceptions=True)
         if review is not None:
             await review.cleanup()
         server.close()
@@ -139,6 +165,33 @@ async def _serve(args: argparse.Namespace, public: bytes, secret: bytes, inbox: 
         if metrics is not None:
             metrics.close()
     return 128 + stopped[0] if stopped else 0
+
+
+def _retrain_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the --retrain-* options (one line), or None."""
+    if not (args.retrain_model / "manifest.json").is_file():
+        return f"--retrain-model {args.retrain_model}: not a model bundle (no manifest.json); give the current model's folder"
+    if not 1.0 <= args.retrain_every <= 86400.0:
+        return f"--retrain-every {args.retrain_every:g}: seconds in [1, 86400]"
+    try:
+        shlex.split(args.retrain_train_args)
+    except ValueError as exc:
+        return f"--retrain-train-args {args.retrain_train_args!r}: not a shell-quoted string ({exc})"
+    return None
+
+
+async def _retrain_watch(args: argparse.Namespace) -> None:
+    """`retrain.watch` until cancelled; a crash of the watcher is logged, the link and page serve on."""
+    from sorterd.trainer import retrain as rt
+
+    try:
+        await rt.watch(args.data.resolve(), args.retrain_model.resolve(), interval_s=args.retrain_every,
+                       test_lots=[s for s in args.retrain_test_lots.split(",") if s],
+                       train_args=shlex.split(args.retrain_train_args))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("the retraining watcher stopped; the link and the page keep serving")
 
 
 async def _start_review(args: argparse.Namespace) -> web.AppRunner | None:

@@ -39,8 +39,10 @@ import asyncio
 import fcntl
 import importlib
 import json
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -58,6 +60,8 @@ from sorterd.train.splits import snapshot_ids
 ACTIVE = ("training", "comparing")
 STATES = ("idle", *ACTIVE, "done", "failed", "interrupted")
 MAX_REASON = 200
+EXIT_BUSY = 75  # sorterd retrain's: another runner holds the lock
+_log = logging.getLogger(__name__)
 QA_CRITERION = "QA reference stones"  # §8.4 item 6: checked on the sorter (next issue)
 
 
@@ -408,17 +412,83 @@ def _make_candidate(root: Path, bundle: Path, version: str, comparison: dict[str
 
 
 async def watch(root: Path, bundle: Path, policy: RetrainPolicy = RetrainPolicy(), interval_s: float = 60.0,
-                test_lots: Sequence[str] = (), train_args: Sequence[str] = ()) -> None:
-    """For an asyncio process (`sorterd trainer`): check the trigger every interval, run in a thread."""
+                test_lots: Sequence[str] = (), train_args: Sequence[str] = (), python: str = sys.executable,
+                stop_grace_s: float = 10.0) -> None:
+    """For an asyncio process (`sorterd trainer --retrain-model`): the §5.4 schedule, forever.
+
+    Every ``interval_s`` it checks `due` (in a worker thread: file reads); when a run is due it runs
+    `run_retrain` in a child process (``python -m sorterd.trainer.retrain``, its own session, output
+    appended to DIR/retrain/watch.log), awaited without blocking the event loop.  Cancelling the task
+    (the trainer stopping) ends that child and its ``sorterd train`` with SIGTERM, then SIGKILL after
+    ``stop_grace_s``: the kernel frees run.lock and `read_status` says ``interrupted``, never done.
+
+    A run that did not finish "done" (training failed, a crash) is not retried for the same count:
+    the 500/weekly triggers wait for more new labels; a request (the page's button) always runs.
+    The model fine-tuned from stays ``bundle``: moving it to the sorter's active release is the
+    release issue's.
+    """
+    failed_at: int | None = None  # the new-label count of the last failed run
     while True:
-        reason, _ = await asyncio.to_thread(due, root, bundle, policy)
-        if reason is not None and not await asyncio.to_thread(_lock_held, root):
-            try:
-                await asyncio.to_thread(run_retrain, root, bundle, reason, test_lots=test_lots,
-                                        train_args=train_args)
-            except RetrainBusy:
-                pass  # a `sorterd retrain --now` got there first
+        reason, new = await asyncio.to_thread(due, root, bundle, policy)
+        requested = reason is not None and reason.startswith("requested: ")
+        if reason is not None and (requested or new != failed_at) and not await asyncio.to_thread(_lock_held, root):
+            state = await _run_child(root, bundle, reason, test_lots, train_args, python, stop_grace_s)
+            failed_at = None if state == "done" else new
         await asyncio.sleep(interval_s)
+
+
+async def _run_child(root: Path, bundle: Path, reason: str, test_lots: Sequence[str], train_args: Sequence[str],
+                     python: str, stop_grace_s: float) -> str | None:
+    """One `run_retrain` in a child process; its final state (None: it ended without a status)."""
+    retrain_dir(root).mkdir(parents=True, exist_ok=True)
+    spec = json.dumps({"root": str(root), "bundle": str(bundle), "reason": reason, "test_lots": list(test_lots),
+                       "train_args": list(train_args)})
+    with open(retrain_dir(root) / "watch.log", "ab") as log:
+        log.write(f"{_now()} retraining: {reason}\n".encode())
+        log.flush()
+        proc = await asyncio.create_subprocess_exec(python, "-m", "sorterd.trainer.retrain", spec,
+                                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                                    start_new_session=True)
+        try:
+            code = await proc.wait()
+        except asyncio.CancelledError:
+            await _end_group(proc, stop_grace_s)
+            raise
+    status = await asyncio.to_thread(read_status, root)
+    if code not in (0, EXIT_BUSY):
+        _log.warning("retrain child exited %s (see %s)", code, retrain_dir(root) / "watch.log")
+    return str(status.get("state")) if code == 0 else None
+
+
+async def _end_group(proc: asyncio.subprocess.Process, grace_s: float) -> None:
+    """SIGTERM the child's process group (it and its `sorterd train`), then SIGKILL what is left."""
+    _killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace_s)
+    except asyncio.TimeoutError:
+        pass
+    _killpg(proc.pid, signal.SIGKILL)  # the group's members that outlived the grace (a busy train)
+    await proc.wait()
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass  # the whole group is gone already
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    """``python -m sorterd.trainer.retrain SPEC``: one run for `watch` (SPEC: JSON root, bundle, reason, ...)."""
+    spec = json.loads(argv[0])
+    try:
+        status = run_retrain(Path(spec["root"]), Path(spec["bundle"]), spec["reason"],
+                             test_lots=spec["test_lots"], train_args=spec["train_args"])
+    except RetrainBusy as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BUSY
+    print(json.dumps({k: status.get(k) for k in ("state", "version", "candidate", "refused", "error")}), flush=True)
+    return 0
 
 
 def wait_for(root: Path, states: Sequence[str], timeout_s: float) -> dict[str, Any]:
@@ -429,3 +499,7 @@ def wait_for(root: Path, states: Sequence[str], timeout_s: float) -> dict[str, A
         time.sleep(0.2)
         status = read_status(root)
     return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child_main(sys.argv[1:]))
