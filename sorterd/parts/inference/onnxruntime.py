@@ -48,6 +48,8 @@ class OnnxModel:
         _check_names(self.session, self.manifest, onnx_path)
         m = self.manifest
         self._outputs = [m.color_output, m.clarity_output]
+        if m.ood is not None:
+            self._outputs.append(m.ood.output)
         # Fold scale, mean and std into one multiply-add per channel.
         self._mul = (m.scale / m.std).astype(np.float32).reshape(1, 6, 1, 1)
         self._add = (-m.mean / m.std).astype(np.float32).reshape(1, 6, 1, 1)
@@ -81,8 +83,13 @@ class OnnxModel:
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The bare model call: preprocessed batch in, logits out."""
-        color, clarity = self.session.run(self._outputs, {self.manifest.input_name: x})
+        color, clarity, _ = self.run_all(x)
         return color, clarity
+
+    def run_all(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The bare model call: logits and, if the bundle has the gate, the OOD scores."""
+        out = self.session.run(self._outputs, {self.manifest.input_name: x})
+        return out[0], out[1], (out[2] if len(out) > 2 else None)
 
     def predict(self, crops_hwc: np.ndarray) -> tuple[list[Prediction], float]:
         """Probabilities for a batch of 6-channel RGB crops, and the bare model call's seconds."""
@@ -94,11 +101,11 @@ class OnnxModel:
 
     def _classify(self, x: np.ndarray) -> tuple[list[Prediction], float]:
         t0 = time.perf_counter()
-        color, clarity = self.run(x)
+        color, clarity, ood = self.run_all(x)
         model_s = time.perf_counter() - t0
         t = self.manifest.temperature
         pc, pk = softmax(color, t["color"]), softmax(clarity, t["clarity"])
-        return [Prediction(pc[i], pk[i]) for i in range(len(pc))], model_s
+        return [Prediction(pc[i], pk[i], None if ood is None else float(ood[i])) for i in range(len(pc))], model_s
 
 
 def _load_errors(ort: Any) -> tuple[type[BaseException], ...]:
@@ -129,7 +136,8 @@ def _check_names(session: Any, manifest: Manifest, onnx_path: Path) -> None:
     if manifest.input_name not in inputs:
         raise ModelError(f"{onnx_path}: has no input {manifest.input_name!r} (the manifest's input.name); "
                          f"its inputs are {inputs}")
-    missing = [n for n in (manifest.color_output, manifest.clarity_output) if n not in outputs]
+    wanted = [manifest.color_output, manifest.clarity_output] + ([manifest.ood.output] if manifest.ood else [])
+    missing = [n for n in wanted if n not in outputs]
     if missing:
         raise ModelError(f"{onnx_path}: has no output {', '.join(map(repr, missing))} (the manifest's outputs); "
                          f"its outputs are {outputs}")
