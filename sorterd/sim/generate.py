@@ -50,6 +50,7 @@ from sorterd.domain import LIGHT_MODES
 from sorterd.sim.dataset import machine_captures
 from sorterd.sim.lots import NOMINAL_EXPOSURE_US, Lot, MachineLook, SessionDrift
 from sorterd.sim.machine import SimMachine
+from sorterd.sim.parts.camera import SimCameraConfig
 from sorterd.sim.stones import StoneSpec
 from sorterd.sorting.segment import Observation, crop_halves
 
@@ -259,6 +260,8 @@ def _session_config(cfg: config.Config, sim: config.SimConfig, look: MachineLook
     cam = cfg.camera
     if look == MachineLook():
         return config.replace(cfg, sim=sim)
+    if not isinstance(cam, SimCameraConfig):
+        raise ValueError(f"camera.type = {cam.type!r}: generating a dataset needs the simulated camera (sim)")
     k = look.px_per_mm / float(cam.pixels_per_mm)
     cam = dc_replace(cam, pixels_per_mm=look.px_per_mm, width_px=max(64, round(cam.width_px * k)),
                      height_px=max(32, round(cam.height_px * k)), noise_sigma=look.noise_dn * look.gain)

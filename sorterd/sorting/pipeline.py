@@ -34,6 +34,7 @@ from sorterd.parts.trigger import TriggerEvent
 from sorterd.quantiles import Samples
 from sorterd.sorting.capture import capture_pair, lighting_fault
 from sorterd.sorting.decide import decide, safe_route, unsortable_reason
+from sorterd.sorting.drift import DriftWatch
 from sorterd.sorting.eject import Planner, plan_pulse
 from sorterd.sorting.ledger import TriggerLedger
 from sorterd.sorting.liveness import Liveness
@@ -116,6 +117,11 @@ class Pipeline:
         self._input_px = int(size[0])
         self._crop_px = max(8, int(round(model.manifest.crop_mm * cam.pixels_per_mm)))
         self.count.model(model.version, model.manifest.onnx_sha256)
+        self.drift = DriftWatch(model.manifest.ood)
+        self.stats.ood = self.drift.summary()
+        if not self.drift.gate:
+            log.warning("model %s has no out-of-distribution gate (a bundle older than v003): stones unlike its "
+                        "training data are sorted by their softmax alone", model.version)
 
     # -- stage 1: triggers ----------------------------------------------------
 
@@ -317,7 +323,10 @@ class Pipeline:
             dec = safe_route(self.cfg.machine.safe_route, reason)
         else:
             m = self.model.manifest
-            dec = decide(pred.p_color, pred.p_clarity, obs.size_mm, self.cfg.decision, m.color_classes, m.clarity_classes)
+            limit = m.ood.stone_limit if m.ood is not None else 1.0
+            dec = decide(pred.p_color, pred.p_clarity, obs.size_mm, self.cfg.decision, m.color_classes,
+                         m.clarity_classes, pred.ood, limit)
+            self._watch_drift(pred.ood, limit)
         track = Track(sid, obs.t_ns, obs.x_mm, obs.speed_mm_s, obs.length_mm,
                       spread_mm=obs.length_mm if obs.cluster else 0.0)
         self.tracker.add(track, obs.y_mm)
@@ -325,6 +334,15 @@ class Pipeline:
         route = routed.route
         pulse = plan_pulse(track, route, self.cfg.geometry, self.cfg.ejection) if route in JET_BINS else None
         return routed, pulse
+
+    def _watch_drift(self, score: float | None, limit: float) -> None:
+        """The batch's share of out-of-distribution stones: alarm (log, metric, summary) on drift."""
+        if score is None:
+            return
+        alarm = self.drift.stone(score)
+        if alarm is not None:
+            log.warning("%s", alarm)
+        self.count.ood(self.drift.summary(), not score <= limit, self.drift.share(), self.drift.alarmed)
 
     def _dispatch(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
                   routed: Routed, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],

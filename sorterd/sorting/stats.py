@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from sorterd.metrics import Metrics
 from sorterd.quantiles import Samples
@@ -57,6 +58,7 @@ class RunStats:
     # stone id -> the bin a neighbour's jet (too late to cancel) may have carried it into
     co_deflection_risks: dict[str, str] = field(default_factory=dict)
     lighting_faults: int = 0  # pairs not lit as §2.2 says (their stones take the safe route)
+    ood: dict[str, Any] = field(default_factory=dict)  # the model's drift watch (sorting/drift.py summary)
     decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("CUT", "SELECT", "FLIP", "REJECT"), 0))
     # Where the machine sent them: the decided bin, or REJECT / the safe route after a
     # neighbour conflict, a co-deflection risk or a deadline miss.
@@ -191,6 +193,14 @@ class RunCounter:
 
     def model(self, version: str, sha256: str) -> None:
         self.metrics.model.info({"version": version, "sha256": sha256})
+
+    def ood(self, summary: dict[str, Any], over: bool, share: float, alarmed: bool) -> None:
+        """One scored stone of the drift watch: the summary's section and the series."""
+        self.stats.ood = summary
+        if over:
+            self.metrics.ood_stones.inc()
+        self.metrics.ood_share.set(share)
+        self.metrics.ood_alarm.set(1.0 if alarmed else 0.0)
 
 
 def refusal_kind(status: str) -> str:

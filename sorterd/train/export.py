@@ -69,8 +69,11 @@ def export_bundle(
     net = copy.deepcopy(model).cpu().eval()
     names = list(OUTPUT_NAMES)
     if ood is not None:
+        from sorterd.train.mobilenet import MobileNetV3Small
         from sorterd.train.ood import WithOod
 
+        if not isinstance(net, MobileNetV3Small):
+            raise ValueError(f"ood: the gate needs the trainer's MobileNetV3Small, not {type(net).__name__}")
         net = WithOod(net, ood).eval()
         names.append(OOD_OUTPUT)
     onnx_path = out_dir / "model.onnx"
