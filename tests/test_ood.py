@@ -160,3 +160,56 @@ def test_exported_gate_is_the_numpy_gate_and_the_sorter_reads_it(tmp_path: Path)
     (plain / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ModelError, match="ood = .*needs"):
         read_manifest(plain)
+
+
+# -- calibration -----------------------------------------------------------------------------
+
+
+class _Foreign:
+    """The shipped model as a machine it never saw would find it: every stone out of distribution."""
+
+    def __init__(self, inner: object, score: float) -> None:
+        from dataclasses import replace
+
+        self.inner = inner
+        self.manifest = replace(inner.manifest, ood=SPEC)  # type: ignore[attr-defined]
+        self.score = score
+
+    @property
+    def version(self) -> str:
+        return str(self.inner.version)  # type: ignore[attr-defined]
+
+    def predict(self, crops_hwc: np.ndarray) -> tuple[list[object], float]:
+        from dataclasses import replace
+
+        preds, s = self.inner.predict(crops_hwc)  # type: ignore[attr-defined]
+        return [replace(p, ood=self.score) for p in preds], s
+
+    def predict_halves(self, halves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[object], float]:
+        from dataclasses import replace
+
+        preds, s = self.inner.predict_halves(halves)  # type: ignore[attr-defined]
+        return [replace(p, ood=self.score) for p in preds], s
+
+
+def test_reference_kit_step_fails_when_the_model_does_not_know_the_machine() -> None:
+    import io
+
+    from sorterd import config
+    from sorterd.calibration import checklist
+    from sorterd.cli.compose import load_config
+    from sorterd.data.bundle import resolve_bundle
+    from sorterd.parts.inference.onnxruntime import OnnxModel
+    from sorterd.sim.rig import SimRig
+
+    cfg = load_config(config.sim_config_path())
+    inner = OnnxModel(resolve_bundle("default", None))
+    results = {}
+    for score in (0.3, 4.0):
+        profile, _, _ = checklist.run_checklist(cfg, SimRig(cfg), _Foreign(inner, score), io.StringIO(),  # type: ignore[arg-type]
+                                                interactive=False, warmup_s=0)
+        results[score] = next(s for s in profile.steps if s.name == "reference stones")
+    assert results[0.3].status == "pass" and results[0.3].measured["out_of_distribution"] == 0
+    bad = results[4.0]
+    assert bad.status == "fail" and bad.measured["out_of_distribution"] == bad.measured["found"] > 0
+    assert bad.message.startswith("the model does not know this machine/lot: collect and label 300 stones")
