@@ -76,6 +76,10 @@ def _add_sim(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument("--session-stones", type=positive_int, default=1500, metavar="K",
                    help="stones per capture session; each session has its own lighting drift (default 1500)")
     g.add_argument("--date", type=_day, metavar="YYYY-MM-DD", help="date of the sessions (default today)")
+    g.add_argument("--machines", choices=("nominal", "train", "shifted"), default="nominal",
+                   help="each session's simulated machine: nominal (the default), train (drawn per session from "
+                        "the shipped model's domain-randomisation ranges) or shifted (outside all of them at once); "
+                        "see sorterd/sim/recipe.py")
     g.add_argument("--crop-mm", type=float, metavar="MM", help="side of the ROI crops in mm (default 6.4, "
                    "or what the dataset already uses)")
     g.set_defaults(func=cmd_sim_generate)
@@ -194,6 +198,12 @@ def cmd_sim_generate(args: argparse.Namespace) -> int:
         lot = get_lot(args.lot)
         if args.lot_id:
             lot = lot.with_lot_id(args.lot_id)
+        if args.machines != "nominal":
+            from dataclasses import replace
+
+            from sorterd.sim.recipe import SHIFTED_MACHINE, TRAIN_MACHINES
+
+            lot = replace(lot, machine=TRAIN_MACHINES if args.machines == "train" else SHIFTED_MACHINE)
         crop = args.crop_mm
         if crop is None:
             from sorterd.data.dataset import DEFAULT_CROP_MM, Dataset

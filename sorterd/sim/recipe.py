@@ -3,7 +3,12 @@
 Used by `models/build_default.py` (rebuilds models/default) and
 `bench/train_time.py` (times training at the §1.1 Phase 2 size), so both
 describe the same data.  Five training lots, 4,500 stones (the Phase 2
-size, train + validation), plus two whole lots held out for test (§7.4):
+size, train + validation), plus two whole lots held out for test (§7.4).
+Since v003 the training lots are domain-randomised: every 150 stones are a
+new capture session on another machine drawn from `TRAIN_MACHINES` (scale,
+LED tint and level, grey card, exposure, focus, noise, gain, texture, crop
+framing); the test lots stay on the nominal machine (the same stones v002
+was tested on), and `SHIFTED_LOT` is outside every training range at once:
 
     thai-mixed 1000, pailin-heated 900, bo-ploi-dark 900, ilakaka-pale 900,
     ratnapura-worn 800  -> train/val
@@ -74,6 +79,9 @@ DEFAULT_LOTS: tuple[LotBatch, ...] = (
 )
 TEST_LOTS = ("LOT-2026-006", "LOT-2026-007")
 TRAIN_SEED = 0
+# v003's schedule: 1 heads-only + at most 5 end-to-end epochs (v002: 2 + 14).  Chosen for a
+# machine shared by eight engineers, where one epoch took ~4-7 min instead of ~45 s.
+TRAIN_EPOCHS = ("--epochs-heads", "1", "--epochs", "5", "--patience", "2")
 
 
 def generate_default_dataset(out: Path, progress: Callable[[str], None] | None = None) -> int:
