@@ -213,3 +213,18 @@ def test_reference_kit_step_fails_when_the_model_does_not_know_the_machine() -> 
     bad = results[4.0]
     assert bad.status == "fail" and bad.measured["out_of_distribution"] == bad.measured["found"] > 0
     assert bad.message.startswith("the model does not know this machine/lot: collect and label 300 stones")
+
+
+def test_the_run_summary_text_shouts_the_alarm() -> None:
+    from sorterd.sorting.summary import _ood_lines
+
+    watch = DriftWatch(SPEC)
+    assert _ood_lines(DriftWatch(None).summary()) == []
+    for _ in range(60):
+        watch.stone(0.2)
+    calm = _ood_lines(watch.summary())
+    assert calm == ["out of distribution: 0 of 60 stones (0.0%) to SELECT, worst window 0.0%"]
+    for _ in range(60):
+        watch.stone(7.0)
+    lines = _ood_lines(watch.summary())
+    assert len(lines) == 2 and lines[1].startswith("ALARM: the model does not know this machine/lot")
