@@ -65,9 +65,11 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--tag", default="adapt")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--old-splits", metavar="vNNN", help="the split snapshot of --data to take the old stones from "
+                    "(default: the one the bundle was trained with)")
     args = ap.parse_args()
     manifest = json.loads((args.bundle / "manifest.json").read_text())
-    old = read_splits(open_dataset(args.data), manifest["training"]["splits"]["version"])
+    old = read_splits(open_dataset(args.data), args.old_splits or manifest["training"]["splits"]["version"])
     data = args.work / "data"
     if not data.exists():
         _copy_dataset(args.data, data)
