@@ -78,6 +78,9 @@ class Metrics:
                                       ["check"], registry=r)
         self.model_rollbacks = Counter("sorterd_model_rollbacks_total", "Automatic rollbacks by the release health watch.",
                                        registry=r)
+        self.ood_stones = Counter("sorterd_ood_stones_total", "Stones over the model's out-of-distribution limit (sent to SELECT, flagged).", registry=r)
+        self.ood_share = Gauge("sorterd_ood_batch_share", "Share of the last scored stones over the out-of-distribution limit.", registry=r)
+        self.ood_alarm = Gauge("sorterd_ood_alarm", "1 while the batch has drifted outside what the model knows (collect and label stones).", registry=r)
         self.server: Any = None
 
     def watch_valves(self, valves: Valves) -> None:

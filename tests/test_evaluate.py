@@ -205,10 +205,13 @@ def plain_stones(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_default_model_through_onnxruntime_on_plain_stones(plain_stones: Path) -> None:
     ds = open_dataset(plain_stones)
     model = OnnxModel(resolve_bundle("default", None))
-    pc, pk = predict(model, ds, ds.labels)
+    pc, pk, ood = predict(model, ds, ds.labels)
     assert pc.shape == (60, 3) and np.allclose(pc.sum(1), 1.0)
-    m = evaluate(ds.labels, stone_sizes(ds, ds.labels), pc, pk, DCFG).metrics
+    assert (ood is None) == (model.manifest.ood is None)  # the gate's scores exactly when the bundle has one
+    m = evaluate(ds.labels, stone_sizes(ds, ds.labels), pc, pk, DCFG, ood).metrics
     assert m["color"] > 0.85 and m["clarity"] > 0.85 and m["sizes_unknown"] == 0
+    if ood is not None:  # the plain simulated stones are the nominal machine: known to the model
+        assert m["ood_rate"] < 0.05
 
 
 def test_report_is_a_page_with_embedded_plots(plain_stones: Path, tmp_path: Path) -> None:
@@ -217,7 +220,7 @@ def test_report_is_a_page_with_embedded_plots(plain_stones: Path, tmp_path: Path
 
     ds = open_dataset(plain_stones)
     labels = ds.labels[:30]
-    pc, pk = predict(OnnxModel(resolve_bundle("default", None)), ds, labels)
+    pc, pk, _ = predict(OnnxModel(resolve_bundle("default", None)), ds, labels)
     pk[:5] = pk[:5, ::-1]  # a few mistakes, so the gallery has something to show
     ev = evaluate(labels, stone_sizes(ds, labels), pc, pk, DCFG)
     page = write_report(ev, ds, tmp_path / "rep", title="t").read_text()

@@ -23,6 +23,7 @@ from sorterd import config
 from sorterd.cli.compose import load_config
 from sorterd.clock import Clock, VirtualClock
 from sorterd.controller.outputs import Pulse, PulseOutcome
+from sorterd.data.bundle import OodSpec
 from sorterd.metrics import Metrics
 from sorterd.parts import Parts
 from sorterd.parts.camera import Frame
@@ -172,6 +173,7 @@ class FakeManifest:
     onnx_sha256: str = "f" * 64
     color_classes: tuple[str, ...] = ("blue", "light", "inky")
     clarity_classes: tuple[str, ...] = ("transparent", "translucent", "opaque")
+    ood: OodSpec | None = None  # no out-of-distribution gate, as an older bundle
 
 
 class FakeModel:
@@ -217,7 +219,7 @@ class Ran:
     t0_ns: int
 
 
-def run_fakes(tmp_path: Path, cfg: config.Config) -> Ran:
+def run_fakes(tmp_path: Path, cfg: config.Config, model_cls: type[FakeModel] | None = None) -> Ran:
     """Drive one Pipeline over STONES on a virtual clock; the rows as the recorder wrote them."""
     clock = VirtualClock()
     loop = clock.new_event_loop()
@@ -230,7 +232,7 @@ def run_fakes(tmp_path: Path, cfg: config.Config) -> Ran:
                       trigger=FakeTrigger([s.edge_ns for s in stones], clock), valves=FakeValves(clock))
         recorder = Recorder(tmp_path, 0.01, 100, cfg.record.thumbnail_px)
         metrics = Metrics()
-        model = FakeModel()
+        model = (model_cls or FakeModel)()
         pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics)  # type: ignore[arg-type]
         try:
             await asyncio.wait_for(pipeline.run(), 30.0)
@@ -318,3 +320,30 @@ def test_every_edge_is_accounted_for_and_every_figure_agrees(ran: tuple[Ran, con
     assert len(s.latency_s["segment"]) == len(s.latency_s["infer"]) == 4  # the classified ones
     assert len(s.latency_s["exposure_to_pulse"]) == len(s.latency_s["trigger_to_exposure"]) == 5
     assert m.get_sample_value("sorterd_stage_seconds_count", {"stage": "model_only"}) == 4
+
+
+class GatedModel(FakeModel):
+    """A bundle with the out-of-distribution gate that finds the blue stones foreign."""
+
+    manifest = FakeManifest(ood=OodSpec("ood_score", 1.0, 0.10, 2))
+
+    def predict_halves(self, crops: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Prediction], float]:
+        preds, s = super().predict_halves(crops)
+        return [Prediction(p.p_color, p.p_clarity, 3.0 if p.p_color[0] > 0.9 else 0.2) for p in preds], s
+
+
+def test_a_stone_the_model_does_not_know_goes_to_select_and_the_batch_alarms(tmp_path: Path) -> None:
+    cfg = load_config(config.sim_config_path(), {"metrics": {"enabled": False}})
+    r = run_fakes(tmp_path, cfg, GatedModel)
+    got = [(row["bin"], row["flagged"], row["reason"].split(":")[0]) for row in r.rows[:4]]
+    assert got == [("SELECT", 1, "out of distribution"), ("SELECT", 1, "out of distribution"),
+                   ("REJECT", 0, "sorted"), ("FLIP", 1, "review")]
+    ood = r.stats.ood
+    assert ood["gate"] and ood["stones_scored"] == 4 and ood["over_limit"] == 2 and ood["alarms"] == 1
+    assert ood["alarm"].startswith("the model does not know this machine/lot")
+    assert r.metrics.registry.get_sample_value("sorterd_ood_stones_total") == 2.0
+
+
+def test_a_model_without_the_gate_says_so_in_the_summary(ran: tuple[Ran, config.Config]) -> None:
+    r, _ = ran
+    assert r.stats.ood["gate"] is False and "no out-of-distribution gate" in r.stats.ood["note"]

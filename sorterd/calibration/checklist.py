@@ -49,6 +49,7 @@ from sorterd.data.session import SessionMeta
 from sorterd.domain import JET_BINS
 from sorterd.parts.inference import Model
 from sorterd.release.qa import KIT_FILE, RecordedKit, save_kit
+from sorterd.sorting.drift import alarm_text
 from sorterd.sorting.segment import PairingLimits, crop_pair, find_blobs, segment_pair
 
 BACKLIGHT_DRIFT_MAX = 0.05  # §2.4 step 3
@@ -373,6 +374,7 @@ class Checklist:
         lim = PairingLimits.from_config(self.cfg, ppm, self.cfg.lights.pair_interval_ms)
         refs = self.rig.reference_frames()
         agree, seen = 0, 0
+        scores: list[float] = []
         crop_px = int(round(model.manifest.crop_mm * ppm))
         crops, labels = [], []
         for backlit, toplit, color, clarity in kit:
@@ -387,9 +389,19 @@ class Checklist:
             m = model.manifest
             got = (m.color_classes[int(np.argmax(pred.p_color))], m.clarity_classes[int(np.argmax(pred.p_clarity))])
             agree += got == (color, clarity)
+            if pred.ood is not None:
+                scores.append(pred.ood)
         rate = agree / len(kit) if kit else 0.0
         meas = {"stones": len(kit), "found": seen, "agree": agree, "agreement": round(rate, 3)}
-        if rate < AGREEMENT_MIN:
+        spec = model.manifest.ood
+        out = sum(1 for v in scores if not v <= spec.stone_limit) if spec is not None else 0
+        if spec is not None and scores:
+            meas["out_of_distribution"] = out
+        if spec is not None and scores and out / len(scores) > spec.batch_share_limit:
+            # The kit is the machine's own known stones: if the model finds them foreign, the
+            # machine (light, scale, focus) is outside what it was trained on.
+            self.record(StepResult("reference stones", "fail", meas, alarm_text(out / len(scores), len(scores), spec)))
+        elif rate < AGREEMENT_MIN:
             self.record(StepResult("reference stones", "fail", meas,
                                    f"{agree}/{len(kit)} agree with their labels ({rate:.0%} < {AGREEMENT_MIN:.0%}, "
                                    "§8.4): stop — check the kit's labels, the lighting and the model before sorting"))

@@ -76,6 +76,10 @@ def _add_sim(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument("--session-stones", type=positive_int, default=1500, metavar="K",
                    help="stones per capture session; each session has its own lighting drift (default 1500)")
     g.add_argument("--date", type=_day, metavar="YYYY-MM-DD", help="date of the sessions (default today)")
+    g.add_argument("--machines", choices=("nominal", "train", "shifted"), default="nominal",
+                   help="each session's simulated machine: nominal (the default), train (drawn per session from "
+                        "the shipped model's domain-randomisation ranges) or shifted (outside all of them at once); "
+                        "see sorterd/sim/recipe.py")
     g.add_argument("--crop-mm", type=float, metavar="MM", help="side of the ROI crops in mm (default 6.4, "
                    "or what the dataset already uses)")
     g.set_defaults(func=cmd_sim_generate)
@@ -196,6 +200,12 @@ def cmd_sim_generate(args: argparse.Namespace) -> int:
         lot = get_lot(args.lot)
         if args.lot_id:
             lot = lot.with_lot_id(args.lot_id)
+        if args.machines != "nominal":
+            from dataclasses import replace
+
+            from sorterd.sim.recipe import SHIFTED_MACHINE, TRAIN_MACHINES
+
+            lot = replace(lot, machine=TRAIN_MACHINES if args.machines == "train" else SHIFTED_MACHINE)
         crop = args.crop_mm
         if crop is None:
             from sorterd.data.dataset import DEFAULT_CROP_MM, Dataset
@@ -373,8 +383,9 @@ def _evaluate_bundle(name: str, args: argparse.Namespace, stones: list[str] | No
         if training.get("data", {}).get("dir") == str(ds.root.resolve()):
             warnings.append(f"{bundle} was trained on this dataset: --split all includes its training stones, "
                             "so these figures are optimistic; use --split test")
-    pc, pk = predict(model, ds, labels)
-    ev = evaluate(labels, stone_sizes(ds, labels), pc, pk, _decision(args))
+    pc, pk, ood = predict(model, ds, labels)
+    limit = model.manifest.ood.stone_limit if model.manifest.ood else 1.0
+    ev = evaluate(labels, stone_sizes(ds, labels), pc, pk, _decision(args), ood, limit)
     unknown = ev.metrics["sizes_unknown"]
     if unknown:
         warnings.append(f"{unknown} stones have no size (no size_mm, no pixels_per_mm): the CUT rule took them as "

@@ -24,7 +24,17 @@ Manifest schema ``sorterd-model/1``::
      "golden": {"inputs": {"file": "golden_inputs.npy", "sha256": "<hex>", "shape": [N,128,128,6]},
                 "outputs": {"file": "golden_outputs.npy", "sha256": "<hex>", "shape": [N,6]},
                 "made_by": "onnxruntime 1.x CPUExecutionProvider"},       (optional)
+     "ood": {"output": "ood_score", "stone_limit": 1.0, "batch_share_limit": 0.1,
+             "batch_min_stones": 50, ...},                        (optional)
      "metrics": {...}, "training": {...}}
+
+``ood`` (optional; bundles from v003 on): the graph's third output is a per-stone
+out-of-distribution score (`sorterd.train.ood`: distance to the training stones in
+the model's feature space and in input statistics, 1.0 = the validation stones'
+99.5 % quantile).  A stone over ``stone_limit`` goes to SELECT, flagged, whatever its
+softmax says; a batch whose share of such stones, over at least ``batch_min_stones``,
+exceeds ``batch_share_limit`` has drifted outside what the model knows.  A bundle
+without the section has no gate (the sorter says so once in its log).
 
 Meaning: input tensor = ((pixel_uint8 * scale) - mean) / std per channel, in
 channel_order; probabilities = softmax(logits / temperature[head]).
@@ -58,6 +68,7 @@ HEADS = ("color", "clarity")
 CLASS_ORDER = {"color": COLORS, "clarity": CLARITIES}  # each head's outputs, in order
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("color_logits", "clarity_logits")  # in HEADS order
+OOD_OUTPUT = "ood_score"  # the optional third output: the out-of-distribution gate's score
 INPUT_SIZE = 128
 PIXEL_SCALE = 1.0 / 255.0
 
@@ -82,6 +93,32 @@ class Manifest:
     temperature: dict[str, float]
     onnx_sha256: str
     raw: dict[str, Any]
+    ood: OodSpec | None = None  # None: an older bundle, no out-of-distribution gate
+
+
+@dataclass(frozen=True)
+class OodSpec:
+    """The manifest's ``ood`` section: the gate's output and limits."""
+
+    output: str
+    stone_limit: float
+    batch_share_limit: float
+    batch_min_stones: int
+
+
+def _ood_spec(raw: Any, path: Path) -> OodSpec | None:
+    if raw is None:
+        return None
+    try:
+        spec = OodSpec(str(raw["output"]), float(raw["stone_limit"]), float(raw["batch_share_limit"]),
+                       int(raw["batch_min_stones"]))
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{path}: ood = {raw!r}: needs output (name), stone_limit > 0, "
+                         "batch_share_limit in 0..1 and batch_min_stones >= 1") from None
+    if not (spec.stone_limit > 0 and 0 <= spec.batch_share_limit <= 1 and spec.batch_min_stones >= 1):
+        raise ModelError(f"{path}: ood = {raw!r}: needs stone_limit > 0, batch_share_limit in 0..1 "
+                         "and batch_min_stones >= 1")
+    return spec
 
 
 def _need(d: dict[str, Any], key: str, path: Path) -> Any:
@@ -135,6 +172,7 @@ def parse_manifest(raw: Any, path: Path) -> Manifest:
         temperature={"color": float(temps.get("color", 1.0)), "clarity": float(temps.get("clarity", 1.0))},
         onnx_sha256=str(_need(raw, "onnx_sha256", path)),
         raw=raw,
+        ood=_ood_spec(raw.get("ood"), path),
     )
 
 

@@ -48,8 +48,9 @@ from sorterd.data.files import write_json_atomic, write_png_atomic
 from sorterd.data.session import PairTimes, SessionMeta, SessionWriter, new_session_id
 from sorterd.domain import LIGHT_MODES
 from sorterd.sim.dataset import machine_captures
-from sorterd.sim.lots import NOMINAL_EXPOSURE_US, Lot, SessionDrift
+from sorterd.sim.lots import NOMINAL_EXPOSURE_US, Lot, MachineLook, SessionDrift
 from sorterd.sim.machine import SimMachine
+from sorterd.sim.parts.camera import SimCameraConfig
 from sorterd.sim.stones import StoneSpec
 from sorterd.sorting.segment import Observation, crop_halves
 
@@ -191,9 +192,16 @@ def _session(cfg: config.Config, opts: GenerateOptions, writer: _Writer, index: 
     rng = np.random.default_rng(seed)
     drift = opts.lot.session_drift(rng)
     sim = dc_replace(cfg.sim, seed=int(rng.integers(0, 2**31 - 1)), rate_per_s=COLLECTION_RATE_PER_S)
-    machine = SimMachine(config.replace(cfg, sim=sim))
+    # This session's machine (domain randomisation), from its own stream: a nominal lot
+    # draws nothing and makes the same stones as before MachineRanges existed.
+    look = MachineLook() if opts.lot.machine.nominal else opts.lot.machine.draw(np.random.default_rng([*seed, 1]))
+    cfg = _session_config(cfg, sim, look)
+    machine = SimMachine(cfg)
+    if not opts.lot.machine.nominal:
+        machine.optics = look.optics(machine.optics)
     machine.optics = drift.optics(machine.optics)
-    machine.world.feed(math.ceil(n * _FEED_MARGIN) + 3, 0, lot=opts.lot)
+    machine.world.feed(math.ceil(n * _FEED_MARGIN) + 3, 0, lot=look.lot(opts.lot))
+    framing = np.random.default_rng([*seed, 2])
     day = opts.day or date.today()
     session_id = new_session_id(writer.out, datetime(day.year, day.month, day.day))
     start = datetime(day.year, day.month, day.day, 9, 0, tzinfo=WORKSHOP_TZ) + timedelta(hours=2 * index)
@@ -201,7 +209,7 @@ def _session(cfg: config.Config, opts: GenerateOptions, writer: _Writer, index: 
     meta = _session_meta(cfg, opts, session_id, start, drift, refs["backlit"])
     session = SessionWriter(writer.out, meta)
     writer.result.sessions.append(session_id)
-    _write_meta(writer.out, session, meta, opts, drift)
+    _write_meta(writer.out, session, meta, opts, drift, look)
     for mode, image in refs.items():
         session.write_reference(mode, image)
     written = 0
@@ -212,6 +220,7 @@ def _session(cfg: config.Config, opts: GenerateOptions, writer: _Writer, index: 
             if written == n:
                 break
             sid = _stone_id(writer.next_number)
+            obs = _reframe(obs, look.framing_mm * cfg.camera.pixels_per_mm, framing)
             _write_stone(writer, opts, cfg, cap, obs, stone, sid, pair_id, session_id, start)
             writer.wrote(sid)
             written += 1
@@ -245,11 +254,35 @@ def _session_meta(cfg: config.Config, opts: GenerateOptions, session_id: str, st
     )
 
 
+def _session_config(cfg: config.Config, sim: config.SimConfig, look: MachineLook) -> config.Config:
+    """The session's configuration: its sim seed, and the camera at the drawn machine's scale
+    (the frame keeps its size in mm) and noise -- what the session's calibration would record."""
+    cam = cfg.camera
+    if look == MachineLook():
+        return config.replace(cfg, sim=sim)
+    if not isinstance(cam, SimCameraConfig):
+        raise ValueError(f"camera.type = {cam.type!r}: generating a dataset needs the simulated camera (sim)")
+    k = look.px_per_mm / float(cam.pixels_per_mm)
+    cam = dc_replace(cam, pixels_per_mm=look.px_per_mm, width_px=max(64, round(cam.width_px * k)),
+                     height_px=max(32, round(cam.height_px * k)), noise_sigma=look.noise_dn * look.gain)
+    return config.replace(cfg, sim=sim, camera=cam)
+
+
+def _reframe(obs: Observation, max_px: float, rng: np.random.Generator) -> Observation:
+    """The observation with its crop centre moved by up to max_px per axis (crop framing):
+    the same offset in both frames, as one capture program's framing would be."""
+    if max_px <= 0:
+        return obs
+    dx, dy = (float(v) for v in rng.uniform(-max_px, max_px, 2))
+    return dc_replace(obs, backlit=dc_replace(obs.backlit, cx=obs.backlit.cx + dx, cy=obs.backlit.cy + dy),
+                      toplit=dc_replace(obs.toplit, cx=obs.toplit.cx + dx, cy=obs.toplit.cy + dy))
+
+
 def _write_meta(out: Path, session: SessionWriter, meta: SessionMeta, opts: GenerateOptions,
-                drift: SessionDrift) -> None:
+                drift: SessionDrift, look: MachineLook) -> None:
     """session_meta.json with what the simulator knows on top, and the §7.1 sessions/ copy."""
     full = asdict(meta) | {"sim": {"lot": opts.lot.name, "seed": opts.seed, "drift": asdict(drift),
-                                   "crop_mm": opts.crop_mm}}
+                                   "crop_mm": opts.crop_mm, "machine": asdict(look)}}
     write_json_atomic(session.dir / "session_meta.json", full)
     (out / "sessions").mkdir(exist_ok=True)
     write_json_atomic(out / "sessions" / f"{meta.session_id}.json", full)

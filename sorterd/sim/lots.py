@@ -251,6 +251,127 @@ class SessionDrift:
         return max(abs(v - 1.0) for v in (self.backlight_scale, self.ring_gain, *self.wb_gains))
 
 
+Range = tuple[float, float]
+
+
+def _check_range(name: str, r: Range, lo: float, hi: float) -> None:
+    if len(r) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r) \
+            or not lo <= r[0] <= r[1] <= hi:
+        raise ValueError(f"{name} = {r!r}: must be (low, high) with {lo} <= low <= high <= {hi}")
+
+
+@dataclass(frozen=True)
+class MachineRanges:
+    """What differs from one machine (or one set-up of it) to the next: per-session ranges.
+
+    Domain randomisation: each capture session of a lot draws one value of every
+    quantity uniformly in its range (`draw`), on top of the lot's `SessionDrift`
+    (a few % of warm-up drift, §2.4) -- so a model trained on many sessions has
+    seen many machines.  The defaults are the simulator's one nominal machine.
+
+    px_per_mm: image scale; a 5 MP ROI with 1:1..2:1 optics gives ~15..80 px/mm
+        (the frame keeps its size in mm, so it has more pixels at a larger scale;
+        the crop stays crop_mm square, so a stone has more pixels too).
+    backlight_level: DN of the empty backlight panel (LED current, exposure).
+    backlight_tint: largest |B/G - 1| and |R/G - 1| of the backlight LEDs' colour.
+    toplit_level: DN of the grey card under the ring light at nominal exposure.
+    toplit_tint: the same for the grey card's own colour (a not-quite-neutral card).
+    exposure: ring-light exposure x LED output, relative (stones and card alike).
+    blur_mm: focus blur, Gaussian sigma in mm at the object (0 = in focus).
+    noise_dn: sensor noise sigma in DN at gain 1.
+    gain: camera gain: multiplies signal and noise.
+    texture: factor on the lot's surface texture (`LotLook.texture_scale`).
+    framing_mm: the crop window's centre off the stone's centroid, up to this many
+        mm along each axis (another capture program centres crops differently).
+    """
+
+    px_per_mm: Range = (20.0, 20.0)
+    backlight_level: Range = (225.0, 225.0)
+    backlight_tint: Range = (0.0, 0.0)
+    toplit_level: Range = (118.0, 118.0)
+    toplit_tint: Range = (0.0, 0.0)
+    exposure: Range = (1.0, 1.0)
+    blur_mm: Range = (0.0, 0.0)
+    noise_dn: Range = (2.0, 2.0)
+    gain: Range = (1.0, 1.0)
+    texture: Range = (1.0, 1.0)
+    framing_mm: Range = (0.0, 0.0)
+
+    def __post_init__(self) -> None:
+        _check_range("MachineRanges.px_per_mm", self.px_per_mm, 8.0, 120.0)
+        _check_range("MachineRanges.backlight_level", self.backlight_level, 120.0, 255.0)
+        _check_range("MachineRanges.backlight_tint", self.backlight_tint, 0.0, 0.3)
+        _check_range("MachineRanges.toplit_level", self.toplit_level, 50.0, 200.0)
+        _check_range("MachineRanges.toplit_tint", self.toplit_tint, 0.0, 0.3)
+        _check_range("MachineRanges.exposure", self.exposure, 0.5, 1.6)
+        _check_range("MachineRanges.blur_mm", self.blur_mm, 0.0, 0.1)
+        _check_range("MachineRanges.noise_dn", self.noise_dn, 0.0, 4.0)
+        _check_range("MachineRanges.gain", self.gain, 1.0, 1.5)
+        _check_range("MachineRanges.texture", self.texture, 0.5, 2.0)
+        _check_range("MachineRanges.framing_mm", self.framing_mm, 0.0, 0.6)
+
+    @property
+    def nominal(self) -> bool:
+        """Every range is one value, the simulator's own machine: nothing to draw."""
+        return self == NOMINAL_MACHINE
+
+    def draw(self, rng: np.random.Generator) -> MachineLook:
+        """One session's machine, every quantity uniform in its range."""
+        def u(r: Range) -> float:
+            return float(rng.uniform(r[0], r[1])) if r[1] > r[0] else float(r[0])
+
+        def tint(r: Range) -> tuple[float, float, float]:
+            # A colour cast: blue and red against green, each up to the range's size, either way.
+            return (1.0 + float(rng.choice([-1.0, 1.0])) * u(r), 1.0, 1.0 + float(rng.choice([-1.0, 1.0])) * u(r))
+
+        return MachineLook(px_per_mm=u(self.px_per_mm), backlight_level=u(self.backlight_level),
+                           backlight_tint=tint(self.backlight_tint), toplit_level=u(self.toplit_level),
+                           toplit_tint=tint(self.toplit_tint), exposure=u(self.exposure), blur_mm=u(self.blur_mm),
+                           noise_dn=u(self.noise_dn), gain=u(self.gain), texture=u(self.texture),
+                           framing_mm=self.framing_mm[1] * float(rng.uniform(0.0, 1.0)) if self.framing_mm[1] else 0.0)
+
+
+NOMINAL_MACHINE = MachineRanges()
+
+
+@dataclass(frozen=True)
+class MachineLook:
+    """One capture session's machine, drawn from `MachineRanges` (fields: see there)."""
+
+    px_per_mm: float = 20.0
+    backlight_level: float = 225.0
+    backlight_tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    toplit_level: float = 118.0
+    toplit_tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    exposure: float = 1.0
+    blur_mm: float = 0.0
+    noise_dn: float = 2.0
+    gain: float = 1.0
+    texture: float = 1.0
+    framing_mm: float = 0.0  # the crop's centre is up to this far off the stone's, per axis
+
+    def optics(self, base: Optics) -> Optics:
+        """The machine's optics at this scale and light (before the session's own drift).
+
+        The frame keeps its size in mm: width and height scale with px_per_mm.
+        """
+        k = self.px_per_mm / base.px_per_mm
+        wb = tuple(g * self.gain for g in base.wb_gains)
+        return replace(base, width_px=max(16, round(base.width_px * k)), height_px=max(16, round(base.height_px * k)),
+                       px_per_mm=self.px_per_mm, backlight_level=min(255.0, self.backlight_level),
+                       backlight_tint=self.backlight_tint, toplit_background=self.toplit_level,
+                       toplit_tint=self.toplit_tint, ring_gain=base.ring_gain * self.exposure,
+                       wb_gains=(wb[0], wb[1], wb[2]), noise_sigma=self.noise_dn * self.gain,
+                       lens_blur_px=self.blur_mm * self.px_per_mm)
+
+    def lot(self, lot: Lot) -> Lot:
+        """The lot as this session's stones look: surface texture scaled (within LotLook's bounds)."""
+        if self.texture == 1.0:
+            return lot
+        t = min(2.0, max(0.5, lot.look.texture_scale * self.texture))
+        return replace(lot, look=replace(lot.look, texture_scale=t))
+
+
 @dataclass(frozen=True)
 class Lot:
     """One parcel of rough: what `sorterd sim generate --lot NAME` feeds.
@@ -260,6 +381,8 @@ class Lot:
     size_mm: sieve range, sizes drawn uniformly in it.
     drift: standard deviation of each session's lighting/white-balance drift
         (fraction of nominal, clipped at 2 sigma); 0 = every session nominal.
+    machine: the ranges each session's machine is drawn from (`MachineRanges`;
+        default: the simulator's one nominal machine).
     """
 
     name: str
@@ -272,6 +395,7 @@ class Lot:
     hard: HardCaseRates = TYPICAL_HARD_CASES
     size_mm: tuple[float, float] = (1.0, 5.0)
     drift: float = 0.02
+    machine: MachineRanges = NOMINAL_MACHINE
 
     def __post_init__(self) -> None:
         valid = {f"{c}_{k}" for c in COLORS for k in CLARITIES}

@@ -83,7 +83,11 @@ class Optics:
     ring_gain: ring-light intensity factor (LED ageing, driver drift).
     wb_gains: (B, G, R) multipliers of the whole image (white-balance drift).
     noise_sigma: per-frame sensor noise std in DN (bounded, see module doc).
-    lens_blur_px: Gaussian blur sigma of a dirty lens, 0 = clean.
+    lens_blur_px: Gaussian blur sigma of a dirty lens or a focus error, 0 = clean.
+    backlight_tint: (B, G, R) colour of the backlight panel's LEDs (1, 1, 1 = white);
+        only the backlit frame sees it.
+    toplit_tint: (B, G, R) colour of the grey card under the ring light (1, 1, 1 =
+        neutral 18 % grey); the background only, not the stones.
     """
 
     width_px: int = 640
@@ -95,6 +99,8 @@ class Optics:
     wb_gains: tuple[float, float, float] = (1.0, 1.0, 1.0)
     noise_sigma: float = 2.0
     lens_blur_px: float = 0.0
+    backlight_tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    toplit_tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self) -> None:
         _require(self.width_px >= 16 and self.height_px >= 16, "width_px/height_px",
@@ -108,6 +114,10 @@ class Optics:
                  self.wb_gains, "three positive (B, G, R) gains")
         _require(self.noise_sigma >= 0, "noise_sigma", self.noise_sigma, ">= 0")
         _require(self.lens_blur_px >= 0, "lens_blur_px", self.lens_blur_px, ">= 0")
+        for name in ("backlight_tint", "toplit_tint"):
+            tint = getattr(self, name)
+            _require(len(tint) == 3 and all(0 < g <= 4 for g in tint), name, tint,
+                     "three (B, G, R) gains in (0, 4]")
 
 
 def _require(ok: bool, name: str, value: object, rule: str) -> None:
@@ -229,11 +239,12 @@ def _backlit_panel(optics: Optics) -> np.ndarray:
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
     r2 = ((x - cx) ** 2 + (y - cy) ** 2) / (cx**2 + cy**2)
     panel = optics.backlight_level * (1.0 - _VIGNETTE * r2) * (1.0 + _PANEL_RAMP * (x / w - 0.5))
-    return panel[:, :, None] * np.asarray(optics.wb_gains, np.float32)
+    tint = np.asarray(optics.wb_gains, np.float32) * np.asarray(optics.backlight_tint, np.float32)
+    return panel[:, :, None] * tint
 
 
 def _toplit_gray(optics: Optics) -> np.ndarray:
-    level = optics.toplit_background * _toplit_gains(optics)
+    level = optics.toplit_background * _toplit_gains(optics) * np.asarray(optics.toplit_tint, np.float32)
     # ascontiguousarray: astype of a broadcast view keeps an odd memory order,
     # which makes every OpenCV call on the frame copy it first (5x slower).
     return np.ascontiguousarray(np.broadcast_to(level, (optics.height_px, optics.width_px, 3)),

@@ -5,6 +5,10 @@
   flag_confidence .. sort      -> sort by the mapping, flagged for review
   <  flag_confidence           -> low_confidence_bin (SELECT), flagged
 §8.2: CUT also needs size >= cut_min_size_mm, else small_cut_bin.
+Out of distribution (the bundle's OOD gate, `sorterd.train.ood`): a stone whose
+score exceeds the manifest's stone_limit goes to low_confidence_bin (SELECT),
+flagged, whatever its softmax says -- a model off its training data is often
+confidently wrong, and §5.2's confidence cannot tell.
 Objects that are not one classifiable stone take the machine's safe route.
 """
 
@@ -42,10 +46,15 @@ def decide(
     cfg: DecisionConfig,
     color_classes: tuple[str, ...],
     clarity_classes: tuple[str, ...],
+    ood: float | None = None,
+    ood_limit: float = 1.0,
 ) -> Decision:
     ic, ik = int(np.argmax(p_color)), int(np.argmax(p_clarity))
     color, clarity = color_classes[ic], clarity_classes[ik]
     confidence = float(min(p_color[ic], p_clarity[ik]))
+    if ood is not None and not ood <= ood_limit:  # NaN counts as out
+        return Decision(cfg.low_confidence_bin, color, clarity, confidence, True,
+                        f"out of distribution: score {ood:.2f} > {ood_limit:g}")
     if confidence < cfg.flag_confidence:
         return Decision(cfg.low_confidence_bin, color, clarity, confidence, True, "low confidence")
     b = class_bin(color, clarity, size_mm, cfg)

@@ -36,6 +36,7 @@ from sorterd.parts.trigger import TriggerEvent
 from sorterd.quantiles import Samples
 from sorterd.sorting.capture import capture_pair, lighting_fault
 from sorterd.sorting.decide import decide, safe_route, unsortable_reason
+from sorterd.sorting.drift import DriftWatch
 from sorterd.sorting.eject import Planner, plan_pulse
 from sorterd.sorting.ledger import TriggerLedger
 from sorterd.sorting.liveness import Liveness
@@ -126,6 +127,11 @@ class Pipeline:
         self._crop_px = max(8, int(round(model.manifest.crop_mm * cam.pixels_per_mm)))
         self._sized_for = model.manifest
         self.count.model(model.version, model.manifest.onnx_sha256)
+        self.drift = DriftWatch(model.manifest.ood)
+        self.stats.ood = self.drift.summary()
+        if not self.drift.gate:
+            log.warning("model %s has no out-of-distribution gate (a bundle older than v003): stones unlike its "
+                        "training data are sorted by their softmax alone", model.version)
 
     # -- stage 1: triggers ----------------------------------------------------
 
@@ -349,7 +355,10 @@ class Pipeline:
             dec = safe_route(self.cfg.machine.safe_route, reason)
         else:
             m = model.manifest
-            dec = decide(pred.p_color, pred.p_clarity, obs.size_mm, self.cfg.decision, m.color_classes, m.clarity_classes)
+            limit = m.ood.stone_limit if m.ood is not None else 1.0
+            dec = decide(pred.p_color, pred.p_clarity, obs.size_mm, self.cfg.decision, m.color_classes,
+                         m.clarity_classes, pred.ood, limit)
+            self._watch_drift(pred.ood, limit)
         untimed = self._untimed(obs)
         # A stone at rest stays where it was seen (speed 0): seen again, it is the same stone.
         track = Track(sid, obs.t_ns, obs.x_mm, obs.speed_mm_s if not untimed else 0.0, obs.length_mm,
@@ -382,6 +391,14 @@ class Pipeline:
             return (f"speed {obs.speed_mm_s:.0f} mm/s, below geometry.speed_min_mm_s = {slowest:g}: "
                     "no jet can be timed, default trajectory")
         return ""
+    def _watch_drift(self, score: float | None, limit: float) -> None:
+        """The batch's share of out-of-distribution stones: alarm (log, metric, summary) on drift."""
+        if score is None:
+            return
+        alarm = self.drift.stone(score)
+        if alarm is not None:
+            log.warning("%s", alarm)
+        self.count.ood(self.drift.summary(), not score <= limit, self.drift.share(), self.drift.alarmed)
 
     def _dispatch(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
                   routed: Routed, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],

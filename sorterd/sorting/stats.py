@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from sorterd.metrics import Metrics
 from sorterd.quantiles import Samples
@@ -64,6 +65,7 @@ class RunStats:
     # why a run decided fewer objects than it had pairs (never a silent zero).
     not_decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NOT_DECIDED, 0))
     untimed: int = 0  # decided stones too slow (at rest) or of unknown speed: no jet, default trajectory
+    ood: dict[str, Any] = field(default_factory=dict)  # the model's drift watch (sorting/drift.py summary)
     decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("CUT", "SELECT", "FLIP", "REJECT"), 0))
     # Where the machine sent them: the decided bin, or REJECT / the safe route after a
     # neighbour conflict, a co-deflection risk or a deadline miss.
@@ -212,6 +214,14 @@ class RunCounter:
         """sorterd_model_info{version, release, sha256}: release is N of a store release ("<v>@r<N>"), else ''."""
         release = version.rpartition("@r")[2] if "@r" in version else ""
         self.metrics.model.info({"version": version, "release": release, "sha256": sha256})
+
+    def ood(self, summary: dict[str, Any], over: bool, share: float, alarmed: bool) -> None:
+        """One scored stone of the drift watch: the summary's section and the series."""
+        self.stats.ood = summary
+        if over:
+            self.metrics.ood_stones.inc()
+        self.metrics.ood_share.set(share)
+        self.metrics.ood_alarm.set(1.0 if alarmed else 0.0)
 
 
 def refusal_kind(status: str) -> str:

@@ -95,6 +95,7 @@ def summarize(cfg: Config, stats: RunStats, truth: RunTruth | None,
         "routed": dict(stats.routed),
         "latency_ms": {s: percentiles_ms(stats.latency_s[s]) for s in LATENCIES},
         "model": {"version": model_version},
+        "ood": dict(stats.ood),
         "wall_s": round(wall_s, 2),
     }
     if truth is not None:
@@ -200,6 +201,7 @@ def format_text(s: dict[str, Any]) -> str:
     lines.append("latency ms p50/p99: " + "  ".join(
         f"{k} {_ms(lat[k]['p50'])}/{_ms(lat[k]['p99'])}" for k in STAGES))
     lines.append(f"model {s['model']['version']}   wall time {s['wall_s']} s")
+    lines += _ood_lines(s.get("ood"))
     lines += _record_lines(s.get("record"))
     return "\n".join(lines)
 
@@ -212,6 +214,13 @@ def shortfall(s: dict[str, Any]) -> str:
         return ""
     why = ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in s["not_decided"].items() if n) or "no reason counted"
     return f"decided {decided} objects from {pairs} pairs: not decided: {why}"
+def _ood_lines(ood: dict[str, Any] | None) -> list[str]:
+    """The drift watch (sorting/drift.py): the alarm first, loud, if the batch drifted."""
+    if not ood or not ood.get("gate"):
+        return []
+    line = (f"out of distribution: {ood['over_limit']} of {ood['stones_scored']} stones "
+            f"({ood['over_limit_rate']:.1%}) to SELECT, worst window {ood['worst_window_share']:.1%}")
+    return [line] + ([f"ALARM: {ood['alarm']}"] if ood.get("alarm") else [])
 
 
 def _ms(v: float | None) -> str:

@@ -19,7 +19,10 @@ JSON keys (stable; more may be added): ``overall``, ``color``, ``clarity``,
 ``cost_weighted``, ``flagged_rate``, ``select_divert_rate``, ``cut_purity``,
 ``cut_recall``, ``per_class``, ``ece``, ``confusion``, ``bins``,
 ``per_lot``, ``subsets``, ``reliability``, ``verdict``, ``milestones``,
-``n_stones``, ``n_classified``, ``n_reject``, ``model``, ``data``.
+``n_stones``, ``n_classified``, ``n_reject``, ``model``, ``data``,
+``error_flag_recall`` (the share of wrongly classified stones -- either head wrong --
+that the sorter flagged or sent to SELECT: how much of its error the gates catch),
+``ood_rate`` (share of stones over the bundle's OOD limit; None without the gate).
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class Evaluation:
     decided_bin: list[str]
     confidence: np.ndarray
     metrics: dict[str, Any] = field(default_factory=dict)
+    flagged: np.ndarray | None = None  # the sorter's flag per stone (confidence or OOD gate)
+    ood: np.ndarray | None = None  # OOD scores; None: the model has no gate
+    ood_limit: float = 1.0
 
     @property
     def stone_costs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -80,34 +86,45 @@ class Evaluation:
 # -- predicting --------------------------------------------------------------------------
 
 
-def predict(model: Model, ds: Dataset, labels: Sequence[StoneLabel]) -> tuple[np.ndarray, np.ndarray]:
-    """Calibrated probabilities (p_color, p_clarity) in COLORS / CLARITIES order."""
+def predict(model: Model, ds: Dataset,
+            labels: Sequence[StoneLabel]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Calibrated probabilities (p_color, p_clarity) in COLORS / CLARITIES order, and the OOD
+    scores (None if the bundle has no gate)."""
     m = model.manifest
     size = int(m.size[0])
     color_cols = [m.color_classes.index(c) for c in COLORS]
     clarity_cols = [m.clarity_classes.index(c) for c in CLARITIES]
     pc = np.zeros((len(labels), 3))
     pk = np.zeros((len(labels), 3))
+    ood = np.zeros(len(labels))
     for start in range(0, len(labels), BATCH):
         chunk = labels[start:start + BATCH]
         preds, _ = model.predict(load_crops(ds, chunk, size, m.crop_mm))
         pc[start:start + len(chunk)] = [p.p_color[color_cols] for p in preds]
         pk[start:start + len(chunk)] = [p.p_clarity[clarity_cols] for p in preds]
-    return pc, pk
+        ood[start:start + len(chunk)] = [np.nan if p.ood is None else p.ood for p in preds]
+    return pc, pk, (None if m.ood is None else ood)
 
 
 def evaluate(labels: Sequence[StoneLabel], sizes: Sequence[float | None], p_color: np.ndarray,
-             p_clarity: np.ndarray, decision: DecisionConfig) -> Evaluation:
-    """All §8 metrics for these stones and probabilities (pure numpy: testable without a model)."""
+             p_clarity: np.ndarray, decision: DecisionConfig, ood: np.ndarray | None = None,
+             ood_limit: float = 1.0) -> Evaluation:
+    """All §8 metrics for these stones and probabilities (pure numpy: testable without a model);
+    ood: the bundle's OOD scores (its gate decides as the sorter's does), None = no gate."""
     if len(labels) == 0:
         raise ValueError("no stones to evaluate")
+    if ood is not None and len(ood) != len(labels):
+        raise ValueError(f"ood: {len(ood)} scores for {len(labels)} stones")
     known = [s if s is not None else decision.cut_min_size_mm for s in sizes]
-    decided = [decide(p_color[i], p_clarity[i], known[i], decision, COLORS, CLARITIES) for i in range(len(labels))]
+    decided = [decide(p_color[i], p_clarity[i], known[i], decision, COLORS, CLARITIES,
+                      None if ood is None else float(ood[i]), ood_limit) for i in range(len(labels))]
     ev = Evaluation(
         labels=list(labels), sizes=list(sizes), p_color=np.asarray(p_color), p_clarity=np.asarray(p_clarity),
         true_bin=[_true_bin(lab, s, decision) for lab, s in zip(labels, known, strict=True)],
         decided_bin=[d.bin for d in decided],
         confidence=np.array([d.confidence for d in decided]),
+        flagged=np.array([d.flagged for d in decided], dtype=bool),
+        ood=None if ood is None else np.asarray(ood, dtype=np.float64), ood_limit=ood_limit,
     )
     ev.metrics = _metrics(ev, decision)
     return ev
@@ -144,8 +161,14 @@ def _metrics(ev: Evaluation, decision: DecisionConfig) -> dict[str, Any]:
     out["min_class_accuracy"] = _min_class(out["per_class"])
     out["confusion"] = _confusions(ev, cls, y_col, y_cla)
     out.update(_bin_metrics(ev, decision))
-    out["flagged_rate"] = _rate(ev.confidence < decision.sort_confidence)
-    out["select_divert_rate"] = _rate(ev.confidence < decision.flag_confidence)
+    flagged = ev.flagged if ev.flagged is not None else ev.confidence < decision.sort_confidence
+    over = (np.zeros(len(ev.labels), dtype=bool) if ev.ood is None
+            else ~(ev.ood <= ev.ood_limit))  # NaN counts as out, as decide() does
+    out["flagged_rate"] = _rate(flagged)
+    out["select_divert_rate"] = _rate((ev.confidence < decision.flag_confidence) | over)
+    out["ood_rate"] = None if ev.ood is None else _rate(over)
+    wrong = cls & ~both
+    out["error_flag_recall"] = _rate(flagged[wrong])
     out["ece"], out["reliability"] = _calibration(ev, cls, y_col, y_cla, both)
     out["per_lot"] = _per_lot(ev, both, col_ok, cla_ok, decision)
     out["subsets"] = _subsets(ev, both, decision)
@@ -381,6 +404,8 @@ def format_text(m: dict[str, Any]) -> str:
         f"CUT purity {pct(m['cut_purity'])}  CUT recall {pct(m['cut_recall'])}  "
         f"flagged {pct(m['flagged_rate'])}  to SELECT (< {0.5:.2f}) {pct(m['select_divert_rate'])}",
         f"ECE colour {m['ece']['color']}  clarity {m['ece']['clarity']}  combined {m['ece']['combined']}",
+        f"wrong stones flagged or to SELECT (error_flag_recall) {pct(m.get('error_flag_recall'))}  "
+        f"out of distribution {pct(m['ood_rate']) if m.get('ood_rate') is not None else 'n/a (no gate)'}",
         "per class: " + "  ".join(f"{k} {pct(v['accuracy'])} (n={v['n']})" for k, v in m["per_class"].items()),
         "per lot:   " + "  ".join(f"{k} {pct(v['overall'])} (n={v['n_classified']})" for k, v in m["per_lot"].items()),
         f"§8.3 milestone reached: {m['milestones']['reached'] or 'none'}",

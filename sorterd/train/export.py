@@ -15,7 +15,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from sorterd.data.bundle import (
     HEADS,
     INPUT_NAME,
     INPUT_SIZE,
+    OOD_OUTPUT,
     OUTPUT_NAMES,
     ModelError,
     build_manifest,
@@ -34,6 +35,9 @@ from sorterd.data.bundle import (
     sha256_file,
 )
 from sorterd.data.files import write_bytes_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from sorterd.train.ood import OodFit
 
 OPSET = 17
 # onnxruntime vs torch, relative to the logits' own scale: float32 sums over a 128 x 128 crop
@@ -59,10 +63,13 @@ def export_bundle(
     metrics: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
     golden_crops: np.ndarray | None = None,
+    ood: OodFit | None = None,
 ) -> Path:
     """Export ``model`` to ``out_dir/model.onnx``, verify it, write the manifest; return out_dir.
 
-    The model itself is not modified (a CPU copy in eval mode is exported).
+    The model itself is not modified (a CPU copy in eval mode is exported).  With ``ood``
+    the graph has a third output, ``ood_score`` (`sorterd.train.ood`), and the manifest
+    an ``ood`` section saying so.
     Raises ValueError for bad arguments and ExportError if onnxruntime's
     outputs differ from torch's by more than 1e-4.
     """
@@ -71,13 +78,24 @@ def export_bundle(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     net = copy.deepcopy(model).cpu().eval()
+    names = list(OUTPUT_NAMES)
+    if ood is not None:
+        from sorterd.train.mobilenet import MobileNetV3Small
+        from sorterd.train.ood import WithOod
+
+        if not isinstance(net, MobileNetV3Small):
+            raise ValueError(f"ood: the gate needs the trainer's MobileNetV3Small, not {type(net).__name__}")
+        net = WithOod(net, ood).eval()
+        names.append(OOD_OUTPUT)
     onnx_path = out_dir / "model.onnx"
-    _export_onnx(net, onnx_path)
-    verify_onnx(net, onnx_path)
+    _export_onnx(net, onnx_path, names)
+    verify_onnx(net, onnx_path, names=names)
     manifest = build_manifest(
         version=version, mean=mean, std=std, crop_mm=crop_mm, temperatures=temps,
         onnx_sha256=sha256_file(onnx_path), metrics=metrics, training=training,
     )
+    if ood is not None:
+        manifest["ood"] = ood.manifest()
     write_json_atomic(out_dir / "manifest.json", manifest)
     if golden_crops is not None:
         write_golden(out_dir, golden_crops)
@@ -145,10 +163,10 @@ def _example_input(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, len(CHANNEL_ORDER), INPUT_SIZE, INPUT_SIZE, generator=gen)
 
 
-def _export_onnx(net: nn.Module, path: Path) -> None:
+def _export_onnx(net: nn.Module, path: Path, names: Sequence[str] = OUTPUT_NAMES) -> None:
     """TorchScript-based exporter, opset 17, dynamic batch axis."""
     tmp = path.with_name(path.name + ".tmp")
-    axes = {INPUT_NAME: {0: "batch"}} | {name: {0: "batch"} for name in OUTPUT_NAMES}
+    axes = {INPUT_NAME: {0: "batch"}} | {name: {0: "batch"} for name in names}
     with torch.no_grad(), warnings.catch_warnings():
         # dynamo=False is deliberate (stable, TensorRT-friendly graphs); torch >= 2.9
         # warns about it on every call.
@@ -156,24 +174,26 @@ def _export_onnx(net: nn.Module, path: Path) -> None:
         warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export")
         torch.onnx.export(
             net, (_example_input(2),), str(tmp), dynamo=False, opset_version=OPSET,
-            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            input_names=[INPUT_NAME], output_names=list(names),
             dynamic_axes=axes, do_constant_folding=True,
         )
     os.replace(tmp, path)
 
 
-def verify_onnx(net: nn.Module, path: Path, batch: int = 4) -> float:
+def verify_onnx(net: nn.Module, path: Path, batch: int = 4, names: Sequence[str] = OUTPUT_NAMES) -> float:
     """Max |onnxruntime - torch| over a random batch, relative to max(1, max |logit|) of each
-    head; raises ExportError above VERIFY_TOLERANCE (a wrong graph differs by far more)."""
+    head (and, for outputs that are not logits -- the OOD score of a random input is in the
+    thousands -- to each value's own size); raises ExportError above VERIFY_TOLERANCE."""
     import onnxruntime as ort  # trainer-side dependency; imported only when exporting
 
     x = _example_input(batch, seed=1)
     with torch.no_grad():
         expected = [t.numpy() for t in net(x)]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
-    worst = max(float(np.abs(np.asarray(g) - e).max()) / max(1.0, float(np.abs(e).max()))
-                for g, e in zip(got, expected, strict=True))
+    got = session.run(list(names), {INPUT_NAME: x.numpy()})
+    worst = max(float((np.abs(np.asarray(g) - e) / (max(1.0, float(np.abs(e).max())) if n in OUTPUT_NAMES
+                                                      else np.maximum(1.0, np.abs(e)))).max())
+                for n, g, e in zip(names, got, expected, strict=True))
     if not worst <= VERIFY_TOLERANCE:
         raise ExportError(f"{path}: onnxruntime differs from torch by {worst:.3g} of the logits' scale "
                           f"(allowed {VERIFY_TOLERANCE}): the exported graph does not compute the model")

@@ -67,12 +67,14 @@ from sorterd.train.loop import (
     TrainConfig,
     TrainData,
     TrainResult,
+    combined_class,
     fit_temperature,
     load_state,
     predict_logits,
     train,
 )
 from sorterd.train.mobilenet import MobileNetV3Small
+from sorterd.train.ood import OodFit, fit_ood
 from sorterd.train.splits import Splits, make_splits, read_splits, snapshot_ids, write_splits
 from sorterd.train.temperature import expected_calibration_error
 
@@ -177,12 +179,16 @@ def _fit_with_splits(opts: FitOptions, ds: Dataset, previous: _Previous | None, 
     say(f"temperatures colour {temps['color']:.3f} clarity {temps['clarity']:.3f}; validation ECE "
         f"colour {calib['val_ece_before']['color']:.4f} -> {calib['val_ece_after']['color']:.4f}, "
         f"clarity {calib['val_ece_before']['clarity']:.4f} -> {calib['val_ece_after']['clarity']:.4f}")
+    ood = fit_ood(result.model, train_set[1].x, combined_class(train_set[1].color, train_set[1].clarity),
+                  val_set[1].x, result.mean, result.std)
+    say(f"out-of-distribution gate: fitted on {len(train_set[0])} training stones; "
+        f"{ood.val_rate:.1%} of validation stones over its limit")
     staging = _staging_dir(opts.out)
     try:
         training = _training_record(opts, ds, splits, result, previous, calib, train_set[0])
         training["prior_correction"] = ({head: [round(float(v), 5) for v in adj] for head, adj in prior.items()}
                                         if prior is not None else None)
-        _export(result, raw_state, staging, version, crop_mm, temps, training)
+        _export(result, raw_state, staging, version, crop_mm, temps, training, ood)
         test = _evaluate_test(staging, ds, splits)
         _add_test_metrics(staging, test, calib)
         _swap_in(staging, opts.out)
@@ -467,14 +473,14 @@ def apply_prior_correction(model: MobileNetV3Small, prior: dict[str, np.ndarray]
 
 
 def _export(result: TrainResult, raw_state: dict[str, torch.Tensor], staging: Path, version: str, crop_mm: float,
-            temps: dict[str, float], training: dict[str, Any]) -> None:
+            temps: dict[str, float], training: dict[str, Any], ood: OodFit | None = None) -> None:
     weights = staging / WEIGHTS_FILE
     # The trainer's weights before the prior correction: what fine-tuning continues from.
     torch.save(raw_state, weights)
     training["weights_file"] = WEIGHTS_FILE
     training["weights_sha256"] = sha256_file(weights)
     export_bundle(result.model, staging, version=version, mean=result.mean, std=result.std, crop_mm=crop_mm,
-                  temperatures=temps, training=training)
+                  temperatures=temps, training=training, ood=ood)
 
 
 def _evaluate_test(bundle: Path, ds: Dataset, splits: Splits) -> Evaluation | None:
@@ -484,8 +490,9 @@ def _evaluate_test(bundle: Path, ds: Dataset, splits: Splits) -> Evaluation | No
     if not labels:
         return None
     model = OnnxModel(bundle, threads=max(1, min(4, os.cpu_count() or 1)))
-    pc, pk = predict(model, ds, labels)
-    return evaluate(labels, stone_sizes(ds, labels), pc, pk, DecisionConfig())
+    pc, pk, ood = predict(model, ds, labels)
+    limit = model.manifest.ood.stone_limit if model.manifest.ood else 1.0
+    return evaluate(labels, stone_sizes(ds, labels), pc, pk, DecisionConfig(), ood, limit)
 
 
 def _add_test_metrics(bundle: Path, test: Evaluation | None, calib: dict[str, Any]) -> None:
@@ -496,7 +503,7 @@ def _add_test_metrics(bundle: Path, test: Evaluation | None, calib: dict[str, An
         m = test.metrics
         metrics["test"] = {k: m[k] for k in ("n_stones", "n_classified", "overall", "color", "clarity",
                                              "cost_weighted", "cut_purity", "cut_recall", "flagged_rate",
-                                             "select_divert_rate", "ece")}
+                                             "select_divert_rate", "ece", "error_flag_recall", "ood_rate")}
         metrics["test"]["per_class"] = {k: v["accuracy"] for k, v in m["per_class"].items()}
         metrics["test"]["verdict"] = m["verdict"]["summary"]
         metrics["test"]["milestone"] = m["milestones"]["reached"]
@@ -571,6 +578,7 @@ def log_entry(opts: FitOptions, version: str, splits: Splits, result: TrainResul
         "flagged_rate": m.get("flagged_rate"),
         "cut_purity": m.get("cut_purity"),
         "cut_recall": m.get("cut_recall"),
+        "error_flag_recall": m.get("error_flag_recall"),
         "ece": m.get("ece"),
         "temperatures": {k: round(v, 4) for k, v in temps.items()},
         "seed": cfg.seed,

@@ -250,11 +250,16 @@ class MobileNetV3Small(nn.Module):
         """Pooled backbone features, N x num_features."""
         return torch.flatten(self.pool(self.features(x)), 1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def head_features(self, x: Tensor) -> Tensor:
+        """The head's input: pooled backbone features, then the `StoneStats` (if on); what the
+        out-of-distribution gate (`sorterd.train.ood`) measures."""
         features = self.embed(x)
         if self.stats is not None:
             features = torch.cat([features, self.stats(x)], dim=1)
-        return self.head(features)
+        return features
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.head(self.head_features(x))
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters trained in the heads-only phase (§9.4): the head and the stone mask."""

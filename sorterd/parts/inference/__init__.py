@@ -27,6 +27,9 @@ class Prediction:
 
     p_color: np.ndarray  # (3,)
     p_clarity: np.ndarray  # (3,)
+    # The out-of-distribution score (manifest "ood": > its stone_limit = the model does not
+    # know this stone); None: the bundle has no gate.
+    ood: float | None = None
 
 
 class Model(Protocol):

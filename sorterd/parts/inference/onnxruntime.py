@@ -49,6 +49,8 @@ class OnnxModel:
         _check_names(self.session, self.manifest, onnx_path)
         m = self.manifest
         self._outputs = [m.color_output, m.clarity_output]
+        if m.ood is not None:
+            self._outputs.append(m.ood.output)
         self._pre = Preprocess(m)  # shared with every backend: one copy of the manifest's preprocessing
         self.providers = tuple(self.session.get_providers())
 
@@ -71,10 +73,15 @@ class OnnxModel:
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The bare model call: preprocessed batch in, logits out."""
+        color, clarity, _ = self.run_all(x)
+        return color, clarity
+
+    def run_all(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The bare model call: logits and, if the bundle has the gate, the OOD scores."""
         if self.session is None:
             raise ModelError(f"{self.bundle}: the model was closed (a swap replaced it)")
-        color, clarity = self.session.run(self._outputs, {self.manifest.input_name: x})
-        return color, clarity
+        out = self.session.run(self._outputs, {self.manifest.input_name: x})
+        return out[0], out[1], (out[2] if len(out) > 2 else None)
 
     def predict(self, crops_hwc: np.ndarray) -> tuple[list[Prediction], float]:
         """Probabilities for a batch of 6-channel RGB crops, and the bare model call's seconds."""
@@ -90,9 +97,9 @@ class OnnxModel:
 
     def _classify(self, x: np.ndarray) -> tuple[list[Prediction], float]:
         t0 = time.perf_counter()
-        color, clarity = self.run(x)
+        color, clarity, ood = self.run_all(x)
         model_s = time.perf_counter() - t0
-        return self._pre.predictions(color, clarity), model_s
+        return self._pre.predictions(color, clarity, ood), model_s
 
 
 def _load_errors(ort: Any) -> tuple[type[BaseException], ...]:
@@ -123,7 +130,8 @@ def _check_names(session: Any, manifest: Manifest, onnx_path: Path) -> None:
     if manifest.input_name not in inputs:
         raise ModelError(f"{onnx_path}: has no input {manifest.input_name!r} (the manifest's input.name); "
                          f"its inputs are {inputs}")
-    missing = [n for n in (manifest.color_output, manifest.clarity_output) if n not in outputs]
+    wanted = [manifest.color_output, manifest.clarity_output] + ([manifest.ood.output] if manifest.ood else [])
+    missing = [n for n in wanted if n not in outputs]
     if missing:
         raise ModelError(f"{onnx_path}: has no output {', '.join(map(repr, missing))} (the manifest's outputs); "
                          f"its outputs are {outputs}")

@@ -45,8 +45,10 @@ class Preprocess:
         x += self._add
         return x
 
-    def predictions(self, color: np.ndarray, clarity: np.ndarray) -> list[Prediction]:
-        """Logits of both heads -> per-stone probabilities, with the manifest's temperatures."""
+    def predictions(self, color: np.ndarray, clarity: np.ndarray,
+                    ood: np.ndarray | None = None) -> list[Prediction]:
+        """Logits of both heads -> per-stone probabilities, with the manifest's temperatures;
+        `ood`: the graph's out-of-distribution scores, when the bundle has the gate."""
         t = self.manifest.temperature
         pc, pk = softmax(color, t["color"]), softmax(clarity, t["clarity"])
-        return [Prediction(pc[i], pk[i]) for i in range(len(pc))]
+        return [Prediction(pc[i], pk[i], None if ood is None else float(ood[i])) for i in range(len(pc))]
