@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,17 @@ from sorterd.link.client import ClientOptions, LinkClient
 from sorterd.link.keys import load_public, load_secret
 from sorterd.link.outbox import Outbox
 from sorterd.link.records import Record, RecordKey, SessionRecord, StoneRecord
+
+_SAY = threading.Lock()
+
+
+def say(line: str) -> None:
+    """One whole line per write, under a lock: acks are said from the client's worker threads while
+    the queue says D lines on the loop, and print() writes the text and its newline separately
+    (two threads' lines interleaved into 'S000013A ...', read as a stone that never existed)."""
+    with _SAY:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 class SaysAcks:
@@ -35,11 +47,11 @@ class SaysAcks:
         return self.box.pending(limit, exclude)
 
     def acknowledged(self, key: RecordKey) -> None:
-        print("A " + "|".join(key), flush=True)
+        say("A " + "|".join(key))
         self.box.acknowledged(key)
 
     def refused(self, key: RecordKey, reason: str) -> None:
-        print(f"R {'|'.join(key)} {reason}", flush=True)
+        say(f"R {'|'.join(key)} {reason}")
         self.box.refused(key, reason)
 
     def depth(self) -> tuple[int, int]:
@@ -69,7 +81,7 @@ async def queue(box: Outbox, sorter: str, batch: str, n: int) -> None:
         fut = submit(rec, arrays)  # type: ignore[arg-type]
         assert fut is not None, "outbox queue full"
         assert await asyncio.wrap_future(fut), "outbox refused a record"
-        print("D " + "|".join(rec.key), flush=True)
+        say("D " + "|".join(rec.key))
 
 
 async def main(argv: list[str]) -> None:
@@ -79,13 +91,13 @@ async def main(argv: list[str]) -> None:
     client = LinkClient(ClientOptions(endpoint=endpoint, server_public_key=load_public(Path(trainer)),
                                       public_key=public, secret_key=secret_key, window=8, heartbeat_s=0.3,
                                       ack_timeout_s=3.0, reconnect_max_s=0.6, sorter_id=sorter), SaysAcks(box))
-    print("ready", flush=True)
+    say("ready")
     task = asyncio.create_task(client.run())
     try:
         await queue(box, sorter, batch, int(n))
         while box.depth()[0] or client.in_flight:
             await asyncio.sleep(0.1)
-        print("EMPTY", flush=True)
+        say("EMPTY")
     finally:
         client.stop()
         await asyncio.wait_for(task, 10)
