@@ -299,7 +299,14 @@ def test_pulling_the_pty_mid_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     def pull_the_cable() -> None:
         while not started:
             time.sleep(0.05)
-        time.sleep(4.0)  # stones are flowing by now
+        # Stones are flowing once the firmware has fired valves (a fixed 4 s could land in a
+        # slower start-up -- the clock sync's arming -- with no stone in the gap: CI saw gap 0).
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline:
+            trace = started[0].trace
+            if trace is not None and len(trace.openings) >= 20:
+                break
+            time.sleep(0.02)
         started[0].fw.unplug()
 
     threading.Thread(target=pull_the_cable, daemon=True).start()
