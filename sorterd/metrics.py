@@ -102,14 +102,25 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port."""
-        result = start_http_server(port, addr=host, registry=self.registry)
-        self.server = result[0] if isinstance(result, tuple) else None
-        return int(self.server.server_port) if self.server is not None else port
+        self.server, bound = serve_registry(self.registry, host, port)
+        return bound
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+        close_server(self.server)
+
+
+def serve_registry(registry: CollectorRegistry, host: str, port: int) -> tuple[Any, int]:
+    """A Prometheus endpoint for `registry` on host:port (0 = any free port): (server, bound port).
+    The sorter's and the trainer's metrics both serve through here."""
+    result = start_http_server(port, addr=host, registry=registry)
+    server = result[0] if isinstance(result, tuple) else None
+    return server, int(server.server_port) if server is not None else port
+
+
+def close_server(server: Any) -> None:
+    if server is not None:
+        server.shutdown()
+        server.server_close()
 
 
 class RecordFigures(Protocol):

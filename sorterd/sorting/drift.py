@@ -53,6 +53,7 @@ class DriftWatch:
         self.window = window
         self.state = DriftState()
         self._recent: deque[bool] = deque(maxlen=window)
+        self._over_recent = 0  # how many of _recent are True: the share in O(1) per stone
         self._alarmed = False
 
     @property
@@ -66,7 +67,7 @@ class DriftWatch:
         return self._alarmed
 
     def share(self) -> float:
-        return sum(self._recent) / len(self._recent) if self._recent else 0.0
+        return self._over_recent / len(self._recent) if self._recent else 0.0
 
     def stone(self, score: float | None) -> str | None:
         """Count one stone's score; the alarm line when the batch has just drifted, else None.
@@ -78,7 +79,10 @@ class DriftWatch:
         over = not score <= self.spec.stone_limit  # NaN counts as out, as decide() does
         self.state.scored += 1
         self.state.over += over
+        if len(self._recent) == self.window:
+            self._over_recent -= self._recent[0]  # the one append() pushes out
         self._recent.append(over)
+        self._over_recent += over
         n = len(self._recent)
         if n < min(self.spec.batch_min_stones, self.window):
             return None

@@ -398,7 +398,7 @@ class Pipeline:
         alarm = self.drift.stone(score)
         if alarm is not None:
             log.warning("%s", alarm)
-        self.count.ood(self.drift.summary(), not score <= limit, self.drift.share(), self.drift.alarmed)
+        self.count.ood(not score <= limit, self.drift.share(), self.drift.alarmed)
 
     def _dispatch(self, sid: str, pair: FramePair, obs: Observation, pred: Prediction | None,
                   routed: Routed, pulse: Pulse | None, crop: tuple[np.ndarray, np.ndarray],
@@ -509,6 +509,7 @@ class Pipeline:
         finally:
             for t in tasks:
                 t.cancel()
+            self.stats.ood = self.drift.summary()  # the run summary's section, once
 
     def stop_input(self) -> None:
         """Take no more triggers (a stop): the edges queued, the pairs captured and the pulses

@@ -215,9 +215,9 @@ class RunCounter:
         release = version.rpartition("@r")[2] if "@r" in version else ""
         self.metrics.model.info({"version": version, "release": release, "sha256": sha256})
 
-    def ood(self, summary: dict[str, Any], over: bool, share: float, alarmed: bool) -> None:
-        """One scored stone of the drift watch: the summary's section and the series."""
-        self.stats.ood = summary
+    def ood(self, over: bool, share: float, alarmed: bool) -> None:
+        """One scored stone of the drift watch: its series (the summary's section is the watch's
+        own `summary()`, taken once when the run ends)."""
         if over:
             self.metrics.ood_stones.inc()
         self.metrics.ood_share.set(share)

@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
+
+from sorterd.metrics import close_server, serve_registry
 
 
 class TrainerMetrics:
@@ -40,14 +42,11 @@ class TrainerMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port."""
-        result = start_http_server(port, addr=host, registry=self.registry)
-        self.server = result[0] if isinstance(result, tuple) else None
-        return int(self.server.server_port) if self.server is not None else port
+        self.server, bound = serve_registry(self.registry, host, port)
+        return bound
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+        close_server(self.server)
 
 
 class _SorterCollector:
