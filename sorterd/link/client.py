@@ -14,8 +14,17 @@ trainer's public key), and
   connects after an exponential backoff (heartbeat_s doubling, at most `reconnect_max_s`);
   records in flight stay in flight and are sent again once the new connection is welcomed.
 
-Memory is bounded by `window` whatever the trainer does (the trainer's replies are headers only:
-ZMQ_MAXMSGSIZE is set to the header limit).  `stop()` returns at once; `run()` ends promptly,
+Signed releases (issue 12 item 3; `PROTOCOL.md`), when the client is given a `ReleaseSide`:
+HELLO/PING carry the release the sorter runs; a RELEASE_OFFER is handed to it (in a thread: it
+decides -- floor, refused before, size limit -- and says where to resume), then ONE RELEASE_GET at
+a time of at most `release_chunk_bytes`, each RELEASE_CHUNK appended and fsynced in a thread
+before the next is asked for (sent again after `ack_timeout_s` without an answer, and after a
+reconnect); the whole download is staged in a background thread (verification and the QA gate
+take seconds: heartbeats go on).  Results (accepted, refused, rolled-back) wait on the sorter's
+disk until the trainer ACKs them (`wire.result_key`), sent again after each reconnect.
+
+Memory is bounded by `window` whatever the trainer does (the trainer's replies are headers, or
+one release chunk: ZMQ_MAXMSGSIZE is `wire.MAX_SORTER_FRAME_BYTES`).  `stop()` returns at once; `run()` ends promptly,
 never waiting on a dead trainer or a slow outbox call (whose result is then dropped: the outbox
 keeps the record).  Counters live on the loop's thread; `LinkCollector` exposes them.
 """
@@ -28,7 +37,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -59,6 +68,7 @@ class ClientOptions:
     software: str = f"sorterd {__version__}"
     idle_poll_s: float = 0.25  # how soon to ask an empty outbox again
     sorter_id: str = ""  # the id this sorter's records carry; the trainer must know its key by it ("": unchecked)
+    release_chunk_bytes: int = wire.MAX_CHUNK_BYTES  # one RELEASE_GET's length
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_s", "ack_timeout_s", "reconnect_max_s", "idle_poll_s"):
@@ -66,6 +76,39 @@ class ClientOptions:
                 raise ValueError(f"ClientOptions.{name} = {getattr(self, name)!r}: must be > 0")
         if not 1 <= self.window <= 1024:
             raise ValueError(f"ClientOptions.window = {self.window!r}: must be in [1, 1024]")
+        if not 1 <= self.release_chunk_bytes <= wire.MAX_CHUNK_BYTES:
+            raise ValueError(f"ClientOptions.release_chunk_bytes = {self.release_chunk_bytes!r}: must be in "
+                             f"[1, {wire.MAX_CHUNK_BYTES}]")
+
+
+class ReleaseSide(Protocol):
+    """What the client uses of the sorter's release store (`sorterd.release.download.Downloader`).
+    Every method but `running` and `results` is blocking file work: the client calls it in a thread."""
+
+    def running(self) -> int:
+        """The release the sorter runs now (0: its configured bundle); cheap, called on the loop."""
+        ...
+
+    def offered(self, offer: wire.ReleaseOffer) -> int | None:
+        """Take the offer: the stream offset to download from (total_bytes: already whole), or None
+        (not taken: below the floor, refused before, too big -- a result may be queued)."""
+        ...
+
+    def received(self, chunk: wire.ReleaseChunk) -> int:
+        """Append the asked-for chunk durably; the bytes now downloaded (total_bytes: whole)."""
+        ...
+
+    def finish(self, release: int) -> None:
+        """Unpack, verify and stage the whole download; the outcome joins `results`."""
+        ...
+
+    def results(self) -> list[wire.ReleaseResult]:
+        """The results not yet on the trainer's disk, oldest first; cheap (memory), called on the loop."""
+        ...
+
+    def reported(self, result: wire.ReleaseResult) -> None:
+        """The trainer ACKed `result`: forget it (durably)."""
+        ...
 
 
 @dataclass
@@ -89,6 +132,16 @@ class _InFlight:
     resends: int = field(default=0)
 
 
+@dataclass
+class _Download:
+    """The release being downloaded: its offer and the one RELEASE_GET in flight."""
+
+    offer: wire.ReleaseOffer
+    offset: int
+    length: int = 0
+    deadline: float = 0.0
+
+
 class _Stopped(Exception):
     pass
 
@@ -96,12 +149,15 @@ class _Stopped(Exception):
 class LinkClient:
     """`await run()` until `stop()`."""
 
-    def __init__(self, options: ClientOptions, outbox: OutboxSource) -> None:
-        self.options, self.outbox = options, outbox
+    def __init__(self, options: ClientOptions, outbox: OutboxSource, releases: ReleaseSide | None = None) -> None:
+        self.options, self.outbox, self.releases = options, outbox, releases
         self.stats = ClientStats()
         self._inflight: dict[RecordKey, _InFlight] = {}
         self._stopping = asyncio.Event()
         self._outbox_empty_until = 0.0
+        self._download: _Download | None = None
+        self._finishing: asyncio.Future[None] | None = None  # staging a whole download (a thread)
+        self._results_due: dict[tuple[int, str], float] = {}  # results sent, awaiting their ACK: when to resend
 
     def stop(self) -> None:
         self._stopping.set()
@@ -144,7 +200,7 @@ class LinkClient:
                                                                             o.secret_key)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a completed (authenticated) connection
-        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES + 1024)  # the trainer sends headers only
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_SORTER_FRAME_BYTES)  # headers, or one release chunk: no more
         sock.setsockopt(zmq.RCVHWM, 4 * o.window + 16)
         sock.connect(o.endpoint)
         return sock
@@ -168,6 +224,7 @@ class LinkClient:
                 if welcomed:
                     await self._fill(sock)
                     self._resend_due(sock)
+                    self._release_due(sock)
                 done, _ = await asyncio.wait({recv, wake}, timeout=self._wait_s(next_beat, welcomed),
                                              return_when=asyncio.FIRST_COMPLETED)
                 if wake in done:
@@ -188,12 +245,16 @@ class LinkClient:
             until += [f.deadline for f in self._inflight.values()]
             if len(self._inflight) < self.options.window:
                 until.append(self._outbox_empty_until)
+            if self._download is not None and self._download.length:
+                until.append(self._download.deadline)
+            until += list(self._results_due.values())
         return max(0.0, min(until) - time.monotonic())
 
     async def _beat(self, sock: zmq.asyncio.Socket, welcomed: bool) -> None:
         entries, size = await self._off_loop(self.outbox.depth)
-        msg: wire.Message = (wire.Ping(entries, size) if welcomed
-                             else wire.Hello(self.options.software[:100], entries, size))
+        running = self.releases.running() if self.releases is not None else None
+        msg: wire.Message = (wire.Ping(entries, size, running) if welcomed
+                             else wire.Hello(self.options.software[:100], entries, size, running))
         self._send(sock, wire.encode(msg))
 
     async def _fill(self, sock: zmq.asyncio.Socket) -> None:
@@ -251,6 +312,10 @@ class LinkClient:
             await self._acked(msg.key)
         elif isinstance(msg, wire.Nack):
             await self._nacked(msg)
+        elif isinstance(msg, wire.ReleaseOffer) and self.stats.connected:
+            await self._offered(sock, msg)
+        elif isinstance(msg, wire.ReleaseChunk) and self.stats.connected:
+            await self._chunk(sock, msg)
         return True
 
     def _welcomed(self, sock: zmq.asyncio.Socket, msg: wire.Welcome) -> None:
@@ -272,8 +337,14 @@ class LinkClient:
         now = time.monotonic()
         for f in self._inflight.values():  # unanswered on the last connection: send again now
             self._resend(sock, f, now)
+        self._results_due.clear()  # unacknowledged results: sent again now
+        if self._download is not None and self._download.length:
+            self._ask(sock, self._download)
 
     async def _acked(self, key: RecordKey) -> None:
+        if key[1] == wire.RESULT_BATCH and key not in self._inflight:
+            await self._result_acked(key)
+            return
         if key not in self._inflight:
             return  # a second ACK (after a resend): already done
         await self._off_loop(self.outbox.acknowledged, key)
@@ -282,6 +353,12 @@ class LinkClient:
 
     async def _nacked(self, msg: wire.Nack) -> None:
         self.stats.nacked += 1
+        d = self._download
+        if msg.key is None and d is not None and msg.reason.startswith(f"RELEASE_GET {d.offer.release}:"):
+            log.error("link: the trainer cannot serve release %d any more (%s); the download stops (its part "
+                      "stays for a later offer)", d.offer.release, msg.reason)
+            self._download = None
+            return
         if msg.key is None or msg.key not in self._inflight:
             log.warning("link: the trainer refused a message: %s", msg.reason)
             return
@@ -295,6 +372,73 @@ class LinkClient:
         if self._inflight.pop(msg.key, None) is not None:
             self.stats.refused += 1
 
+    # -- signed releases ---------------------------------------------------------------------
+
+    async def _offered(self, sock: zmq.asyncio.Socket, offer: wire.ReleaseOffer) -> None:
+        if self.releases is None or (self._finishing is not None and not self._finishing.done()):
+            return  # no store here, or one download is being staged: the offer comes again
+        d = self._download
+        if d is not None and d.offer == offer:
+            return  # the offer repeated while its download goes on
+        start = await self._off_loop(self.releases.offered, offer)
+        if start is None:
+            if d is not None and d.offer.release == offer.release:
+                self._download = None
+            return
+        log.info("link: downloading release %d (%d bytes) from byte %d", offer.release, offer.total_bytes, start)
+        self._download = _Download(offer, start)
+        self._next(sock, self._download)
+
+    async def _chunk(self, sock: zmq.asyncio.Socket, chunk: wire.ReleaseChunk) -> None:
+        d = self._download
+        if (self.releases is None or d is None or not d.length or chunk.release != d.offer.release
+                or chunk.offset != d.offset or len(chunk.data) != d.length):
+            log.debug("link: ignored a RELEASE_CHUNK not asked for (%d @ %d)", chunk.release, chunk.offset)
+            return
+        d.length = 0  # answered: nothing in flight while it is written
+        d.offset = await self._off_loop(self.releases.received, chunk)
+        if self._download is d:
+            self._next(sock, d)
+
+    def _next(self, sock: zmq.asyncio.Socket, d: _Download) -> None:
+        """Ask for the next chunk, or stage the whole download (a background thread)."""
+        left = d.offer.total_bytes - d.offset
+        if left > 0:
+            d.length = min(self.options.release_chunk_bytes, left)
+            self._ask(sock, d)
+            return
+        self._download = None
+        assert self.releases is not None
+        log.info("link: release %d downloaded; verifying and staging it", d.offer.release)
+        self._finishing = asyncio.ensure_future(asyncio.to_thread(self.releases.finish, d.offer.release))
+        self._finishing.add_done_callback(_log_failure)
+
+    def _ask(self, sock: zmq.asyncio.Socket, d: _Download) -> None:
+        d.deadline = time.monotonic() + self.options.ack_timeout_s
+        self._send(sock, wire.encode(wire.ReleaseGet(d.offer.release, d.offset, d.length)))
+
+    def _release_due(self, sock: zmq.asyncio.Socket) -> None:
+        now = time.monotonic()
+        d = self._download
+        if d is not None and d.length and d.deadline <= now:
+            self._ask(sock, d)  # no chunk in time: ask again
+        if self.releases is None:
+            return
+        for r in self.releases.results():
+            key = (r.release, r.status)
+            if self._results_due.get(key, 0.0) <= now:
+                self._results_due[key] = now + self.options.ack_timeout_s
+                self._send(sock, wire.encode(r))
+
+    async def _result_acked(self, key: RecordKey) -> None:
+        if self.releases is None:
+            return
+        for r in self.releases.results():
+            if wire.result_key(key[0], r) == key:
+                await self._off_loop(self.releases.reported, r)
+                self._results_due.pop((r.release, r.status), None)
+                log.info("link: the trainer has release %d's result (%s)", r.release, r.status)
+
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) in a thread; _Stopped at once on stop() (the thread's result is then dropped)."""
         job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
@@ -306,6 +450,11 @@ class LinkClient:
         if job not in done:
             raise _Stopped
         return job.result()
+
+
+def _log_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and (exc := fut.exception()) is not None:
+        log.error("link: staging a downloaded release failed: %s: %s", type(exc).__name__, exc)
 
 
 class LinkCollector:

@@ -11,6 +11,14 @@ Security (fail closed):
 * every refused handshake (socket monitor) and every refused key (ZAP) is counted and logged,
   at most one line per `log_every_s` per kind (a rogue peer retrying cannot flood the log).
 
+Signed releases (issue 12 item 3), when the server is given a `ReleaseShelf` and a `ReleaseLedger`
+(`sorterd.trainer.releases`): a HELLO or PING whose `release` is below the shelf's newest, from a
+sorter that has not answered for that release, gets a RELEASE_OFFER (on HELLO, then at most once
+per `offer_every_s`); each RELEASE_GET is answered with one RELEASE_CHUNK read in the release
+thread (bounded: ≤ 256 KiB, never the whole release), an out-of-range one with NACK (key null,
+reason "RELEASE_GET <N>: ..."); each RELEASE_RESULT is written to the ledger (atomic rename) and
+only then ACKed as `[sorter, "release", "<N>.<status>"]`.
+
 Records: parsed strictly (`sorterd.link.wire`); the inbox's `store` runs in ONE worker thread,
 never on the loop; "stored"/"duplicate" → ACK, "unavailable" → NACK retry=true, "refused" or a
 malformed message → NACK retry=false with the reason.  At most `max_inflight` records are held
@@ -27,7 +35,7 @@ from collections.abc import Awaitable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 import zmq.asyncio
@@ -112,6 +120,35 @@ class _AllowList(AsyncioAuthenticator):
         await super().handle_zap_message(msg)
 
 
+class ReleaseShelf(Protocol):
+    """The releases the trainer offers (`sorterd.trainer.releases.OfferShelf`)."""
+
+    def refresh(self) -> None:
+        """Rescan what is offered (blocking: the release thread)."""
+        ...
+
+    def newest(self) -> wire.ReleaseOffer | None:
+        """The offer of the newest release (memory: the loop)."""
+        ...
+
+    def read(self, release: int, offset: int, length: int) -> bytes:
+        """Bytes of the release's stream from offset, at most length (blocking); ValueError out of range."""
+        ...
+
+
+class ReleaseLedger(Protocol):
+    """What each sorter said of the releases (`sorterd.trainer.releases.ReleaseBook`); writers are
+    blocking (the release thread), `answered` reads memory (the loop)."""
+
+    def answered(self, sorter: str, release: int) -> bool: ...
+
+    def running(self, sorter: str, release: int) -> None: ...
+
+    def offered(self, sorter: str, release: int) -> None: ...
+
+    def result(self, sorter: str, result: wire.ReleaseResult) -> None: ...
+
+
 @dataclass
 class ServerStats:
     """Counters kept on the event loop's thread (a scrape reads plain ints)."""
@@ -123,6 +160,8 @@ class ServerStats:
     duplicates: int = 0
     nacked: int = 0  # NACKs sent (retry or not)
     malformed: int = 0  # messages refused by the parser
+    offers: int = 0  # RELEASE_OFFERs sent
+    chunks: int = 0  # RELEASE_CHUNKs sent
 
 
 @dataclass
@@ -149,7 +188,9 @@ class LinkServer:
     serves until `close()`."""
 
     def __init__(self, endpoint: str, public_key: bytes, secret_key: bytes, allowed_dir: Path, sink: InboxSink, *,
-                 max_inflight: int = 32, log_every_s: float = 10.0, silence_s: float = 10.0) -> None:
+                 max_inflight: int = 32, log_every_s: float = 10.0, silence_s: float = 10.0,
+                 shelf: ReleaseShelf | None = None, ledger: ReleaseLedger | None = None,
+                 offer_every_s: float = 10.0, shelf_poll_s: float = 5.0) -> None:
         self.requested = endpoint
         self.public_key, self.secret_key = public_key, secret_key
         self.allowed_dir, self.sink = allowed_dir, sink
@@ -162,6 +203,11 @@ class LinkServer:
         self._monitor: zmq.asyncio.Socket | None = None
         self._auth: _AllowList | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="link-inbox")  # the one inbox thread
+        # Release reads and the ledger's writes: one thread of their own (a chunk never waits on a store).
+        self.shelf, self.ledger = shelf, ledger
+        self.offer_every_s, self.shelf_poll_s = offer_every_s, shelf_poll_s
+        self._release_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="link-release")
+        self._last_offer: dict[str, tuple[int, float]] = {}  # sorter -> (release, monotonic time) last offered
         self._slots = asyncio.Semaphore(max_inflight)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = asyncio.Event()
@@ -181,6 +227,9 @@ class LinkServer:
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._spawn(self._watch_handshakes())
+        if self.shelf is not None:
+            await self._in_release_worker(self.shelf.refresh)  # the shelf is known before the first HELLO
+            self._spawn(self._watch_shelf())
 
     async def run(self) -> None:
         if self._sock is None:
@@ -208,6 +257,7 @@ class LinkServer:
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
         self._worker.shutdown(wait=False, cancel_futures=True)
+        self._release_worker.shutdown(wait=False, cancel_futures=True)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -266,10 +316,9 @@ class LinkServer:
             self.links[peer.sorter_id].release_results[msg.release] = msg
             log.info("link: %s: release %d %s%s", peer.sorter_id, msg.release, msg.status,
                      f" ({msg.check}: {msg.detail})" if msg.check else "")
+            self._spawn(self._record_result(peer, msg))
         elif isinstance(msg, wire.ReleaseGet):
-            # Serving release chunks (the trainer's offers) is not built yet: say so, once per ask.
-            self._slots.release()
-            self._reply(peer, wire.Nack(None, f"RELEASE_GET {msg.release}: this trainer offers no release", retry=False))
+            self._spawn(self._serve_chunk(peer, msg))  # holds a slot: at most max_inflight chunks in memory
         else:
             self._spawn(self._store(peer, msg))
 
@@ -285,9 +334,78 @@ class LinkServer:
             st.software = msg.software
             log.info("link: %s connected (%s, outbox %d entries)", peer.sorter_id, msg.software, msg.outbox_entries)
             self._reply(peer, wire.Welcome(peer.sorter_id, wire.MAX_MESSAGE_BYTES))
+            self._last_offer.pop(peer.sorter_id, None)  # a (re)connected sorter hears the offer at once
         else:
             self._reply(peer, wire.Pong())
         self._spawn(self._in_worker(self.sink.sorter_seen, peer.sorter_id, msg.outbox_entries, msg.outbox_bytes))
+        if msg.release is not None:
+            self._maybe_offer(peer, msg.release)
+
+    # -- signed releases ---------------------------------------------------------------------
+
+    def _maybe_offer(self, peer: _Peer, running: int) -> None:
+        """Offer the newest release to a sorter that runs an older one and has not answered for it."""
+        if self.ledger is not None:
+            self._spawn(self._in_release_worker(self.ledger.running, peer.sorter_id, running))
+        offer = self.shelf.newest() if self.shelf is not None else None
+        if offer is None or self.ledger is None or offer.release <= running:
+            return
+        if self.ledger.answered(peer.sorter_id, offer.release):
+            return
+        last = self._last_offer.get(peer.sorter_id)
+        now = time.monotonic()
+        if last is not None and last[0] == offer.release and now - last[1] < self.offer_every_s:
+            return
+        self._last_offer[peer.sorter_id] = (offer.release, now)
+        self.stats.offers += 1
+        self._reply(peer, offer)
+        self._spawn(self._in_release_worker(self.ledger.offered, peer.sorter_id, offer.release))
+
+    async def _serve_chunk(self, peer: _Peer, get: wire.ReleaseGet) -> None:
+        try:
+            await self._chunk_for(peer, get)
+        finally:
+            self._slots.release()
+
+    async def _chunk_for(self, peer: _Peer, get: wire.ReleaseGet) -> None:
+        if self.shelf is None:
+            self._reply(peer, wire.Nack(None, f"RELEASE_GET {get.release}: this trainer offers no release", retry=False))
+            return
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(self._release_worker, self.shelf.read,
+                                                                    get.release, get.offset, get.length)
+        except (ValueError, OSError) as exc:
+            self._refused.warning(f"release-get-{peer.sorter_id}", f"link: {peer.sorter_id}: RELEASE_GET "
+                                  f"{get.release} @ {get.offset}+{get.length} refused: {exc}")
+            self._reply(peer, wire.Nack(None, f"RELEASE_GET {get.release}: {exc}", retry=False))
+            return
+        self.stats.chunks += 1
+        self._reply(peer, wire.ReleaseChunk(get.release, get.offset, data))
+
+    async def _record_result(self, peer: _Peer, result: wire.ReleaseResult) -> None:
+        """On the ledger's disk first, then ACKed (the sorter keeps it until then)."""
+        if self.ledger is None:
+            return  # nowhere to keep it: not ACKed (the sorter sends it again)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._release_worker, self.ledger.result,
+                                                             peer.sorter_id, result)
+        except OSError:
+            log.exception("link: %s: release %d's result could not be written", peer.sorter_id, result.release)
+            return
+        self._reply(peer, wire.Ack(wire.result_key(peer.sorter_id, result), "stored"))
+
+    async def _in_release_worker(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._release_worker, fn, *args)
+        except Exception:
+            log.exception("link: the release ledger failed in %s", getattr(fn, "__name__", fn))
+            return None
+
+    async def _watch_shelf(self) -> None:
+        assert self.shelf is not None
+        while True:
+            await asyncio.sleep(self.shelf_poll_s)
+            await self._in_release_worker(self.shelf.refresh)
 
     async def _in_worker(self, fn: Any, *args: Any) -> Any:
         try:
@@ -354,7 +472,9 @@ class ServerCollector:
                                   ("stored", s.stored, "Records the inbox stored (ACKed)."),
                                   ("duplicates", s.duplicates, "Records sent again and already stored (ACKed)."),
                                   ("nacked", s.nacked, "NACKs sent."),
-                                  ("malformed", s.malformed, "Messages the parser refused.")):
+                                  ("malformed", s.malformed, "Messages the parser refused."),
+                                  ("release_offers", s.offers, "RELEASE_OFFERs sent to sorters."),
+                                  ("release_chunks", s.chunks, "RELEASE_CHUNKs sent to sorters.")):
             yield CounterMetricFamily(f"sorterd_trainer_link_{name}", text, value=float(value))
         connected = GaugeMetricFamily("sorterd_trainer_link_sorter_connected", "1 while a sorter is heard from.",
                                       labels=["sorter"])

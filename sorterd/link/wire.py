@@ -53,19 +53,23 @@ class WireError(ValueError):
 
 @dataclass(frozen=True)
 class Hello:
-    """Sorter → trainer on every (re)connect: who speaks (its key says who) and how full its outbox is."""
+    """Sorter → trainer on every (re)connect: who speaks (its key says who) and how full its outbox is.
+    `release`: the signed release it runs (0: its configured bundle); None (the field left out): a
+    sorter that takes no releases over the link (no release store, or older software) -- never offered one."""
 
     software: str
     outbox_entries: int
     outbox_bytes: int
+    release: int | None = None
 
 
 @dataclass(frozen=True)
 class Ping:
-    """Sorter → trainer heartbeat, with the outbox depth (`OutboxSource.depth`)."""
+    """Sorter → trainer heartbeat, with the outbox depth (`OutboxSource.depth`) and `release` as in HELLO."""
 
     outbox_entries: int
     outbox_bytes: int
+    release: int | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class Nack:
 
 
 MAX_CHUNK_BYTES = 256 * 1024  # one RELEASE_CHUNK: small enough never to hold the sorter's link task long
+MAX_SORTER_FRAME_BYTES = MAX_CHUNK_BYTES + 1024  # the sorter DEALER's ZMQ_MAXMSGSIZE: a chunk, headers, no more
 MAX_RELEASE_FILES = 64
 MAX_RELEASE_BYTES = 2**40  # total_bytes' bound on the wire; the sorter's own [models] max_release_mb is tighter
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
@@ -159,6 +164,12 @@ class ReleaseResult:
 
 
 RELEASE_STATUSES = ("accepted", "refused", "rolled-back")
+RESULT_BATCH = "release"  # the trainer ACKs a RELEASE_RESULT as [sorter_id, "release", "<release>.<status>"]
+
+
+def result_key(sorter_id: str, result: ReleaseResult) -> RecordKey:
+    """The key of the ACK that says `result` is on the trainer's disk."""
+    return (sorter_id, RESULT_BATCH, f"{result.release}.{result.status}")
 
 Message = (Hello | Ping | Welcome | Pong | Ack | Nack | StoneRecord | SessionRecord | ReleaseOffer | ReleaseGet
            | ReleaseChunk | ReleaseResult)
@@ -194,9 +205,10 @@ def encode(msg: Message) -> list[bytes]:
         frames = [TAG, b"SESSION", _header({**head, "blobs": listed}), *blobs]
     elif isinstance(msg, Hello):
         frames = [TAG, b"HELLO", _header({"software": msg.software, "outbox_entries": msg.outbox_entries,
-                                           "outbox_bytes": msg.outbox_bytes})]
+                                           "outbox_bytes": msg.outbox_bytes, **_release_field(msg.release)})]
     elif isinstance(msg, Ping):
-        frames = [TAG, b"PING", _header({"outbox_entries": msg.outbox_entries, "outbox_bytes": msg.outbox_bytes})]
+        frames = [TAG, b"PING", _header({"outbox_entries": msg.outbox_entries, "outbox_bytes": msg.outbox_bytes,
+                                          **_release_field(msg.release)})]
     elif isinstance(msg, Welcome):
         frames = [TAG, b"WELCOME", _header({"sorter_id": msg.sorter_id, "max_message_bytes": msg.max_message_bytes})]
     elif isinstance(msg, Pong):
@@ -219,6 +231,10 @@ def encode(msg: Message) -> list[bytes]:
         frames = [TAG, b"NACK", _header({"key": key, "reason": _one_line(msg.reason), "retry": msg.retry})]
     decode(frames, TRAINER_TYPES if frames[1].decode() in TRAINER_TYPES else SORTER_TYPES)  # what we send parses
     return frames
+
+
+def _release_field(release: int | None) -> dict[str, int]:
+    return {} if release is None else {"release": release}
 
 
 def _bad_images(images: dict[str, bytes], expected: Sequence[str]) -> tuple[list[dict[str, Any]], list[bytes]]:
@@ -341,6 +357,10 @@ class Fields:
             raise self.fail(name, v, "true or false")
         return v
 
+    def has(self, name: str) -> bool:
+        """Whether optional field `name` is there (read it next, or `done` refuses it)."""
+        return name in self.head
+
     def count(self, name: str, maximum: int = MAX_COUNT) -> int:
         v = self._get(name)
         if type(v) is not int or not 0 <= v <= maximum:
@@ -453,15 +473,20 @@ def _session(f: Fields, blobs: list[bytes]) -> SessionRecord:
 
 
 def _hello(f: Fields, blobs: list[bytes]) -> Hello:
-    m = Hello(f.text("software", 100), f.count("outbox_entries"), f.count("outbox_bytes"))
+    m = Hello(f.text("software", 100), f.count("outbox_entries"), f.count("outbox_bytes"), _running(f))
     f.done()
     return m
 
 
 def _ping(f: Fields, blobs: list[bytes]) -> Ping:
-    m = Ping(f.count("outbox_entries"), f.count("outbox_bytes"))
+    m = Ping(f.count("outbox_entries"), f.count("outbox_bytes"), _running(f))
     f.done()
     return m
+
+
+def _running(f: Fields) -> int | None:
+    """HELLO/PING's optional `release` (0: the configured bundle runs); None when left out."""
+    return f.count("release") if f.has("release") else None
 
 
 def _welcome(f: Fields, blobs: list[bytes]) -> Welcome:
@@ -581,6 +606,6 @@ def record_key(frames: Sequence[bytes]) -> RecordKey | None:
         return None
 
 
-__all__ = ["Ack", "Hello", "MAX_CHUNK_BYTES", "MAX_FRAME_BYTES", "Message", "Nack", "Ping", "Pong", "Record",
+__all__ = ["Ack", "Hello", "MAX_CHUNK_BYTES", "MAX_FRAME_BYTES", "MAX_SORTER_FRAME_BYTES", "Message", "Nack", "Ping", "Pong", "Record",
            "ReleaseChunk", "ReleaseFile", "ReleaseGet", "ReleaseOffer", "ReleaseResult", "WireError", "Welcome",
            "decode_from_sorter", "decode_from_trainer", "encode", "record_key", "send_now"]

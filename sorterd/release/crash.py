@@ -17,6 +17,8 @@ ENV = "SORTERD_CRASH_AT"
 
 STEPS = (
     "download.chunk",   # link: a chunk appended to staging/<N>.part, before it is fsynced
+    "download.complete",  # link: the whole stream is in staging/<N>.part, not yet unpacked
+    "download.unpacked",  # link: split into staging/<N>.unpack/ (fsynced), not yet staged
     "stage.copy",       # a file of the bundle copied into staging/, before the next one
     "stage.verify",     # the whole copy is in staging/, verification not begun
     "verify.signature", # the signature checked, the files not yet hashed

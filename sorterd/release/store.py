@@ -95,8 +95,10 @@ class ReleaseStore:
     # ------------------------------------------------------------------ staging
     def clean_staging(self) -> list[str]:
         """Remove what a power cut left in staging/ and a state.json write's temporary file
-        (start-up); the names removed.  A download's `<N>.part` (`PART_SUFFIX`) is kept: it resumes."""
-        left = sorted(p.name for p in (self.root / "staging").iterdir() if not p.name.endswith(PART_SUFFIX))
+        (start-up); the names removed.  A download's `<N>.part` (`PART_SUFFIX`) and the offer it is of,
+        `<N>.part.json` (`sorterd.release.download`), are kept: it resumes."""
+        left = sorted(p.name for p in (self.root / "staging").iterdir()
+                      if not p.name.endswith((PART_SUFFIX, PART_SUFFIX + ".json")))
         for name in left:
             path = self.root / "staging" / name
             if path.is_dir() and not path.is_symlink():

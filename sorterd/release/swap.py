@@ -266,6 +266,9 @@ class ReleaseWatcher:
         self.store, self.options, self.pipeline, self.metrics = store, options, pipeline, metrics
         self.poll_s, self.running, self.kit = poll_s, running, kit
         self.refused: set[int] = set()  # active releases that failed to open (not retried until state changes)
+        # Told (in a thread) of each health rollback: (the release taken back, why); the composition
+        # root queues it for the trainer (sorterd.release.download.ResultQueue) -- the watcher knows no link.
+        self.on_rolled_back: Callable[[int, str], None] | None = None
         self.health = HealthWatch(bounds, self._unhealthy, self._committed)
         self._rollback: tuple[str, str] | None = None
         self._trusted_back: int | None = None
@@ -317,6 +320,8 @@ class ReleaseWatcher:
                 state = await asyncio.to_thread(self.store.rollback, f"health check: {version}: {why}")
                 self._trusted_back = state.active  # the release it ran before: swapped in unwatched
                 self.metrics.model_rollbacks.inc()
+                if self.on_rolled_back is not None and state.previous is not None:
+                    await asyncio.to_thread(self.on_rolled_back, state.previous, why)
             except (StoreError, Refused) as exc:
                 log.error("release health: cannot roll back (%s); %s keeps running", exc, version)
         try:
