@@ -210,6 +210,11 @@ class ModelsConfig:
     require_kit: bool = opt(True, "QA gate: refuse a release while no reference kit is recorded (calibration's "
                             "reference-stone step writes <calibration.dir>/<machine>/<date>/kit.npz); false = "
                             "only the golden check runs then.")
+    auto_activate: bool = opt(False, "A release downloaded from the trainer, verified and QA-gated, goes live "
+                              "by itself (activated in the store; the running sorter swaps it in between two "
+                              "frame pairs).  Off by default: the operator runs sorterd models activate N, so a "
+                              "model never changes mid-lot unless someone chose it (the rows name the release "
+                              "either way, and the health watch still applies).")
     poll_s: float = opt(1.0, "How often the running sorter reads state.json for a newly activated release "
                         "(sorterd.release.swap).", minval=0.05, maxval=600.0)
     health_stones: int = opt(200, "Health watch: stones compared after a swap (and of the release before it) "

@@ -1,5 +1,6 @@
 """`sorterd models ...`: model bundle tools.  `build-engine` builds (or checks) a bundle's TensorRT
-engine ahead of time; signed releases (`sorterd.release`): `sign` (trainer), `verify` (the sorter's
+engine ahead of time; signed releases (`sorterd.release`): `sign` and `offer` (trainer: put a signed
+release where the trainer offers it to its sorters, DIR/releases/signed/<N>/), `verify` (the sorter's
 own checks, `verify_release`), and on the sorter `stage`, `list`, `activate`, `rollback`, `pin`.
 
 Exit status: 0 done; 1 refused (the failing check is named: `verify`/`stage`); 2 bad input."""
@@ -44,6 +45,13 @@ def add_release_commands(msub: argparse._SubParsersAction) -> None:  # type: ign
                    help="a trusted release public key (repeatable; default: [models] trusted_keys of --config)")
     v.add_argument("--config", type=Path, help="the sorter's config: trusted keys, size limit and downgrade floor")
     v.set_defaults(func=cmd_verify)
+    o = msub.add_parser("offer", help="offer a signed release to the trainer's sorters: verified, then copied to "
+                                      "DATA/releases/signed/<N>/ (the running trainer offers the newest there)")
+    o.add_argument("bundle", type=Path, help="a signed release (sorterd models sign)")
+    o.add_argument("--data", required=True, type=Path, help="the trainer's data directory (sorterd trainer --data)")
+    o.add_argument("--trusted", required=True, type=Path, action="append",
+                   help="a release public key the sorters trust (repeatable): the signature is checked against it")
+    o.set_defaults(func=cmd_offer)
     for name, what in (("stage", "verify BUNDLE into the sorter's release store and run the QA gate (golden + "
                                  "the reference kit calibration recorded)"),
                        ("list", "the stored releases, the active and previous one, the downgrade floor"),
@@ -113,6 +121,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 2
     print(f"{args.bundle}: release {v.release} from {v.trainer}, signed by {v.key}, {v.total_bytes} bytes: "
           "every check passed")
+    return 0
+
+
+def cmd_offer(args: argparse.Namespace) -> int:
+    from sorterd.link.keys import KeyFileError
+    from sorterd.release.verify import Refused
+    from sorterd.trainer.releases import OfferError, offer_bundle
+
+    try:
+        v, where = offer_bundle(args.bundle, args.data, _trusted(args.trusted))
+    except Refused as exc:
+        print(f"sorterd models offer: {args.bundle}: refused: {exc}", file=sys.stderr)
+        return 1
+    except (OfferError, KeyFileError, OSError) as exc:
+        print(f"sorterd models offer: {exc}", file=sys.stderr)
+        return 2
+    print(f"release {v.release} offered: {where} (the trainer offers it to every sorter that runs an older one)")
     return 0
 
 

@@ -26,14 +26,15 @@ from sorterd.data.bundle import resolve_bundle
 from sorterd.data.files import write_json_atomic
 from sorterd.data.session import SessionMeta, SessionWriter, new_session_id
 from sorterd.domain import BINS, LIGHT_MODES
-from sorterd.link.client import ClientOptions, LinkClient, LinkCollector
+from sorterd.link.client import ClientOptions, LinkClient, LinkCollector, ReleaseSide
 from sorterd.link.keys import load_public, load_secret
 from sorterd.link.outbox import Outbox
 from sorterd.link.records import SessionRecord
 from sorterd.metrics import Metrics
 from sorterd.parts.inference import Model
 from sorterd.parts.inference.open import open_model
-from sorterd.release.swap import HealthBounds, ReleaseWatcher, kit_policy, open_for_run, open_store
+from sorterd.release.download import Downloader, reports_for, rollback_reporter
+from sorterd.release.swap import HealthBounds, ReleaseWatcher, kit_policy, open_for_run, open_store, qa_gate
 from sorterd.sorting.liveness import Watchdog, keep_alive
 from sorterd.sorting.pipeline import Pipeline
 from sorterd.sorting.record import Recorder, make_batch_dir
@@ -151,11 +152,19 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         if outbox is not None and link_options is not None:
             metrics.watch_outbox(outbox)
             review = _start_review(cfg, parts, model, outbox, batch_dir, session)
-            link = _start_link(link_options, outbox, metrics)
         pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics, review)
         watcher = None if store is None else ReleaseWatcher(
             store, cfg.inference, pipeline, metrics, HealthBounds.from_config(cfg.models), cfg.models.poll_s, running,
             kit_policy(cfg))
+        # Release results (health rollbacks, downloads) wait in <models.dir>/reports.json for the trainer.
+        reports = None if store is None else reports_for(store)
+        if watcher is not None and reports is not None:
+            watcher.on_rolled_back = rollback_reporter(reports)
+        if outbox is not None and link_options is not None:
+            releases = None if store is None or reports is None or watcher is None else Downloader(
+                store, qa_gate(cfg.inference, kit_policy(cfg)), reports, auto_activate=cfg.models.auto_activate,
+                running=lambda: watcher.running if watcher is not None else None)
+            link = _start_link(link_options, outbox, metrics, releases)
         batch_log.counts = lambda: _final_counts(pipeline, parts, recorder, clock, outbox)
         print(f"sorterd: batch {batch_dir}  model {model.version} on {model.backend}"
               + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
@@ -402,8 +411,9 @@ class RunningLink:
             log.error("link: the client failed: %s (records stay in the outbox for the next run)", exc)
 
 
-def _start_link(options: ClientOptions, outbox: Outbox, metrics: Metrics) -> RunningLink:
-    client = LinkClient(options, outbox)
+def _start_link(options: ClientOptions, outbox: Outbox, metrics: Metrics,
+                releases: ReleaseSide | None = None) -> RunningLink:
+    client = LinkClient(options, outbox, releases)
     metrics.registry.register(LinkCollector(client))
     log.info("link: sending to the trainer at %s from %s", options.endpoint, outbox.db_path)
     return RunningLink(client, asyncio.create_task(client.run(), name="sorterd-link"))

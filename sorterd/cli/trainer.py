@@ -4,10 +4,13 @@
                     [--metrics-port N] [--metrics-host 127.0.0.1] [--review-port N [--review-host 127.0.0.1]]
                     [--retrain-model BUNDLE [--retrain-every S] [--retrain-test-lots LOT,..] [--retrain-train-args A]]
     sorterd trainer status --data DIR      the sorters as the inbox last saw them (DIR/inbox/sorters.json)
+                                           and the releases each runs (DIR/releases/results.json)
 
 Composes `sorterd.link.server.LinkServer` (CurveZMQ ROUTER, ZAP allow-list: one sorter public key
 file per sorter in --allowed, its stem the sorter id) with the inbox `sorterd.trainer.inbox`
-(imported when the command runs).  Binds to localhost unless --bind says otherwise.  With
+(imported when the command runs), and with the release shelf `sorterd.trainer.releases`: the
+newest signed release in DIR/releases/signed/<N>/ (`sorterd models offer`) is offered to every
+sorter that runs an older one; what each answers is kept in DIR/releases/results.json.  Binds to localhost unless --bind says otherwise.  With
 --review-port the same process serves the review page (`sorterd.trainer.review`, the trainer extra)
 on the same dataset, as `sorterd review` would.  With --retrain-model the same process runs the §5.4
 schedule (`sorterd.trainer.retrain.watch`: 500 new labels, weekly with >= 100, or the page's "retrain
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from sorterd.trainer.inbox import Inbox
+    from sorterd.trainer.releases import ReleaseBook
 
 log = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
@@ -111,15 +115,26 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     except (InboxError, OSError) as exc:
         print(f"sorterd trainer: --data {args.data}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return asyncio.run(_serve(args, public, secret, inbox))
+    from sorterd.trainer.releases import OfferError, ReleaseBook, book_path
+
+    try:
+        book = ReleaseBook(book_path(args.data))  # what each sorter said of the releases offered
+    except OfferError as exc:
+        inbox.close()
+        print(f"sorterd trainer: --data {args.data}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return asyncio.run(_serve(args, public, secret, inbox, book))
 
 
-async def _serve(args: argparse.Namespace, public: bytes, secret: bytes, inbox: Inbox) -> int:
+async def _serve(args: argparse.Namespace, public: bytes, secret: bytes, inbox: Inbox, book: ReleaseBook) -> int:
     import zmq
 
     from sorterd.link.server import LinkServer, ServerCollector
+    from sorterd.trainer.releases import OfferShelf, signed_dir
 
-    server = LinkServer(args.bind, public, secret, args.allowed, inbox)
+    # Signed releases offered to the sorters: DATA/releases/signed/<N>/ (sorterd models offer).
+    server = LinkServer(args.bind, public, secret, args.allowed, inbox, shelf=OfferShelf(signed_dir(args.data)),
+                        ledger=book)
     stopped: list[int] = []
     loop = asyncio.get_running_loop()
 

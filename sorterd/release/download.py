@@ -278,6 +278,17 @@ class Downloader:
         fsync_dir(out)
 
 
+def rollback_reporter(reports: ResultQueue) -> Callable[[int, str], None]:
+    """`ReleaseWatcher.on_rolled_back` for the composition root: each health rollback queued for
+    the trainer as RELEASE_RESULT rolled-back (check "health", why); blocking (a thread), never raises."""
+    def report(release: int, why: str) -> None:
+        try:
+            reports.put(ReleaseResult(release, "rolled-back", "health", why))
+        except (OSError, ValueError) as exc:
+            log.error("release %d: the health rollback could not be queued for the trainer (%s)", release, exc)
+    return report
+
+
 def reports_for(store: ReleaseStore) -> ResultQueue:
     """The store's result queue (`<models.dir>/reports.json`)."""
     return ResultQueue(store.root / REPORTS)

@@ -235,5 +235,6 @@ def describe(entry: dict[str, Any]) -> tuple[str, str, str]:
         return shown, offered, "-"
     word = f"r{last['release']} {last['status']}"
     if last["status"] != "accepted":
-        word += f" ({last['check']}: {last['detail']})"
+        detail = last["detail"] if len(last["detail"]) <= 80 else last["detail"][:77] + "..."
+        word += f" ({last['check']}: {detail})"
     return shown, offered, word

@@ -1,7 +1,10 @@
 """`sorterd trainer status --data DIR`: the per-sorter table, read from DIR/inbox/sorters.json.
 
 The running trainer rewrites that file (atomically, at most once a second and at close);
-this reads it without touching the inbox, so it works while the trainer runs or not.  A
+this reads it without touching the inbox, so it works while the trainer runs or not.  The
+release columns come from DIR/releases/results.json (`sorterd.trainer.releases.ReleaseBook`):
+the release each sorter runs ("bundle": its configured one), the last offered to it, and its
+last answer (accepted; refused or rolled-back with the check and why).  A
 sorter is shown connected when its last heartbeat or record is within the file's
 ``connected_s`` of now (a trainer that is off shows every sorter disconnected).
 """
@@ -15,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from sorterd.trainer.inbox import CONNECTED_S, SORTERS_FILE, STATE_DIR
+from sorterd.trainer.releases import OfferError, describe, read_book
 
-COLUMNS = ("sorter", "connected", "last seen", "stones", "sessions", "duplicates", "refused", "outbox")
+COLUMNS = ("sorter", "connected", "last seen", "stones", "sessions", "duplicates", "refused", "outbox", "release",
+           "offered", "last release result")
 
 
 class StatusError(ValueError):
@@ -39,9 +44,19 @@ def read_sorters(data: Path) -> tuple[float, dict[str, dict[str, Any]]]:
 
 def status_table(data: Path, now: float | None = None) -> str:
     """The table, one row per sorter (sorted by id); raises StatusError."""
-    connected_s, sorters = read_sorters(data)
+    try:
+        book = read_book(data)
+    except OfferError as exc:
+        raise StatusError(str(exc)) from None
+    try:
+        connected_s, sorters = read_sorters(data)
+    except StatusError:
+        if not book:
+            raise
+        connected_s, sorters = CONNECTED_S, {}  # releases offered, no inbox state yet
     now = time.time() if now is None else now
-    rows = [COLUMNS] + [_row(sid, fields, now, connected_s) for sid, fields in sorted(sorters.items())]
+    rows = [COLUMNS] + [_row(sid, sorters.get(sid, {}), now, connected_s) + describe(book.get(sid, {}))
+                        for sid in sorted(set(sorters) | set(book))]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
