@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sorterd import config
 from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
+from sorterd.release.download import REPORTS, ResultQueue
 from sorterd.release.keys import generate, load_private, load_public
 from sorterd.release.qa import KIT_FILE, save_kit
 from sorterd.release.store import ReleaseStore
@@ -127,6 +128,9 @@ def test_bad_release_rolled_back_by_the_health_watch(tmp_path: Path) -> None:
     state = store.state()
     assert state.active == 1 and state.previous == 2
     assert state.history[-1]["event"] == "rolled back" and "health check" in state.history[-1]["why"]
+    # The trainer is told (run.py wires the watcher to the result queue; the link is off: it waits on disk).
+    told = ResultQueue(tmp_path / "state" / REPORTS).pending()
+    assert [(r.release, r.status, r.check) for r in told] == [(2, "rolled-back", "health")] and told[0].detail
     rows = sorted(read_rows(res.batch_dir / "stones.db"), key=lambda r: r["stone_id"])
     versions = [r["model_version"] for r in rows]
     on_bad = [i for i, v in enumerate(versions) if v.endswith("@r2")]
