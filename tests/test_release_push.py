@@ -31,8 +31,7 @@ from sorterd.release.qa import KIT_FILE, KitPolicy, save_kit
 from sorterd.release.store import PART_SUFFIX, ReleaseStore
 from sorterd.release.swap import qa_gate
 from sorterd.release.verify import Refused
-from sorterd.trainer.releases import (OfferError, OfferShelf, ReleaseBook, book_path, offer_bundle, read_book,
-                                      signed_dir)
+from sorterd.trainer.releases import OfferError, OfferShelf, ReleaseBook, book_path, offer_bundle, read_book, signed_dir
 from sorterd.trainer.status import status_table
 from tests.release_fakes import faithful_kit, make_release
 
