@@ -109,6 +109,11 @@ class DecisionConfig:
     min_size_mm: float = opt(0.7, "Objects smaller than this are debris: safe route.", minval=0.0, maxval=20.0)
     max_size_mm: float = opt(6.0, "Single objects larger than this are unclassifiable: safe route.", above=0.0, maxval=50.0)
     bins: dict = opt(DEFAULT_BINS, "color -> clarity -> bin mapping (§8.2).")
+    on_drift: str = opt(
+        "hold-cut", "While the batch's drift alarm is raised (the model's out-of-distribution gate: more than its "
+        "share of recent stones out): hold-cut sends stones bound for CUT to low_confidence_bin, flagged; hold-all "
+        "sends every classified stone there; alarm-only only warns.", choices=("hold-cut", "hold-all", "alarm-only"),
+    )
 
     def __post_init__(self) -> None:
         problems = []

@@ -37,6 +37,52 @@ def test_a_stone_outside_goes_to_select_flagged_whatever_its_softmax_says() -> N
     assert decide(*sure, 3.0, cfg, COLORS, CLARITIES, ood=1.5, ood_limit=2.0).bin == "CUT"
 
 
+@pytest.mark.parametrize("mode, held", [("hold-cut", {"CUT"}), ("hold-all", {"CUT", "SELECT", "FLIP", "REJECT"}),
+                                         ("alarm-only", set())])
+def test_a_drifted_batch_holds_what_on_drift_names(mode: str, held: set[str]) -> None:
+    cfg = DecisionConfig(on_drift=mode)
+    sure = [0.98, 0.01, 0.01]
+    cases = {"CUT": ("blue", "transparent"), "FLIP": ("blue", "translucent"), "SELECT": ("light", "transparent"),
+             "REJECT": ("inky", "opaque")}
+    for bin_, (color, clarity) in cases.items():
+        pc = _onehot(COLORS, color, sure)
+        pk = _onehot(CLARITIES, clarity, sure)
+        calm = decide(pc, pk, 3.0, cfg, COLORS, CLARITIES, ood=0.5)
+        assert calm.bin == bin_ and not calm.flagged
+        d = decide(pc, pk, 3.0, cfg, COLORS, CLARITIES, ood=0.5, drifted=True)
+        if bin_ in held:
+            assert d.bin == "SELECT" and d.flagged and d.reason.startswith(f"batch drifted: {bin_} held")
+        else:
+            assert d == calm
+
+
+def _onehot(classes: tuple[str, ...], name: str, sure: list[float]) -> np.ndarray:
+    p = np.full(len(classes), sure[1])
+    p[classes.index(name)] = sure[0]
+    return p
+
+
+def test_evaluation_meets_the_stones_in_order_with_the_sorters_batch_watch() -> None:
+    # 60 stones far outside, then 40 confident CUT stones just inside the per-stone limit.
+    n_out, n_in = 60, 40
+    labels = [_label(i, "blue", "transparent") for i in range(n_out + n_in)]
+    pc = np.tile([0.97, 0.02, 0.01], (n_out + n_in, 1))
+    pk = np.tile([0.97, 0.02, 0.01], (n_out + n_in, 1))
+    ood = np.r_[np.full(n_out, 3.0), np.full(n_in, 0.9)]
+    sizes = [3.0] * (n_out + n_in)
+    alone = evaluate(labels, sizes, pc, pk, DecisionConfig(), ood=ood).metrics
+    assert alone["cut"]["decided"] == n_in and alone["drift"] is None
+    batch = evaluate(labels, sizes, pc, pk, DecisionConfig(), ood=ood, drift=SPEC).metrics
+    # The watch alarms at stone 50 (its minimum) and stays raised: all 40 are held, none in CUT.
+    assert batch["drift"] == {"alarms": 1, "worst_window_share": 1.0, "held": n_in, "on_drift": "hold-cut"}
+    assert batch["cut"]["decided"] == 0 and batch["flagged_rate"] == 1.0
+    # The same stones the other way round: the calm ones come first and go to CUT.
+    rev = evaluate(labels, sizes, pc, pk, DecisionConfig(), ood=ood[::-1].copy(), drift=SPEC).metrics
+    assert rev["cut"]["decided"] == n_in and rev["drift"]["held"] == 0
+    off = evaluate(labels, sizes, pc, pk, DecisionConfig(on_drift="alarm-only"), ood=ood, drift=SPEC).metrics
+    assert off["cut"]["decided"] == n_in and off["drift"]["alarms"] == 1
+
+
 # -- evaluation ----------------------------------------------------------------------------
 
 

@@ -344,6 +344,43 @@ def test_a_stone_the_model_does_not_know_goes_to_select_and_the_batch_alarms(tmp
     assert r.metrics.registry.get_sample_value("sorterd_ood_stones_total") == 2.0
 
 
+class DriftingModel(FakeModel):
+    """Gated; the first OUT stones are far outside, every later one just inside the limit; the
+    fourth stone is a sure CUT stone (blue transparent)."""
+
+    manifest = FakeManifest(ood=OodSpec("ood_score", 1.0, 0.10, 2))
+    OUT = 2
+
+    def predict_halves(self, crops: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Prediction], float]:
+        preds, s = super().predict_halves(crops)
+        first = len(self.seen) - len(preds)
+        sure = np.array([0.98, 0.01, 0.01])
+        return [Prediction(sure if first + i == 3 else p.p_color, sure if first + i == 3 else p.p_clarity,
+                           3.0 if first + i < self.OUT else 0.9) for i, p in enumerate(preds)], s
+
+
+class CalmModel(DriftingModel):
+    OUT = 0
+
+
+def test_a_drifted_batch_holds_the_cut_stone_the_calm_run_sorts(tmp_path: Path) -> None:
+    cfg = load_config(config.sim_config_path(), {"metrics": {"enabled": False}})
+    for name in ("calm", "drift", "off"):
+        (tmp_path / name).mkdir()
+    calm = run_fakes(tmp_path / "calm", cfg, CalmModel)
+    cut = [row["stone_id"] for row in calm.rows if row["bin"] == "CUT" and row["reason"] == "sorted"]
+    assert len(cut) == 2 and calm.stats.ood["alarms"] == 0  # the stream's own CUT stone and the fourth
+    r = run_fakes(tmp_path / "drift", cfg, DriftingModel)
+    held = {row["stone_id"]: row for row in r.rows if row["stone_id"] in cut}
+    late = held[cut[-1]]  # judged after the two foreign stones raised the alarm
+    assert (late["bin"], late["flagged"]) == ("SELECT", 1) and late["reason"].startswith("batch drifted: CUT held")
+    assert r.stats.ood["alarms"] == 1
+    # The same stones with the hold off: the alarm still sounds, the stone goes to CUT.
+    off = load_config(config.sim_config_path(), {"metrics": {"enabled": False}, "decision": {"on_drift": "alarm-only"}})
+    r2 = run_fakes(tmp_path / "off", off, DriftingModel)
+    assert {row["stone_id"]: row["bin"] for row in r2.rows}[cut[-1]] == "CUT" and r2.stats.ood["alarms"] == 1
+
+
 def test_a_model_without_the_gate_says_so_in_the_summary(ran: tuple[Ran, config.Config]) -> None:
     r, _ = ran
     assert r.stats.ood["gate"] is False and "no out-of-distribution gate" in r.stats.ood["note"]

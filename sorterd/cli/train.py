@@ -385,7 +385,7 @@ def _evaluate_bundle(name: str, args: argparse.Namespace, stones: list[str] | No
                             "so these figures are optimistic; use --split test")
     pc, pk, ood = predict(model, ds, labels)
     limit = model.manifest.ood.stone_limit if model.manifest.ood else 1.0
-    ev = evaluate(labels, stone_sizes(ds, labels), pc, pk, _decision(args), ood, limit)
+    ev = evaluate(labels, stone_sizes(ds, labels), pc, pk, _decision(args), ood, limit, model.manifest.ood)
     unknown = ev.metrics["sizes_unknown"]
     if unknown:
         warnings.append(f"{unknown} stones have no size (no size_mm, no pixels_per_mm): the CUT rule took them as "

@@ -48,6 +48,7 @@ def decide(
     clarity_classes: tuple[str, ...],
     ood: float | None = None,
     ood_limit: float = 1.0,
+    drifted: bool = False,
 ) -> Decision:
     ic, ik = int(np.argmax(p_color)), int(np.argmax(p_clarity))
     color, clarity = color_classes[ic], clarity_classes[ik]
@@ -58,6 +59,12 @@ def decide(
     if confidence < cfg.flag_confidence:
         return Decision(cfg.low_confidence_bin, color, clarity, confidence, True, "low confidence")
     b = class_bin(color, clarity, size_mm, cfg)
+    if drifted and (cfg.on_drift == "hold-all" or (cfg.on_drift == "hold-cut" and b == "CUT")):
+        # The batch is outside what the model knows (sorting/drift.py): a stone just inside the
+        # per-stone limit is most likely of the same shifted lot, and CUT is where a wrong stone
+        # costs most (§8.2 costs, §8.4 item 2) -- held for review until the batch is back.
+        return Decision(cfg.low_confidence_bin, color, clarity, confidence, True,
+                        f"batch drifted: {b} held (decision.on_drift = {cfg.on_drift})")
     flagged = confidence < cfg.sort_confidence
     return Decision(b, color, clarity, confidence, flagged, "review" if flagged else "sorted")
 

@@ -356,9 +356,9 @@ class Pipeline:
         else:
             m = model.manifest
             limit = m.ood.stone_limit if m.ood is not None else 1.0
+            self._watch_drift(pred.ood, limit)  # this stone counts in the batch it is judged with
             dec = decide(pred.p_color, pred.p_clarity, obs.size_mm, self.cfg.decision, m.color_classes,
-                         m.clarity_classes, pred.ood, limit)
-            self._watch_drift(pred.ood, limit)
+                         m.clarity_classes, pred.ood, limit, drifted=self.drift.alarmed)
         untimed = self._untimed(obs)
         # A stone at rest stays where it was seen (speed 0): seen again, it is the same stone.
         track = Track(sid, obs.t_ns, obs.x_mm, obs.speed_mm_s if not untimed else 0.0, obs.length_mm,

@@ -22,7 +22,9 @@ JSON keys (stable; more may be added): ``overall``, ``color``, ``clarity``,
 ``n_stones``, ``n_classified``, ``n_reject``, ``model``, ``data``,
 ``error_flag_recall`` (the share of wrongly classified stones -- either head wrong --
 that the sorter flagged or sent to SELECT: how much of its error the gates catch),
-``ood_rate`` (share of stones over the bundle's OOD limit; None without the gate).
+``ood_rate`` (share of stones over the bundle's OOD limit; None without the gate),
+``drift`` (judged in order with the batch watch: its alarms, worst windowed share and the
+stones ``decision.on_drift`` held; None when the stones were judged one by one).
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ from typing import Any
 import numpy as np
 
 from sorterd.config import DecisionConfig
+from sorterd.data.bundle import OodSpec
 from sorterd.data.dataset import Dataset, StoneLabel, load_crops
 from sorterd.domain import BINS, CLARITIES, CLASSES, COLORS, COST, cost_weighted_accuracy
 from sorterd.parts.inference import Model
-from sorterd.sorting.decide import class_bin, decide
+from sorterd.sorting.decide import Decision, class_bin, decide
+from sorterd.sorting.drift import DriftWatch
 from sorterd.train.temperature import calibration_error, expected_calibration_error, reliability_bins
 
 SMALL_STONE_MM = 1.5  # §6.4
@@ -108,16 +112,25 @@ def predict(model: Model, ds: Dataset,
 
 def evaluate(labels: Sequence[StoneLabel], sizes: Sequence[float | None], p_color: np.ndarray,
              p_clarity: np.ndarray, decision: DecisionConfig, ood: np.ndarray | None = None,
-             ood_limit: float = 1.0) -> Evaluation:
+             ood_limit: float = 1.0, drift: OodSpec | None = None) -> Evaluation:
     """All §8 metrics for these stones and probabilities (pure numpy: testable without a model);
-    ood: the bundle's OOD scores (its gate decides as the sorter's does), None = no gate."""
+    ood: the bundle's OOD scores (its gate decides as the sorter's does), None = no gate;
+    drift: the bundle's batch limits -- the stones are then judged as the sorter meets them, in
+    this order, with the sorter's own batch watch (`sorting.drift.DriftWatch`) and
+    ``decision.on_drift`` while its alarm is raised; None = every stone alone."""
     if len(labels) == 0:
         raise ValueError("no stones to evaluate")
     if ood is not None and len(ood) != len(labels):
         raise ValueError(f"ood: {len(ood)} scores for {len(labels)} stones")
     known = [s if s is not None else decision.cut_min_size_mm for s in sizes]
-    decided = [decide(p_color[i], p_clarity[i], known[i], decision, COLORS, CLARITIES,
-                      None if ood is None else float(ood[i]), ood_limit) for i in range(len(labels))]
+    watch = DriftWatch(drift) if drift is not None and ood is not None else None
+    decided: list[Decision] = []
+    for i in range(len(labels)):
+        score = None if ood is None else float(ood[i])
+        if watch is not None:
+            watch.stone(score)
+        decided.append(decide(p_color[i], p_clarity[i], known[i], decision, COLORS, CLARITIES, score, ood_limit,
+                              drifted=watch is not None and watch.alarmed))
     ev = Evaluation(
         labels=list(labels), sizes=list(sizes), p_color=np.asarray(p_color), p_clarity=np.asarray(p_clarity),
         true_bin=[_true_bin(lab, s, decision) for lab, s in zip(labels, known, strict=True)],
@@ -127,6 +140,9 @@ def evaluate(labels: Sequence[StoneLabel], sizes: Sequence[float | None], p_colo
         ood=None if ood is None else np.asarray(ood, dtype=np.float64), ood_limit=ood_limit,
     )
     ev.metrics = _metrics(ev, decision)
+    ev.metrics["drift"] = None if watch is None else {
+        "alarms": watch.state.alarms, "worst_window_share": round(watch.state.worst_share, 4),
+        "held": sum(d.reason.startswith("batch drifted") for d in decided), "on_drift": decision.on_drift}
     return ev
 
 
@@ -406,6 +422,8 @@ def format_text(m: dict[str, Any]) -> str:
         f"ECE colour {m['ece']['color']}  clarity {m['ece']['clarity']}  combined {m['ece']['combined']}",
         f"wrong stones flagged or to SELECT (error_flag_recall) {pct(m.get('error_flag_recall'))}  "
         f"out of distribution {pct(m['ood_rate']) if m.get('ood_rate') is not None else 'n/a (no gate)'}",
+        *([f"batch drift alarms {m['drift']['alarms']} (worst window {pct(m['drift']['worst_window_share'])} out); "
+           f"{m['drift']['held']} stones held by decision.on_drift = {m['drift']['on_drift']}"] if m.get("drift") else []),
         "per class: " + "  ".join(f"{k} {pct(v['accuracy'])} (n={v['n']})" for k, v in m["per_class"].items()),
         "per lot:   " + "  ".join(f"{k} {pct(v['overall'])} (n={v['n_classified']})" for k, v in m["per_lot"].items()),
         f"§8.3 milestone reached: {m['milestones']['reached'] or 'none'}",
