@@ -316,3 +316,31 @@ def test_a_simulated_dataset_links_every_stone_to_its_raw_pair(tmp_path: Path) -
     assert report.raw + sum(report.skipped.values()) == 12 and report.processed == 0, report.line("all")
     assert all(r.startswith(("ambiguous", "not found")) for r in report.skipped)
     assert np.array_equal(x, load_crops(ds, kept, SIZE, CROP_MM))
+
+
+def test_the_cache_serves_what_was_cut_and_never_a_stale_input(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import sorterd.data.samples as samples
+
+    root = tmp_path / "data"
+    write_dataset(root)
+    ds = open_dataset(root)
+    cache = tmp_path / "cache"
+    first = load_samples(ds, ds.labels, SIZE, CROP_MM, cache=cache)
+    segmented: list[str] = []
+    real = samples.segment_recorded
+    monkeypatch.setattr(samples, "segment_recorded", lambda r, p: segmented.append(p) or real(r, p))
+    again = load_samples(ds, ds.labels, SIZE, CROP_MM, cache=cache)
+    assert again[0] == first[0] and np.array_equal(again[1], first[1]) and again[2] == first[2]
+    # Only the pairs holding a skipped stone are segmented again (skips are not cached).
+    assert sorted(segmented) == ["S000204"]
+    # One frame changes (a re-capture under the same name): that pair is cut afresh.
+    frame = root / "images" / "raw" / "s15" / "toplit" / "S000101.png"
+    img = cv2.imread(str(frame))
+    img[:, :, :] = np.clip(img.astype(int) + 9, 0, 255).astype(np.uint8)
+    cv2.imwrite(str(frame), img)
+    segmented.clear()
+    changed = load_samples(ds, ds.labels, SIZE, CROP_MM, cache=cache)
+    assert sorted(segmented) == ["S000101", "S000204"]
+    uncached = load_samples(ds, ds.labels, SIZE, CROP_MM)
+    assert np.array_equal(changed[1], uncached[1]) and not np.array_equal(changed[1], first[1])

@@ -32,11 +32,15 @@ Nothing here assumes the simulator made the data.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,12 +101,13 @@ class RawLink:
 
 
 def load_samples(ds: Dataset, labels: Sequence[StoneLabel], size: int, crop_mm: float | None = None,
-                 source: str = "auto") -> tuple[list[StoneLabel], np.ndarray, SampleReport]:
+                 source: str = "auto", cache: Path | None = None) -> tuple[list[StoneLabel], np.ndarray, SampleReport]:
     """(the labels kept, their (N, size, size, 6) uint8 inputs, where they came from).
 
     source: "auto" raw frames where the label links to them, else the processed crop;
     "raw" raw frames only (unlinked stones skipped); "processed" processed crops only.
     A label line with a malformed link field is a DatasetError (all such problems at once).
+    cache: a folder for the inputs cut from raw frames (`InputCache`; None: none kept).
     """
     if source not in SOURCES:
         raise ValueError(f"crop source {source!r}: must be one of {', '.join(SOURCES)}")
@@ -113,8 +118,8 @@ def load_samples(ds: Dataset, labels: Sequence[StoneLabel], size: int, crop_mm: 
         return list(labels), load_crops(ds, labels, size, window), report
     raws = _RawSessions(ds)
     links = _links(ds, labels, raws)
-    cut = _cut_linked(ds, raws, [(lab, link) for lab, link in links if isinstance(link, RawLink)],
-                      size, window, report)
+    cut = _cut_linked(raws, [(lab, link) for lab, link in links if isinstance(link, RawLink)],
+                      size, window, report, InputCache(cache) if cache is not None else None)
     kept: list[StoneLabel] = []
     images: list[np.ndarray] = []
     for lab, link in links:
@@ -251,10 +256,10 @@ def segment_recorded(reader: SessionReader, pair: str) -> tuple[np.ndarray, np.n
     return backlit, toplit, seg.observations
 
 
-def _cut_linked(ds: Dataset, raws: _RawSessions, linked: list[tuple[StoneLabel, RawLink]], size: int,
-                crop_mm: float, report: SampleReport) -> dict[str, np.ndarray]:
+def _cut_linked(raws: _RawSessions, linked: list[tuple[StoneLabel, RawLink]], size: int, crop_mm: float,
+                report: SampleReport, cache: InputCache | None) -> dict[str, np.ndarray]:
     """stone_id -> its input, for every linked stone that matches one object of its pair;
-    one segmentation per pair, however many of its stones are labelled."""
+    one segmentation per pair, however many of its stones are labelled, none when all are cached."""
     by_pair: dict[tuple[str, str], list[tuple[StoneLabel, RawLink]]] = {}
     for lab, link in linked:
         by_pair.setdefault((link.session, link.pair), []).append((lab, link))
@@ -266,14 +271,21 @@ def _cut_linked(ds: Dataset, raws: _RawSessions, linked: list[tuple[StoneLabel, 
             for lab, _ in members:
                 report.note(report.skipped, "its raw_pair is not in its session", lab.stone_id)
             continue
+        keys = {lab.stone_id: cache.key(reader, pair, size, crop_mm, lab, link) for lab, link in members} if cache else {}
+        hits = {sid: hit for sid, key in keys.items() if cache and (hit := cache.get(key, size)) is not None}
+        if len(hits) == len(members):
+            out.update(hits)
+            continue
         backlit, toplit, objects = segment_recorded(reader, pair)
         px = crop_px(crop_mm, reader.meta.pixels_per_mm)
         for lab, link in members:
             got = _match(lab, link, objects, reader)
             if isinstance(got, str):
                 report.note(report.skipped, got, lab.stone_id)
-            else:
-                out[lab.stone_id] = crop_pair(backlit, toplit, got, px, size)
+                continue
+            out[lab.stone_id] = crop_pair(backlit, toplit, got, px, size)
+            if cache is not None:
+                cache.put(keys[lab.stone_id], out[lab.stone_id])
     return out
 
 
@@ -328,3 +340,72 @@ def _range_width(pair: str, next_pair: str | None) -> int | None:
 
 def _single(obs: Observation) -> Observation | str:
     return "cluster: touching stones (the sorter never classifies one as a stone)" if obs.cluster else obs
+
+
+# -- cache ---------------------------------------------------------------------------------
+
+_CODE = ("sorterd/data/samples.py", "sorterd/data/crops.py", "sorterd/sorting/segment.py")
+
+
+def _code_digest() -> str:
+    """sha256 of the code that cuts an input: a changed segmentation never reads an old entry."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for rel in _CODE:
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()
+
+
+class InputCache:
+    """Inputs cut from raw frames, content-addressed: the key is the sha256 of everything the cut
+    depends on -- the pair's and the references' file bytes, the session's scale and pair
+    interval, the pair's times, the window, the output size, the pairing limits, the label's
+    link, and the cutting code itself -- so an entry is never stale, only unused.  Entries are
+    .npy files written by atomic rename; one that cannot be read or written is simply recomputed
+    (a read-only dataset works without a cache).  One thread uses it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._code = _code_digest()
+        self._files: dict[Path, str] = {}  # file -> sha256 of its bytes, read once per load
+
+    def _file(self, path: Path) -> str:
+        digest = self._files.get(path)
+        if digest is None:
+            digest = self._files[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return digest
+
+    def key(self, reader: SessionReader, pair: str, size: int, crop_mm: float, lab: StoneLabel,
+            link: RawLink) -> str:
+        meta = reader.meta
+        times = astuple(reader.times[pair]) if reader.times is not None else None
+        parts = {
+            "code": self._code,
+            "frames": [self._file(reader.dir / m / f"{pair}.png") for m in LIGHT_MODES],
+            "references": [self._file(reader.dir / "reference" / f"{m}.png") for m in LIGHT_MODES],
+            "scale": [meta.pixels_per_mm, meta.pair_interval_ms], "times": times, "window": [crop_mm, size],
+            "limits": astuple(pairing_limits(meta.pixels_per_mm, meta.pair_interval_ms)),
+            "stone": [lab.stone_id, link.pair, link.position_mm],
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npy"
+
+    def get(self, key: str, size: int) -> np.ndarray | None:
+        try:
+            image = np.load(self._path(key), allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        return image if image.shape == (size, size, 6) and image.dtype == np.uint8 else None
+
+    def put(self, key: str, image: np.ndarray) -> None:
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                np.save(fh, image, allow_pickle=False)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)

@@ -420,6 +420,9 @@ def _splits(ds: Dataset, opts: FitOptions, version: str, previous: _Previous | N
     return splits
 
 
+INPUT_CACHE = ".cache/inputs"  # under the dataset: inputs cut from raw frames (content-addressed, never stale)
+
+
 def _arrays(ds: Dataset, splits: Splits, name: str, crop_mm: float, source: str,
             inputs: dict[str, SampleReport]) -> tuple[list[StoneLabel], TrainData]:
     """The split's classified stones and their inputs (`sorterd.data.samples.load_samples`);
@@ -428,7 +431,7 @@ def _arrays(ds: Dataset, splits: Splits, name: str, crop_mm: float, source: str,
         raise ValueError(f"crops = {source!r}: must be one of {', '.join(SOURCES)}")
     by_id = ds.by_id()
     wanted = [by_id[s] for s in splits.ids(name) if by_id[s].classified]
-    labels, images, inputs[name] = load_samples(ds, wanted, INPUT_SIZE, crop_mm, source)
+    labels, images, inputs[name] = load_samples(ds, wanted, INPUT_SIZE, crop_mm, source, ds.root / INPUT_CACHE)
     need = 2 if name == "train" else 1
     if len(labels) < need:
         raise DatasetError(f"{ds.root}: the {name} split has {len(labels)} classified stones with an input "
