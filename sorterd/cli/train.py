@@ -124,6 +124,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     t.add_argument("--threads", type=positive_int, metavar="N", help="torch threads (default: all cores)")
     t.add_argument("--crop-mm", type=float, metavar="MM", help="crop side the dataset's images cover, if it "
                    "does not record it (default 6.4)")
+    t.add_argument("--crops", choices=("auto", "raw", "processed"), default="auto",
+                   help="where each stone's model input comes from: auto (default) cut from its raw frame pair by "
+                        "the sorter's own segmentation where its label links to one (raw_pair, raw_x_mm/raw_y_mm), "
+                        "else its processed crop; raw: raw frames only (unlinked stones skipped); processed: "
+                        "processed crops only. The counts (and every skip's reason) are printed")
     t.add_argument("--no-stone-stats", action="store_true",
                    help="plain §9.4 head: without the stone-vs-background colour statistics beside the CNN features")
     t.add_argument("--no-prior-correction", action="store_true",
@@ -259,7 +264,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         opts = FitOptions(
             data=args.data, out=args.out, from_bundle=args.from_bundle, version=args.version, splits=args.splits,
             test_lots=args.test_lots, log_path=args.log, write_log=not args.no_log, force=args.force,
-            crop_mm=args.crop_mm, notes=args.notes, command=_command_line(), config=cfg,
+            crop_mm=args.crop_mm, crops=args.crops, notes=args.notes, command=_command_line(), config=cfg,
         )
         bar = ProgressBar(enabled=not args.no_progress)
         say = bar.line if not args.no_progress else _epoch_lines_only

@@ -91,3 +91,9 @@ def fit_crop(image: np.ndarray, pixels_per_mm: float | None, crop_mm: float, out
     out = cv2.warpAffine(src, mat, (out_size, out_size), flags=cv2.INTER_LINEAR,
                          borderMode=cv2.BORDER_CONSTANT, borderValue=fill + (0.0,) * (4 - len(fill)))
     return np.asarray(out).reshape((out_size, out_size) + image.shape[2:])
+
+
+def crop_px(crop_mm: float, pixels_per_mm: float) -> int:
+    """The side in frame pixels of a crop_mm window at this scale (at least 8 px): what the
+    sorter cuts from its frames, and the trainer from raw frames (`sorterd.data.samples`)."""
+    return max(8, int(round(crop_mm * pixels_per_mm)))

@@ -18,9 +18,10 @@ crops them -- so the crops are what the sorter feeds its model.  Written:
 
 Raw pairs follow `sorterd.data.session` (what `sorterd run --record` writes and
 `--replay` reads): one pair per capture, named after the first new stone in
-it; a stone that shared its capture with another records that pair's id in
-``raw_pair``.  Stones in a touching cluster are not labelled (the sorter
-never classifies a cluster as one stone).
+it; every stone records its pair's id in ``raw_pair`` and its toplit centroid
+in that pair in ``raw_x_mm``/``raw_y_mm`` (how `sorterd.data.samples` finds
+it).  Stones in a touching cluster are not labelled (the sorter never
+classifies a cluster as one stone).
 
 Appending another lot or session to an existing DIR continues the stone
 numbering (§7.2 S{NNNNNN}) and the session numbering of the day.
@@ -220,8 +221,9 @@ def _session(cfg: config.Config, opts: GenerateOptions, writer: _Writer, index: 
             if written == n:
                 break
             sid = _stone_id(writer.next_number)
+            at = (obs.x_mm, obs.y_mm)  # where the segmentation found it, before the crop's framing offset
             obs = _reframe(obs, look.framing_mm * cfg.camera.pixels_per_mm, framing)
-            _write_stone(writer, opts, cfg, cap, obs, stone, sid, pair_id, session_id, start)
+            _write_stone(writer, opts, cfg, cap, obs, stone, sid, pair_id, session_id, start, at)
             writer.wrote(sid)
             written += 1
         if progress is not None and (written % 100 == 0 or written == n):
@@ -289,7 +291,8 @@ def _write_meta(out: Path, session: SessionWriter, meta: SessionMeta, opts: Gene
 
 
 def _write_stone(writer: _Writer, opts: GenerateOptions, cfg: config.Config, cap: _Capture, obs: Observation,
-                 stone: StoneSpec, sid: str, pair_id: str, session_id: str, start: datetime) -> None:
+                 stone: StoneSpec, sid: str, pair_id: str, session_id: str, start: datetime,
+                 at: tuple[float, float]) -> None:
     crop_px = round(opts.crop_mm * cfg.camera.pixels_per_mm)
     # Native scale (out_size = crop_px): consumers resize to their model's input.
     halves = crop_halves(cap.backlit, cap.toplit, obs, crop_px, crop_px)
@@ -297,12 +300,13 @@ def _write_stone(writer: _Writer, opts: GenerateOptions, cfg: config.Config, cap
         path = writer.out / "images" / "processed" / mode / f"{sid}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_png_atomic(path, image)
-    writer.labels.write(json.dumps(_label(opts, obs, stone, sid, pair_id, session_id, start, cap)) + "\n")
+    writer.labels.write(json.dumps(_label(opts, obs, stone, sid, pair_id, session_id, start, cap, at)) + "\n")
 
 
 def _label(opts: GenerateOptions, obs: Observation, stone: StoneSpec, sid: str, pair_id: str,
-           session_id: str, start: datetime, cap: _Capture) -> dict[str, Any]:
-    """§3.4 fields (+ size_mm as segmented, the raw pair, and the simulator's truth)."""
+           session_id: str, start: datetime, cap: _Capture, at: tuple[float, float]) -> dict[str, Any]:
+    """§3.4 fields (+ size_mm as segmented, the raw pair and the stone's toplit centroid in it,
+    `sorterd.data.samples`' link, and the simulator's truth)."""
     color, clarity = stone.human_label()
     stamp = start + timedelta(microseconds=cap.times.t_toplit_ns / 1e3)
     return {
@@ -311,6 +315,7 @@ def _label(opts: GenerateOptions, obs: Observation, stone: StoneSpec, sid: str, 
         "uncertain": "uncertain" in stone.flags, "mixed": "mixed" in stone.flags,
         "damaged": "damaged" in stone.flags, "reject": "reject" in stone.flags, "notes": stone.notes,
         "size_mm": round(obs.size_mm, 3), "raw_pair": pair_id,
+        "raw_x_mm": round(at[0], 4), "raw_y_mm": round(at[1], 4),
         "sim": {"color": stone.color, "clarity": stone.clarity, "sieve_mm": round(stone.size_mm, 3)},
     }
 

@@ -24,6 +24,7 @@ import numpy as np
 from sorterd.clock import Clock
 from sorterd.config import Config
 from sorterd.controller.outputs import Pulse
+from sorterd.data.crops import crop_px
 from sorterd.data.session import PairTimes, pair_stone_ids
 from sorterd.domain import JET_BINS, LIGHT_MODES
 from sorterd.metrics import Metrics
@@ -124,7 +125,7 @@ class Pipeline:
             self._trigger_slack_ns, LEDGER_HORIZON_NS)
         size = model.manifest.size
         self._input_px = int(size[0])
-        self._crop_px = max(8, int(round(model.manifest.crop_mm * cam.pixels_per_mm)))
+        self._crop_px = crop_px(model.manifest.crop_mm, cam.pixels_per_mm)
         self._sized_for = model.manifest
         self.count.model(model.version, model.manifest.onnx_sha256)
         self.drift = DriftWatch(model.manifest.ood)
@@ -323,7 +324,7 @@ class Pipeline:
         """(crop px on the frame, model input px) for `model`'s manifest (a release may change them)."""
         if model.manifest is self._sized_for:
             return self._crop_px, self._input_px
-        return (max(8, int(round(model.manifest.crop_mm * self.parts.camera.pixels_per_mm))),
+        return (crop_px(model.manifest.crop_mm, self.parts.camera.pixels_per_mm),
                 int(model.manifest.size[0]))
 
     def swap_model(self, new: Model) -> Model:

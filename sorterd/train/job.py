@@ -53,11 +53,11 @@ from sorterd.data.dataset import (
     DatasetError,
     StoneLabel,
     dedupe,
-    load_crops,
     open_dataset,
     stone_sizes,
 )
 from sorterd.data.files import write_json_atomic
+from sorterd.data.samples import SOURCES, SampleReport, load_samples
 from sorterd.domain import CLASSES
 from sorterd.parts.inference.onnxruntime import OnnxModel
 from sorterd.train.evaluate import Evaluation, evaluate, predict
@@ -115,6 +115,7 @@ class FitOptions:
     write_log: bool = True
     force: bool = False
     crop_mm: float | None = None
+    crops: str = "auto"  # sorterd.data.samples.SOURCES: raw frames where linked, else processed crops
     notes: str = ""
     command: str = ""
     config: TrainConfig = field(default_factory=TrainConfig)
@@ -162,7 +163,10 @@ def _published(bundle: Path, version: str) -> bool:
 
 def _fit_with_splits(opts: FitOptions, ds: Dataset, previous: _Previous | None, version: str, crop_mm: float,
                      splits: Splits, say: Say, on_step: StepHook | None, started: float) -> FitOutcome:
-    train_set, val_set = (_arrays(ds, splits, name, crop_mm) for name in ("train", "val"))
+    inputs: dict[str, SampleReport] = {}
+    train_set, val_set = (_arrays(ds, splits, name, crop_mm, opts.crops, inputs) for name in ("train", "val"))
+    for name, report in inputs.items():
+        say(report.line(name))
     _warn_small_classes(train_set[0], say)
     prepared = time.perf_counter()
     cfg = _config(opts.config, previous)
@@ -186,6 +190,7 @@ def _fit_with_splits(opts: FitOptions, ds: Dataset, previous: _Previous | None, 
     staging = _staging_dir(opts.out)
     try:
         training = _training_record(opts, ds, splits, result, previous, calib, train_set[0])
+        training["inputs"] = {"source": opts.crops, **{name: r.as_dict() for name, r in inputs.items()}}
         training["prior_correction"] = ({head: [round(float(v), 5) for v in adj] for head, adj in prior.items()}
                                         if prior is not None else None)
         _export(result, raw_state, staging, version, crop_mm, temps, training, ood)
@@ -415,13 +420,23 @@ def _splits(ds: Dataset, opts: FitOptions, version: str, previous: _Previous | N
     return splits
 
 
-def _arrays(ds: Dataset, splits: Splits, name: str, crop_mm: float) -> tuple[list[StoneLabel], TrainData]:
+INPUT_CACHE = ".cache/inputs"  # under the dataset: inputs cut from raw frames (content-addressed, never stale)
+
+
+def _arrays(ds: Dataset, splits: Splits, name: str, crop_mm: float, source: str,
+            inputs: dict[str, SampleReport]) -> tuple[list[StoneLabel], TrainData]:
+    """The split's classified stones and their inputs (`sorterd.data.samples.load_samples`);
+    where they came from goes into inputs[name]."""
+    if source not in SOURCES:
+        raise ValueError(f"crops = {source!r}: must be one of {', '.join(SOURCES)}")
     by_id = ds.by_id()
-    labels = [by_id[s] for s in splits.ids(name) if by_id[s].classified]
+    wanted = [by_id[s] for s in splits.ids(name) if by_id[s].classified]
+    labels, images, inputs[name] = load_samples(ds, wanted, INPUT_SIZE, crop_mm, source, ds.root / INPUT_CACHE)
     need = 2 if name == "train" else 1
     if len(labels) < need:
-        raise DatasetError(f"{ds.root}: the {name} split has {len(labels)} classified stones; need at least {need}")
-    x = np.ascontiguousarray(load_crops(ds, labels, INPUT_SIZE, crop_mm).transpose(0, 3, 1, 2))
+        raise DatasetError(f"{ds.root}: the {name} split has {len(labels)} classified stones with an input "
+                           f"({len(wanted) - len(labels)} skipped); need at least {need}")
+    x = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     color = np.array([lab.color_index for lab in labels], dtype=np.int64)
     clarity = np.array([lab.clarity_index for lab in labels], dtype=np.int64)
     return labels, TrainData(x, color, clarity)
