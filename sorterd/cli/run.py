@@ -155,7 +155,7 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics, review)
         watcher = None if store is None else ReleaseWatcher(
             store, cfg.inference, pipeline, metrics, HealthBounds.from_config(cfg.models), cfg.models.poll_s, running,
-            kit_policy(cfg))
+            kit_policy(cfg), cfg.models.prepare_timeout_s)
         batch_log.counts = lambda: _final_counts(pipeline, parts, recorder, clock, outbox)
         print(f"sorterd: batch {batch_dir}  model {model.version} on {model.backend}"
               + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
