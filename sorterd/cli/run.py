@@ -155,7 +155,7 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         pipeline = Pipeline(cfg, clock, parts, model, recorder, metrics, review)
         watcher = None if store is None else ReleaseWatcher(
             store, cfg.inference, pipeline, metrics, HealthBounds.from_config(cfg.models), cfg.models.poll_s, running,
-            kit_policy(cfg))
+            kit_policy(cfg), cfg.models.prepare_timeout_s)
         # Release results (health rollbacks, downloads) wait in <models.dir>/reports.json for the trainer.
         reports = None if store is None else reports_for(store)
         if watcher is not None and reports is not None:

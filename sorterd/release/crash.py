@@ -5,6 +5,12 @@ step of download, staging, verification, engine build and swap"; DESIGN §4a).
 k-th time the process passes point `name` it sends itself SIGKILL -- a power cut at a known,
 repeatable instant (no timing, no flakes).  Every point the code has is in `STEPS`, so a test
 can cover each one; the variable is read once (the first call).
+
+A power cut takes the whole machine, so a point passed in the release watcher's helper process
+(`sorterd.release.prepare`: verification and the QA gate run there) counts as a pass of the
+sorter's own: the helper is started with `child_env()` (the passes still to go, and
+`SORTERD_CRASH_PARENT=1`), reports its passes back in its answer (`passed()` -> `absorb()`), and
+when it is the one to reach the k-th pass it SIGKILLs its parent, the sorter, and then itself.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import signal
 from collections import Counter
 
 ENV = "SORTERD_CRASH_AT"
+PARENT_ENV = "SORTERD_CRASH_PARENT"  # "1": a helper process -- a crash here kills the sorter too
 
 STEPS = (
     "download.chunk",   # link: a chunk appended to staging/<N>.part, before it is fsynced
@@ -27,7 +34,8 @@ STEPS = (
     "stage.rename",     # renamed into releases/<N>, the directory not yet fsynced, state not written
     "state.write",      # about to write state.json (accepted, activated, rolled back, pinned)
     "state.written",    # state.json renamed into place, its directory not yet fsynced
-    "swap.opened",      # the release opened and QA-checked in the daemon, not yet live
+    "swap.prepared",    # the helper verified and QA-checked the release, the daemon has not opened it
+    "swap.opened",      # the release opened in the daemon, not yet live
     "swap.swapped",     # live in the pipeline, the watcher's bookkeeping not yet done
 )
 
@@ -56,4 +64,29 @@ def point(name: str) -> None:
         return
     _passed[name] += 1
     if _passed[name] == spec[1]:
+        if os.environ.get(PARENT_ENV) == "1":
+            os.kill(os.getppid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a helper process: the crash point, if any, with the passes this process already
+    made taken off (a helper dies on the sorter's k-th pass, not its own); none when it is past."""
+    env = {k: v for k, v in env.items() if k not in (ENV, PARENT_ENV)}
+    spec = _spec()
+    if spec is not None and spec[1] > _passed[spec[0]]:
+        env[ENV], env[PARENT_ENV] = f"{spec[0]}:{spec[1] - _passed[spec[0]]}", "1"
+    return env
+
+
+def passed() -> dict[str, int]:
+    """The passes this process made (a helper's answer carries them back)."""
+    return dict(_passed)
+
+
+def absorb(passes: object) -> None:
+    """Count a helper's passes as this process's own (`passes` as its answer had them)."""
+    if isinstance(passes, dict):
+        for name, n in passes.items():
+            if name in STEPS and isinstance(n, int) and n > 0:
+                _passed[name] += n

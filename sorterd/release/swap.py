@@ -5,16 +5,20 @@ health watched, and rolled back by itself when it sorts unlike the release befor
 How a release reaches the running daemon: `sorterd models activate N` (or `rollback`) writes the
 store's state.json (atomic rename); the daemon's `ReleaseWatcher` reads it every
 `[models] poll_s` seconds (in a thread: file work never runs on the loop).  When `active`
-differs from what runs, the watcher re-verifies the stored release (`ReleaseStore.verify_stored`:
-signature, files, sizes, hashes), opens it with the `[inference]` backend and runs the golden
-check and the reference kit (`qa_problems`: the whole QA gate, with the newest recorded kit,
-`KitPolicy`) -- all in a worker thread -- and only then
-publishes it with `Pipeline.swap_model` (`LiveModel`, the one swap mechanism of
+differs from what runs, the watcher has a helper *process* (`sorterd.release.prepare`, lowest
+priority, `[models] prepare_timeout_s`) run `check_release` on it: re-verify the stored release
+(`ReleaseStore.verify_stored`: signature, files, sizes, hashes), open it and run the golden check
+and the reference kit (`qa_problems`: the whole QA gate, with the newest recorded kit,
+`KitPolicy`) -- so that none of that CPU work takes the pipeline workers' GIL.  Then, in the
+watcher's nice-19 thread, it opens what the helper checked (`open_prepared`: the session only)
+and publishes it with `Pipeline.swap_model` (`LiveModel`, the one swap mechanism of
 `sorterd/parts/inference/live.py`): the pair being computed finishes on the old release, the next
 one is classified by the new, and every stone row records the release that classified it
-(`model_version` = "<manifest version>@r<N>").  Start-up goes the same way: `open_active` opens
-the active release (or None: the configured bundle runs).  A release that fails to open is
-refused (counted by check, logged) and the old one keeps running.
+(`model_version` = "<manifest version>@r<N>").  Start-up runs the same checks in-process
+(`open_active` -> `open_release`: no stones yet) and opens the active release (or None: the
+configured bundle runs).  A release that fails a check, or whose helper times out or dies
+(`prepare-timeout`, `prepare-died`), is refused (counted by check, logged), not retried until
+state.json changes, and the old one keeps running.
 
 The health watch (`HealthWatch`): the last `health_stones` rows of the release before the swap
 are the baseline; once the new release has classified as many, its flagged rate, SELECT rate
@@ -29,6 +33,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,12 +43,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sorterd.data.bundle import ModelError
+from sorterd.data.bundle import ModelError, sha256_file
 from sorterd.parts.inference import InferenceOptions, Model, Prediction
 from sorterd.parts.inference.golden import GOLDEN_ATOL, check_golden
 from sorterd.parts.inference.open import open_model
 from sorterd.release import crash
+from sorterd.release.prepare import Prepared, prepare_in_child
 from sorterd.release.qa import KitPolicy, latest_kit, qa_problems
+from sorterd.release.sign import MANIFEST
 from sorterd.release.store import QaGate, ReleaseStore, StoreError
 from sorterd.release.verify import Refused, Verified
 
@@ -112,10 +119,9 @@ def _open(options: InferenceOptions, path: Path) -> Model:
         raise Refused("onnx-load", str(exc)) from None
 
 
-def open_release(store: ReleaseStore, release: int, options: InferenceOptions,
-                 kit: KitPolicy | None = None) -> ReleasedModel:
-    """Verify stored release `release` again, open it, run the QA gate (golden; and the reference
-    kit when `kit` is given); raises `Refused` (check named) -- blocking: call it from a thread."""
+def _checked(store: ReleaseStore, release: int, options: InferenceOptions,
+             kit: KitPolicy | None) -> tuple[Verified, Model]:
+    """Stored release `release` verified again, opened and QA-gated: the model open; `Refused`."""
     v = store.verify_stored(release)
     model = _open(options, v.path)
     try:
@@ -123,7 +129,53 @@ def open_release(store: ReleaseStore, release: int, options: InferenceOptions,
     except BaseException:
         model.close()
         raise
+    return v, model
+
+
+def check_release(store: ReleaseStore, release: int, options: InferenceOptions,
+                  kit: KitPolicy | None = None) -> Verified:
+    """Every check a stored release must pass to go live -- verification and the QA gate (golden;
+    and the reference kit when `kit` is given) -- with the model closed again; raises `Refused`.
+    The release watcher runs it in its helper process (`sorterd.release.prepare`)."""
+    v, model = _checked(store, release, options, kit)
+    model.close()
+    return v
+
+
+def open_release(store: ReleaseStore, release: int, options: InferenceOptions,
+                 kit: KitPolicy | None = None) -> ReleasedModel:
+    """Verify stored release `release` again, open it, run the QA gate (golden; and the reference
+    kit when `kit` is given), in this process (start-up: no stones yet); raises `Refused` (check
+    named) -- blocking: call it from a thread."""
+    _, model = _checked(store, release, options, kit)
     return ReleasedModel(model, release)
+
+
+def open_prepared(store: ReleaseStore, prepared: Prepared, options: InferenceOptions) -> ReleasedModel:
+    """What the helper checked (`prepare_in_child`), opened in this process: only the backend's
+    session.  manifest.json must still be the bytes the helper verified (the model's own open
+    checks model.onnx against the manifest's sha256), else `Refused("file-hash")`."""
+    path = store.path(prepared.release)
+    if sha256_file(path / MANIFEST) != prepared.manifest_sha256:
+        raise Refused("file-hash", f"{path / MANIFEST}: changed since the helper verified it")
+    model = _open(options, path)
+    if model.manifest.onnx_sha256.lower() != prepared.onnx_sha256:
+        model.close()
+        raise Refused("file-hash", f"{path / 'model.onnx'}: not the one the helper verified")
+    return ReleasedModel(model, prepared.release)
+
+
+def prepare_and_open(store: ReleaseStore, release: int, options: InferenceOptions, kit: KitPolicy | None,
+                     timeout_s: float) -> ReleasedModel:
+    """The watcher's way (its thread): the checks in the helper process, then the open here."""
+    t0 = time.perf_counter()
+    prepared = prepare_in_child(store, release, options, kit, timeout_s)
+    t1 = time.perf_counter()
+    crash.point("swap.prepared")
+    model = open_prepared(store, prepared, options)
+    log.info("release %d: checked in the helper in %.2f s (%.2f s its own), opened here in %.3f s", release,
+             t1 - t0, prepared.seconds, time.perf_counter() - t1)
+    return model
 
 
 def qa_gate(options: InferenceOptions, kit: KitPolicy) -> QaGate:
@@ -262,9 +314,10 @@ class ReleaseWatcher:
     rolls back by itself.  `run()` is a loop task; every file and model step runs in a thread."""
 
     def __init__(self, store: ReleaseStore, options: InferenceOptions, pipeline: Pipeline, metrics: Metrics,
-                 bounds: HealthBounds, poll_s: float, running: int | None, kit: KitPolicy | None = None) -> None:
+                 bounds: HealthBounds, poll_s: float, running: int | None, kit: KitPolicy | None = None,
+                 prepare_timeout_s: float = 120.0) -> None:
         self.store, self.options, self.pipeline, self.metrics = store, options, pipeline, metrics
-        self.poll_s, self.running, self.kit = poll_s, running, kit
+        self.poll_s, self.running, self.kit, self.prepare_timeout_s = poll_s, running, kit, prepare_timeout_s
         self.refused: set[int] = set()  # active releases that failed to open (not retried until state changes)
         # Told (in a thread) of each health rollback: (the release taken back, why); the composition
         # root queues it for the trainer (sorterd.release.download.ResultQueue) -- the watcher knows no link.
@@ -273,8 +326,9 @@ class ReleaseWatcher:
         self._rollback: tuple[str, str] | None = None
         self._trusted_back: int | None = None
         self._previous: tuple[Model, int | None] | None = None  # the model a swap replaced, kept open for a rollback
-        # Opening a release and its golden check run here, at the lowest priority: a swap under
-        # load must not take the workers' CPU (the pair deadlines).
+        # A release's checks run in a helper process (`prepare_and_open`), waited for here; its open
+        # (the session only) and a replaced model's close run here too, at the lowest priority: a
+        # swap under load must not take the workers' CPU (the pair deadlines).
         self._prepare = ThreadPoolExecutor(1, "sorterd-release", initializer=_background_priority)
         pipeline.row_observers.append(self.health.observe)
 
@@ -333,7 +387,7 @@ class ReleaseWatcher:
             return
         try:
             model = await asyncio.get_running_loop().run_in_executor(
-                self._prepare, open_release, self.store, active, self.options, self.kit)
+                self._prepare, prepare_and_open, self.store, active, self.options, self.kit, self.prepare_timeout_s)
         except Refused as exc:
             self.refused.add(active)
             self.metrics.model_refusals.labels(exc.check).inc()
