@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,16 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
     """Write raw bytes durably (fsync before the rename): engines, golden arrays, anything a
     reader must see whole or not at all."""
     _replace(path, payload, durable=True)
+
+
+def copy_synced(src: Path, dst: Path) -> None:
+    """Copy file `src` to `dst` and fsync the copy's data (its name: `fsync_dir` on dst's folder)."""
+    shutil.copyfile(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

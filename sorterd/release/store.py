@@ -25,7 +25,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from sorterd.data.files import fsync_dir, write_json_atomic
+from sorterd.data.files import copy_synced, fsync_dir, write_json_atomic
 from sorterd.release import crash
 from sorterd.release.verify import Refused, ReleaseFloor, Verified, verify_release
 
@@ -156,12 +156,7 @@ class ReleaseStore:
             elif p.is_dir():
                 (dst / p.name).mkdir()
             else:
-                shutil.copyfile(p, dst / p.name)
-                fd = os.open(dst / p.name, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                copy_synced(p, dst / p.name)
             crash.point("stage.copy")
         fsync_dir(dst)
 

@@ -29,7 +29,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sorterd.data.bundle import sha256_file
-from sorterd.data.files import fsync_dir, write_json_atomic
+from sorterd.data.files import copy_synced, fsync_dir, write_json_atomic
 from sorterd.link.wire import MAX_CHUNK_BYTES, ReleaseFile, ReleaseOffer, ReleaseResult
 from sorterd.release.sign import MANIFEST, SIGNATURE
 from sorterd.release.verify import Verified, verify_release
@@ -140,12 +140,7 @@ def offer_bundle(bundle: Path, data: Path, trusted: list[Ed25519PublicKey]) -> t
     try:
         tmp.mkdir()
         for p in sorted(bundle.iterdir()):
-            shutil.copyfile(p, tmp / p.name)
-            fd = os.open(tmp / p.name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            copy_synced(p, tmp / p.name)
         fsync_dir(tmp)
         os.replace(tmp, final)
         fsync_dir(shelf)
