@@ -90,7 +90,8 @@ def _child_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])  # the directory holding the sorterd package
     env = crash.child_env(dict(os.environ))
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    env["OMP_NUM_THREADS"] = "1"
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # one thread each: background work
+        env[var] = "1"
     return env
 
 

@@ -1,0 +1,160 @@
+"""The release watcher's helper process (sorterd.release.prepare; issue 12 item 5, "a swap must not
+delay stones"): a newly active release is verified and QA-checked in a child process at the lowest
+priority; a refusal there names its check and nothing is swapped; a helper that times out or dies
+is a clear refusal and the running release keeps running."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from sorterd import config
+from sorterd.cli.compose import load_config
+from sorterd.metrics import Metrics
+from sorterd.parts.inference import InferenceOptions
+from sorterd.parts.inference.onnxruntime import OnnxModel
+from sorterd.release import prepare
+from sorterd.release.qa import KitPolicy, save_kit
+from sorterd.release.store import ReleaseStore
+from sorterd.release.swap import HealthBounds, ReleaseWatcher
+from sorterd.release.verify import Refused
+from tests.release_crash_child import Pipeline
+from tests.release_fakes import DEFAULT, faithful_kit, make_release
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ReleaseStore:
+    key = Ed25519PrivateKey.generate()
+    s = ReleaseStore(tmp_path / "state", [key.public_key()], 50_000_000)
+    for n in (1, 2):
+        s.stage(make_release(tmp_path / f"r{n}", key, n), None)
+    return s
+
+
+@pytest.fixture
+def options() -> InferenceOptions:
+    return load_config(config.sim_config_path()).inference
+
+
+def _watcher(store: ReleaseStore, options: InferenceOptions, tmp_path: Path,
+             timeout_s: float = 120.0) -> tuple[ReleaseWatcher, Pipeline, Metrics]:
+    kit = save_kit(tmp_path / "kit.npz", faithful_kit())
+    metrics, pipeline = Metrics(), Pipeline(OnnxModel(DEFAULT))
+    watcher = ReleaseWatcher(store, options, pipeline, metrics, HealthBounds(10, 1, 1, 1), 0.05,  # type: ignore[arg-type]
+                             None, KitPolicy(lambda: kit), timeout_s)
+    return watcher, pipeline, metrics
+
+
+def _refusals(m: Metrics, check: str) -> float:
+    return m.registry.get_sample_value("sorterd_model_refusals_total", {"check": check}) or 0.0
+
+
+def _helpers_alive() -> list[str]:
+    """Command lines of this process's children that are the helper (none may outlive its step)."""
+    kids: list[str] = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except FileNotFoundError:
+                continue
+            if prepare.MODULE in cmd:
+                kids.append(cmd)
+    return kids
+
+
+def test_a_file_tampered_after_activation_is_refused_in_the_helper(store: ReleaseStore, options: InferenceOptions,
+                                                                   tmp_path: Path) -> None:
+    watcher, pipeline, metrics = _watcher(store, options, tmp_path)
+    store.activate(1)
+    asyncio.run(watcher.step())
+    assert watcher.running == 1 and pipeline.model.current().version.endswith("@r1")
+    store.activate(2)
+    golden = store.path(2) / "golden_outputs.npy"  # same size, one byte changed: only the hash shows it
+    data = bytearray(golden.read_bytes())
+    data[-1] ^= 0xFF
+    golden.write_bytes(bytes(data))
+    asyncio.run(watcher.step())
+    assert watcher.running == 1 and pipeline.model.current().version.endswith("@r1")  # nothing swapped
+    assert _refusals(metrics, "file-hash") == 1 and 2 in watcher.refused
+    assert metrics.registry.get_sample_value("sorterd_model_swaps_total") == 1
+    with pytest.raises(Refused, match=r"file-hash: .*golden_outputs\.npy: sha256"):
+        prepare.prepare_in_child(store, 2, options, None, 120.0)
+
+
+def test_the_helper_answers_what_it_verified(store: ReleaseStore, options: InferenceOptions, tmp_path: Path) -> None:
+    from sorterd.data.bundle import sha256_file
+
+    kit = save_kit(tmp_path / "kit.npz", faithful_kit())
+    got = prepare.prepare_in_child(store, 2, options, KitPolicy(lambda: kit), 120.0)
+    assert got.release == 2 and got.manifest_sha256 == sha256_file(store.path(2) / "manifest.json")
+    assert got.onnx_sha256 == sha256_file(store.path(2) / "model.onnx") and got.seconds > 0
+    with pytest.raises(Refused, match="reference-kit: no recorded reference kit"):
+        prepare.prepare_in_child(store, 2, options, KitPolicy(lambda: None), 120.0)
+    assert _helpers_alive() == []
+
+
+def test_a_helper_past_its_timeout_is_killed_and_refused(store: ReleaseStore, options: InferenceOptions,
+                                                          tmp_path: Path) -> None:
+    watcher, pipeline, metrics = _watcher(store, options, tmp_path, timeout_s=0.05)  # too short to start python
+    store.activate(2)
+    asyncio.run(watcher.step())
+    assert watcher.running is None and "@r" not in pipeline.model.current().version  # the configured bundle runs
+    assert _refusals(metrics, "prepare-timeout") == 1 and 2 in watcher.refused
+    assert _helpers_alive() == []  # killed and reaped, not left running
+    watcher.prepare_timeout_s = 120.0
+    asyncio.run(watcher.step())  # not retried until state.json changes
+    assert watcher.running is None
+    watcher.refused.clear()  # as a new activation would
+    asyncio.run(watcher.step())
+    assert watcher.running == 2 and pipeline.model.current().version.endswith("@r2")
+
+
+@pytest.mark.parametrize(("code", "want"), [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", r"was killed by SIGKILL without an answer"),
+    ("import sys; print('half an answer {', flush=True); sys.exit('MemoryError: out of memory')",
+     r"exited with status 1 without an answer \(it said: MemoryError: out of memory\)"),
+])
+def test_a_helper_that_dies_is_refused_and_the_old_release_runs(
+        store: ReleaseStore, options: InferenceOptions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        code: str, want: str) -> None:
+    watcher, pipeline, metrics = _watcher(store, options, tmp_path)
+    store.activate(1)
+    asyncio.run(watcher.step())
+    monkeypatch.setattr(prepare, "child_command", lambda: [sys.executable, "-c", code])  # the helper dies
+    store.activate(2)
+    asyncio.run(watcher.step())
+    assert watcher.running == 1 and pipeline.model.current().version.endswith("@r1")
+    assert _refusals(metrics, "prepare-died") == 1
+    with pytest.raises(Refused, match=want):
+        prepare.prepare_in_child(store, 2, options, None, 120.0)
+
+
+def test_the_helper_runs_at_the_lowest_priority_and_refuses_a_bad_request() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    code = ("import os; from sorterd.release.prepare import lower_priority; got = lower_priority(); "
+            "print(os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0) == os.SCHED_IDLE, got)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    nice, idle, got = out.strip().split(" ", 2)
+    assert nice == "19" and ("SCHED_IDLE" in got) == (idle == "True")  # what it says it got is what it has
+    bad = subprocess.run([sys.executable, "-m", prepare.MODULE], input="[1, 2]", env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == ("sorterd.release.prepare: bad request on stdin (the request is not a JSON "
+                                  "object); it is started by the release watcher")
+
+
+def test_request_is_plain_json(store: ReleaseStore, options: InferenceOptions, tmp_path: Path) -> None:
+    req = prepare.request(store, 2, options, KitPolicy(lambda: tmp_path / "kit.npz", False, 0.95))
+    assert json.loads(json.dumps(req)) == req
+    assert req["kit"] == str(tmp_path / "kit.npz") and req["require_kit"] is False and req["min_agreement"] == 0.95
+    assert req["release"] == 2 and len(req["trusted"]) == 1 and req["use_kit"] is True
