@@ -4,9 +4,10 @@
 
 Two runs of `sorterd run --sim` on the *wall* clock in one invocation, same seed: the control
 (release 1 all along) and the swap run (release 1 at start-up; release 2 activated `--swap-at`
-seconds into sorting, as `sorterd models activate 2` would, then opened, QA-checked on the
-golden inputs and the reference kit in the watcher's low-priority thread and swapped in between
-two frame pairs).  Per window -- before the activation, during (activation to 2 s after the
+seconds into sorting, as `sorterd models activate 2` would; the watcher's helper process
+(`sorterd.release.prepare`, lowest priority) re-verifies it and runs the golden inputs and the
+reference kit, then the watcher opens the session in its low-priority thread and swaps it in
+between two frame pairs).  Per window -- before the activation, during (activation to 2 s after the
 first pair on release 2), after -- the pair latency (toplit exposure to decided, the slowest
 stone of each pair) p50/p99 and the deadline misses; the control is cut at the same offsets.
 Also: stones lost (fed - seen) and that every row names the release that classified it.
