@@ -354,9 +354,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _evaluate_bundle(name: str, args: argparse.Namespace, stones: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
     """Evaluate one bundle on the chosen stones of args.data; (Evaluation, info for the output)."""
     from sorterd.data.bundle import resolve_bundle
-    from sorterd.data.dataset import dedupe, open_dataset, stone_sizes
+    from sorterd.data.dataset import dedupe, open_dataset
     from sorterd.parts.inference.onnxruntime import OnnxModel
-    from sorterd.train.evaluate import evaluate, predict
+    from sorterd.train.evaluate import evaluate_model
     from sorterd.train.splits import read_splits
 
     bundle = resolve_bundle(name, None)
@@ -388,9 +388,7 @@ def _evaluate_bundle(name: str, args: argparse.Namespace, stones: list[str] | No
         if training.get("data", {}).get("dir") == str(ds.root.resolve()):
             warnings.append(f"{bundle} was trained on this dataset: --split all includes its training stones, "
                             "so these figures are optimistic; use --split test")
-    pc, pk, ood = predict(model, ds, labels)
-    limit = model.manifest.ood.stone_limit if model.manifest.ood else 1.0
-    ev = evaluate(labels, stone_sizes(ds, labels), pc, pk, _decision(args), ood, limit, model.manifest.ood)
+    ev = evaluate_model(model, ds, labels, _decision(args))
     unknown = ev.metrics["sizes_unknown"]
     if unknown:
         warnings.append(f"{unknown} stones have no size (no size_mm, no pixels_per_mm): the CUT rule took them as "

@@ -38,7 +38,7 @@ import numpy as np
 
 from sorterd.config import DecisionConfig
 from sorterd.data.bundle import OodSpec
-from sorterd.data.dataset import Dataset, StoneLabel, load_crops
+from sorterd.data.dataset import Dataset, StoneLabel, load_crops, stone_sizes
 from sorterd.domain import BINS, CLARITIES, CLASSES, COLORS, COST, cost_weighted_accuracy
 from sorterd.parts.inference import Model
 from sorterd.sorting.decide import Decision, class_bin, decide
@@ -108,6 +108,15 @@ def predict(model: Model, ds: Dataset,
         pk[start:start + len(chunk)] = [p.p_clarity[clarity_cols] for p in preds]
         ood[start:start + len(chunk)] = [np.nan if p.ood is None else p.ood for p in preds]
     return pc, pk, (None if m.ood is None else ood)
+
+
+def evaluate_model(model: Model, ds: Dataset, labels: Sequence[StoneLabel], decision: DecisionConfig) -> Evaluation:
+    """These stones of `ds` through `model`, judged as the sorter would: its OOD gate and its batch
+    watch (the manifest's ``ood``) -- what `sorterd evaluate` and `sorterd train`'s test figures show."""
+    pc, pk, ood = predict(model, ds, labels)
+    spec = model.manifest.ood
+    return evaluate(labels, stone_sizes(ds, labels), pc, pk, decision, ood,
+                    spec.stone_limit if spec is not None else 1.0, spec)
 
 
 def evaluate(labels: Sequence[StoneLabel], sizes: Sequence[float | None], p_color: np.ndarray,

@@ -54,13 +54,12 @@ from sorterd.data.dataset import (
     StoneLabel,
     dedupe,
     open_dataset,
-    stone_sizes,
 )
 from sorterd.data.files import write_json_atomic
 from sorterd.data.samples import SOURCES, SampleReport, load_samples
 from sorterd.domain import CLASSES
 from sorterd.parts.inference.onnxruntime import OnnxModel
-from sorterd.train.evaluate import Evaluation, evaluate, predict
+from sorterd.train.evaluate import Evaluation, evaluate_model
 from sorterd.train.export import export_bundle
 from sorterd.train.loop import (
     StepHook,
@@ -505,9 +504,7 @@ def _evaluate_test(bundle: Path, ds: Dataset, splits: Splits) -> Evaluation | No
     if not labels:
         return None
     model = OnnxModel(bundle, threads=max(1, min(4, os.cpu_count() or 1)))
-    pc, pk, ood = predict(model, ds, labels)
-    limit = model.manifest.ood.stone_limit if model.manifest.ood else 1.0
-    return evaluate(labels, stone_sizes(ds, labels), pc, pk, DecisionConfig(), ood, limit)
+    return evaluate_model(model, ds, labels, DecisionConfig())
 
 
 def _add_test_metrics(bundle: Path, test: Evaluation | None, calib: dict[str, Any]) -> None:
