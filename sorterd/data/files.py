@@ -71,16 +71,17 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
 def copy_synced(src: Path, dst: Path) -> None:
     """Copy file `src` to `dst` and fsync the copy's data (its name: `fsync_dir` on dst's folder)."""
     shutil.copyfile(src, dst)
-    fd = os.open(dst, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(dst)
 
 
 def fsync_dir(path: Path) -> None:
     """Make the names in directory `path` durable (a rename into it, a new file): POSIX
     puts a file's name in its directory, which has its own fsync."""
+    fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file's data, or a directory's names, by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -45,7 +45,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sorterd.data.files import fsync_dir, write_json_atomic
+from sorterd.data.files import fsync_dir, fsync_path, write_json_atomic
 from sorterd.link.wire import ReleaseChunk, ReleaseFile, ReleaseOffer, ReleaseResult
 from sorterd.release import crash
 from sorterd.release.store import PART_SUFFIX, QaGate, ReleaseStore, StoreError
@@ -110,14 +110,6 @@ def _offer_doc(offer: ReleaseOffer) -> dict[str, Any]:
 def _offer_from(doc: dict[str, Any]) -> ReleaseOffer:
     return ReleaseOffer(int(doc["release"]), str(doc["manifest_sha256"]), int(doc["total_bytes"]),
                         tuple(ReleaseFile(str(f["name"]), int(f["size"]), str(f["sha256"])) for f in doc["files"]))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Downloader:
@@ -245,7 +237,7 @@ class Downloader:
             part.unlink(missing_ok=True)
             write_json_atomic(meta, _offer_doc(offer))
             part.touch()
-            _fsync(part)
+            fsync_path(part)
             fsync_dir(self.staging)
             size = 0
         self.current, self.size, self.resumed = offer, size, size > 0
