@@ -117,7 +117,8 @@ def torch_cuda_part(bundle: Path, batches: list[int], iters: int) -> dict[str, A
     if not torch.cuda.is_available():
         raise RuntimeError(f"torch {torch.__version__} sees no CUDA device")
     tr = read_manifest(bundle).raw.get("training", {})
-    net = MobileNetV3Small(width_mult=float(tr.get("width_mult", 1.0)), stone_stats=bool(tr.get("config", {}).get("stone_stats")))
+    net = MobileNetV3Small(width_mult=float(tr.get("width_mult", 1.0)), stone_stats=bool(tr.get("config", {}).get("stone_stats")),
+                           stats_path=bool(tr.get("config", {}).get("stats_path")))
     net.load_state_dict(torch.load(bundle / "weights.pt", map_location="cpu", weights_only=True))
     net = net.cuda().eval()
     out: dict[str, Any] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "latency": {}}

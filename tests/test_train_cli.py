@@ -355,3 +355,56 @@ def test_evaluating_on_another_dataset_asks_for_split_all(tmp_path: Path, capsys
     assert code == 2 and "has no split snapshot" in err and "--split all" in err
     code, out, err = run_cli(["evaluate", "--data", str(root), "--split", "all"], capsys)
     assert code == 0 and "stones 8 (8 classified, 0 non-gem)" in out
+
+
+def test_stats_path_carries_a_prediction_of_its_own_and_exports(tmp_path: Path) -> None:
+    """--stats-path: the StoneStats reach the logits linearly (zero at start, so the first forward
+    is the plain head's); with the CNN features zeroed the statistics alone still move the logits;
+    backbone dropout acts only in training; the graph matches torch."""
+    import torch
+
+    from sorterd.parts.inference.onnxruntime import OnnxModel
+    from sorterd.train.export import export_bundle
+    from sorterd.train.loop import TrainConfig
+    from sorterd.train.mobilenet import MobileNetV3Small
+
+    with pytest.raises(ValueError, match="needs stone_stats"):
+        MobileNetV3Small(width_mult=0.25, stats_path=True)
+    with pytest.raises(ValueError, match="needs stone_stats"):
+        TrainConfig(stats_path=True)
+    with pytest.raises(ValueError, match="backbone_dropout"):
+        TrainConfig(stone_stats=True, backbone_dropout=0.95)
+    torch.manual_seed(0)
+    model = MobileNetV3Small(width_mult=0.25, stone_stats=True, stats_path=True, backbone_dropout=0.5)
+    head = model.head
+    assert head.color_direct is not None and head.clarity_direct is not None
+    assert float(head.color_direct.weight.detach().abs().sum()) == 0.0  # starts as the plain head
+    assert {id(p) for p in head.color_direct.parameters()} <= {id(p) for p in model.head_parameters()}
+    with torch.no_grad():
+        head.color_direct.weight.fill_(0.5)
+    x = torch.zeros(2, 6, 128, 128)
+    x[:, 3:, 44:84, 44:84] = 2.0
+    x[1, 3:, 44:84, 44:84] = -2.0  # a darker stone: other statistics
+    feats = model.eval().head_features(x)
+    no_cnn = feats.clone()
+    no_cnn[:, :-13] = 0.0
+    with torch.no_grad():
+        c = head(no_cnn)[0]
+        direct = head.color_direct(no_cnn[:, -13:])
+    assert not torch.allclose(direct[0], direct[1])  # the statistics alone tell the stones apart
+    assert torch.allclose(c - direct, head.color(head.shared(no_cnn)), atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(model.head_features(x), model.head_features(x))  # eval: no dropout
+        model.train()
+        torch.manual_seed(1)
+        dropped = model.head_features(torch.randn(64, 6, 32, 32))
+        model.eval()
+    zero_rows = int((dropped[:, :-13].abs().sum(dim=1) == 0).sum())
+    assert 16 <= zero_rows <= 48  # about half the samples trained without their CNN features
+    export_bundle(model, tmp_path / "b", version="v001", mean=[0.5] * 6, std=[0.25] * 6, crop_mm=6.4)
+    crops = np.random.default_rng(0).integers(0, 255, (3, 128, 128, 6), dtype=np.uint8)
+    preds, _ = OnnxModel(tmp_path / "b").predict(crops)
+    t = (torch.as_tensor(crops).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.25
+    with torch.no_grad():
+        ref = torch.softmax(model(t)[0], dim=1).numpy()
+    assert np.allclose(np.stack([p.p_color for p in preds]), ref, atol=1e-3)

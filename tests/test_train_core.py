@@ -357,7 +357,7 @@ def test_fine_tuning_from_bad_weights_names_the_file(tmp_path: Path) -> None:
         _previous_bundle(bundle)
     torch.save(MobileNetV3Small(width_mult=0.5).state_dict(), weights)  # another architecture
     with pytest.raises(ModelError, match=rf"{re.escape(str(weights))}: does not fit the manifest's model \(width 1.0, "
-                                         r"stone_stats True\)"):
+                                         r"stone_stats True, stats_path False\)"):
         _previous_bundle(bundle)
     torch.save([torch.zeros(3)], weights)
     with pytest.raises(ModelError, match=rf"{re.escape(str(weights))}: holds a list, not a state dict of tensors"):
@@ -391,7 +391,7 @@ def test_fine_tuning_refuses_a_test_split_the_old_model_learnt_from(tmp_path: Pa
     def previous(data_dir: str) -> _Previous:
         training = {"data": {"dir": data_dir, "lots": ["LOT-2026-001", "LOT-2026-006"]},
                     "splits": {"dir": str(folder.resolve()), "lot_holdout": True, "test_lots": ["LOT-2026-006"]}}
-        return _Previous(tmp_path / "old", {"training": training}, {}, 1.0, True, [0.5] * 6, [0.2] * 6, 6.4)
+        return _Previous(tmp_path / "old", {"training": training}, {}, 1.0, True, False, [0.5] * 6, [0.2] * 6, 6.4)
 
     here = str(ds.root.resolve())
     _check_test_unseen(previous(here), ds, make_splits(ds.labels, version="v002", test_lots=["LOT-2026-006"]))

@@ -226,6 +226,7 @@ class _Previous:
     state: dict[str, torch.Tensor]
     width_mult: float
     stone_stats: bool
+    stats_path: bool
     mean: list[float]
     std: list[float]
     crop_mm: float
@@ -245,15 +246,17 @@ def _previous_bundle(path: Path | None) -> _Previous | None:
     if tuple(m.size) != (INPUT_SIZE, INPUT_SIZE):
         raise ModelError(f"{path}: input size {list(m.size)}; this trainer exports {INPUT_SIZE}x{INPUT_SIZE}")
     width = float(m.raw.get("training", {}).get("width_mult", 1.0))
-    stats = bool(m.raw.get("training", {}).get("config", {}).get("stone_stats", False))
-    state = _load_weights(weights, width, stats)
+    trained = m.raw.get("training", {}).get("config", {})
+    stats, path_on = bool(trained.get("stone_stats", False)), bool(trained.get("stats_path", False))
+    state = _load_weights(weights, width, stats, path_on)
     # The manifest's own numbers (float64), not Manifest.mean (float32): kept exactly.
     inp = m.raw["input"]
-    return _Previous(path, m.raw, state, width, stats, [float(v) for v in inp["mean"]],
+    return _Previous(path, m.raw, state, width, stats, path_on, [float(v) for v in inp["mean"]],
                      [float(v) for v in inp["std"]], m.crop_mm)
 
 
-def _load_weights(path: Path, width_mult: float, stone_stats: bool) -> dict[str, torch.Tensor]:
+def _load_weights(path: Path, width_mult: float, stone_stats: bool, stats_path: bool = False
+                  ) -> dict[str, torch.Tensor]:
     """weights.pt as a state dict that fits the manifest's architecture; errors name the file.
 
     weights_only=True: tensors and plain containers only, never arbitrary pickled objects.
@@ -269,10 +272,10 @@ def _load_weights(path: Path, width_mult: float, stone_stats: bool) -> dict[str,
                                               for k, v in state.items()):
         raise ModelError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     try:
-        load_state(MobileNetV3Small(width_mult=width_mult, stone_stats=stone_stats), state)
+        load_state(MobileNetV3Small(width_mult=width_mult, stone_stats=stone_stats, stats_path=stats_path), state)
     except ValueError as exc:
         raise ModelError(f"{path}: does not fit the manifest's model (width {width_mult}, stone_stats "
-                         f"{stone_stats}): {str(exc).splitlines()[0][:300]}") from None
+                         f"{stone_stats}, stats_path {stats_path}): {str(exc).splitlines()[0][:300]}") from None
     return state
 
 
@@ -453,7 +456,7 @@ def _config(cfg: TrainConfig, previous: _Previous | None) -> TrainConfig:
         return cfg
     # §5.4: fine-tuning keeps the input normalisation and the architecture the weights were trained with.
     return replace(cfg, mean=tuple(previous.mean), std=tuple(previous.std), width_mult=previous.width_mult,
-                   stone_stats=previous.stone_stats)
+                   stone_stats=previous.stone_stats, stats_path=previous.stats_path)
 
 
 # -- after training ------------------------------------------------------------------------

@@ -196,6 +196,9 @@ class TrainConfig:
     the middle of that jitter and generalises better.
     stone_stats: the model's head also gets the stone's mean colour against
     its background (`sorterd.train.mobilenet.StoneStats`).
+    stats_path / backbone_dropout: those statistics also reach the logits linearly, and the
+    backbone's features of this share of training samples are dropped
+    (`sorterd.train.mobilenet.MobileNetV3Small`).
     prior_correction: validate (and pick the best epoch) with the logits
     shifted by `prior_correction(train)`, i.e. for the training lots' real
     class mix rather than the sampler's equal one; the shift is returned in
@@ -218,6 +221,8 @@ class TrainConfig:
     bn_recalibration: int = 1024
     ema_epochs: float = 0.0
     stone_stats: bool = False
+    stats_path: bool = False
+    backbone_dropout: float = 0.0
     prior_correction: bool = False
     augment_params: AugmentParams = field(default_factory=AugmentParams)
 
@@ -234,6 +239,9 @@ class TrainConfig:
         _check_range("TrainConfig.weight_decay", self.weight_decay, 0.0, 1.0)
         _check_range("TrainConfig.width_mult", self.width_mult, 0.25, 1.5)
         _check_range("TrainConfig.ema_epochs", self.ema_epochs, 0.0, 100.0)
+        _check_range("TrainConfig.backbone_dropout", self.backbone_dropout, 0.0, 0.9)
+        if self.stats_path and not self.stone_stats:
+            raise ValueError("TrainConfig: stats_path=True needs stone_stats=True (the path carries the statistics)")
         if self.epochs_heads + self.epochs_full < 1:
             raise ValueError("TrainConfig: epochs_heads + epochs_full must be >= 1, got 0")
         _check_channel_values("TrainConfig.mean", self.mean, lo=0.0, hi=1.0)
@@ -613,7 +621,8 @@ def _start_run(
     init_state: Mapping[str, Tensor] | None,
 ) -> _Run:
     torch.manual_seed(cfg.seed)  # weight init and dropout
-    model = MobileNetV3Small(width_mult=cfg.width_mult, stone_stats=cfg.stone_stats)
+    model = MobileNetV3Small(width_mult=cfg.width_mult, stone_stats=cfg.stone_stats, stats_path=cfg.stats_path,
+                             backbone_dropout=cfg.backbone_dropout)
     if init_state is not None:
         load_state(model, init_state)
     mean, std = _mean_std(train, cfg)

@@ -159,19 +159,39 @@ def build_features(in_channels: int, width_mult: float, bn_momentum: float) -> n
 
 
 class DualHead(nn.Module):
-    """§9.4 head: shared Linear+ReLU+Dropout, then colour and clarity logits."""
+    """§9.4 head: shared Linear+ReLU+Dropout, then colour and clarity logits.
 
-    def __init__(self, in_features: int) -> None:
+    direct: the last `direct` input features (the `StoneStats`) also reach both heads' logits
+    through a linear path of their own (zero at start: `reset_direct`), beside the hidden layer.
+    """
+
+    def __init__(self, in_features: int, direct: int = 0) -> None:
         super().__init__()
+        if not 0 <= direct <= in_features:
+            raise ValueError(f"direct={direct!r}: must be in 0..{in_features} (the head's inputs)")
+        self.direct, self._first_direct = direct, in_features - direct  # a constant: no shape arithmetic in the graph
         self.shared = nn.Sequential(
             nn.Linear(in_features, HEAD_HIDDEN), nn.ReLU(), nn.Dropout(HEAD_DROPOUT)
         )
         self.color = nn.Linear(HEAD_HIDDEN, N_COLOR)
         self.clarity = nn.Linear(HEAD_HIDDEN, N_CLARITY)
+        self.color_direct = nn.Linear(direct, N_COLOR) if direct else None
+        self.clarity_direct = nn.Linear(direct, N_CLARITY) if direct else None
+
+    def reset_direct(self) -> None:
+        for lin in (self.color_direct, self.clarity_direct):
+            if lin is not None:
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         shared = self.shared(features)
-        return self.color(shared), self.clarity(shared)
+        color, clarity = self.color(shared), self.clarity(shared)
+        if self.color_direct is not None and self.clarity_direct is not None:
+            stats = features[:, self._first_direct:]
+            color = color + self.color_direct(stats)
+            clarity = clarity + self.clarity_direct(stats)
+        return color, clarity
 
 
 class StoneStats(nn.Module):
@@ -223,17 +243,30 @@ class MobileNetV3Small(nn.Module):
 
     stone_stats: also feed the head the `StoneStats` of the input (2C + 1
     numbers next to the pooled backbone features); off = the plain §9.4 model.
+    stats_path: the statistics also reach the logits linearly (`DualHead` direct), so the
+    whole-stone numbers the protocol's rules are written in (§3.2) carry a prediction of their
+    own and the CNN adds what they miss.
+    backbone_dropout: in training, the pooled backbone features of this share of the samples
+    are zeroed (the rest scaled by 1 / (1 - p)), so the head must also sort from the statistics
+    alone.  On domain-randomised lots the CNN's features learn the machine as much as the
+    stone; a logistic regression on the 13 statistics alone sorted held-out and shifted lots
+    better than the CNN did (models/README.md, v005).  No effect in eval mode or in the graph.
     """
 
     def __init__(
         self, *, in_channels: int = 6, width_mult: float = 1.0, bn_momentum: float = 0.1,
-        stone_stats: bool = False,
+        stone_stats: bool = False, stats_path: bool = False, backbone_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if in_channels < 1:
             raise ValueError(f"in_channels={in_channels!r}: must be >= 1")
         if not 0.1 <= width_mult <= 2.0:
             raise ValueError(f"width_mult={width_mult!r}: allowed range is 0.1..2.0")
+        if stats_path and not stone_stats:
+            raise ValueError("stats_path=True needs stone_stats=True (the path carries the StoneStats)")
+        if not 0.0 <= backbone_dropout < 1.0:
+            raise ValueError(f"backbone_dropout={backbone_dropout!r}: must be in [0, 1)")
+        self.backbone_dropout = backbone_dropout
         self.in_channels = in_channels
         self.width_mult = width_mult
         self.num_features = 6 * scaled(SMALL_BLOCKS[-1].out_ch, width_mult)
@@ -241,8 +274,9 @@ class MobileNetV3Small(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.stats = StoneStats(in_channels) if stone_stats else None
         extra = self.stats.out_features if self.stats is not None else 0
-        self.head = DualHead(self.num_features + extra)
+        self.head = DualHead(self.num_features + extra, direct=extra if stats_path else 0)
         init_weights(self)
+        self.head.reset_direct()
         if self.stats is not None:
             self.stats.reset()
 
@@ -254,6 +288,9 @@ class MobileNetV3Small(nn.Module):
         """The head's input: pooled backbone features, then the `StoneStats` (if on); what the
         out-of-distribution gate (`sorterd.train.ood`) measures."""
         features = self.embed(x)
+        if self.training and self.backbone_dropout > 0.0:
+            keep = (torch.rand(features.shape[0], 1, device=features.device) >= self.backbone_dropout)
+            features = features * keep.to(features.dtype) / (1.0 - self.backbone_dropout)
         if self.stats is not None:
             features = torch.cat([features, self.stats(x)], dim=1)
         return features
