@@ -269,6 +269,8 @@ def test_hand_written_dataset_trains_and_evaluates(tmp_path: Path, capsys: pytes
 def test_a_dataset_of_raw_frames_only_trains_and_evaluates_on_its_cut_inputs(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = raw_only_generated(tmp_path / "ds", capsys, (("thai-mixed", 24, 1), ("anakie-dark", 8, 2)))
+    last = json.loads((root / "labels.jsonl").read_text().splitlines()[-1])  # a stone of the test lot ...
+    _append(root, json.dumps(last | {"stone_id": "S000999", "raw_x_mm": 0.2, "raw_y_mm": 0.2}))  # ... where none lies
     code, out, err = run_cli(["train", "--data", str(root), "--out", str(tmp_path / "v1"), "--no-log",
                               "--no-progress", *TINY], capsys)
     assert code == 0, err
@@ -276,14 +278,17 @@ def test_a_dataset_of_raw_frames_only_trains_and_evaluates_on_its_cut_inputs(
     manifest = json.loads((tmp_path / "v1" / "manifest.json").read_text())
     assert manifest["training"]["inputs"]["source"] == "auto"
     test = manifest["metrics"]["test"]
-    assert test["inputs"]["source"] == "auto" and test["inputs"]["raw"] == test["n_asked"] == test["n_stones"] == 8
+    assert test["inputs"]["source"] == "auto" and test["inputs"]["raw"] == test["n_stones"] == 8
+    assert test["n_asked"] == 9 and sum(test["inputs"]["skipped"].values()) == 1
     assert "inputs (--crops auto): 8 from raw frames" in out  # train's own test figures say so too
+    assert "WARNING: judged only 8 of the 9 stones asked" in err
     code, out, err = run_cli(["evaluate", "--model", str(tmp_path / "v1"), "--data", str(root), "--crops", "raw",
                               "--json", str(tmp_path / "m.json")], capsys)
     assert code == 0, err
     assert "trained on --crops auto inputs and is judged here on --crops raw" in err
     m = json.loads((tmp_path / "m.json").read_text())
-    assert m["inputs"]["raw"] == m["n_stones"] == 8 and m["overall"] == test["overall"]
+    assert m["inputs"]["raw"] == m["n_stones"] == 8 and m["n_asked"] == 9 and m["overall"] == test["overall"]
+    assert "WARNING: judged only 8 of the 9 stones asked" in err
 
 
 # -- progress bar --------------------------------------------------------------------------------------
