@@ -85,7 +85,8 @@ def score(bundle: Path, data: Path) -> list[tuple[dict[str, Any], list[float], l
     from sorterd.train.evaluate import predict
 
     ds = open_dataset(data)
-    pc, pk = predict(OnnxModel(bundle, threads=2), ds, ds.labels)
+    got = predict(OnnxModel(bundle, threads=2), ds, ds.labels, source="processed")  # one row per label line
+    pc, pk = got.p_color, got.p_clarity
     lines = [json.loads(x) for x in (data / "labels.jsonl").read_text().splitlines() if x.strip()]
     return [(line, [float(v) for v in c], [float(v) for v in k], priority(list(c), list(k)), float(min(c.max(), k.max())))
             for line, c, k in zip(lines, pc, pk, strict=True)]

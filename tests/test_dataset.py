@@ -227,6 +227,55 @@ def test_missing_image_names_the_label_line_and_the_file(tmp_path: Path) -> None
         open_dataset(root)
 
 
+def raw_only(generated: Path, root: Path) -> Path:
+    """The generated dataset as a capture program that keeps only whole frames would write it."""
+    shutil.copytree(generated, root)
+    shutil.rmtree(root / "images" / "processed")
+    return root
+
+
+def test_a_dataset_of_raw_frames_only_opens_when_every_label_traces_to_them(tmp_path: Path, generated: Path) -> None:
+    ds = open_dataset(raw_only(generated, tmp_path / "ds"))
+    assert ds.raw_only and len(ds.labels) == 42 and ds.crop_mm() is None
+    assert not open_dataset(generated).raw_only
+
+
+def test_a_raw_only_label_that_leads_to_no_frames_is_named_with_why_and_the_layouts(tmp_path: Path,
+                                                                                   generated: Path) -> None:
+    root = raw_only(generated, tmp_path / "ds")
+    first = labels_of(root)[0]
+    with open(root / "labels.jsonl", "a") as fh:
+        for extra in ({"stone_id": "X1", "session_id": "elsewhere"},
+                      {"stone_id": "X2", "raw_pair": "S999999"},
+                      {"stone_id": "X3", "raw_x_mm": -1.0}):
+            fh.write(json.dumps(first | extra) + "\n")
+    with pytest.raises(DatasetError) as err:
+        open_dataset(root)
+    head, *each = err.value.problems
+    assert head.startswith(f"{root}: has no images/processed/, so each stone's input is cut from its raw frames, "
+                           "and 3 of 45 labels cannot be traced to them")
+    assert "session_meta.json giving pixels_per_mm" in head and "images/processed/{backlit,toplit}/<stone_id>.png" in head
+    where = root / "labels.jsonl"
+    assert each[0] == (f"{where}:43: stone X1: not traceable to raw frames: no session (its session_id names no "
+                       "images/raw/*/session_meta.json)")
+    assert each[1].startswith(f"{where}:44: stone X2: not traceable to raw frames: its raw_pair 'S999999' is not in "
+                              "its session (")
+    assert each[2].startswith(f"{where}:45: stone X3: raw_x_mm = -1.0") and len(each) == 3
+
+
+def test_a_raw_only_session_without_its_reference_frames_names_its_labels(tmp_path: Path, generated: Path) -> None:
+    root = raw_only(generated, tmp_path / "ds")
+    session = sorted((root / "images" / "raw").iterdir())[0]
+    shutil.rmtree(session / "reference")
+    with pytest.raises(DatasetError) as err:
+        open_dataset(root)
+    named = [p for p in err.value.problems[1:] if p.endswith("not traceable to raw frames: no reference frames "
+                                                             "in its session")]
+    ids = {lab["stone_id"] for lab in labels_of(root) if lab["session_id"] == json.loads(
+        (session / "session_meta.json").read_text())["session_id"]}
+    assert len(named) == len(ids) == len(err.value.problems) - 1 > 0
+
+
 def test_unreadable_image_names_the_stone(tmp_path: Path) -> None:
     root = hand_written(tmp_path)
     (root / "images" / "processed" / "backlit" / "a1.png").write_bytes(b"not a png")

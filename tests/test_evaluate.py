@@ -205,8 +205,10 @@ def plain_stones(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_default_model_through_onnxruntime_on_plain_stones(plain_stones: Path) -> None:
     ds = open_dataset(plain_stones)
     model = OnnxModel(resolve_bundle("default", None))
-    pc, pk, ood = predict(model, ds, ds.labels)
+    got = predict(model, ds, ds.labels)
+    pc, pk, ood = got.p_color, got.p_clarity, got.ood
     assert pc.shape == (60, 3) and np.allclose(pc.sum(1), 1.0)
+    assert got.labels == ds.labels and (got.inputs.raw, got.inputs.n_skipped) == (60, 0)  # cut from raw frames
     assert (ood is None) == (model.manifest.ood is None)  # the gate's scores exactly when the bundle has one
     m = evaluate(ds.labels, stone_sizes(ds, ds.labels), pc, pk, DCFG, ood).metrics
     assert m["color"] > 0.85 and m["clarity"] > 0.85 and m["sizes_unknown"] == 0
@@ -220,7 +222,8 @@ def test_report_is_a_page_with_embedded_plots(plain_stones: Path, tmp_path: Path
 
     ds = open_dataset(plain_stones)
     labels = ds.labels[:30]
-    pc, pk, _ = predict(OnnxModel(resolve_bundle("default", None)), ds, labels)
+    got = predict(OnnxModel(resolve_bundle("default", None)), ds, labels)
+    pc, pk = got.p_color, got.p_clarity
     pk[:5] = pk[:5, ::-1]  # a few mistakes, so the gallery has something to show
     ev = evaluate(labels, stone_sizes(ds, labels), pc, pk, DCFG)
     page = write_report(ev, ds, tmp_path / "rep", title="t").read_text()
@@ -263,3 +266,120 @@ def test_evaluate_on_the_models_own_dataset_without_its_snapshot_does_not_offer_
     assert main(["evaluate", "--model", str(bundle), "--data", str(root)]) == 2
     err = capsys.readouterr().err
     assert "no split snapshot 'v009'; this dataset has v001" in err and "--split all" not in err
+
+
+# -- the inputs: the sample loader's, raw frames all the way through ---------------------------------
+
+
+def raw_only_copy(plain_stones: Path, root: Path, extra: list[dict] | None = None,
+                  drop: tuple[str, ...] = ()) -> Path:
+    """plain_stones without images/processed/ (whole frames only), label fields in `drop` removed
+    and `extra` label lines added."""
+    import shutil
+
+    shutil.copytree(plain_stones, root)
+    shutil.rmtree(root / "images" / "processed")
+    lines = [{k: v for k, v in json.loads(x).items() if k not in drop}
+             for x in (root / "labels.jsonl").read_text().splitlines()]
+    (root / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*lines, *(extra or [])]))
+    return root
+
+
+def test_evaluate_judges_the_inputs_the_sorter_cuts_and_counts_where_they_came_from(plain_stones: Path,
+                                                                                    tmp_path: Path) -> None:
+    from sorterd.train.evaluate import evaluate_model, short_warning
+
+    model = OnnxModel(resolve_bundle("default", None))
+    full = open_dataset(plain_stones)
+    auto = evaluate_model(model, full, full.labels, DCFG)
+    crops = evaluate_model(model, full, full.labels, DCFG, "processed")
+    assert auto.metrics["inputs"] | {"summary": ""} == {"source": "auto", "raw": 60, "processed": 0, "fallback": {},
+                                                        "skipped": {}, "summary": ""}
+    assert crops.metrics["inputs"]["processed"] == 60 and crops.metrics["inputs"]["raw"] == 0
+    assert auto.metrics["n_asked"] == auto.metrics["n_stones"] == 60 and short_warning(auto.metrics) is None
+    # The same stones with their processed crops gone: the same inputs, so the same figures.
+    raw = open_dataset(raw_only_copy(plain_stones, tmp_path / "raw"))
+    only = evaluate_model(model, raw, raw.labels, DCFG, "raw")
+    assert np.array_equal(only.p_color, auto.p_color) and np.array_equal(only.p_clarity, auto.p_clarity)
+    assert only.metrics["overall"] == auto.metrics["overall"] and only.metrics["inputs"]["raw"] == 60
+    assert "inputs (--crops raw): 60 from raw frames, 0 from processed crops, 0 skipped" in format_text(only.metrics)
+
+
+def test_a_stone_without_an_input_is_counted_and_said_loudly(plain_stones: Path, tmp_path: Path) -> None:
+    from sorterd.train.evaluate import evaluate_model, short_warning
+
+    first = json.loads((plain_stones / "labels.jsonl").read_text().splitlines()[0])
+    nowhere = first | {"stone_id": "S000999", "raw_x_mm": 0.2, "raw_y_mm": 0.2}  # no stone lies there
+    ds = open_dataset(raw_only_copy(plain_stones, tmp_path / "raw", [nowhere]))
+    ev = evaluate_model(OnnxModel(resolve_bundle("default", None)), ds, ds.labels, DCFG)
+    m = ev.metrics
+    assert (m["n_asked"], m["n_stones"]) == (61, 60) and "S000999" not in {lab.stone_id for lab in ev.labels}
+    [(why, n)] = m["inputs"]["skipped"].items()
+    assert n == 1 and why.startswith("not found: no object within")
+    short = short_warning(m)
+    assert short is not None and short.startswith("judged only 60 of the 61 stones asked: 1 got no input with "
+                                                  "--crops auto and are not in these figures")
+    assert "S000999" in short
+    assert format_text(m).startswith(f"WARNING: {short}\n")
+
+
+def test_sizes_of_a_raw_only_dataset_are_measured_on_the_cut_input(plain_stones: Path, tmp_path: Path) -> None:
+    """No size_mm and no crop to measure: the backlit half of the stone's input, at the input's scale."""
+    ds = open_dataset(raw_only_copy(plain_stones, tmp_path / "raw", drop=("size_mm",)))
+    got = predict(OnnxModel(resolve_bundle("default", None)), ds, ds.labels)
+    true = [lab.size_mm for lab in open_dataset(plain_stones).labels]  # the segmenter's, as sim generate wrote
+    assert all(s is not None for s in got.sizes)
+    assert np.median(np.abs(np.array(got.sizes) - np.array(true))) < 0.1
+
+
+def test_evaluate_cli_crops_choice_on_a_raw_only_dataset(plain_stones: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from sorterd.cli import main
+
+    first = json.loads((plain_stones / "labels.jsonl").read_text().splitlines()[0])
+    root = raw_only_copy(plain_stones, tmp_path / "raw", [first | {"stone_id": "S000999", "raw_x_mm": 0.2}])
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(root), "--split", "all", "--crops", "processed"]) == 2
+    err = capsys.readouterr().err
+    assert "has only raw frames (no images/processed/), so --crops processed has no crops to read: choose " \
+           "--crops auto or --crops raw" in err
+    args = ["evaluate", "--data", str(root), "--split", "all", "--crops", "raw", "--json", str(tmp_path / "m.json")]
+    if _has_matplotlib():
+        args += ["--report", str(tmp_path / "rep")]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "WARNING: judged only 60 of the 61 stones asked" in err and "WARNING: judged only 60" in out
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["inputs"]["source"] == "raw" and (m["n_asked"], m["n_stones"], m["inputs"]["raw"]) == (61, 60, 60)
+    if _has_matplotlib():
+        page = (tmp_path / "rep" / "report.html").read_text()
+        assert "judged only 60 of the 61 stones asked" in page and "inputs (--crops raw)" in page
+    # compare judges OLD on the stones NEW got an input for (skips depend on the frames, not the model)
+    assert main(["compare", "default", "default", "--data", str(root), "--split", "all",
+                 "--json", str(tmp_path / "c.json")]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: NEW: judged only 60 of the 61 stones asked" in err and "OLD:" not in err
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert (c["n_stones"], c["n_asked"], c["inputs"]["raw"]) == (60, 61, 60)
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_the_report_gallery_of_a_raw_only_dataset_shows_the_cut_inputs(plain_stones: Path, tmp_path: Path) -> None:
+    from sorterd.train.report import _gallery
+
+    ds = open_dataset(raw_only_copy(plain_stones, tmp_path / "raw"))
+    full = open_dataset(plain_stones)
+    labels = [lab for lab in ds.labels if lab.classified][:2]
+    pc = np.array([onehot((lab.color_index + 1) % 3, 0.99) for lab in labels])
+    pk = np.array([onehot(lab.clarity_index, 0.99) for lab in labels])
+    rows = _gallery(evaluate(labels, [lab.size_mm for lab in labels], pc, pk, DCFG), ds)
+    shown = _gallery(evaluate(labels, [lab.size_mm for lab in labels], pc, pk, DCFG), full)
+    # At the simulator's own scale and crop the cut input is its processed crop: the same thumbnails.
+    assert [(r["id"], r["backlit"], r["toplit"]) for r in rows] == [(r["id"], r["backlit"], r["toplit"]) for r in shown]

@@ -25,7 +25,7 @@ from sorterd.cli.compose import load_config
 from sorterd.clock import VirtualClock
 from sorterd.data.bundle import OodSpec
 from sorterd.data.dataset import DatasetError, load_crops, open_dataset
-from sorterd.data.samples import SampleReport, load_samples
+from sorterd.data.samples import SampleReport, dedupe, load_samples
 from sorterd.metrics import Metrics
 from sorterd.parts import Parts
 from sorterd.parts.camera.replay import ReplayCamera, ReplaySource, ReplayTrigger
@@ -292,6 +292,50 @@ def test_report_counts_are_what_the_manifest_keeps() -> None:
     r.note(r.skipped, "ambiguous: x", "S2")
     assert r.as_dict() == {"raw": 3, "processed": 1, "fallback": {"no raw frames in its session": 1},
                            "skipped": {"ambiguous: x": 1}}
+    # Batches add up to one report: counts summed, at most three examples per reason.
+    other = SampleReport(raw=2)
+    for sid in ("S3", "S4", "S5"):
+        other.note(other.skipped, "ambiguous: x", sid)
+    r.add(other)
+    assert r.as_dict()["raw"] == 5 and r.skipped == {"ambiguous: x": 4} and r.n_skipped == 4
+    assert r.examples["ambiguous: x"] == ["S2", "S3", "S4"]
+    assert r.skipped_text() == "4 skipped (ambiguous: x: 4, e.g. S2, S3, S4)"
+
+
+def raw_only_session(root: Path) -> None:
+    """Session s15 and labels S000101..S000104 by position, frames only (no images/processed/); and
+    its first pair saved a second time as S000110 (the same capture twice), labelled as S000110."""
+    truth = write_session(root, "s15")
+    folder = root / "images" / "raw" / "s15"
+    for mode in ("backlit", "toplit"):
+        (folder / mode / "S000110.png").write_bytes((folder / mode / "S000101.png").read_bytes())
+    first = json.loads((folder / "frames.jsonl").read_text().splitlines()[0])
+    again = {k: v + 400_000_000 if k.startswith("t_") else v for k, v in first.items()} | {"stone_id": "S000110"}
+    with open(folder / "frames.jsonl", "a") as fh:
+        fh.write(json.dumps(again) + "\n")
+    lines = []
+    for sid in ("S000101", "S000102", "S000103", "S000104", "S000110"):
+        x, y, _ = truth["S000101" if sid == "S000110" else sid]
+        lines.append({"stone_id": sid, "color": "blue", "clarity": "transparent", "session_id": "s15",
+                      "raw_x_mm": x, "raw_y_mm": y} | ({"raw_pair": sid} if sid in ("S000104", "S000110") else {}))
+    (root / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_a_raw_only_dataset_is_cut_from_its_frames_and_a_capture_saved_twice_is_one_stone(tmp_path: Path) -> None:
+    raw_only_session(tmp_path)
+    ds = open_dataset(tmp_path)
+    assert ds.raw_only
+    kept, x, report = load_samples(ds, ds.labels, SIZE, CROP_MM)
+    assert kept == ds.labels and (report.raw, report.processed, report.n_skipped) == (5, 0, 0)
+    assert np.array_equal(x[0], x[4])  # the same capture cuts alike ...
+    kept, dups = dedupe(ds, ds.labels, SIZE, CROP_MM)  # ... so §3.5 finds it by its input's digest
+    assert [lab.stone_id for lab in kept] == ["S000101", "S000102", "S000103", "S000104"]
+    assert [(d.stone_id, d.same_as, d.labels_agree) for d in dups] == [("S000110", "S000101", True)]
+    with pytest.raises(DatasetError) as err:
+        load_samples(ds, ds.labels, SIZE, CROP_MM, source="processed")
+    assert str(err.value) == (f"{tmp_path}: has only raw frames (no images/processed/), so --crops processed has "
+                              "no crops to read: choose --crops auto or --crops raw (each input cut from its raw "
+                              "frame pair, as the sorter cuts it)")
 
 
 def test_a_simulated_dataset_links_every_stone_to_its_raw_pair(tmp_path: Path) -> None:

@@ -57,6 +57,42 @@ def test_parser_has_the_trainer_commands() -> None:
     assert (a.old, a.new, a.split) == ("o", "n", "test")
 
 
+def test_every_command_judging_a_model_takes_the_same_crops_choice() -> None:
+    """train, evaluate and compare: the loader's sources, the loader's default (written out in the parser)."""
+    from sorterd.data.samples import DEFAULT_SOURCE, SOURCES
+
+    p = build_parser()
+    for args in (["train", "--data", "d", "--out", "b"], ["evaluate", "--data", "d"], ["compare", "o", "n", "--data", "d"]):
+        assert p.parse_args(args).crops == DEFAULT_SOURCE
+        for source in SOURCES:
+            assert p.parse_args([*args, "--crops", source]).crops == source
+        with pytest.raises(SystemExit):
+            p.parse_args([*args, "--crops", "frames"])
+
+
+def raw_only_generated(root: Path, capsys: pytest.CaptureFixture[str],
+                       lots: tuple[tuple[str, int, int], ...] = (("thai-mixed", 8, 1),)) -> Path:
+    """`sim generate` output without images/processed/: whole frames and labels only."""
+    for lot, n, seed in lots:
+        code, _, err = run_cli(["sim", "generate", "--out", str(root), "--stones", str(n), "--lot", lot,
+                                "--seed", str(seed), "--date", "2026-03-02"], capsys)
+        assert code == 0, err
+    shutil.rmtree(root / "images" / "processed")
+    return root
+
+
+def test_train_on_raw_frames_only_with_crops_processed_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = raw_only_generated(tmp_path / "ds", capsys)
+    code, _, err = run_cli(["train", "--data", str(root), "--out", str(tmp_path / "v1"), "--crops", "processed",
+                            "--no-log", *TINY], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == (f"sorterd train: error: {root}: has only raw frames (no images/processed/), so --crops "
+                           "processed has no crops to read: choose --crops auto or --crops raw (each input cut from "
+                           "its raw frame pair, as the sorter cuts it)")
+    assert not (root / "splits").exists() and not (tmp_path / "v1").exists()
+
+
 def test_unknown_lot_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["sim", "generate", "--out", str(tmp_path), "--stones", "3", "--lot", "mars"], capsys)
     assert code == 2 and "Bad lot 'mars': valid lots are" in err
@@ -227,6 +263,32 @@ def test_hand_written_dataset_trains_and_evaluates(tmp_path: Path, capsys: pytes
     assert code == 0, err
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["n_stones"] == 12 and m["sizes_unknown"] == 12
+
+
+@pytest.mark.slow
+def test_a_dataset_of_raw_frames_only_trains_and_evaluates_on_its_cut_inputs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = raw_only_generated(tmp_path / "ds", capsys, (("thai-mixed", 24, 1), ("anakie-dark", 8, 2)))
+    last = json.loads((root / "labels.jsonl").read_text().splitlines()[-1])  # a stone of the test lot ...
+    _append(root, json.dumps(last | {"stone_id": "S000999", "raw_x_mm": 0.2, "raw_y_mm": 0.2}))  # ... where none lies
+    code, out, err = run_cli(["train", "--data", str(root), "--out", str(tmp_path / "v1"), "--no-log",
+                              "--no-progress", *TINY], capsys)
+    assert code == 0, err
+    assert "inputs (train): " in out and " 0 from processed crops, 0 skipped" in out
+    manifest = json.loads((tmp_path / "v1" / "manifest.json").read_text())
+    assert manifest["training"]["inputs"]["source"] == "auto"
+    test = manifest["metrics"]["test"]
+    assert test["inputs"]["source"] == "auto" and test["inputs"]["raw"] == test["n_stones"] == 8
+    assert test["n_asked"] == 9 and sum(test["inputs"]["skipped"].values()) == 1
+    assert "inputs (--crops auto): 8 from raw frames" in out  # train's own test figures say so too
+    assert "WARNING: judged only 8 of the 9 stones asked" in err
+    code, out, err = run_cli(["evaluate", "--model", str(tmp_path / "v1"), "--data", str(root), "--crops", "raw",
+                              "--json", str(tmp_path / "m.json")], capsys)
+    assert code == 0, err
+    assert "trained on --crops auto inputs and is judged here on --crops raw" in err
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["inputs"]["raw"] == m["n_stones"] == 8 and m["n_asked"] == 9 and m["overall"] == test["overall"]
+    assert "WARNING: judged only 8 of the 9 stones asked" in err
 
 
 # -- progress bar --------------------------------------------------------------------------------------

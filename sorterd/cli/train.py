@@ -124,11 +124,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     t.add_argument("--threads", type=positive_int, metavar="N", help="torch threads (default: all cores)")
     t.add_argument("--crop-mm", type=float, metavar="MM", help="crop side the dataset's images cover, if it "
                    "does not record it (default 6.4)")
-    t.add_argument("--crops", choices=("auto", "raw", "processed"), default="auto",
-                   help="where each stone's model input comes from: auto (default) cut from its raw frame pair by "
-                        "the sorter's own segmentation where its label links to one (raw_pair, raw_x_mm/raw_y_mm), "
-                        "else its processed crop; raw: raw frames only (unlinked stones skipped); processed: "
-                        "processed crops only. The counts (and every skip's reason) are printed")
+    _add_crops_arg(t, "The test split's figures are judged on the same inputs")
     t.add_argument("--no-stone-stats", action="store_true",
                    help="plain §9.4 head: without the stone-vs-background colour statistics beside the CNN features")
     t.add_argument("--stats-path", action="store_true",
@@ -177,6 +173,16 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     c.set_defaults(func=cmd_compare)
 
 
+def _add_crops_arg(p: argparse.ArgumentParser, then: str) -> None:
+    # sorterd.data.samples' SOURCES and DEFAULT_SOURCE, written out: the parser imports nothing heavy
+    p.add_argument("--crops", choices=("auto", "raw", "processed"), default="auto",
+                   help="where each stone's model input comes from: auto (default) cut from its raw frame pair by "
+                        "the sorter's own segmentation where its label links to one (raw_pair, raw_x_mm/raw_y_mm), "
+                        "else its processed crop; raw: raw frames only (unlinked stones skipped); processed: "
+                        "processed crops only (not on a dataset of raw frames only). The counts (and every skip's "
+                        f"reason) are printed. {then}")
+
+
 def _add_split_args(p: argparse.ArgumentParser, whose: str = "the model's") -> None:
     p.add_argument("--split", choices=("test", "all"), default="test",
                    help=f"test: {whose} held-out test split of DIR (default); all: every stone in DIR")
@@ -185,6 +191,7 @@ def _add_split_args(p: argparse.ArgumentParser, whose: str = "the model's") -> N
     p.add_argument("--config", type=Path, metavar="FILE", help="sorter config whose [decision] gates and bins "
                    "to use (default: the built-in §5.2/§8.2 defaults)")
     p.add_argument("--threads", type=positive_int, default=2, metavar="N", help="onnxruntime threads (default 2)")
+    _add_crops_arg(p, "Stones that get no input are not judged: the output counts them and says so")
 
 
 # -- sim -------------------------------------------------------------------------------------
@@ -293,6 +300,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"test split ({len(outcome.splits.test)} stones, "
                   f"{'lots ' + ', '.join(outcome.splits.test_lots) if outcome.splits.lot_holdout else 'random'}):")
             print(format_text(outcome.test.metrics))
+            _warn_short(outcome.test.metrics)
         return 0
 
     return _guarded("train", run, getattr(args, "verbose", False))
@@ -322,6 +330,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for warning in info["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
         print(format_text(ev.metrics))
+        _warn_short(ev.metrics)
         if args.json_path:
             _write_json(args.json_path, ev.metrics)
             print(f"metrics: {args.json_path}")
@@ -345,12 +354,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         result["old"] = info_old["model"]
         result["new"] = info_new["model"]
         result["data"] = info_new["data"]
+        result["n_asked"], result["inputs"] = new.metrics["n_asked"], new.metrics["inputs"]
         print(f"OLD {info_old['model']['bundle']} ({info_old['model']['version']})  vs  "
               f"NEW {info_new['model']['bundle']} ({info_new['model']['version']})  on {info_new['data']['dir']} "
               f"[{info_new['data']['split_desc']}]")
         for warning in [*info_new["warnings"], *_trained_on(info_old, info_new["stone_ids"])]:
             print(f"warning: {warning}", file=sys.stderr)
         print(format_comparison(result))
+        for name, ev in (("NEW", new), ("OLD", old)):
+            _warn_short(ev.metrics, name)
         if args.json_path:
             _write_json(args.json_path, result)
         return 0
@@ -361,7 +373,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _evaluate_bundle(name: str, args: argparse.Namespace, stones: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
     """Evaluate one bundle on the chosen stones of args.data; (Evaluation, info for the output)."""
     from sorterd.data.bundle import resolve_bundle
-    from sorterd.data.dataset import dedupe, open_dataset
+    from sorterd.data.dataset import open_dataset
+    from sorterd.data.samples import INPUT_CACHE, check_source, dedupe
     from sorterd.parts.inference.onnxruntime import OnnxModel
     from sorterd.train.evaluate import evaluate_model
     from sorterd.train.splits import read_splits
@@ -369,6 +382,7 @@ def _evaluate_bundle(name: str, args: argparse.Namespace, stones: list[str] | No
     bundle = resolve_bundle(name, None)
     model = OnnxModel(bundle, threads=args.threads)
     ds = open_dataset(args.data)
+    check_source(ds, args.crops)
     training = model.manifest.raw.get("training", {})
     warnings: list[str] = []
     by_id = ds.by_id()
@@ -390,12 +404,16 @@ def _evaluate_bundle(name: str, args: argparse.Namespace, stones: list[str] | No
         if not labels:
             raise DatasetError(f"{ds.root / 'splits' / version / 'test.txt'}: empty test split")
     else:
-        labels, dups = dedupe(ds, ds.labels)
+        labels, dups = dedupe(ds, ds.labels, int(model.manifest.size[0]), model.manifest.crop_mm, ds.root / INPUT_CACHE)
         desc = f"all stones, {len(dups)} duplicates left out" if dups else "all stones"
         if training.get("data", {}).get("dir") == str(ds.root.resolve()):
             warnings.append(f"{bundle} was trained on this dataset: --split all includes its training stones, "
                             "so these figures are optimistic; use --split test")
-    ev = evaluate_model(model, ds, labels, _decision(args))
+    ev = evaluate_model(model, ds, labels, _decision(args), args.crops)
+    trained = (training.get("inputs") or {}).get("source")
+    if trained and trained != args.crops:
+        warnings.append(f"{bundle} was trained on --crops {trained} inputs and is judged here on --crops "
+                        f"{args.crops}: the figures are not those of the inputs it learnt from")
     unknown = ev.metrics["sizes_unknown"]
     if unknown:
         warnings.append(f"{unknown} stones have no size (no size_mm, no pixels_per_mm): the CUT rule took them as "
@@ -406,9 +424,18 @@ def _evaluate_bundle(name: str, args: argparse.Namespace, stones: list[str] | No
                   "temperature": m.temperature},
         "data": {"dir": str(ds.root.resolve()), "split": "same" if stones is not None else args.split,
                  "split_desc": desc, "lots": sorted({lab.lot_id for lab in labels})},
-        "warnings": warnings, "stone_ids": [lab.stone_id for lab in labels], "training": training, "ds": ds,
+        "warnings": warnings, "stone_ids": [lab.stone_id for lab in ev.labels], "training": training, "ds": ds,
     }
     return ev, info
+
+
+def _warn_short(metrics: dict[str, Any], whose: str = "") -> None:
+    """An evaluation that judged fewer stones than asked says so on stderr, loudly."""
+    from sorterd.train.evaluate import short_warning
+
+    short = short_warning(metrics)
+    if short:
+        print(f"WARNING: {whose + ': ' if whose else ''}{short}", file=sys.stderr)
 
 
 def _trained_on(info_old: dict[str, Any], stones: list[str]) -> list[str]:

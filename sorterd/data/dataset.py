@@ -6,6 +6,15 @@
     DIR/images/raw/<session>/{backlit,toplit}/<stone_id>.png, reference/
     DIR/splits/<version>/{train,val,test}.txt              (sorterd.train.splits)
 
+Two layouts are accepted (`open_dataset`):
+
+* *with processed crops* (``images/processed/`` exists): every label has its two crops there;
+  raw frames, where present, are used as well (`sorterd.data.samples`);
+* *raw frames only* (no ``images/processed/``: a capture program that stores whole frames):
+  every label must trace to its raw frame pair -- a session with frames, reference frames and
+  ``pixels_per_mm``, and a pair found by ``raw_pair`` or the stone's id range
+  (`sorterd.data.samples.raw_link_problems` says which do not, and why).
+
 Nothing here assumes the simulator made the data: a folder written by hand,
 or by a real rig, works the same.  What a label line must hold:
 
@@ -161,6 +170,11 @@ class Dataset:
     def image_path(self, mode: str, stone_id: str) -> Path:
         return self.root / "images" / "processed" / mode / f"{stone_id}.png"
 
+    @property
+    def raw_only(self) -> bool:
+        """No images/processed/: the stones' inputs can only be cut from their raw frames."""
+        return not (self.root / "images" / "processed").is_dir()
+
     def where(self, label: StoneLabel) -> str:
         """'DIR/labels.jsonl:LINE' for messages about one stone."""
         return f"{self.labels_path}:{label.line}"
@@ -188,20 +202,33 @@ class Dataset:
 def open_dataset(root: Path, check_images: bool = True) -> Dataset:
     """Read and validate DIR/labels.jsonl and the session metadata.
 
-    check_images: every stone's two processed crops must exist (their pixels
-    are checked when loaded).
+    check_images: with images/processed/, every stone's two processed crops must exist (their
+    pixels are checked when loaded); without it (raw frames only), every label must trace to
+    its raw frame pair (`sorterd.data.samples.raw_link_problems`; whether the stone is found in
+    the pair is known only when it is cut, and a stone that is not is skipped, counted).
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such dataset folder")
     labels, problems = _read_labels(root / LABELS_FILE)  # the good lines' images are checked too
+    before = len(problems)
     ds = Dataset(root, labels, _collect(problems, read_sessions, root) or {})
-    if check_images:
-        problems += [f"{ds.where(lab)}: stone {lab.stone_id}: missing image {ds.image_path(mode, lab.stone_id)}"
-                     for lab in labels for mode in LIGHT_MODES if not ds.image_path(mode, lab.stone_id).is_file()]
+    sessions_read = len(problems) == before
+    if check_images and (sessions_read or not ds.raw_only):  # (unread sessions: every raw link would fail)
+        problems += _image_problems(ds)
     if problems:
         raise DatasetError(problems)
     return ds
+
+
+def _image_problems(ds: Dataset) -> list[str]:
+    """What stops a stone's input from being made, by the dataset's layout."""
+    if ds.raw_only:
+        from sorterd.data.samples import raw_link_problems  # samples builds on this module
+
+        return raw_link_problems(ds, ds.labels)
+    return [f"{ds.where(lab)}: stone {lab.stone_id}: missing image {ds.image_path(mode, lab.stone_id)}"
+            for lab in ds.labels for mode in LIGHT_MODES if not ds.image_path(mode, lab.stone_id).is_file()]
 
 
 def read_labels(path: Path) -> list[StoneLabel]:
@@ -464,12 +491,22 @@ class Duplicate:
 
 
 def dedupe(ds: Dataset, labels: Iterable[StoneLabel]) -> tuple[list[StoneLabel], list[Duplicate]]:
-    """Keep the first stone of every group with identical images (§3.5, §7.4)."""
+    """Keep the first stone of every group with identical processed crops (§3.5, §7.4);
+    `sorterd.data.samples.dedupe` also handles a raw-frames-only dataset."""
+    return dedupe_by(labels, lambda lab: pixel_hash(ds, lab))
+
+
+def dedupe_by(labels: Iterable[StoneLabel],
+              digest_of: Callable[[StoneLabel], str | None]) -> tuple[list[StoneLabel], list[Duplicate]]:
+    """Keep the first stone of every group with one image digest; a None digest is unique."""
     kept: list[StoneLabel] = []
     first: dict[str, StoneLabel] = {}
     dups: list[Duplicate] = []
     for lab in labels:
-        digest = pixel_hash(ds, lab)
+        digest = digest_of(lab)
+        if digest is None:
+            kept.append(lab)
+            continue
         if digest in first:
             other = first[digest]
             agree = (other.color, other.clarity) == (lab.color, lab.clarity)

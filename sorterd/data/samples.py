@@ -27,6 +27,10 @@ label whose link is there but whose stone cannot be matched (no object near the 
 near it, a cluster, a missing pair) is *skipped* with its reason: never a wrong crop, never a
 silent substitute.  `source` "raw" skips the unlinked ones too, "processed" is the old path.
 
+A dataset without ``images/processed/`` (raw frames only, `Dataset.raw_only`) is opened only when
+every label traces to its raw frames (`raw_link_problems`); its duplicates (§3.5) are found by the
+digest of each stone's input as cut (`dedupe`), and "processed" is refused (`check_source`).
+
 Nothing here assumes the simulator made the data.
 """
 
@@ -47,12 +51,24 @@ import numpy as np
 
 from sorterd.config import DecisionConfig, GeometryConfig
 from sorterd.data.crops import crop_px
-from sorterd.data.dataset import DEFAULT_CROP_MM, Dataset, DatasetError, StoneLabel, load_crops
+from sorterd.data.dataset import (
+    DEFAULT_CROP_MM,
+    Dataset,
+    DatasetError,
+    Duplicate,
+    StoneLabel,
+    dedupe_by,
+    load_crops,
+)
+from sorterd.data.dataset import dedupe as dedupe_crops
 from sorterd.data.session import PAIR_IDS_MAX, SessionError, SessionReader, stone_order
 from sorterd.domain import LIGHT_MODES
 from sorterd.sorting.segment import Observation, PairingLimits, crop_pair, segment_pair
 
 SOURCES = ("auto", "raw", "processed")
+DEFAULT_SOURCE = "auto"  # `sorterd train --crops` and `sorterd evaluate --crops`
+INPUT_CACHE = ".cache/inputs"  # under the dataset: inputs cut from raw frames (content-addressed, never stale)
+DEDUPE_CHUNK = 512  # stones cut at a time to hash a raw-only dataset's inputs (memory, not speed)
 MATCH_TOLERANCE_MM = 0.75  # half the smallest stone (1.5 mm, §6.4): two stones are never this close
 _NUMBERED = re.compile(r"^S(\d+)$")
 
@@ -83,6 +99,24 @@ class SampleReport:
         return {"raw": self.raw, "processed": self.processed, "fallback": dict(self.fallback),
                 "skipped": dict(self.skipped)}
 
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def add(self, other: SampleReport) -> None:
+        """Count `other`'s stones in too (one report for a set loaded in batches)."""
+        self.raw += other.raw
+        self.processed += other.processed
+        self.fallback.update(other.fallback)
+        self.skipped.update(other.skipped)
+        for reason, ids in other.examples.items():
+            mine = self.examples.setdefault(reason, [])
+            mine.extend(ids[:max(0, 3 - len(mine))])
+
+    def skipped_text(self) -> str:
+        """'N skipped (reason: n, e.g. ids; ...)' for a warning."""
+        return f"{self.n_skipped} skipped{_reasons(self.skipped, self.examples)}"
+
 
 def _reasons(counts: Counter[str], examples: dict[str, list[str]]) -> str:
     if not counts:
@@ -109,8 +143,7 @@ def load_samples(ds: Dataset, labels: Sequence[StoneLabel], size: int, crop_mm: 
     A label line with a malformed link field is a DatasetError (all such problems at once).
     cache: a folder for the inputs cut from raw frames (`InputCache`; None: none kept).
     """
-    if source not in SOURCES:
-        raise ValueError(f"crop source {source!r}: must be one of {', '.join(SOURCES)}")
+    check_source(ds, source)
     window = crop_mm or ds.crop_mm() or DEFAULT_CROP_MM
     report = SampleReport()
     if source == "processed":
@@ -139,6 +172,66 @@ def load_samples(ds: Dataset, labels: Sequence[StoneLabel], size: int, crop_mm: 
     return kept, x, report
 
 
+def check_source(ds: Dataset, source: str) -> None:
+    """A ValueError for an unknown source; a DatasetError for "processed" on a raw-only dataset."""
+    if source not in SOURCES:
+        raise ValueError(f"crop source {source!r}: must be one of {', '.join(SOURCES)}")
+    if source == "processed" and ds.raw_only:
+        raise DatasetError(f"{ds.root}: has only raw frames (no images/processed/), so --crops processed has "
+                           "no crops to read: choose --crops auto or --crops raw (each input cut from its raw "
+                           "frame pair, as the sorter cuts it)")
+
+
+def dedupe(ds: Dataset, labels: Sequence[StoneLabel], size: int, crop_mm: float | None = None,
+           cache: Path | None = None) -> tuple[list[StoneLabel], list[Duplicate]]:
+    """§3.5 duplicates: by the processed crops' pixels (`sorterd.data.dataset.dedupe`), or, on a
+    raw-only dataset, by the digest of each stone's input as cut from its raw frames at this
+    size and crop (the same capture saved twice cuts alike).  A stone that cannot be cut is
+    kept here; loading it skips it, counted."""
+    if not ds.raw_only:
+        return dedupe_crops(ds, labels)
+    digests: dict[str, str] = {}
+    for start in range(0, len(labels), DEDUPE_CHUNK):
+        kept, x, _ = load_samples(ds, labels[start:start + DEDUPE_CHUNK], size, crop_mm, "raw", cache)
+        digests.update((lab.stone_id, hashlib.sha256(image.tobytes()).hexdigest())
+                       for lab, image in zip(kept, x, strict=True))
+    return dedupe_by(labels, lambda lab: digests.get(lab.stone_id))
+
+
+def raw_link_problems(ds: Dataset, labels: Sequence[StoneLabel]) -> list[str]:
+    """Why some labels of a raw-only dataset cannot be traced to their raw frames ([] = all can):
+    a first line with the layouts allowed, then one line per label."""
+    raws = _RawSessions(ds)
+    problems: list[str] = []
+    untraced = 0
+    for lab in labels:
+        try:
+            link = _link(lab, raws)
+        except DatasetError as exc:
+            untraced += 1
+            problems.extend(f"{ds.where(lab)}: stone {lab.stone_id}: {p}" for p in exc.problems)
+            continue
+        if isinstance(link, RawLink):
+            reader = raws.reader(link.session)
+            assert not isinstance(reader, str)  # a link is made only to a readable session
+            if link.pair in reader.stone_ids:
+                continue
+            why = f"its raw_pair {link.pair!r} is not in its session ({reader.dir / 'backlit'})"
+        else:
+            why = link
+        untraced += 1
+        problems.append(f"{ds.where(lab)}: stone {lab.stone_id}: not traceable to raw frames: {why}")
+    if not problems:
+        return []
+    head = (f"{ds.root}: has no images/processed/, so each stone's input is cut from its raw frames, and "
+            f"{untraced} of {len(labels)} labels cannot be traced to them. A label traces to its raw frames by "
+            "its session_id (an images/raw/<session>/ with session_meta.json giving pixels_per_mm, "
+            "reference/backlit.png and reference/toplit.png, and frame pairs in backlit/ and toplit/) and its "
+            "pair (raw_pair, else the pair named after the stone or whose id range holds it). Fix those labels, "
+            "or give every stone its processed crops, images/processed/{backlit,toplit}/<stone_id>.png (§7.1)")
+    return [head, *problems]
+
+
 # -- links -------------------------------------------------------------------------------
 
 
@@ -147,13 +240,20 @@ class _RawSessions:
 
     def __init__(self, ds: Dataset) -> None:
         self.ds = ds
-        self._readers: dict[str, SessionReader | str] = {}
+        self._readers: dict[str, SessionReader | str | DatasetError] = {}
 
     def reader(self, session_id: str) -> SessionReader | str:
-        """The session's reader, or why its raw frames cannot be used (the fallback reason)."""
+        """The session's reader, or why its raw frames cannot be used (the fallback reason);
+        a DatasetError for a session whose frames are there but broken (raised each time asked)."""
         if session_id not in self._readers:
-            self._readers[session_id] = self._open(session_id)
-        return self._readers[session_id]
+            try:
+                self._readers[session_id] = self._open(session_id)
+            except DatasetError as exc:
+                self._readers[session_id] = exc  # one read of a broken session, however many labels
+        got = self._readers[session_id]
+        if isinstance(got, DatasetError):
+            raise got
+        return got
 
     def _open(self, session_id: str) -> SessionReader | str:
         info = self.ds.sessions.get(session_id)

@@ -6,6 +6,12 @@ the sorter's own decision policy (`sorterd.sorting.decide`): `class_bin` with ea
 stone's size for the true bin (§8.2), `decide` with the §5.2 gates for the
 bin the sorter would choose; costs are `sorterd.sorting.summary.COST`.
 
+Each stone's input is made by `sorterd.data.samples.load_samples` with the chosen ``source``
+(`sorterd evaluate --crops`, as `sorterd train --crops`): cut from its raw frame pair the way
+the sorter cuts it where its label links to one, else its processed crop.  A stone that gets no
+input (skipped, with its reason) is not judged -- but never silently: ``inputs`` counts it, and
+``n_asked`` > ``n_stones`` says fewer stones were judged than asked (`short_warning`).
+
 Stones and what they count in:
 
 * *classified* stones (colour + clarity labels): accuracies, confusion
@@ -24,7 +30,10 @@ JSON keys (stable; more may be added): ``overall``, ``color``, ``clarity``,
 that the sorter flagged or sent to SELECT: how much of its error the gates catch),
 ``ood_rate`` (share of stones over the bundle's OOD limit; None without the gate),
 ``drift`` (judged in order with the batch watch: its alarms, worst windowed share and the
-stones ``decision.on_drift`` held; None when the stones were judged one by one).
+stones ``decision.on_drift`` held; None when the stones were judged one by one),
+``inputs`` (`evaluate_model`: ``source``, and how many stones' inputs came from raw frames, from
+processed crops -- with each fallback's reason -- and were skipped, with each reason),
+``n_asked`` (the stones asked for; ``n_stones`` are those judged).
 """
 
 from __future__ import annotations
@@ -32,13 +41,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sorterd.config import DecisionConfig
-from sorterd.data.bundle import OodSpec
-from sorterd.data.dataset import Dataset, StoneLabel, load_crops, stone_sizes
+from sorterd.data.bundle import INPUT_SIZE, OodSpec
+from sorterd.data.dataset import Dataset, DatasetError, StoneLabel, measure_size_mm, stone_sizes
+from sorterd.data.samples import DEFAULT_SOURCE, INPUT_CACHE, SampleReport, load_samples
 from sorterd.domain import BINS, CLARITIES, CLASSES, COLORS, COST, cost_weighted_accuracy
 from sorterd.parts.inference import Model
 from sorterd.sorting.decide import Decision, class_bin, decide
@@ -75,6 +86,10 @@ class Evaluation:
     flagged: np.ndarray | None = None  # the sorter's flag per stone (confidence or OOD gate)
     ood: np.ndarray | None = None  # OOD scores; None: the model has no gate
     ood_limit: float = 1.0
+    inputs: SampleReport | None = None  # where the inputs came from (None: given, not loaded)
+    source: str = DEFAULT_SOURCE  # the load_samples source they were loaded with
+    input_size: int = INPUT_SIZE  # the model's input side and window, to cut a stone's input again (report)
+    crop_mm: float | None = None
 
     @property
     def stone_costs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -90,33 +105,87 @@ class Evaluation:
 # -- predicting --------------------------------------------------------------------------
 
 
-def predict(model: Model, ds: Dataset,
-            labels: Sequence[StoneLabel]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Calibrated probabilities (p_color, p_clarity) in COLORS / CLARITIES order, and the OOD
-    scores (None if the bundle has no gate)."""
+@dataclass
+class Predicted:
+    """The model's outputs for the stones that got an input, in the order asked."""
+
+    labels: list[StoneLabel]  # those asked, less the skipped (`inputs` says which and why)
+    p_color: np.ndarray  # (N, 3), COLORS order, calibrated
+    p_clarity: np.ndarray  # (N, 3), CLARITIES order
+    ood: np.ndarray | None  # OOD scores; None if the bundle has no gate
+    sizes: list[float | None]  # sieve size per stone (`input_sizes`)
+    inputs: SampleReport
+
+
+def predict(model: Model, ds: Dataset, labels: Sequence[StoneLabel], source: str = DEFAULT_SOURCE,
+            cache: Path | None = None) -> Predicted:
+    """Each stone's input from `load_samples` (source, the model's size and crop_mm; cache: its
+    InputCache folder), run through the model BATCH stones at a time."""
     m = model.manifest
     size = int(m.size[0])
     color_cols = [m.color_classes.index(c) for c in COLORS]
     clarity_cols = [m.clarity_classes.index(c) for c in CLARITIES]
-    pc = np.zeros((len(labels), 3))
-    pk = np.zeros((len(labels), 3))
-    ood = np.zeros(len(labels))
+    report = SampleReport()
+    kept: list[StoneLabel] = []
+    pc: list[np.ndarray] = []
+    pk: list[np.ndarray] = []
+    ood: list[float] = []
+    sizes: list[float | None] = []
     for start in range(0, len(labels), BATCH):
-        chunk = labels[start:start + BATCH]
-        preds, _ = model.predict(load_crops(ds, chunk, size, m.crop_mm))
-        pc[start:start + len(chunk)] = [p.p_color[color_cols] for p in preds]
-        pk[start:start + len(chunk)] = [p.p_clarity[clarity_cols] for p in preds]
-        ood[start:start + len(chunk)] = [np.nan if p.ood is None else p.ood for p in preds]
-    return pc, pk, (None if m.ood is None else ood)
+        got, x, part = load_samples(ds, labels[start:start + BATCH], size, m.crop_mm, source, cache)
+        report.add(part)
+        if not got:
+            continue
+        preds, _ = model.predict(x)
+        kept += got
+        pc += [p.p_color[color_cols] for p in preds]
+        pk += [p.p_clarity[clarity_cols] for p in preds]
+        ood += [np.nan if p.ood is None else p.ood for p in preds]
+        sizes += input_sizes(ds, got, x, size / m.crop_mm)
+    return Predicted(kept, np.array(pc).reshape(-1, 3), np.array(pk).reshape(-1, 3),
+                     None if m.ood is None else np.array(ood), sizes, report)
 
 
-def evaluate_model(model: Model, ds: Dataset, labels: Sequence[StoneLabel], decision: DecisionConfig) -> Evaluation:
+def input_sizes(ds: Dataset, labels: Sequence[StoneLabel], x: np.ndarray, px_per_mm: float) -> list[float | None]:
+    """Each stone's sieve size: its label's, else measured from its processed backlit crop
+    (`stone_sizes`), else -- no crop, as on a raw-only dataset -- from the backlit half of its
+    input (x, at the input's px_per_mm)."""
+    out: list[float | None] = []
+    for lab, image in zip(labels, x, strict=True):
+        if lab.size_mm is None and not ds.image_path("backlit", lab.stone_id).is_file():
+            out.append(measure_size_mm(np.ascontiguousarray(image[:, :, :3]), px_per_mm))
+        else:
+            out.extend(stone_sizes(ds, [lab]))
+    return out
+
+
+def evaluate_model(model: Model, ds: Dataset, labels: Sequence[StoneLabel], decision: DecisionConfig,
+                   source: str = DEFAULT_SOURCE) -> Evaluation:
     """These stones of `ds` through `model`, judged as the sorter would: its OOD gate and its batch
-    watch (the manifest's ``ood``) -- what `sorterd evaluate` and `sorterd train`'s test figures show."""
-    pc, pk, ood = predict(model, ds, labels)
+    watch (the manifest's ``ood``) -- what `sorterd evaluate` and `sorterd train`'s test figures show.
+    Inputs as `predict` makes them (cached under the dataset's INPUT_CACHE); the metrics' ``inputs``
+    and ``n_asked`` say where they came from and how many stones were skipped, and why."""
+    got = predict(model, ds, labels, source, ds.root / INPUT_CACHE)
+    if not got.labels:
+        raise DatasetError(f"{ds.root}: none of the {len(labels)} stones to evaluate got an input with --crops "
+                           f"{source}: {got.inputs.skipped_text()}")
     spec = model.manifest.ood
-    return evaluate(labels, stone_sizes(ds, labels), pc, pk, decision, ood,
-                    spec.stone_limit if spec is not None else 1.0, spec)
+    ev = evaluate(got.labels, got.sizes, got.p_color, got.p_clarity, decision, got.ood,
+                  spec.stone_limit if spec is not None else 1.0, spec)
+    ev.inputs, ev.source, ev.input_size, ev.crop_mm = got.inputs, source, int(model.manifest.size[0]), model.manifest.crop_mm
+    ev.metrics["n_asked"] = len(labels)
+    ev.metrics["inputs"] = {"source": source, **got.inputs.as_dict(),
+                            "summary": got.inputs.line(f"--crops {source}")}
+    return ev
+
+
+def short_warning(m: dict[str, Any]) -> str | None:
+    """The loud line for metrics that judged fewer stones than asked (None: all were judged)."""
+    asked, judged = m.get("n_asked"), m["n_stones"]
+    if asked is None or asked == judged:
+        return None
+    return (f"judged only {judged} of the {asked} stones asked: {asked - judged} got no input with --crops "
+            f"{m['inputs']['source']} and are not in these figures ({m['inputs']['summary']})")
 
 
 def evaluate(labels: Sequence[StoneLabel], sizes: Sequence[float | None], p_color: np.ndarray,
@@ -422,8 +491,11 @@ def format_text(m: dict[str, Any]) -> str:
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.1f}%"
 
+    short = short_warning(m)
     lines = [
+        *([f"WARNING: {short}"] if short else []),
         f"stones {m['n_stones']} ({m['n_classified']} classified, {m['n_reject']} non-gem)",
+        *([m["inputs"]["summary"]] if m.get("inputs") else []),
         f"overall {pct(m['overall'])}  colour {pct(m['color'])}  clarity {pct(m['clarity'])}  "
         f"cost-weighted {m['cost_weighted']}",
         f"CUT purity {pct(m['cut_purity'])}  CUT recall {pct(m['cut_recall'])}  "

@@ -52,11 +52,10 @@ from sorterd.data.dataset import (
     Dataset,
     DatasetError,
     StoneLabel,
-    dedupe,
     open_dataset,
 )
 from sorterd.data.files import write_json_atomic
-from sorterd.data.samples import SOURCES, SampleReport, load_samples
+from sorterd.data.samples import DEFAULT_SOURCE, INPUT_CACHE, SampleReport, check_source, dedupe, load_samples
 from sorterd.domain import CLASSES
 from sorterd.parts.inference.onnxruntime import OnnxModel
 from sorterd.train.evaluate import Evaluation, evaluate_model
@@ -114,7 +113,7 @@ class FitOptions:
     write_log: bool = True
     force: bool = False
     crop_mm: float | None = None
-    crops: str = "auto"  # sorterd.data.samples.SOURCES: raw frames where linked, else processed crops
+    crops: str = DEFAULT_SOURCE  # sorterd.data.samples.SOURCES: raw frames where linked, else processed crops
     notes: str = ""
     command: str = ""
     config: TrainConfig = field(default_factory=TrainConfig)
@@ -138,10 +137,11 @@ def fit(opts: FitOptions, say: Say = print, on_step: StepHook | None = None) -> 
     _check_out(opts)
     asked = asked_version(opts)  # before any data is read: a contradiction costs nothing
     ds = open_dataset(opts.data)
+    check_source(ds, opts.crops)  # before any split is written
     previous = _previous_bundle(opts.from_bundle)
     version = asked or next_version(opts, ds, previous)
     crop_mm = _crop_mm(ds, opts, previous)
-    splits = _splits(ds, opts, version, previous, say)
+    splits = _splits(ds, opts, version, previous, crop_mm, say)
     try:
         if previous is not None:
             _check_test_unseen(previous, ds, splits)
@@ -193,7 +193,7 @@ def _fit_with_splits(opts: FitOptions, ds: Dataset, previous: _Previous | None, 
         training["prior_correction"] = ({head: [round(float(v), 5) for v in adj] for head, adj in prior.items()}
                                         if prior is not None else None)
         _export(result, raw_state, staging, version, crop_mm, temps, training, ood)
-        test = _evaluate_test(staging, ds, splits)
+        test = _evaluate_test(staging, ds, splits, opts.crops)
         _add_test_metrics(staging, test, calib)
         _swap_in(staging, opts.out)
     finally:
@@ -398,13 +398,14 @@ def _version_number(name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _splits(ds: Dataset, opts: FitOptions, version: str, previous: _Previous | None, say: Say) -> Splits:
+def _splits(ds: Dataset, opts: FitOptions, version: str, previous: _Previous | None, crop_mm: float,
+            say: Say) -> Splits:
     if opts.splits:
         # Its own name stays: the manifest and the model log must point at the snapshot that exists.
         splits = read_splits(ds, opts.splits)
         say(f"splits: reusing {ds.root / 'splits' / opts.splits}")
         return splits
-    kept, dups = dedupe(ds, ds.labels)
+    kept, dups = dedupe(ds, ds.labels, INPUT_SIZE, crop_mm, ds.root / INPUT_CACHE)
     if dups:
         differ = sum(1 for d in dups if not d.labels_agree)
         say(f"duplicates: {len(dups)} stones have the same images as an earlier stone and are left out"
@@ -422,15 +423,10 @@ def _splits(ds: Dataset, opts: FitOptions, version: str, previous: _Previous | N
     return splits
 
 
-INPUT_CACHE = ".cache/inputs"  # under the dataset: inputs cut from raw frames (content-addressed, never stale)
-
-
 def _arrays(ds: Dataset, splits: Splits, name: str, crop_mm: float, source: str,
             inputs: dict[str, SampleReport]) -> tuple[list[StoneLabel], TrainData]:
     """The split's classified stones and their inputs (`sorterd.data.samples.load_samples`);
     where they came from goes into inputs[name]."""
-    if source not in SOURCES:
-        raise ValueError(f"crops = {source!r}: must be one of {', '.join(SOURCES)}")
     by_id = ds.by_id()
     wanted = [by_id[s] for s in splits.ids(name) if by_id[s].classified]
     labels, images, inputs[name] = load_samples(ds, wanted, INPUT_SIZE, crop_mm, source, ds.root / INPUT_CACHE)
@@ -500,14 +496,14 @@ def _export(result: TrainResult, raw_state: dict[str, torch.Tensor], staging: Pa
                   temperatures=temps, training=training, ood=ood)
 
 
-def _evaluate_test(bundle: Path, ds: Dataset, splits: Splits) -> Evaluation | None:
-    """The test split through onnxruntime, as `sorterd evaluate` sees it."""
+def _evaluate_test(bundle: Path, ds: Dataset, splits: Splits, source: str) -> Evaluation | None:
+    """The test split through onnxruntime, as `sorterd evaluate --crops source` sees it."""
     by_id = ds.by_id()
     labels = [by_id[s] for s in splits.test]
     if not labels:
         return None
     model = OnnxModel(bundle, threads=max(1, min(4, os.cpu_count() or 1)))
-    return evaluate_model(model, ds, labels, DecisionConfig())
+    return evaluate_model(model, ds, labels, DecisionConfig(), source)
 
 
 def _add_test_metrics(bundle: Path, test: Evaluation | None, calib: dict[str, Any]) -> None:
@@ -518,7 +514,8 @@ def _add_test_metrics(bundle: Path, test: Evaluation | None, calib: dict[str, An
         m = test.metrics
         metrics["test"] = {k: m[k] for k in ("n_stones", "n_classified", "overall", "color", "clarity",
                                              "cost_weighted", "cut_purity", "cut_recall", "flagged_rate",
-                                             "select_divert_rate", "ece", "error_flag_recall", "ood_rate")}
+                                             "select_divert_rate", "ece", "error_flag_recall", "ood_rate",
+                                             "n_asked", "inputs")}
         metrics["test"]["per_class"] = {k: v["accuracy"] for k, v in m["per_class"].items()}
         metrics["test"]["verdict"] = m["verdict"]["summary"]
         metrics["test"]["milestone"] = m["milestones"]["reached"]

@@ -23,9 +23,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from sorterd.data.dataset import Dataset, read_crop
+from sorterd.data.dataset import Dataset, StoneLabel, read_crop
+from sorterd.data.samples import INPUT_CACHE, load_samples
 from sorterd.domain import BINS, CLASSES, COST, LIGHT_MODES
-from sorterd.train.evaluate import ECE_TARGET, MILESTONES, Evaluation
+from sorterd.train.evaluate import ECE_TARGET, MILESTONES, Evaluation, short_warning
 
 GALLERY = 24  # costliest mistakes shown
 RECHECK_CONFIDENCE = 0.95  # a model this sure against the label often means a labelling slip
@@ -254,7 +255,7 @@ def _gallery(ev: Evaluation, ds: Dataset) -> list[dict[str, str]]:
     out = []
     for cost, conf, i in rows[:GALLERY]:
         lab = ev.labels[i]
-        thumbs = [_thumb(read_crop(ds, lab, mode)) for mode in LIGHT_MODES]
+        thumbs = [_thumb(image) for image in _stone_images(ev, ds, lab)]
         said = f"{('blue', 'light', 'inky')[int(ev.p_color[i].argmax())]} " \
                f"{('transparent', 'translucent', 'opaque')[int(ev.p_clarity[i].argmax())]}"
         label = "non-gem" if lab.reject else f"{lab.color} {lab.clarity}"
@@ -266,6 +267,18 @@ def _gallery(ev: Evaluation, ds: Dataset) -> list[dict[str, str]]:
                     "bins": f"{ev.true_bin[i]} → {ev.decided_bin[i]}", "cost": str(cost), "conf": f"{conf:.2f}",
                     "flags": flags, "notes": lab.notes, "backlit": thumbs[0], "toplit": thumbs[1]})
     return out
+
+
+def _stone_images(ev: Evaluation, ds: Dataset, lab: StoneLabel) -> list[np.ndarray]:
+    """(backlit, toplit) BGR of a stone: its processed crops, else (raw frames only) its input as
+    cut from its raw frames with the evaluation's window."""
+    if ds.image_path("backlit", lab.stone_id).is_file():
+        return [read_crop(ds, lab, mode) for mode in LIGHT_MODES]
+    kept, x, report = load_samples(ds, [lab], ev.input_size, ev.crop_mm, "raw", ds.root / INPUT_CACHE)
+    if not kept:  # it was judged, so it was cut once: only a changed dataset gets here
+        raise ValueError(f"stone {lab.stone_id}: its input can no longer be cut from its raw frames "
+                         f"({report.skipped_text()})")
+    return [np.ascontiguousarray(x[0, :, :, 2::-1]), np.ascontiguousarray(x[0, :, :, :2:-1])]
 
 
 def _thumb(image: np.ndarray) -> str:
@@ -290,6 +303,9 @@ def _page(m: dict[str, Any], title: str, subtitle: str, figures: list[tuple[str,
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(subtitle)}</p>",
         f"<div class='banner' style='background:{banner_colour}'>{html.escape(v['summary'])}</div>",
+        *([f"<div class='banner' style='background:{BAD}'>{html.escape(short)}</div>"]
+          if (short := short_warning(m)) else []),
+        *([f"<p class='cap'>{html.escape(m['inputs']['summary'])}</p>"] if m.get("inputs") else []),
         _cards(m),
         _milestone_table(m),
         _criteria_table(v),
