@@ -223,8 +223,9 @@ class ModelsConfig:
     poll_s: float = opt(1.0, "How often the running sorter reads state.json for a newly activated release "
                         "(sorterd.release.swap).", minval=0.05, maxval=600.0)
     prepare_timeout_s: float = opt(120.0, "How long the running sorter's helper process may take to check a newly "
-                                   "activated release (verification, golden, reference kit; at the lowest CPU "
-                                   "priority) before the release is refused as prepare-timeout.",
+                                   "activated release, or to stage one downloaded from the trainer "
+                                   "(verification, golden, reference kit; at the lowest CPU priority) before the "
+                                   "release is refused as prepare-timeout.",
                                    minval=1.0, maxval=3600.0)
     health_stones: int = opt(200, "Health watch: stones compared after a swap (and of the release before it) "
                              "before the new release is committed or rolled back.", minval=10, maxval=1_000_000)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sorterd.data.bundle import MANIFEST_FORMAT, read_golden, read_manifest, resolve_bundle, softmax
 from sorterd.data.files import write_json_atomic
+from sorterd.release import crash, prepare
 from sorterd.release.qa import RecordedKit
 from sorterd.release.sign import MANIFEST, release_files, sign_in_place, sign_release
 
@@ -83,3 +86,16 @@ def rename_output(onnx_path: Path, old: str, new: str) -> None:
         if out.name == old:
             out.name = new
     onnx.save(model, str(onnx_path))
+
+
+def helper_dies_at(monkeypatch: pytest.MonkeyPatch, step: str, stuck: Path | None = None) -> None:
+    """The helper process (sorterd.release.prepare) run as itself, but killed at crash point `step`
+    -- only it, not its parent, as a real crash point would -- or, given `stuck`, stuck there for
+    good, having touched that file first."""
+    if stuck is None:
+        hook = f"import os; os.environ[{crash.ENV!r}] = {step + ':1'!r}; "
+    else:
+        hook = (f"import time; from pathlib import Path; from sorterd.release import crash; "
+                f"crash.point = lambda n: (Path({str(stuck)!r}).touch(), time.sleep(600)) if n == {step!r} else None; ")
+    code = f"import runpy; {hook}runpy.run_module({prepare.MODULE!r}, run_name='__main__', alter_sys=True)"
+    monkeypatch.setattr(prepare, "child_command", lambda: [sys.executable, "-c", code])

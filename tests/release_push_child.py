@@ -2,7 +2,8 @@
 the real link until the crash point named in SORTERD_CRASH_AT kills it (sorterd.release.crash).
 Start-up as the daemon does it (the store opened, staging cleaned), then per cycle: release n
 (re-signed from SRC with the key in KEYFILE, raw 32 bytes) offered on the trainer's shelf, the
-sorter downloads it (auto_activate on), stages it with the QA gate (the kit in KITDIR) -- CYCLES
+sorter downloads it (auto_activate on), stages it with the QA gate (the kit in KITDIR) in the
+helper process, as the daemon does -- CYCLES
 times.  Prints "done" when every cycle's release is accepted and reported.
     python tests/release_push_child.py ROOT DATA SRC KEYFILE KITDIR LINKKEYS CYCLES
 """
@@ -24,9 +25,9 @@ from sorterd.link import keys
 from sorterd.link.client import ClientOptions, LinkClient
 from sorterd.link.server import LinkServer
 from sorterd.release.download import Downloader, reports_for
+from sorterd.release.prepare import ChildStager
 from sorterd.release.qa import KitPolicy, latest_kit
 from sorterd.release.store import ReleaseStore
-from sorterd.release.swap import qa_gate
 from sorterd.trainer.releases import OfferShelf, ReleaseBook, book_path, offer_bundle, signed_dir
 from tests.release_fakes import resign
 
@@ -38,9 +39,11 @@ async def main() -> None:
     key = Ed25519PrivateKey.from_private_bytes(keyfile.read_bytes())
     store = ReleaseStore(root, [key.public_key()], 50_000_000)
     store.clean_staging()
-    gate = qa_gate(load_config(config.sim_config_path()).inference, KitPolicy(lambda: latest_kit(kitdir, "sorter-1")))
+    # Staged as the daemon stages it: in the helper process (whose crash points kill this one too).
+    stager = ChildStager(store, load_config(config.sim_config_path()).inference,
+                         KitPolicy(lambda: latest_kit(kitdir, "sorter-1")), 120.0)
     reports = reports_for(store)
-    downloader = Downloader(store, gate, reports, running=lambda: store.state().active, auto_activate=True)
+    downloader = Downloader(store, stager, reports, running=lambda: store.state().active, auto_activate=True)
     t_pub, t_sec = keys.load_secret(linkkeys / "trainer" / "trainer.key_secret")
     s_pub, s_sec = keys.load_secret(linkkeys / "sorters" / "sorter-a.key_secret")
     server = LinkServer("tcp://127.0.0.1:*", t_pub, t_sec, linkkeys / "allowed", FakeInbox(), log_every_s=0.0,

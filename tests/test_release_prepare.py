@@ -1,7 +1,8 @@
-"""The release watcher's helper process (sorterd.release.prepare; issue 12 item 5, "a swap must not
-delay stones"): a newly active release is verified and QA-checked in a child process at the lowest
-priority; a refusal there names its check and nothing is swapped; a helper that times out or dies
-is a clear refusal and the running release keeps running."""
+"""The helper process (sorterd.release.prepare; issue 12 item 5, "a swap must not delay stones", and
+"nothing a download does may delay a stone"): a newly active release is verified and QA-checked,
+and a downloaded one staged, in a child process at the lowest priority; a refusal there names its
+check and nothing is swapped or staged; a helper that times out or dies is a clear refusal, the
+running release keeps running and nothing of a download is left in releases/ or staging/."""
 
 from __future__ import annotations
 
@@ -26,14 +27,18 @@ from sorterd.release.store import ReleaseStore
 from sorterd.release.swap import HealthBounds, ReleaseWatcher
 from sorterd.release.verify import Refused
 from tests.release_crash_child import Pipeline
-from tests.release_fakes import DEFAULT, faithful_kit, make_release
+from tests.release_fakes import DEFAULT, faithful_kit, helper_dies_at, make_release
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ReleaseStore:
-    key = Ed25519PrivateKey.generate()
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def store(tmp_path: Path, key: Ed25519PrivateKey) -> ReleaseStore:
     s = ReleaseStore(tmp_path / "state", [key.public_key()], 50_000_000)
     for n in (1, 2):
         s.stage(make_release(tmp_path / f"r{n}", key, n), None)
@@ -150,11 +155,92 @@ def test_the_helper_runs_at_the_lowest_priority_and_refuses_a_bad_request() -> N
                          text=True)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == ("sorterd.release.prepare: bad request on stdin (the request is not a JSON "
-                                  "object); it is started by the release watcher")
+                                  "object); it is started by the release watcher and the release download")
+    both = subprocess.run([sys.executable, "-m", prepare.MODULE], input='{"release": 2, "stage": "/x"}', env=env,
+                          capture_output=True, text=True)
+    assert both.returncode == 2 and both.stdout == "" and 'exactly one of "release"' in both.stderr
 
 
 def test_request_is_plain_json(store: ReleaseStore, options: InferenceOptions, tmp_path: Path) -> None:
     req = prepare.request(store, 2, options, KitPolicy(lambda: tmp_path / "kit.npz", False, 0.95))
     assert json.loads(json.dumps(req)) == req
     assert req["kit"] == str(tmp_path / "kit.npz") and req["require_kit"] is False and req["min_agreement"] == 0.95
-    assert req["release"] == 2 and len(req["trusted"]) == 1 and req["use_kit"] is True
+    assert req["release"] == 2 and len(req["trusted"]) == 1 and req["use_kit"] is True and "stage" not in req
+    staged = prepare.request(store, tmp_path / "3.unpack", options, None)
+    assert json.loads(json.dumps(staged)) == staged and staged["stage"] == str(tmp_path / "3.unpack")
+    assert "release" not in staged and staged["use_kit"] is False
+
+
+# -- a download staged in the helper (Downloader.finish's stager) -------------------------------
+
+def _clean(store: ReleaseStore) -> None:
+    """Nothing half-staged: staging/ empty, releases/ and the floor as the fixture left them."""
+    assert sorted(p.name for p in (store.root / "staging").iterdir()) == []
+    assert store.releases() == [1, 2] and store.state().highest_accepted == 2
+
+
+def test_a_download_is_staged_in_the_helper(store: ReleaseStore, key: Ed25519PrivateKey, options: InferenceOptions,
+                                            tmp_path: Path) -> None:
+    kit = save_kit(tmp_path / "kit.npz", faithful_kit())
+    src = make_release(tmp_path / "3.unpack", key, 3)
+    got = prepare.stage_in_child(store, 3, src, options, KitPolicy(lambda: kit), 120.0)
+    assert got.release == 3 and got.trainer and got.seconds > 0
+    assert got.pid not in (0, os.getpid())  # staged by another process: the helper
+    assert store.releases() == [1, 2, 3] and store.state().highest_accepted == 3
+    assert store.verify_stored(3).release == 3 and not list((store.root / "staging").iterdir())
+    assert _helpers_alive() == []
+
+
+def test_a_download_failing_a_check_in_the_helper_is_refused_naming_it(
+        store: ReleaseStore, key: Ed25519PrivateKey, options: InferenceOptions, tmp_path: Path) -> None:
+    kit = save_kit(tmp_path / "kit.npz", faithful_kit())
+    src = make_release(tmp_path / "3.unpack", key, 3)
+    golden = src / "golden_outputs.npy"
+    data = bytearray(golden.read_bytes())
+    data[-1] ^= 0xFF
+    golden.write_bytes(bytes(data))
+    with pytest.raises(Refused, match=r"file-hash: .*golden_outputs\.npy: sha256") as exc:
+        prepare.stage_in_child(store, 3, src, options, KitPolicy(lambda: kit), 120.0)
+    assert exc.value.check == "file-hash"
+    _clean(store)
+    with pytest.raises(Refused, match="reference-kit: no recorded reference kit"):  # the kit is judged there too
+        prepare.stage_in_child(store, 3, make_release(tmp_path / "3b.unpack", key, 3), options,
+                               KitPolicy(lambda: None), 120.0)
+    _clean(store)
+
+
+@pytest.mark.parametrize("step", ["stage.copy", "stage.qa", "stage.rename"])
+def test_a_staging_helper_that_dies_leaves_nothing_staged(
+        store: ReleaseStore, key: Ed25519PrivateKey, options: InferenceOptions, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    """Killed with its copy half made, verified but not gated, and renamed into releases/3 but not
+    recorded: each is refused prepare-died and undone (`ReleaseStore.undo_stage`)."""
+    helper_dies_at(monkeypatch, step)
+    src = make_release(tmp_path / "3.unpack", key, 3)
+    with pytest.raises(Refused, match=r"prepare-died: release 3: the checking helper was killed by SIGKILL") as exc:
+        prepare.stage_in_child(store, 3, src, options, None, 120.0)
+    assert "nothing was staged" in exc.value.detail
+    _clean(store)
+    assert _helpers_alive() == []
+
+
+def test_a_staging_helper_that_dies_after_recording_it_has_staged_it(
+        store: ReleaseStore, key: Ed25519PrivateKey, options: InferenceOptions, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    helper_dies_at(monkeypatch, "state.written")  # state.json says accepted: nothing to undo
+    got = prepare.stage_in_child(store, 3, make_release(tmp_path / "3.unpack", key, 3), options, None, 120.0)
+    assert got.release == 3 and got.trainer == store.verify_stored(3).trainer
+    assert store.releases() == [1, 2, 3] and store.state().highest_accepted == 3
+
+
+def test_a_staging_helper_past_its_timeout_is_killed_and_nothing_staged(
+        store: ReleaseStore, key: Ed25519PrivateKey, options: InferenceOptions, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reached = tmp_path / "reached"
+    helper_dies_at(monkeypatch, "stage.qa", reached)  # stuck with its verified copy in staging/
+    src = make_release(tmp_path / "3.unpack", key, 3)
+    with pytest.raises(Refused, match=r"prepare-timeout: release 3: the checks did not finish within 20 s"):
+        prepare.stage_in_child(store, 3, src, options, None, 20.0)
+    assert reached.exists()  # killed mid-staging, not before it began
+    _clean(store)
+    assert _helpers_alive() == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -27,13 +28,13 @@ from sorterd.link import wire
 from sorterd.link.client import ClientOptions, LinkClient
 from sorterd.link.server import LinkServer
 from sorterd.release.download import REPORTS, Downloader, ResultQueue, reports_for, rollback_reporter
+from sorterd.release.prepare import ChildStager, Staged
 from sorterd.release.qa import KIT_FILE, KitPolicy, save_kit
 from sorterd.release.store import PART_SUFFIX, ReleaseStore
-from sorterd.release.swap import qa_gate
 from sorterd.release.verify import Refused
 from sorterd.trainer.releases import OfferError, OfferShelf, ReleaseBook, book_path, offer_bundle, read_book, signed_dir
 from sorterd.trainer.status import status_table
-from tests.release_fakes import faithful_kit, make_release
+from tests.release_fakes import faithful_kit, helper_dies_at, make_release
 
 FAST = dict(heartbeat_s=0.1, ack_timeout_s=1.0, reconnect_max_s=0.4)
 SORTER = "sorter-a"
@@ -84,15 +85,31 @@ class TamperingShelf(CountingShelf):
         return bytes(data)
 
 
-class Sorter:
-    """One sorter's release side: the real store, QA gate and result queue."""
+class RecordingStager(ChildStager):
+    """The daemon's stager (staging in the helper process), every answer kept."""
 
-    def __init__(self, root: Path, key: Ed25519PrivateKey, kit: Path, max_bytes: int = 50_000_000) -> None:
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.staged: list[Staged] = []
+
+    def stage(self, release: int, unpacked: Path) -> Staged:
+        got = super().stage(release, unpacked)
+        self.staged.append(got)
+        return got
+
+
+class Sorter:
+    """One sorter's release side: the real store, the daemon's stager (the QA gate in the helper
+    process, as sorterd run composes it) and the result queue."""
+
+    def __init__(self, root: Path, key: Ed25519PrivateKey, kit: Path, max_bytes: int = 50_000_000,
+                 timeout_s: float = 120.0) -> None:
         self.store = ReleaseStore(root, [key.public_key()], max_bytes)
         self.store.clean_staging()
-        gate = qa_gate(load_config(config.sim_config_path()).inference, KitPolicy(lambda: kit))
+        self.stager = RecordingStager(self.store, load_config(config.sim_config_path()).inference,
+                                      KitPolicy(lambda: kit), timeout_s)
         self.reports = reports_for(self.store)
-        self.downloader = Downloader(self.store, gate, self.reports, running=lambda: self.store.state().active)
+        self.downloader = Downloader(self.store, self.stager, self.reports, running=lambda: self.store.state().active)
 
 
 class Trainer:
@@ -155,6 +172,8 @@ def test_offer_download_stage_accept_visible_in_trainer_status(tmp_path: Path, s
 
     run(go())
     assert answer(data, 2)["status"] == "accepted"  # type: ignore[index]
+    # Staged by the helper process (verify + golden + kit), not in this one.
+    assert [(g.release, g.pid != os.getpid() and g.pid > 0) for g in sorter.stager.staged] == [(2, True)]
     state = sorter.store.state()
     assert sorter.store.releases() == [2] and state.highest_accepted == 2
     assert state.active is None  # [models] auto_activate is off: the operator activates it
@@ -215,6 +234,40 @@ def test_tampered_chunk_refused_naming_the_hash_check(tmp_path: Path, signed: An
     assert sorter.store.releases() == [] and sorter.store.state().highest_accepted == 0  # nothing accepted
     assert not list((tmp_path / "models" / "staging").iterdir())
     assert "r2 refused (file-hash:" in status_table(data)
+
+
+@pytest.mark.parametrize(("how", "check"), [("killed", "prepare-died"), ("slow", "prepare-timeout")])
+def test_a_staging_helper_that_dies_or_times_out_is_reported_and_nothing_staged(
+        tmp_path: Path, signed: Any, monkeypatch: pytest.MonkeyPatch, how: str, check: str) -> None:
+    """The helper killed at stage.rename (releases/2 moved in, not recorded), or given too little
+    time: the trainer is told which, the store holds nothing of it, and it is not offered again."""
+    key, r2, _, kit = signed
+    ks, data = KeySet(tmp_path), tmp_path / "data"
+    offer_bundle(r2, data, [key.public_key()])
+    if how == "killed":
+        helper_dies_at(monkeypatch, "stage.rename")
+    sorter = Sorter(tmp_path / "models", key, kit, timeout_s=120.0 if how == "killed" else 0.05)
+
+    async def go() -> None:
+        trainer = Trainer(ks, data)
+        await trainer.start()
+        client = client_for(ks, trainer.server.endpoint, sorter)
+        task = asyncio.ensure_future(client.run())
+        await until(lambda: answer(data, 2) is not None and not sorter.reports.pending())
+        offers = trainer.server.stats.offers
+        await asyncio.sleep(1.0)  # several offer intervals: the trainer has its answer and offers it no more
+        assert trainer.server.stats.offers == offers
+        client.stop()
+        await task
+        await trainer.stop()
+
+    run(go())
+    got = answer(data, 2)
+    assert got is not None and got["status"] == "refused" and got["check"] == check, got
+    assert "nothing was staged" in got["detail"]
+    assert sorter.store.releases() == [] and sorter.store.state().highest_accepted == 0
+    assert not list((tmp_path / "models" / "staging").iterdir())  # no copy, no .part, no unpack dir
+    assert f"r2 refused ({check}:" in status_table(data)
 
 
 def test_download_cut_then_resumed_from_the_part_size(tmp_path: Path, signed: Any) -> None:

@@ -34,7 +34,8 @@ from sorterd.metrics import Metrics
 from sorterd.parts.inference import Model
 from sorterd.parts.inference.open import open_model
 from sorterd.release.download import Downloader, reports_for, rollback_reporter
-from sorterd.release.swap import HealthBounds, ReleaseWatcher, kit_policy, open_for_run, open_store, qa_gate
+from sorterd.release.prepare import ChildStager
+from sorterd.release.swap import HealthBounds, ReleaseWatcher, kit_policy, open_for_run, open_store
 from sorterd.sorting.liveness import Watchdog, keep_alive
 from sorterd.sorting.pipeline import Pipeline
 from sorterd.sorting.record import Recorder, make_batch_dir
@@ -161,9 +162,10 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         if watcher is not None and reports is not None:
             watcher.on_rolled_back = rollback_reporter(reports)
         if outbox is not None and link_options is not None:
+            # A download's staging (verify + golden + kit) runs in the watcher's kind of helper process.
             releases = None if store is None or reports is None or watcher is None else Downloader(
-                store, qa_gate(cfg.inference, kit_policy(cfg)), reports, auto_activate=cfg.models.auto_activate,
-                running=lambda: watcher.running if watcher is not None else None)
+                store, ChildStager(store, cfg.inference, kit_policy(cfg), cfg.models.prepare_timeout_s), reports,
+                auto_activate=cfg.models.auto_activate, running=lambda: watcher.running if watcher is not None else None)
             link = _start_link(link_options, outbox, metrics, releases)
         batch_log.counts = lambda: _final_counts(pipeline, parts, recorder, clock, outbox)
         print(f"sorterd: batch {batch_dir}  model {model.version} on {model.backend}"

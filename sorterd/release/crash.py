@@ -6,9 +6,9 @@ k-th time the process passes point `name` it sends itself SIGKILL -- a power cut
 repeatable instant (no timing, no flakes).  Every point the code has is in `STEPS`, so a test
 can cover each one; the variable is read once (the first call).
 
-A power cut takes the whole machine, so a point passed in the release watcher's helper process
-(`sorterd.release.prepare`: verification and the QA gate run there) counts as a pass of the
-sorter's own: the helper is started with `child_env()` (the passes still to go, and
+A power cut takes the whole machine, so a point passed in the sorter's helper process
+(`sorterd.release.prepare`: a swap's verification and QA gate, and a download's whole staging,
+`stage.*` / `verify.*` / `state.*`, run there) counts as a pass of the sorter's own: the helper is started with `child_env()` (the passes still to go, and
 `SORTERD_CRASH_PARENT=1`), reports its passes back in its answer (`passed()` -> `absorb()`), and
 when it is the one to reach the k-th pass it SIGKILLs its parent, the sorter, and then itself.
 """

@@ -19,13 +19,26 @@ Taking an offer (`offered`), in order: a release this store already holds is ans
 pinned) → refused `downgrade`, nothing downloaded; refused before in this run → ignored;
 `total_bytes` over `[models] max_release_mb` → refused `oversized`, nothing downloaded.  A
 whole download (`finish`) is split into `staging/<N>.unpack/` by the offer's file list (plain
-names only: the wire parser refuses anything else; nothing is ever extracted from an archive),
-then `ReleaseStore.stage` runs the one verification (`verify_release`: signature, floor, every
-file's size and hash, no file unlisted) and the QA gate `sorterd models stage` runs; its
-`Refused.check` names the refusal.  Accepted + `[models] auto_activate` → the store's active
-release, which the daemon's `ReleaseWatcher` swaps in.
+names only: the wire parser refuses anything else; nothing is ever extracted from an archive;
+plain file copying, in this thread), then the `Stager` stages it: in the daemon,
+`prepare.ChildStager`, which has the release watcher's helper *process* (`sorterd.release.prepare`,
+nice 19 + SCHED_IDLE, one onnxruntime thread) run `ReleaseStore.stage` with the QA gate -- the one
+verification (`verify_release`: signature, floor, every file's size and hash, no file unlisted),
+golden and the reference kit, the checks `sorterd models stage` runs -- so none of that CPU work
+takes the pipeline workers' GIL or cores ("nothing a download does may delay a stone").  The
+refusal's `Refused.check` names the failed check.  Accepted + `[models] auto_activate` → the
+store's active release, which the daemon's `ReleaseWatcher` swaps in.
 
-Power cuts (`crash.py`: `download.chunk`, `download.complete`, `download.unpacked`): a restart
+A helper past `[models] prepare_timeout_s` (killed) or one that dies without an answer is refused
+`prepare-timeout` / `prepare-died` and reported like any refusal; what it left is settled first
+(`ReleaseStore.undo_stage`: its staging copy removed, a release it moved into releases/ but never
+recorded taken out again), so nothing of it is staged -- unless it died after recording the release
+as accepted, which then is accepted.  The trainer offers a release a sorter has answered for to
+it never again (`ReleaseBook.answered`), and this run ignores a refused one: to retry, offer it
+anew under a higher release number.
+
+Power cuts (`crash.py`: `download.chunk`, `download.complete`, `download.unpacked` here; the
+store's `stage.*`, `verify.*` and `state.*` points in the helper, which kills this process too): a restart
 resumes from the .part's size (chunks are fsynced; a power cut may still leave a torn tail).
 Every byte is checked by hash at `finish`, never loaded before: a download that was resumed and
 fails `file-hash`/`file-size` is discarded and downloaded again from byte 0 (not reported as a
@@ -43,12 +56,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sorterd.data.files import fsync_dir, fsync_path, write_json_atomic
 from sorterd.link.wire import ReleaseChunk, ReleaseFile, ReleaseOffer, ReleaseResult
 from sorterd.release import crash
-from sorterd.release.store import PART_SUFFIX, QaGate, ReleaseStore, StoreError
+from sorterd.release.prepare import Staged
+from sorterd.release.store import PART_SUFFIX, ReleaseStore, StoreError
 from sorterd.release.verify import Refused
 
 log = logging.getLogger(__name__)
@@ -112,13 +126,23 @@ def _offer_from(doc: dict[str, Any]) -> ReleaseOffer:
                         tuple(ReleaseFile(str(f["name"]), int(f["size"]), str(f["sha256"])) for f in doc["files"]))
 
 
+class Stager(Protocol):
+    """What stages a whole download into the store (`sorterd.release.prepare.ChildStager`: the
+    verification and the QA gate in the low-priority helper process)."""
+
+    def stage(self, release: int, unpacked: Path) -> Staged:
+        """Stage the download of offered release `release`, split into `unpacked`; raises `Refused`
+        (the failed check; `prepare-timeout` / `prepare-died`: nothing staged) or `StoreError`."""
+        ...
+
+
 class Downloader:
     """The sorter's `ReleaseSide` (sorterd.link.client): offers in, the store's staging out.  Only the
     link client's calls touch it, one at a time (the client awaits each), so it needs no lock."""
 
-    def __init__(self, store: ReleaseStore, qa: QaGate | None, reports: ResultQueue, *,
+    def __init__(self, store: ReleaseStore, stager: Stager, reports: ResultQueue, *,
                  running: Callable[[], int | None], auto_activate: bool = False) -> None:
-        self.store, self.qa, self.reports = store, qa, reports
+        self.store, self.stager, self.reports = store, stager, reports
         self._running, self.auto_activate = running, auto_activate
         self.staging = store.root / "staging"
         self.refused: set[int] = set()  # refused in this run: not taken again until restart
@@ -183,7 +207,7 @@ class Downloader:
         try:
             self._unpack(offer, unpacked)
             crash.point("download.unpacked")
-            v = self.store.stage(unpacked, self.qa)
+            v = self.stager.stage(release, unpacked)
         except Refused as exc:
             if self.resumed and exc.check in ("file-hash", "file-size"):
                 log.warning("release %d: the resumed download fails %s (%s); downloading it again from byte 0",
@@ -202,7 +226,7 @@ class Downloader:
                 why = "staged and activated ([models] auto_activate)"
             except (StoreError, Refused) as exc:
                 why = f"staged; activating it failed: {exc}"
-        log.info("release %d from %s: %s", release, v.trainer, why)
+        log.info("release %d from %s: %s (staged in the helper, %.2f s)", release, v.trainer, why, v.seconds)
         self.reports.put(ReleaseResult(release, "accepted", "", f"release {release} {why}"))
         self._discard(release)
 

@@ -146,6 +146,32 @@ class ReleaseStore:
                     {"event": "accepted", "release": verified.release, "trainer": verified.trainer})
         return replace(verified, path=final)
 
+    def undo_stage(self, src: Path, highest_before: int) -> tuple[int, str] | None:
+        """Settle what a `stage(src, ...)` in a process that died or was killed without an answer
+        left (the download's helper, `sorterd.release.prepare`), as a restart would but without
+        counting an unrecorded release as accepted: its copy in staging/ removed; a release it moved
+        into releases/ but never recorded (above `highest_accepted`: only a stage cut between its
+        rename and its state write leaves one) taken out again, renamed back into staging/ first so
+        no cut leaves half of it in releases/.  When it did record a release as accepted after
+        `highest_before` (it died after its last step), nothing is undone: (that release, its trainer)."""
+        staging = self.root / "staging"
+        for p in sorted(staging.glob(f"{src.name}.*")):
+            shutil.rmtree(p, ignore_errors=True)
+        state = self.state()
+        if state.highest_accepted > highest_before:
+            n = state.highest_accepted
+            trainer = next((str(e.get("trainer", "")) for e in reversed(state.history)
+                            if e.get("event") == "accepted" and e.get("release") == n), "")
+            return n, trainer
+        for n in self.releases():
+            if n > state.highest_accepted:
+                out = staging / f"{n}.unrecorded"
+                shutil.rmtree(out, ignore_errors=True)
+                os.replace(self.path(n), out)
+                fsync_dir(self.path(n).parent)
+                shutil.rmtree(out, ignore_errors=True)
+        return None
+
     def _copy(self, src: Path, dst: Path) -> None:
         """A copy of a flat bundle, every file and the directory fsynced; symlinks are copied as
         symlinks (so verification refuses them) and sub-directories are copied empty."""

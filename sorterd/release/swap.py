@@ -178,9 +178,10 @@ def prepare_and_open(store: ReleaseStore, release: int, options: InferenceOption
     return model
 
 
-def qa_gate(options: InferenceOptions, kit: KitPolicy) -> QaGate:
-    """`ReleaseStore.stage`'s gate (`sorterd models stage`, a download over the link): the staged
-    release opened with the sorter's backend, golden + reference kit, closed again."""
+def qa_gate(options: InferenceOptions, kit: KitPolicy | None) -> QaGate:
+    """`ReleaseStore.stage`'s gate (`sorterd models stage`; a download over the link, in the helper
+    process `sorterd.release.prepare`): the staged release opened with the sorter's backend, golden
+    + reference kit (golden only when `kit` is None), closed again."""
     def gate(v: Verified) -> list[tuple[str, str]]:
         model = _open(options, v.path)
         try:
