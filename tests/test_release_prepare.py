@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,37 @@ def test_a_staging_helper_past_its_timeout_is_killed_and_nothing_staged(
     assert reached.exists()  # killed mid-staging, not before it began
     _clean(store)
     assert _helpers_alive() == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_helper_dies_with_the_sorter_that_started_it(tmp_path: Path) -> None:
+    """A sorter killed alone (outside systemd's control group) takes its checking helper with it:
+    no helper goes on writing the store beside the restarted sorter."""
+    pidfile = tmp_path / "helper.pid"
+    helper = ("import os, time; from sorterd.release import prepare; prepare.die_with_parent(); "
+              f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
+    sorter = ("import subprocess, sys, time; from sorterd.release import prepare; "
+              f"subprocess.Popen([sys.executable, '-c', {helper!r}], env=prepare._child_env()); time.sleep(600)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parent = subprocess.Popen([sys.executable, "-c", sorter], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pidfile.exists() and pidfile.read_text()):
+            assert time.monotonic() < deadline and parent.poll() is None, "the helper never started"
+            time.sleep(0.05)
+        pid = int(pidfile.read_text())
+        os.kill(pid, 0)  # alive while its sorter is
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+        assert time.monotonic() < deadline, "the helper outlived its sorter"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"

@@ -27,6 +27,7 @@ from sorterd.cli.compose import load_config
 from sorterd.link import wire
 from sorterd.link.client import ClientOptions, LinkClient
 from sorterd.link.server import LinkServer
+from sorterd.release import download, prepare
 from sorterd.release.download import REPORTS, Downloader, ResultQueue, reports_for, rollback_reporter
 from sorterd.release.prepare import ChildStager, Staged
 from sorterd.release.qa import KIT_FILE, KitPolicy, save_kit
@@ -237,16 +238,28 @@ def test_tampered_chunk_refused_naming_the_hash_check(tmp_path: Path, signed: An
 
 
 @pytest.mark.parametrize(("how", "check"), [("killed", "prepare-died"), ("slow", "prepare-timeout")])
-def test_a_staging_helper_that_dies_or_times_out_is_reported_and_nothing_staged(
+def test_a_staging_helper_that_keeps_dying_or_timing_out_is_retried_then_reported_and_nothing_staged(
         tmp_path: Path, signed: Any, monkeypatch: pytest.MonkeyPatch, how: str, check: str) -> None:
     """The helper killed at stage.rename (releases/2 moved in, not recorded), or given too little
-    time: the trainer is told which, the store holds nothing of it, and it is not offered again."""
+    time, every time: the whole download is kept and staged again on the trainer's next offers (no
+    byte downloaded twice), and after RETRY_ATTEMPTS tries the trainer is told which check, the store
+    holds nothing of it, and it is not offered again."""
     key, r2, _, kit = signed
     ks, data = KeySet(tmp_path), tmp_path / "data"
     offer_bundle(r2, data, [key.public_key()])
     if how == "killed":
         helper_dies_at(monkeypatch, "stage.rename")
+    monkeypatch.setattr(download, "RETRY_FIRST_S", 0.2)
+    monkeypatch.setattr(download, "RETRY_ATTEMPTS", 3)
     sorter = Sorter(tmp_path / "models", key, kit, timeout_s=120.0 if how == "killed" else 0.05)
+    tries: list[int] = []
+    stage = sorter.stager.stage
+
+    def counted(release: int, unpacked: Path) -> Staged:
+        tries.append(release)
+        return stage(release, unpacked)
+
+    sorter.stager.stage = counted  # type: ignore[method-assign]
 
     async def go() -> None:
         trainer = Trainer(ks, data)
@@ -260,14 +273,83 @@ def test_a_staging_helper_that_dies_or_times_out_is_reported_and_nothing_staged(
         client.stop()
         await task
         await trainer.stop()
+        total = trainer.shelf.newest().total_bytes  # type: ignore[union-attr]
+        assert sorted(set(trainer.shelf.reads)) == trainer.shelf.reads  # each chunk read once: kept, not fetched again
+        assert set(trainer.shelf.reads) == set(range(0, total, wire.MAX_CHUNK_BYTES))
 
     run(go())
+    assert tries == [2, 2, 2]
     got = answer(data, 2)
     assert got is not None and got["status"] == "refused" and got["check"] == check, got
-    assert "nothing was staged" in got["detail"]
+    assert "nothing was staged" in got["detail"] and "tried 3 times" in got["detail"]
     assert sorter.store.releases() == [] and sorter.store.state().highest_accepted == 0
     assert not list((tmp_path / "models" / "staging").iterdir())  # no copy, no .part, no unpack dir
     assert f"r2 refused ({check}:" in status_table(data)
+
+
+def test_a_staging_helper_killed_once_is_retried_from_the_kept_download_and_accepted(
+        tmp_path: Path, signed: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper killed the first time only (a passing overload, a cgroup OOM kill): nothing is
+    reported then; the next offer stages the kept download again and it is accepted, downloaded once."""
+    key, r2, _, kit = signed
+    ks, data = KeySet(tmp_path), tmp_path / "data"
+    offer_bundle(r2, data, [key.public_key()])
+    monkeypatch.setattr(download, "RETRY_FIRST_S", 0.2)
+    sorter = Sorter(tmp_path / "models", key, kit)
+    real = prepare.child_command
+    helper_dies_at(monkeypatch, "stage.rename")
+    dying = prepare.child_command
+    calls: list[int] = []
+
+    def first_dies() -> list[str]:
+        calls.append(1)
+        return dying() if len(calls) == 1 else real()
+
+    monkeypatch.setattr(prepare, "child_command", first_dies)
+
+    async def go() -> None:
+        trainer = Trainer(ks, data)
+        await trainer.start()
+        client = client_for(ks, trainer.server.endpoint, sorter)
+        task = asyncio.ensure_future(client.run())
+        await until(lambda: answer(data, 2) is not None and not sorter.reports.pending())
+        client.stop()
+        await task
+        await trainer.stop()
+        assert sorted(set(trainer.shelf.reads)) == trainer.shelf.reads  # downloaded once
+
+    run(go())
+    assert len(calls) == 2
+    assert answer(data, 2)["status"] == "accepted"  # type: ignore[index]
+    assert sorter.store.releases() == [2] and sorter.store.state().highest_accepted == 2
+
+
+def test_a_manifest_numbered_unlike_its_offer_is_refused(tmp_path: Path, signed: Any) -> None:
+    """A trainer's shelf holding release 3's signed bundle under 2/ (a copy by hand): the sorter
+    stages what the manifest says only when it is what was offered."""
+    key, _, r3, kit = signed
+    ks, data = KeySet(tmp_path), tmp_path / "data"
+    shelf = signed_dir(data) / "2"
+    shelf.mkdir(parents=True)
+    for f in r3.iterdir():
+        (shelf / f.name).write_bytes(f.read_bytes())
+    sorter = Sorter(tmp_path / "models", key, kit)
+
+    async def go() -> None:
+        trainer = Trainer(ks, data)
+        await trainer.start()
+        client = client_for(ks, trainer.server.endpoint, sorter)
+        task = asyncio.ensure_future(client.run())
+        await until(lambda: answer(data, 2) is not None and not sorter.reports.pending())
+        client.stop()
+        await task
+        await trainer.stop()
+
+    run(go())
+    got = answer(data, 2)
+    assert got is not None and got["status"] == "refused" and got["check"] == "manifest", got
+    assert "signed manifest is release 3, but it was offered as release 2" in got["detail"]
+    assert sorter.store.releases() == [] and sorter.store.state().highest_accepted == 0
 
 
 def test_download_cut_then_resumed_from_the_part_size(tmp_path: Path, signed: Any) -> None:

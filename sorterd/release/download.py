@@ -29,13 +29,18 @@ takes the pipeline workers' GIL or cores ("nothing a download does may delay a s
 refusal's `Refused.check` names the failed check.  Accepted + `[models] auto_activate` → the
 store's active release, which the daemon's `ReleaseWatcher` swaps in.
 
-A helper past `[models] prepare_timeout_s` (killed) or one that dies without an answer is refused
-`prepare-timeout` / `prepare-died` and reported like any refusal; what it left is settled first
-(`ReleaseStore.undo_stage`: its staging copy removed, a release it moved into releases/ but never
-recorded taken out again), so nothing of it is staged -- unless it died after recording the release
-as accepted, which then is accepted.  The trainer offers a release a sorter has answered for to
-it never again (`ReleaseBook.answered`), and this run ignores a refused one: to retry, offer it
-anew under a higher release number.
+A helper past `[models] prepare_timeout_s` (killed), one that dies without an answer, or a store
+error (a full disk) says nothing about the release, only about this machine now: what the helper
+left is settled (`ReleaseStore.undo_stage`: its staging copy removed, a release it moved into
+releases/ but never recorded taken out again -- or, had it recorded the release as accepted, it is
+accepted), the whole, fsynced .part is *kept* and nothing is reported yet: the next offer of it
+(the trainer repeats an unanswered offer on the sorter's heartbeats) stages it again straight from
+the .part, no byte downloaded twice, after RETRY_FIRST_S, then twice as long each time up to
+RETRY_MAX_S.  Only after RETRY_ATTEMPTS such tries is it refused with that check (`prepare-timeout`
+/ `prepare-died` / `store`) and reported; the trainer then never offers it to this sorter again
+(`ReleaseBook.answered`): to retry, offer it anew under a higher release number.  A manifest whose
+release number is not the offer's is refused `manifest` (the store would otherwise hold a release
+the trainer never offered).
 
 Power cuts (`crash.py`: `download.chunk`, `download.complete`, `download.unpacked` here; the
 store's `stage.*`, `verify.*` and `state.*` points in the helper, which kills this process too): a restart
@@ -53,6 +58,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -61,13 +67,14 @@ from typing import Any, Protocol
 from sorterd.data.files import fsync_dir, fsync_path, write_json_atomic
 from sorterd.link.wire import ReleaseChunk, ReleaseFile, ReleaseOffer, ReleaseResult
 from sorterd.release import crash
-from sorterd.release.prepare import Staged
+from sorterd.release.prepare import PREPARE_CHECKS, Staged
 from sorterd.release.store import PART_SUFFIX, ReleaseStore, StoreError
 from sorterd.release.verify import Refused
 
 log = logging.getLogger(__name__)
 
 REPORTS = "reports.json"
+RETRY_FIRST_S, RETRY_MAX_S, RETRY_ATTEMPTS = 60.0, 900.0, 5  # staging that failed for this machine's sake
 OFFER_SUFFIX = PART_SUFFIX + ".json"
 READ_BLOCK = 1 << 20  # unpacking reads the .part this much at a time (never the whole release in memory)
 
@@ -150,6 +157,8 @@ class Downloader:
         self.current: ReleaseOffer | None = None
         self.size = 0
         self.resumed = False  # the current download continued a .part left by an earlier run
+        self._retry: dict[int, tuple[float, int]] = {}  # release -> (not before, monotonic s; tries so far)
+        self.clock: Callable[[], float] = time.monotonic
 
     # -- the link client's calls -------------------------------------------------------------
 
@@ -166,6 +175,8 @@ class Downloader:
         n = offer.release
         if n in self.refused or (self.current is not None and n < self.current.release):
             return None
+        if n in self._retry and self.clock() < self._retry[n][0]:
+            return None  # its staging failed for this machine's sake a moment ago: not yet again
         floor = self.store.floor()
         if n in self.store.releases() and n <= floor.highest:
             self._discard(n)
@@ -208,7 +219,13 @@ class Downloader:
             self._unpack(offer, unpacked)
             crash.point("download.unpacked")
             v = self.stager.stage(release, unpacked)
+        except StoreError as exc:
+            self._postpone(release, "store", str(exc))
+            return
         except Refused as exc:
+            if exc.check in PREPARE_CHECKS:
+                self._postpone(release, exc.check, exc.detail)
+                return
             if self.resumed and exc.check in ("file-hash", "file-size"):
                 log.warning("release %d: the resumed download fails %s (%s); downloading it again from byte 0",
                             release, exc.check, exc.detail)
@@ -219,6 +236,7 @@ class Downloader:
             return
         finally:
             shutil.rmtree(unpacked, ignore_errors=True)
+        self._retry.pop(release, None)
         why = "staged"
         if self.auto_activate:
             try:
@@ -234,6 +252,20 @@ class Downloader:
 
     def _part(self, release: int) -> Path:
         return self.staging / f"{release}{PART_SUFFIX}"
+
+    def _postpone(self, release: int, check: str, detail: str) -> None:
+        """Staging failed for this machine's sake (`check`): keep the whole .part and stage it again
+        on a later offer, after a growing wait; refused and reported after RETRY_ATTEMPTS tries."""
+        tries = self._retry.get(release, (0.0, 0))[1] + 1
+        if tries >= RETRY_ATTEMPTS:
+            self._retry.pop(release, None)
+            self._refuse(release, check, f"{detail} (staging tried {tries} times)")
+            return
+        wait = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (tries - 1))
+        self._retry[release] = (self.clock() + wait, tries)
+        log.warning("release %d: staging failed (%s: %s); the download is kept and staged again when the trainer "
+                    "next offers it, in %.0f s or more (try %d of %d)", release, check, detail, wait, tries,
+                    RETRY_ATTEMPTS)
 
     def _refuse(self, release: int, check: str, detail: str) -> None:
         """Refused (nothing of it kept); the result queued for the trainer."""

@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 
 PREPARE_CHECKS = ("prepare-timeout", "prepare-died")  # refusals of the helper itself (metric labels)
 MODULE = "sorterd.release.prepare"
+PARENT_ENV = "SORTERD_PREPARE_PARENT"  # the sorter's pid, for `die_with_parent`
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ def _child_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # one thread each: background work
         env[var] = "1"
+    env[PARENT_ENV] = str(os.getpid())
     return env
 
 
@@ -169,9 +171,8 @@ def stage_in_child(store: ReleaseStore, release: int, unpacked: Path, options: I
 
     before = store.floor().highest
     try:
-        a = _ask(request(store, unpacked, options, kit), timeout_s, f"release {release}",
-                 "nothing was staged; the trainer does not offer this release to this sorter again: "
-                 "offer it anew under a higher release number")
+        a = _ask({**request(store, unpacked, options, kit), "expect_release": release}, timeout_s,
+                 f"release {release}", "nothing was staged")
     except Refused as exc:
         if exc.check not in PREPARE_CHECKS:
             raise
@@ -269,7 +270,8 @@ def serve(req: dict[str, Any]) -> dict[str, Any]:
            if req["use_kit"] else None)
     try:
         if "stage" in req:
-            v = store.stage(Path(req["stage"]), qa_gate(options, kit))
+            expect = req.get("expect_release")
+            v = store.stage(Path(req["stage"]), qa_gate(options, kit), None if expect is None else int(expect))
         else:
             v = check_release(store, int(req["release"]), options, kit)
     except Refused as exc:
@@ -289,7 +291,24 @@ def _job_problem(req: object) -> str:
     return ""
 
 
+def die_with_parent() -> None:
+    """Linux: this helper is killed when the sorter that started it dies (PR_SET_PDEATHSIG), so a
+    helper never goes on writing the store beside a restarted sorter (a sorter killed alone, outside
+    systemd's control group).  Elsewhere, or if the parent is already gone, nothing / exit."""
+    parent = os.environ.get(PARENT_ENV)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if parent is not None and str(os.getppid()) != parent:  # it died before the prctl took hold
+        os._exit(3)
+
+
 def main() -> int:
+    die_with_parent()
     lower_priority()  # before numpy and onnxruntime are imported: their start-up is background work too
     try:
         req = json.loads(sys.stdin.read())

@@ -117,15 +117,20 @@ class ReleaseStore:
             left.append(f"releases/{stored} (recorded as accepted)")
         return left
 
-    def stage(self, src: Path, qa: QaGate | None) -> Verified:
+    def stage(self, src: Path, qa: QaGate | None, expect_release: int | None = None) -> Verified:
         """Copy `src` into staging, verify it there (the downgrade floor applies), run the QA gate,
-        and move it into releases/<N>; raises `Refused` (staging removed, nothing accepted)."""
+        and move it into releases/<N>; raises `Refused` (staging removed, nothing accepted).
+        `expect_release`: the number the bundle was offered as (a download); a signed manifest
+        naming another is refused `manifest`."""
         tmp = self.root / "staging" / f"{src.name}.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             self._copy(src, tmp)
             crash.point("stage.verify")
             verified = verify_release(tmp, self.trusted, self.floor(), self.max_bytes)
+            if expect_release is not None and verified.release != expect_release:
+                raise Refused("manifest", f"the signed manifest is release {verified.release}, but it was offered as "
+                              f"release {expect_release}: the trainer's shelf names it wrongly; nothing staged")
             crash.point("stage.qa")
             problems = qa(verified) if qa is not None else []
             if problems:
