@@ -3,12 +3,16 @@ release that classified it, none lost, no deadline missed; the health watch roll
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import threading
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -16,12 +20,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sorterd import config
 from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
+from sorterd.metrics import Metrics
+from sorterd.parts.inference import Model
+from sorterd.parts.inference.live import LiveModel
 from sorterd.release.download import REPORTS, ResultQueue
 from sorterd.release.keys import generate, load_private, load_public
 from sorterd.release.qa import KIT_FILE, save_kit
-from sorterd.release.store import ReleaseStore
-from sorterd.release.swap import HealthBounds, HealthWatch, compare
-from sorterd.sorting.record import read_rows
+from sorterd.release.store import ReleaseStore, StoreState
+from sorterd.release.swap import HealthBounds, HealthWatch, ReleaseWatcher, compare, open_active
+from sorterd.sorting.record import StoneRow, read_rows
 from tests.release_fakes import faithful_kit, make_release, resign, swap_clarity_outputs
 
 
@@ -88,23 +95,101 @@ def test_health_compare_names_what_moved() -> None:
     assert "flagged rate 100% vs 0%" in why and "SELECT rate 0% vs 100%" in why and "class mix distance 1.00" in why
 
 
+def _row(version: str, clarity: str) -> StoneRow:
+    """What the health watch reads of a finished row: a blue stone, SELECT when transparent."""
+    return cast(StoneRow, SimpleNamespace(model_version=version, color="blue", clarity=clarity, flagged=0,
+                                          bin="SELECT" if clarity == "transparent" else "FLIP"))
+
+
 def test_health_watch_waits_for_the_configured_stones() -> None:
     calls: list[tuple[str, str]] = []
     w = HealthWatch(HealthBounds(5, 0.1, 0.1, 0.2), lambda v, why: calls.append((v, why)))
-
-    class Row:
-        def __init__(self, v: str, clarity: str) -> None:
-            self.model_version, self.color, self.clarity, self.flagged = v, "blue", clarity, 0
-            self.bin = "SELECT" if clarity == "transparent" else "FLIP"
-
     for _ in range(5):
-        w.observe(Row("a", "transparent"))  # type: ignore[arg-type]
+        w.observe(_row("a", "transparent"))
     w.swapped("a", "b")
     for i in range(4):
-        w.observe(Row("b", "translucent"))  # type: ignore[arg-type]
+        w.observe(_row("b", "translucent"))
         assert calls == [], i
-    w.observe(Row("b", "translucent"))  # type: ignore[arg-type]
+    w.observe(_row("b", "translucent"))
     assert len(calls) == 1 and calls[0][0] == "b" and "SELECT rate" in calls[0][1]
+
+
+class _HeldStore(ReleaseStore):
+    """A store whose state.json read, once armed (`hold`), reads and then waits for `go`: the window
+    in which a row completes the health watch while the release watcher reads the state."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.hold, self.reading, self.go = False, threading.Event(), threading.Event()
+
+    def state(self) -> StoreState:
+        s = super().state()
+        if self.hold:
+            self.hold = False
+            self.reading.set()
+            assert self.go.wait(60), "the test never let the held read go"
+        return s
+
+
+class _Pipeline:
+    """What the watcher uses of the pipeline: the live model and the row observers."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = LiveModel(model)
+        self.row_observers: list[Callable[[StoneRow], None]] = []
+
+    def swap_model(self, new: Model) -> Model:
+        return self.model.swap(new)
+
+
+def test_a_verdict_reached_while_the_watcher_reads_the_state_is_not_undone_by_that_read(tmp_path: Path) -> None:
+    """The health watch rolls the bad release back (the row completing the watch, loop thread) while
+    the watcher's step is reading state.json (a thread: slow on a loaded machine).  That read still
+    names the bad release active, and `running` is now the release before it: the step must not
+    take the stale read for a new activation and swap the bad release straight back in."""
+    pub, sec = generate(tmp_path / "keys", "trainer")
+    store = _HeldStore(tmp_path / "state", [load_public(pub)], 10**9)
+    key = load_private(sec)
+    for n in (1, 2):
+        store.stage(make_release(tmp_path / f"r{n}", key, n), None)
+    store.activate(1)
+    options = load_config(config.sim_config_path()).inference
+    first = open_active(store, options)
+    assert first is not None
+    pipeline = _Pipeline(first)
+    told: list[tuple[int, str]] = []
+    watcher = ReleaseWatcher(store, options, pipeline, Metrics(), HealthBounds(5, 0.1, 0.1, 0.2),  # type: ignore[arg-type]
+                             0.05, 1)
+    watcher.on_rolled_back = lambda release, why: told.append((release, why))
+
+    async def main() -> None:
+        for _ in range(5):
+            watcher.health.observe(_row(first.version, "transparent"))
+        store.activate(2)
+        await watcher.step()
+        bad = pipeline.model.current()
+        assert watcher.running == 2 and bad.version.endswith("@r2")
+        store.hold = True
+        step = asyncio.create_task(watcher.step())
+        deadline = time.monotonic() + 60
+        while not store.reading.is_set():
+            assert time.monotonic() < deadline, "the step never read the state"
+            await asyncio.sleep(0.01)
+        for _ in range(5):  # the bad release sorts unlike release 1: the watch swaps 1 back in
+            watcher.health.observe(_row(bad.version, "translucent"))
+        assert pipeline.model.current() is first and watcher.running == 1
+        store.go.set()
+        await step
+        assert pipeline.model.current() is first and watcher.running == 1, "the stale read swapped the bad release back in"
+        await watcher.step()  # the rollback: state.json names release 1 again, the trainer is told
+        await watcher.step()
+        assert pipeline.model.current() is first and watcher.running == 1
+
+    asyncio.run(main())
+    state = store.state()
+    assert state.active == 1 and state.previous == 2 and state.history[-1]["event"] == "rolled back"
+    assert [r for r, _ in told] == [2] and "SELECT rate" in told[0][1]
+    assert watcher.health.verdicts[-1][0].endswith("@r2") and watcher.health.verdicts[-1][1]
 
 
 @pytest.mark.slow

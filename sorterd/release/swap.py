@@ -383,6 +383,11 @@ class ReleaseWatcher:
         except StoreError as exc:
             log.error("release watch: %s", exc)
             return
+        if self._rollback is not None:
+            # The health watch judged while state.json was being read: that read is from before the
+            # rollback (it still names the bad release, and `running` is now the one before it).
+            # Acting on it would swap the bad release straight back in; the next step rolls back first.
+            return
         if active is None or active == self.running or active in self.refused:
             return
         try:
