@@ -4,8 +4,12 @@ release that classified it, none lost, no deadline missed; the health watch roll
 from __future__ import annotations
 
 import asyncio
-import io
 import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sorterd import config
 from sorterd.cli.compose import load_config
-from sorterd.cli.run import RunOptions, run
 from sorterd.metrics import Metrics
 from sorterd.parts.inference import Model
 from sorterd.parts.inference.live import LiveModel
@@ -31,58 +34,117 @@ from sorterd.release.swap import HealthBounds, HealthWatch, ReleaseWatcher, comp
 from sorterd.sorting.record import StoneRow, read_rows
 from tests.release_fakes import faithful_kit, make_release, resign, swap_clarity_outputs
 
+CHILD = Path(__file__).resolve().parent / "release_run_child.py"
+REPO = Path(__file__).resolve().parents[1]
+FEED = 6000  # 300 s of sorting at sim.rate_per_s: more than any test waits for (it stops the run)
+DEADLINE_S = 300.0  # the release helper runs at SCHED_IDLE: on a loaded 2-core box its checks take long
 
-def _store_and_cfg(tmp_path: Path, kit: bool = True, **models: object) -> tuple[ReleaseStore, config.Config, Path]:
-    """A sorter with a release store; `kit`: a reference kit recorded today (the QA gate's)."""
+
+def _store_and_overrides(tmp_path: Path, kit: bool = True,
+                         **models: object) -> tuple[ReleaseStore, dict[str, dict[str, object]], Path]:
+    """A sorter with a release store (its config overrides); `kit`: a reference kit recorded today."""
     pub, sec = generate(tmp_path / "keys", "trainer")
     over: dict[str, dict[str, object]] = {
         "record": {"log_dir": str(tmp_path / "logs")}, "metrics": {"port": 0},
         "calibration": {"dir": str(tmp_path / "cal")},
         "models": {"dir": str(tmp_path / "state"), "trusted_keys": [str(pub)], "poll_s": 0.05, **models}}
-    cfg = load_config(config.sim_config_path(), over)
     if kit:
-        day = tmp_path / "cal" / cfg.machine.name / date.today().isoformat()
+        day = tmp_path / "cal" / load_config(config.sim_config_path(), over).machine.name / date.today().isoformat()
         day.mkdir(parents=True)
         save_kit(day / KIT_FILE, faithful_kit())
     store = ReleaseStore(tmp_path / "state", [load_public(pub)], 10**9)
-    return store, cfg, sec
+    return store, over, sec
 
 
-def _activate_when_sorting(store: ReleaseStore, logs: Path, release: int, after_s: float) -> threading.Thread:
-    """Activate `release` as `sorterd models activate` would, once the run has sorted a while."""
-    def go() -> None:
-        deadline = time.monotonic() + 60
-        while not any(logs.glob("*/stones.db")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(after_s)
-        store.activate(release)
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    return t
+class _Sorting:
+    """`sorterd run` on the simulated machine in a child process (tests/release_run_child.py), fed
+    `FEED` stones.  The run's pace has nothing to do with the wall clock (the virtual clock skips idle
+    time; the release helper's checks crawl on a loaded machine), so a test never sleeps a fixed
+    time: it waits until the run has recorded what it needs (`until`, generous deadline), then
+    stops it as an operator would (`stop`, SIGTERM: no new stones, those in flight finished)."""
+
+    def __init__(self, tmp_path: Path, over: dict[str, dict[str, object]]) -> None:
+        self.tmp, self.log = tmp_path, tmp_path / "run.log"
+        (tmp_path / "over.json").write_text(json.dumps(over))
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen([sys.executable, str(CHILD), str(tmp_path / "over.json"), str(FEED),
+                                          str(tmp_path / "s.json")], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """stones.db's rows so far, in stone order (none before the recorder created it)."""
+        dbs = list((self.tmp / "logs").glob("*/stones.db"))
+        try:
+            return read_rows(dbs[0]) if dbs else []
+        except sqlite3.Error:  # created, its table not yet
+            return []
+
+    def until(self, what: str, seen: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + DEADLINE_S
+        while not seen():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the run ended (rc {self.proc.returncode}) before {what}:\n{self._tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not {what} after {DEADLINE_S:.0f} s:\n{self._tail()}")
+            time.sleep(0.2)
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM, the drain waited for; the run's summary."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the run did not stop within 120 s of SIGTERM:\n{self._tail()}") from None
+        assert rc == 128 + signal.SIGTERM, f"rc {rc}\n{self._tail()}"
+        return cast(dict[str, Any], json.loads((self.tmp / "s.json").read_text()))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+
+
+def _on(rows: list[dict[str, Any]], release: int, classified: bool = False) -> int:
+    """How many of `rows` release `release` classified (`classified`: only those given a class)."""
+    return sum(1 for r in rows if str(r["model_version"]).endswith(f"@r{release}")
+               and (not classified or r["clarity"] is not None))
+
+
+def _stretches(rows: list[dict[str, Any]]) -> list[str]:
+    """The releases that classified `rows`, one entry per unbroken stretch (in stone order)."""
+    versions = [str(r["model_version"]) for r in rows]
+    return [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
 
 
 @pytest.mark.slow
 def test_swap_under_load_every_row_names_the_release_that_classified_it(tmp_path: Path) -> None:
-    store, cfg, sec = _store_and_cfg(tmp_path)
+    store, over, sec = _store_and_overrides(tmp_path)
     key = load_private(sec)
     for n in (1, 2):
         store.stage(make_release(tmp_path / f"r{n}", key, n), None)
     store.activate(1)
-    t = _activate_when_sorting(store, tmp_path / "logs", 2, after_s=1.0)
-    res = run(cfg, RunOptions(stones=200, json_path=tmp_path / "s.json", progress=False), io.StringIO())
-    t.join(5)
-    s = json.loads((tmp_path / "s.json").read_text())
-    rows = sorted(read_rows(res.batch_dir / "stones.db"), key=lambda r: r["stone_id"])
+    run = _Sorting(tmp_path, over)
+    try:
+        run.until("20 stones were sorted on release 1", lambda: _on(run.rows(), 1) >= 20)
+        store.activate(2)  # as `sorterd models activate 2` would
+        run.until("20 stones were sorted on release 2", lambda: _on(run.rows(), 2) >= 20)
+        s = run.stop()
+    finally:
+        run.close()
+    rows = run.rows()
     versions = [r["model_version"] for r in rows]
-    v1, v2 = [v for v in dict.fromkeys(versions)]  # the start-up release, then the swapped-in one
-    assert v1.endswith("@r1") and v2.endswith("@r2")
     # Stones are numbered in pair order: all of release 1's before all of release 2's, no third.
+    v1, v2 = _stretches(rows)
+    assert v1.endswith("@r1") and v2.endswith("@r2")
     k = versions.index(v2)
-    assert set(versions[:k]) == {v1} and set(versions[k:]) == {v2} and k > 10 and len(rows) - k > 10
-    assert s["stones_fed"] == 200 and sum(s["bins"].values()) == 200  # none lost
+    assert k >= 20 and len(rows) - k >= 20
+    assert sum(s["bins"].values()) == s["stones_fed"] >= 40  # none lost
     assert len(rows) == s["objects_decided"]
     # Deadline misses are not asserted here: on this shared 2-core box they come and go with the
-    # load, swap or not; "0 caused by the swap" is for bench/ (not yet measured).
+    # load, swap or not; "0 caused by the swap" is bench/release_swap.py's.
     assert store.state().active == 2
 
 
@@ -199,7 +261,7 @@ def test_bad_release_rolled_back_by_the_health_watch(tmp_path: Path) -> None:
     stones = 40
     # No kit: the reference kit would refuse the clarity-swapped release before it went live; the
     # health watch is what catches a bad release that the gate cannot see.
-    store, cfg, sec = _store_and_cfg(tmp_path, kit=False, require_kit=False, health_stones=stones)
+    store, over, sec = _store_and_overrides(tmp_path, kit=False, require_kit=False, health_stones=stones)
     key = load_private(sec)
     store.stage(make_release(tmp_path / "r1", key, 1), None)
     bad = make_release(tmp_path / "r2src", key, 2)
@@ -207,25 +269,34 @@ def test_bad_release_rolled_back_by_the_health_watch(tmp_path: Path) -> None:
     _rerecord_golden(bad, key)
     store.stage(bad, None)
     store.activate(1)
-    t = _activate_when_sorting(store, tmp_path / "logs", 2, after_s=1.0)
-    res = run(cfg, RunOptions(stones=200, json_path=tmp_path / "s.json", progress=False), io.StringIO())
-    t.join(5)
+    run = _Sorting(tmp_path, over)
+
+    def back_on_release_1() -> bool:
+        rows = run.rows()
+        on_bad = [i for i, r in enumerate(rows) if str(r["model_version"]).endswith("@r2")]
+        return bool(on_bad) and store.state().history[-1]["event"] == "rolled back" and _on(rows[on_bad[-1]:], 1) >= 10
+
+    try:
+        # The baseline: as many classified stones of release 1 as the watch compares.
+        run.until(f"{stones} stones were classified on release 1", lambda: _on(run.rows(), 1, classified=True) >= stones)
+        store.activate(2)  # as `sorterd models activate 2` would
+        run.until("the health watch rolled release 2 back and release 1 sorted again", back_on_release_1)
+        s = run.stop()
+    finally:
+        run.close()
     state = store.state()
     assert state.active == 1 and state.previous == 2
     assert state.history[-1]["event"] == "rolled back" and "health check" in state.history[-1]["why"]
     # The trainer is told (run.py wires the watcher to the result queue; the link is off: it waits on disk).
     told = ResultQueue(tmp_path / "state" / REPORTS).pending()
     assert [(r.release, r.status, r.check) for r in told] == [(2, "rolled-back", "health")] and told[0].detail
-    rows = sorted(read_rows(res.batch_dir / "stones.db"), key=lambda r: r["stone_id"])
-    versions = [r["model_version"] for r in rows]
-    on_bad = [i for i, v in enumerate(versions) if v.endswith("@r2")]
-    assert on_bad, "the bad release never ran"
-    classified_bad = [rows[i] for i in on_bad if rows[i]["clarity"] is not None]
+    rows = run.rows()
+    # Release 1, the bad release once (never swapped in again), then release 1 to the end.
+    assert [v[-3:] for v in _stretches(rows)] == ["@r1", "@r2", "@r1"], _stretches(rows)
     # Rolled back within the configured stones (a pair or two in flight while the swap back lands).
-    assert len(classified_bad) <= stones + 10
-    assert versions[-1].endswith("@r1")  # back on release 1
-    s = json.loads((tmp_path / "s.json").read_text())
-    assert s["stones_fed"] == 200 and sum(s["bins"].values()) == 200  # none lost
+    assert stones <= _on(rows, 2, classified=True) <= stones + 10
+    assert sum(s["bins"].values()) == s["stones_fed"]  # none lost
+    assert len(rows) == s["objects_decided"]
 
 
 def _rerecord_golden(bundle: Path, key: Ed25519PrivateKey) -> None:
