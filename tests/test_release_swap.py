@@ -26,11 +26,12 @@ from sorterd.cli.compose import load_config
 from sorterd.metrics import Metrics
 from sorterd.parts.inference import Model
 from sorterd.parts.inference.live import LiveModel
+from sorterd.release import swap
 from sorterd.release.download import REPORTS, ResultQueue
 from sorterd.release.keys import generate, load_private, load_public
 from sorterd.release.qa import KIT_FILE, save_kit
 from sorterd.release.store import ReleaseStore, StoreState
-from sorterd.release.swap import HealthBounds, HealthWatch, ReleaseWatcher, compare, open_active
+from sorterd.release.swap import HealthBounds, HealthWatch, ReleaseWatcher, compare, open_active, open_release
 from sorterd.sorting.record import StoneRow, read_rows
 from tests.release_fakes import faithful_kit, make_release, resign, swap_clarity_outputs
 
@@ -204,11 +205,16 @@ class _Pipeline:
         return self.model.swap(new)
 
 
-def test_a_verdict_reached_while_the_watcher_reads_the_state_is_not_undone_by_that_read(tmp_path: Path) -> None:
+def test_a_verdict_reached_while_the_watcher_reads_the_state_is_not_undone_by_that_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The health watch rolls the bad release back (the row completing the watch, loop thread) while
     the watcher's step is reading state.json (a thread: slow on a loaded machine).  That read still
     names the bad release active, and `running` is now the release before it: the step must not
     take the stale read for a new activation and swap the bad release straight back in."""
+    # The same checks in this process instead of the SCHED_IDLE helper (tests/test_release_prepare.py's):
+    # under full load the helper may wait minutes for a CPU, and what is tested here is the step.
+    monkeypatch.setattr(swap, "prepare_and_open", lambda store, release, options, kit, timeout_s:
+                        open_release(store, release, options, kit))
     pub, sec = generate(tmp_path / "keys", "trainer")
     store = _HeldStore(tmp_path / "state", [load_public(pub)], 10**9)
     key = load_private(sec)
