@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from types import SimpleNamespace
@@ -205,12 +206,23 @@ class _Pipeline:
         return self.model.swap(new)
 
 
-def test_a_verdict_reached_while_the_watcher_reads_the_state_is_not_undone_by_that_read(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The health watch rolls the bad release back (the row completing the watch, loop thread) while
-    the watcher's step is reading state.json (a thread: slow on a loaded machine).  That read still
-    names the bad release active, and `running` is now the release before it: the step must not
-    take the stale read for a new activation and swap the bad release straight back in."""
+@dataclass
+class _Watched:
+    """A release watcher on a fake pipeline, release 1 running with a full baseline of healthy rows."""
+
+    store: _HeldStore
+    pipeline: _Pipeline
+    watcher: ReleaseWatcher
+    first: Model
+    told: list[tuple[int, str]]
+
+    def judge_bad(self) -> None:
+        """Rows that complete the watch on the release swapped in last, sorting unlike release 1."""
+        for _ in range(self.watcher.health.bounds.stones):
+            self.watcher.health.observe(_row(self.pipeline.model.current().version, "translucent"))
+
+
+def _watched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, releases: int) -> _Watched:
     # The same checks in this process instead of the SCHED_IDLE helper (tests/test_release_prepare.py's):
     # under full load the helper may wait minutes for a CPU, and what is tested here is the step.
     monkeypatch.setattr(swap, "prepare_and_open", lambda store, release, options, kit, timeout_s:
@@ -218,33 +230,41 @@ def test_a_verdict_reached_while_the_watcher_reads_the_state_is_not_undone_by_th
     pub, sec = generate(tmp_path / "keys", "trainer")
     store = _HeldStore(tmp_path / "state", [load_public(pub)], 10**9)
     key = load_private(sec)
-    for n in (1, 2):
+    for n in range(1, releases + 1):
         store.stage(make_release(tmp_path / f"r{n}", key, n), None)
     store.activate(1)
     options = load_config(config.sim_config_path()).inference
     first = open_active(store, options)
     assert first is not None
     pipeline = _Pipeline(first)
-    told: list[tuple[int, str]] = []
-    watcher = ReleaseWatcher(store, options, pipeline, Metrics(), HealthBounds(5, 0.1, 0.1, 0.2),  # type: ignore[arg-type]
-                             0.05, 1)
-    watcher.on_rolled_back = lambda release, why: told.append((release, why))
+    w = _Watched(store, pipeline, ReleaseWatcher(store, options, pipeline, Metrics(),  # type: ignore[arg-type]
+                                                 HealthBounds(5, 0.1, 0.1, 0.2), 0.05, 1), first, [])
+    w.watcher.on_rolled_back = lambda release, why: w.told.append((release, why))
+    for _ in range(5):
+        w.watcher.health.observe(_row(first.version, "transparent"))
+    return w
+
+
+def test_a_verdict_reached_while_the_watcher_reads_the_state_is_not_undone_by_that_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The health watch rolls the bad release back (the row completing the watch, loop thread) while
+    the watcher's step is reading state.json (a thread: slow on a loaded machine).  That read still
+    names the bad release active, and `running` is now the release before it: the step must not
+    take the stale read for a new activation and swap the bad release straight back in."""
+    w = _watched(tmp_path, monkeypatch, 2)
+    store, pipeline, watcher, first = w.store, w.pipeline, w.watcher, w.first
 
     async def main() -> None:
-        for _ in range(5):
-            watcher.health.observe(_row(first.version, "transparent"))
         store.activate(2)
         await watcher.step()
-        bad = pipeline.model.current()
-        assert watcher.running == 2 and bad.version.endswith("@r2")
+        assert watcher.running == 2 and pipeline.model.current().version.endswith("@r2")
         store.hold = True
         step = asyncio.create_task(watcher.step())
         deadline = time.monotonic() + 60
         while not store.reading.is_set():
             assert time.monotonic() < deadline, "the step never read the state"
             await asyncio.sleep(0.01)
-        for _ in range(5):  # the bad release sorts unlike release 1: the watch swaps 1 back in
-            watcher.health.observe(_row(bad.version, "translucent"))
+        w.judge_bad()  # the watch swaps release 1 back in
         assert pipeline.model.current() is first and watcher.running == 1
         store.go.set()
         await step
@@ -256,8 +276,33 @@ def test_a_verdict_reached_while_the_watcher_reads_the_state_is_not_undone_by_th
     asyncio.run(main())
     state = store.state()
     assert state.active == 1 and state.previous == 2 and state.history[-1]["event"] == "rolled back"
-    assert [r for r, _ in told] == [2] and "SELECT rate" in told[0][1]
+    assert [r for r, _ in w.told] == [2] and "SELECT rate" in w.told[0][1]
     assert watcher.health.verdicts[-1][0].endswith("@r2") and watcher.health.verdicts[-1][1]
+
+
+def test_a_health_rollback_after_the_operator_activated_another_release_leaves_that_one_active(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Release 2 is judged bad, and before the watcher's next step the operator activates release 3
+    (state.json: active 3, previous 2).  A plain rollback would make the bad release 2 active again
+    and swap it back in; the health rollback rolls back only from the release it judged."""
+    w = _watched(tmp_path, monkeypatch, 3)
+    store, pipeline, watcher = w.store, w.pipeline, w.watcher
+
+    async def main() -> None:
+        store.activate(2)
+        await watcher.step()
+        assert watcher.running == 2
+        w.judge_bad()
+        store.activate(3)  # `sorterd models activate 3` in the meantime
+        for _ in range(3):
+            await watcher.step()
+            assert watcher.running == 3 and pipeline.model.current().version.endswith("@r3")
+
+    asyncio.run(main())
+    state = store.state()
+    assert (state.active, state.previous) == (3, 2) and state.history[-1]["event"] == "activated"
+    assert [r for r, _ in w.told] == [2]  # the trainer still hears that release 2 sorted badly
+    assert watcher.refused == {2}
 
 
 @pytest.mark.slow
