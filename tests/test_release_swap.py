@@ -38,8 +38,12 @@ from tests.release_fakes import faithful_kit, make_release, resign, swap_clarity
 
 CHILD = Path(__file__).resolve().parent / "release_run_child.py"
 REPO = Path(__file__).resolve().parents[1]
-FEED = 6000  # 300 s of sorting at sim.rate_per_s: more than any test waits for (it stops the run)
-DEADLINE_S = 300.0  # the release helper runs at SCHED_IDLE: on a loaded 2-core box its checks take long
+# The release helper runs at SCHED_IDLE: under two busy loops on a 2-core box its 0.3 s of checks
+# took over 120 s (the default [models] prepare_timeout_s: refused, the run sorted on without it).
+# The tests allow it DEADLINE_S, and feed stones for that long: the simulated machine sorts at
+# sim.rate_per_s (20/s) in real time while the helper runs (the virtual clock skips nothing then).
+DEADLINE_S = 600.0
+FEED = int(20 * DEADLINE_S) + 1000  # more than any test waits for: it stops the run
 
 
 def _store_and_overrides(tmp_path: Path, kit: bool = True,
@@ -49,7 +53,8 @@ def _store_and_overrides(tmp_path: Path, kit: bool = True,
     over: dict[str, dict[str, object]] = {
         "record": {"log_dir": str(tmp_path / "logs")}, "metrics": {"port": 0},
         "calibration": {"dir": str(tmp_path / "cal")},
-        "models": {"dir": str(tmp_path / "state"), "trusted_keys": [str(pub)], "poll_s": 0.05, **models}}
+        "models": {"dir": str(tmp_path / "state"), "trusted_keys": [str(pub)], "poll_s": 0.05,
+                   "prepare_timeout_s": DEADLINE_S, **models}}
     if kit:
         day = tmp_path / "cal" / load_config(config.sim_config_path(), over).machine.name / date.today().isoformat()
         day.mkdir(parents=True)
