@@ -13,14 +13,14 @@ import logging
 import sys
 from pathlib import Path
 
-from sorterd import config
+from sorterd import config, journal
 from sorterd.cli.compose import load_config
 from sorterd.cli.run import RunOptions, run
 
 
 def main() -> int:
     overrides, stones, summary = json.loads(Path(sys.argv[1]).read_text()), int(sys.argv[2]), Path(sys.argv[3])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    journal.configure(logging.INFO, "%(asctime)s %(name)s %(levelname)s %(message)s")  # the swap, the verdict
     cfg = load_config(config.sim_config_path(), overrides)
     result = run(cfg, RunOptions(stones=stones, json_path=summary, progress=False))
     return 0 if result.stop_signal is None else 128 + result.stop_signal
