@@ -180,6 +180,10 @@ def test_activate_rollback_and_restart(store: ReleaseStore, signed: Path, tmp_pa
     assert (s.active, s.previous) == (6, 5)
     s = store.rollback("health check")
     assert (s.active, s.previous) == (5, 6) and s.history[-1]["why"] == "health check"
+    # The health watch's rollback names the release it judged: not the active one any more, nothing moves.
+    with pytest.raises(StoreError, match=r"^release 6 is no longer the active release \(release 5 is\): not rolled back$"):
+        store.rollback("health check", of=6)
+    assert (store.state().active, store.state().previous) == (5, 6)
     with pytest.raises(StoreError, match="release 9: not in"):
         store.activate(9)
     # A stored release damaged on disk is refused at activation, by the same checks.

@@ -207,9 +207,13 @@ class ReleaseStore:
         return self._write(replace(s, active=release, previous=s.active),
                            {"event": "activated", "release": release, "previous": s.active, "why": why})
 
-    def rollback(self, why: str = "operator") -> StoreState:
-        """Back to `previous` (the two swap places)."""
+    def rollback(self, why: str = "operator", of: int | None = None) -> StoreState:
+        """Back to `previous` (the two swap places).  With `of` (the health watch's), only while
+        release `of` is still the active one: an operator may have activated another since."""
         s = self.state()
+        if of is not None and s.active != of:
+            raise StoreError(f"release {of} is no longer the active release (release {s.active} is): "
+                             "not rolled back")
         if s.previous is None:
             raise StoreError("nothing to roll back to: no previous release (sorterd models list)")
         self.verify_stored(s.previous)

@@ -22,9 +22,12 @@ state.json changes, and the old one keeps running.
 
 The health watch (`HealthWatch`): the last `health_stones` rows of the release before the swap
 are the baseline; once the new release has classified as many, its flagged rate, SELECT rate
-and (color, clarity) mix are compared with the baseline's; past `[models]` bounds the store is
-rolled back (`ReleaseStore.rollback(why)`, state.json, so a restart runs the old one too), the
-old model swapped back in, and why is logged and counted.
+and (color, clarity) mix are compared with the baseline's; past `[models]` bounds the old model
+is swapped back in at once and the store is rolled back on the watcher's next step
+(`ReleaseStore.rollback(why, of=release)`, state.json, so a restart runs the old one too: only
+while the judged release is still active -- an operator may have activated another meanwhile);
+why is logged and counted, and the trainer told.  A release whose store rollback cannot be made
+is not swapped in again by this daemon (`refused`).
 """
 
 from __future__ import annotations
@@ -324,7 +327,7 @@ class ReleaseWatcher:
         # root queues it for the trainer (sorterd.release.download.ResultQueue) -- the watcher knows no link.
         self.on_rolled_back: Callable[[int, str], None] | None = None
         self.health = HealthWatch(bounds, self._unhealthy, self._committed)
-        self._rollback: tuple[str, str] | None = None
+        self._rollback: tuple[int | None, str, str] | None = None  # (release, version, why) judged unhealthy
         self._trusted_back: int | None = None
         self._previous: tuple[Model, int | None] | None = None  # the model a swap replaced, kept open for a rollback
         # A release's checks run in a helper process (`prepare_and_open`), waited for here; its open
@@ -352,7 +355,7 @@ class ReleaseWatcher:
         """Loop thread, from the row that completed the watch: the release before it, still open, is
         swapped straight back in (the next pair), and the store is rolled back on the next step."""
         log.error("release health: %s sorts unlike the release before it (%s): rolling back", version, why)
-        self._rollback = (version, why)
+        self._rollback = (self.running, version, why)  # the watch is on the release swapped in last
         if self._previous is not None:
             model, release = self._previous
             self._retire(self.pipeline.swap_model(model))
@@ -369,20 +372,30 @@ class ReleaseWatcher:
     async def step(self) -> None:
         """One look at the store: a pending rollback first, then the active release."""
         if self._rollback is not None:
-            version, why = self._rollback
+            release, version, why = self._rollback
             self._rollback = None
             try:
-                state = await asyncio.to_thread(self.store.rollback, f"health check: {version}: {why}")
+                # Only from the release judged: if the operator activated another meanwhile, a plain
+                # rollback would make the bad one active again (state.previous) and swap it back in.
+                state = await asyncio.to_thread(self.store.rollback, f"health check: {version}: {why}", release)
                 self._trusted_back = state.active  # the release it ran before: swapped in unwatched
                 self.metrics.model_rollbacks.inc()
-                if self.on_rolled_back is not None and state.previous is not None:
-                    await asyncio.to_thread(self.on_rolled_back, state.previous, why)
             except (StoreError, Refused) as exc:
-                log.error("release health: cannot roll back (%s); %s keeps running", exc, version)
+                # Not swapped in again by this daemon while state.json names it (`refused`).
+                if release is not None:
+                    self.refused.add(release)
+                log.error("release health: the store is not rolled back (%s); %s is not swapped in again", exc, version)
+            if self.on_rolled_back is not None and release is not None:
+                await asyncio.to_thread(self.on_rolled_back, release, why)
         try:
             active = (await asyncio.to_thread(self.store.state)).active
         except StoreError as exc:
             log.error("release watch: %s", exc)
+            return
+        if self._rollback is not None:
+            # The health watch judged while state.json was being read: that read is from before the
+            # rollback (it still names the bad release, and `running` is now the one before it).
+            # Acting on it would swap the bad release straight back in; the next step rolls back first.
             return
         if active is None or active == self.running or active in self.refused:
             return
