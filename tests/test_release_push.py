@@ -279,7 +279,7 @@ def test_a_staging_helper_that_keeps_dying_or_timing_out_is_retried_then_reporte
         task = asyncio.ensure_future(client.run())
         await until(lambda: answer(data, 2) is not None and not sorter.reports.pending())
         offers = trainer.server.stats.offers
-        await asyncio.sleep(1.0)  # several offer intervals: the trainer has its answer and offers it no more
+        await pings_after(trainer.server, SORTER, 2 * trainer.server.offer_every_s)  # answered: offered no more
         assert trainer.server.stats.offers == offers
         client.stop()
         await task
