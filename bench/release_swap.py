@@ -22,7 +22,8 @@ reference kit, then the watcher opens the session in its low-priority thread and
 between two frame pairs).  Per window -- before the activation, during (activation to 2 s after the
 first pair on release 2), after -- the pair latency (toplit exposure to decided, the slowest
 stone of each pair) p50/p99 and the deadline misses; the control is cut at the same offsets.
-Also: stones lost (fed - seen) and that every row names the release that classified it.
+Also: stones lost (fed - landed in a bin; a cluster of touching stones is one row, one decision)
+and that every row names the release that classified it.
 The machine is shared: read the swap run's windows against the control's, in one invocation.
 """
 
@@ -172,7 +173,8 @@ def _one(tmp: Path, args: argparse.Namespace, swap: bool) -> dict[str, Any]:
     swap_s = (min(new) - ta) / 1e9 if new else None
     t_end = (min(new) if new else ta) + int(DURING_TAIL_S * 1e9)
     out = {"swap": swap, "via": args.via, "versions": versions, "stones_fed": s["stones_fed"],
-           "binned": sum(s["bins"].values()), "rows": len(rows), "lost": s["stones_fed"] - len(rows),
+           "binned": sum(s["bins"].values()), "rows": len(rows), "objects_decided": s["objects_decided"],
+           "clusters": s["clusters"], "lost": s["stones_fed"] - sum(s["bins"].values()),
            "deadline_misses": s["deadline_misses"],
            "activation_to_first_new_pair_s": None if swap_s is None else round(swap_s, 3),
            "windows": _windows(rows, t0, ta, t_end), "wall_s": s.get("wall_s"),
