@@ -5,8 +5,9 @@
 
 --data is the dataset the bundle was trained on (`models/build_default.py`'s folder, with its
 split snapshot); the shifted lot (`sorterd.sim.recipe.SHIFTED_LOT`, 1,400 stones, outside every
-training machine's range in six ways) is generated into a working copy of it (labels, crops and
-session metadata; not the raw frames) and split by stone:
+training machine's range in six ways) is generated into a working copy of it (labels, crops,
+session metadata and the raw frames, hard-linked: every input is cut from its frames as the
+bundle's were) and split by stone:
 
     train  540 of the first 600 new stones  + --replay old training stones (stratified, "nothing forgotten")
     val     60 of the first 600 new stones  + 60 old validation stones   (temperatures refitted on these)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -36,14 +38,22 @@ NEW_LABELLED = 600
 
 
 def _copy_dataset(src: Path, dst: Path) -> None:
-    """Labels, crops and session metadata (what training reads), not the raw frames."""
+    """Labels, crops, session metadata and the raw frames (hard links where the file system allows:
+    nothing here writes a frame), so the inputs are cut from the frames as the bundle's were
+    (`sorterd train --crops auto`)."""
     dst.mkdir(parents=True)
     shutil.copy2(src / "labels.jsonl", dst / "labels.jsonl")
     shutil.copytree(src / "images" / "processed", dst / "images" / "processed")
     shutil.copytree(src / "sessions", dst / "sessions")
-    for meta in (src / "images" / "raw").glob("*/session_meta.json"):
-        (dst / "images" / "raw" / meta.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(meta, dst / "images" / "raw" / meta.parent.name / meta.name)
+    if (src / "images" / "raw").is_dir():
+        shutil.copytree(src / "images" / "raw", dst / "images" / "raw", copy_function=_link_or_copy)
+
+
+def _link_or_copy(a: str, b: str) -> None:
+    try:
+        os.link(a, b)
+    except OSError:
+        shutil.copy2(a, b)
 
 
 def _write(dst: Path, train: list[str], val: list[str], test: list[str], note: str) -> None:

@@ -1,19 +1,20 @@
 """Rebuild the default model bundle (models/default) with the trainer's own commands.
 
     pip install torch==2.13.0 && pip install -e '.[train]'
-    python models/build_default.py --data /tmp/melee       # ~2 min data + ~15 min training, 2 cores
+    python models/build_default.py --data /tmp/melee       # ~2.5 min data + ~15-30 min training, 2 cores
 
-It is exactly this (see sorterd/train/recipe.py for the lots and seeds):
+It is exactly this (see sorterd/sim/recipe.py for the lots and seeds):
 
     sorterd sim generate --out DATA --lot thai-mixed --stones 1000 --seed 1 --date 2026-03-02
     ... one line per lot: 4,500 stones in five training lots (domain-randomised: a new simulated
     machine every 150 stones, sorterd.sim.recipe.TRAIN_MACHINES), 1,200 in two test lots ...
     sorterd train --data DATA --out models/default --test-lots LOT-2026-006,LOT-2026-007 --seed 0 --force \
-        --epochs-heads 1 --epochs 5 --patience 2
+        --stats-path --backbone-dropout 0.25
     sorterd evaluate --model models/default --data DATA --report DATA/report
 
 The model log entry goes to models/model_log.jsonl (beside the bundle); the
 test figures are in the bundle's manifest ("metrics") and printed at the end.
+Then `python models/add_golden.py GOLDEN_DATA` gives it its golden inputs (see there).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 
 from sorterd.cli import main as sorterd
-from sorterd.sim.recipe import TEST_LOTS, TRAIN_EPOCHS, TRAIN_SEED, generate_default_dataset
+from sorterd.sim.recipe import TEST_LOTS, TRAIN_ARGS, TRAIN_SEED, generate_default_dataset
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,7 +41,7 @@ def main() -> int:
     n = generate_default_dataset(args.data, progress=lambda s: print(s, flush=True))
     print(f"{args.data}: {n} stones")
     train = ["train", "--data", str(args.data), "--out", str(args.out), "--test-lots", ",".join(TEST_LOTS),
-             "--seed", str(TRAIN_SEED), "--force", *TRAIN_EPOCHS, "--notes", "default bundle: models/build_default.py"]
+             "--seed", str(TRAIN_SEED), "--force", *TRAIN_ARGS, "--notes", "default bundle: models/build_default.py"]
     if args.version:
         train += ["--version", args.version]
     code = sorterd(train)

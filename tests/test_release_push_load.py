@@ -29,9 +29,10 @@ def test_push_and_swap_under_load_loses_nothing_and_rows_name_their_release(tmp_
         assert run["lost"] == 0 and run["stones_fed"] == 400 == run["binned"], run
         assert run["rows"] == run["objects_decided"] > 0, run  # one row per decided object (a cluster is one)
     swap = report["swap"]
-    assert swap["versions"] == ["v002@r1", "v002@r2"]
+    v = json.loads((REPO / "models" / "default" / "manifest.json").read_text())["version"]  # bench signs the default
+    assert swap["versions"] == [f"{v}@r1", f"{v}@r2"]
     assert swap["rows_on"] == {"mixed_after_swap": 0, "new_before_swap": 0}
-    assert report["control"]["versions"] == ["v002@r1"]
+    assert report["control"]["versions"] == [f"{v}@r1"]
     push = swap["push"]
     assert push["trainer_book"]["status"] == "accepted", push
     assert set(push["seconds_after_offer"]) == {"download_started", "downloaded", "accepted"}, push

@@ -71,18 +71,18 @@ def test_a_version_the_log_gives_another_bundle_is_refused(tmp_path: Path) -> No
 
 def test_the_old_readme_example_is_refused_before_any_training(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """`--out models/v002` beside the shipped log (which has v002: models/default, and v003: models/v003)
-    made a new version there; it is refused, naming the next free one."""
+    """`--out models/v002` beside the shipped log (which has v002 and v005: models/default, and v003:
+    models/v003) made a new version there; it is refused, naming the next free one."""
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(SHIPPED_LOG, models / "model_log.jsonl")
     before = (models / "model_log.jsonl").read_text()
     code = main(["train", "--data", str(tmp_path / "no-data"), "--out", str(models / "v002"), "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and "already records v002 (bundle models/default)" in err and "models/v004" in err, err
+    assert code == 2 and "already records v002 (bundle models/default)" in err and "models/v006" in err, err
     assert (models / "model_log.jsonl").read_text() == before and not (models / "v002").exists()
-    code = main(["train", "--data", str(tmp_path / "no-data"), "--out", str(models / "v005"), "--version", "v006"])
-    assert code == 2 and "names version v005 but --version is v006" in capsys.readouterr().err
+    code = main(["train", "--data", str(tmp_path / "no-data"), "--out", str(models / "v007"), "--version", "v008"])
+    assert code == 2 and "names version v007 but --version is v008" in capsys.readouterr().err
 
 
 def test_train_help_says_how_folder_version_and_log_agree() -> None:

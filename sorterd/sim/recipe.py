@@ -79,9 +79,10 @@ DEFAULT_LOTS: tuple[LotBatch, ...] = (
 )
 TEST_LOTS = ("LOT-2026-006", "LOT-2026-007")
 TRAIN_SEED = 0
-# v003's schedule: 1 heads-only + at most 5 end-to-end epochs (v002: 2 + 14).  Chosen for a
-# machine shared by eight engineers, where one epoch took ~4-7 min instead of ~45 s.
-TRAIN_EPOCHS = ("--epochs-heads", "1", "--epochs", "5", "--patience", "2")
+# v005's: `sorterd train`'s own schedule (2 heads-only + up to 14 end-to-end epochs, patience 4),
+# the stone statistics' own path to the logits and the CNN features of a quarter of the training
+# samples dropped (models/README.md "v005").  v003 had 1 + 5 epochs and neither.
+TRAIN_ARGS = ("--stats-path", "--backbone-dropout", "0.25")
 
 
 def generate_default_dataset(out: Path, progress: Callable[[str], None] | None = None) -> int:
