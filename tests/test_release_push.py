@@ -224,6 +224,8 @@ def test_tampered_chunk_refused_naming_the_hash_check(tmp_path: Path, signed: An
     ks, data = KeySet(tmp_path), tmp_path / "data"
     offer_bundle(r2, data, [key.public_key()])
     sorter = Sorter(tmp_path / "models", key, kit)
+    counted: list[str] = []
+    sorter.downloader.on_refused = counted.append  # what the daemon counts in sorterd_model_refusals_total
 
     async def go() -> None:
         trainer = Trainer(ks, data, TamperingShelf)
@@ -243,6 +245,7 @@ def test_tampered_chunk_refused_naming_the_hash_check(tmp_path: Path, signed: An
     run(go())
     got = answer(data, 2)
     assert got is not None and got["status"] == "refused" and got["check"] == "file-hash", got
+    assert counted == ["file-hash"]
     assert sorter.store.releases() == [] and sorter.store.state().highest_accepted == 0  # nothing accepted
     assert not list((tmp_path / "models" / "staging").iterdir())
     assert "r2 refused (file-hash:" in status_table(data)

@@ -165,7 +165,8 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
             # A download's staging (verify + golden + kit) runs in the watcher's kind of helper process.
             releases = None if store is None or reports is None or watcher is None else Downloader(
                 store, ChildStager(store, cfg.inference, kit_policy(cfg), cfg.models.prepare_timeout_s), reports,
-                auto_activate=cfg.models.auto_activate, running=lambda: watcher.running if watcher is not None else None)
+                auto_activate=cfg.models.auto_activate, running=lambda: watcher.running if watcher is not None else None,
+                on_refused=lambda check: metrics.model_refusals.labels(check).inc())
             link = _start_link(link_options, outbox, metrics, releases)
         batch_log.counts = lambda: _final_counts(pipeline, parts, recorder, clock, outbox)
         print(f"sorterd: batch {batch_dir}  model {model.version} on {model.backend}"

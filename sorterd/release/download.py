@@ -148,8 +148,11 @@ class Downloader:
     link client's calls touch it, one at a time (the client awaits each), so it needs no lock."""
 
     def __init__(self, store: ReleaseStore, stager: Stager, reports: ResultQueue, *,
-                 running: Callable[[], int | None], auto_activate: bool = False) -> None:
+                 running: Callable[[], int | None], auto_activate: bool = False,
+                 on_refused: Callable[[str], None] | None = None) -> None:
+        """`on_refused(check)`: each refusal, as the daemon counts it (`sorterd_model_refusals_total`)."""
         self.store, self.stager, self.reports = store, stager, reports
+        self.on_refused = on_refused
         self._running, self.auto_activate = running, auto_activate
         self.staging = store.root / "staging"
         self.refused: set[int] = set()  # refused in this run: not taken again until restart
@@ -271,6 +274,8 @@ class Downloader:
         """Refused (nothing of it kept); the result queued for the trainer."""
         log.warning("release %d: refused (%s): %s", release, check, detail)
         self.refused.add(release)
+        if self.on_refused is not None:
+            self.on_refused(check)
         self._discard(release)
         self.reports.put(ReleaseResult(release, "refused", check, detail))
 
