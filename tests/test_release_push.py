@@ -153,6 +153,24 @@ def answer(data: Path, release: int) -> dict[str, Any] | None:
     return read_book(data).get(SORTER, {}).get("results", {}).get(str(release))
 
 
+def until_answered(ks: KeySet, data: Path, sorter: Sorter, release: int = 2) -> Trainer:
+    """A trainer and `sorter`'s link client on loopback until the trainer's book has the sorter's
+    answer for `release` and nothing waits in its queue; both stopped; the trainer returned."""
+    async def go() -> Trainer:
+        trainer = Trainer(ks, data)
+        await trainer.start()
+        client = client_for(ks, trainer.server.endpoint, sorter)
+        task = asyncio.ensure_future(client.run())
+        await until(lambda: answer(data, release) is not None and not sorter.reports.pending())
+        client.stop()
+        await task
+        await trainer.stop()
+        return trainer
+
+    result: Trainer = run(go())
+    return result
+
+
 def test_offer_download_stage_accept_visible_in_trainer_status(tmp_path: Path, signed: Any) -> None:
     key, r2, _, kit = signed
     ks, data = KeySet(tmp_path), tmp_path / "data"
@@ -320,19 +338,8 @@ def test_a_staging_helper_killed_once_is_retried_from_the_kept_download_and_acce
         return dying() if len(calls) == 1 else real()
 
     monkeypatch.setattr(prepare, "child_command", first_dies)
-
-    async def go() -> None:
-        trainer = Trainer(ks, data)
-        await trainer.start()
-        client = client_for(ks, trainer.server.endpoint, sorter)
-        task = asyncio.ensure_future(client.run())
-        await until(lambda: answer(data, 2) is not None and not sorter.reports.pending())
-        client.stop()
-        await task
-        await trainer.stop()
-        assert sorted(set(trainer.shelf.reads)) == trainer.shelf.reads  # downloaded once
-
-    run(go())
+    trainer = until_answered(ks, data, sorter)
+    assert sorted(set(trainer.shelf.reads)) == trainer.shelf.reads  # downloaded once
     assert len(calls) == 2
     assert answer(data, 2)["status"] == "accepted"  # type: ignore[index]
     assert sorter.store.releases() == [2] and sorter.store.state().highest_accepted == 2
@@ -349,17 +356,7 @@ def test_a_manifest_numbered_unlike_its_offer_is_refused(tmp_path: Path, signed:
         (shelf / f.name).write_bytes(f.read_bytes())
     sorter = Sorter(tmp_path / "models", key, kit)
 
-    async def go() -> None:
-        trainer = Trainer(ks, data)
-        await trainer.start()
-        client = client_for(ks, trainer.server.endpoint, sorter)
-        task = asyncio.ensure_future(client.run())
-        await until(lambda: answer(data, 2) is not None and not sorter.reports.pending())
-        client.stop()
-        await task
-        await trainer.stop()
-
-    run(go())
+    until_answered(ks, data, sorter)
     got = answer(data, 2)
     assert got is not None and got["status"] == "refused" and got["check"] == "manifest", got
     assert "signed manifest is release 3, but it was offered as release 2" in got["detail"]
@@ -471,17 +468,7 @@ def test_rollback_while_the_link_is_down_reported_when_it_comes_back(tmp_path: P
     again = Sorter(tmp_path / "models", key, kit)
     assert [(r.release, r.status, r.check) for r in again.reports.pending()] == [(2, "rolled-back", "health")]
 
-    async def go() -> None:
-        trainer = Trainer(ks, data)
-        await trainer.start()
-        client = client_for(ks, trainer.server.endpoint, again)
-        task = asyncio.ensure_future(client.run())
-        await until(lambda: answer(data, 2) is not None and not again.reports.pending())
-        client.stop()
-        await task
-        await trainer.stop()
-
-    run(go())
+    until_answered(ks, data, again)
     got = answer(data, 2)
     assert got is not None and got["status"] == "rolled-back" and got["check"] == "health"
     assert "class mix" in got["detail"]
