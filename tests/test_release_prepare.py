@@ -23,6 +23,7 @@ from sorterd.metrics import Metrics
 from sorterd.parts.inference import InferenceOptions
 from sorterd.parts.inference.onnxruntime import OnnxModel
 from sorterd.release import prepare
+from sorterd.release.prepare import Retries
 from sorterd.release.qa import KitPolicy, save_kit
 from sorterd.release.store import ReleaseStore
 from sorterd.release.swap import HealthBounds, ReleaseWatcher
@@ -109,18 +110,28 @@ def test_the_helper_answers_what_it_verified(store: ReleaseStore, options: Infer
     assert _helpers_alive() == []
 
 
-def test_a_helper_past_its_timeout_is_killed_and_refused(store: ReleaseStore, options: InferenceOptions,
-                                                          tmp_path: Path) -> None:
+def test_a_helper_past_its_timeout_is_killed_tried_again_later_then_refused(
+        store: ReleaseStore, options: InferenceOptions, tmp_path: Path) -> None:
+    """A timeout says the machine is busy, not that the release is bad: the running model stays,
+    the release is tried again once its wait is over (not before), and refused only when the
+    schedule gives up."""
     watcher, pipeline, metrics = _watcher(store, options, tmp_path, timeout_s=0.05)  # too short to start python
+    now = [0.0]
+    watcher.retries = Retries(first_s=60.0, attempts=2, clock=lambda: now[0])
     store.activate(2)
     asyncio.run(watcher.step())
     assert watcher.running is None and "@r" not in pipeline.model.current().version  # the configured bundle runs
-    assert _refusals(metrics, "prepare-timeout") == 1 and 2 in watcher.refused
     assert _helpers_alive() == []  # killed and reaped, not left running
+    assert _refusals(metrics, "prepare-timeout") == 0 and 2 not in watcher.refused and watcher.retries.waiting(2)
     watcher.prepare_timeout_s = 120.0
-    asyncio.run(watcher.step())  # not retried until state.json changes
+    asyncio.run(watcher.step())  # its wait is not over: not tried (it would pass now)
+    assert watcher.running is None
+    watcher.prepare_timeout_s, now[0] = 0.05, 61.0
+    asyncio.run(watcher.step())  # tried again, times out again: that was the last try
+    assert _refusals(metrics, "prepare-timeout") == 1 and 2 in watcher.refused
     assert watcher.running is None
     watcher.refused.clear()  # as a new activation would
+    watcher.prepare_timeout_s = 120.0
     asyncio.run(watcher.step())
     assert watcher.running == 2 and pipeline.model.current().version.endswith("@r2")
 
@@ -134,6 +145,7 @@ def test_a_helper_that_dies_is_refused_and_the_old_release_runs(
         store: ReleaseStore, options: InferenceOptions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         code: str, want: str) -> None:
     watcher, pipeline, metrics = _watcher(store, options, tmp_path)
+    watcher.retries = Retries(attempts=1)  # no second try: the refusal itself is what this test reads
     store.activate(1)
     asyncio.run(watcher.step())
     monkeypatch.setattr(prepare, "child_command", lambda: [sys.executable, "-c", code])  # the helper dies
@@ -279,3 +291,19 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+def test_retries_wait_twice_as_long_each_time_up_to_the_cap_then_give_up() -> None:
+    now = [0.0]
+    r = Retries(first_s=60.0, max_s=150.0, attempts=4, clock=lambda: now[0])
+    assert not r.waiting(7)
+    assert r.failed(7) == (60.0, 1) and r.waiting(7)
+    now[0] = 60.0
+    assert not r.waiting(7) and r.failed(7) == (120.0, 2)
+    assert r.failed(7) == (150.0, 3)  # capped
+    assert r.failed(7) is None and not r.waiting(7)  # the 4th failure: give up, forgotten
+    assert r.failed(7) == (60.0, 1)
+    r.done(7)
+    assert not r.waiting(7) and not r.waiting(8)
+    with pytest.raises(ValueError, match="need 0 < first_s <= max_s and attempts >= 1"):
+        Retries(first_s=10.0, max_s=5.0)

@@ -27,9 +27,9 @@ from sorterd.cli.compose import load_config
 from sorterd.link import wire
 from sorterd.link.client import ClientOptions, LinkClient
 from sorterd.link.server import LinkServer
-from sorterd.release import download, prepare
+from sorterd.release import prepare
 from sorterd.release.download import REPORTS, Downloader, ResultQueue, reports_for, rollback_reporter
-from sorterd.release.prepare import ChildStager, Staged
+from sorterd.release.prepare import ChildStager, Retries, Staged
 from sorterd.release.qa import KIT_FILE, KitPolicy, save_kit
 from sorterd.release.store import PART_SUFFIX, ReleaseStore
 from sorterd.release.verify import Refused
@@ -274,16 +274,15 @@ def test_a_staging_helper_that_keeps_dying_or_timing_out_is_retried_then_reporte
         tmp_path: Path, signed: Any, monkeypatch: pytest.MonkeyPatch, how: str, check: str) -> None:
     """The helper killed at stage.rename (releases/2 moved in, not recorded), or given too little
     time, every time: the whole download is kept and staged again on the trainer's next offers (no
-    byte downloaded twice), and after RETRY_ATTEMPTS tries the trainer is told which check, the store
+    byte downloaded twice), and after the schedule's last try the trainer is told which check, the store
     holds nothing of it, and it is not offered again."""
     key, r2, _, kit = signed
     ks, data = KeySet(tmp_path), tmp_path / "data"
     offer_bundle(r2, data, [key.public_key()])
     if how == "killed":
         helper_dies_at(monkeypatch, "stage.rename")
-    monkeypatch.setattr(download, "RETRY_FIRST_S", 0.2)
-    monkeypatch.setattr(download, "RETRY_ATTEMPTS", 3)
     sorter = Sorter(tmp_path / "models", key, kit, timeout_s=120.0 if how == "killed" else 0.05)
+    sorter.downloader.retries = Retries(first_s=0.2, attempts=3)
     tries: list[int] = []
     stage = sorter.stager.stage
 
@@ -326,8 +325,8 @@ def test_a_staging_helper_killed_once_is_retried_from_the_kept_download_and_acce
     key, r2, _, kit = signed
     ks, data = KeySet(tmp_path), tmp_path / "data"
     offer_bundle(r2, data, [key.public_key()])
-    monkeypatch.setattr(download, "RETRY_FIRST_S", 0.2)
     sorter = Sorter(tmp_path / "models", key, kit)
+    sorter.downloader.retries = Retries(first_s=0.2)
     real = prepare.child_command
     helper_dies_at(monkeypatch, "stage.rename")
     dying = prepare.child_command

@@ -35,8 +35,8 @@ left is settled (`ReleaseStore.undo_stage`: its staging copy removed, a release 
 releases/ but never recorded taken out again -- or, had it recorded the release as accepted, it is
 accepted), the whole, fsynced .part is *kept* and nothing is reported yet: the next offer of it
 (the trainer repeats an unanswered offer on the sorter's heartbeats) stages it again straight from
-the .part, no byte downloaded twice, after RETRY_FIRST_S, then twice as long each time up to
-RETRY_MAX_S.  Only after RETRY_ATTEMPTS such tries is it refused with that check (`prepare-timeout`
+the .part, no byte downloaded twice, on the `prepare.Retries` schedule (60 s, doubling up to 15
+min).  Only after its 5 tries is it refused with that check (`prepare-timeout`
 / `prepare-died` / `store`) and reported; the trainer then never offers it to this sorter again
 (`ReleaseBook.answered`): to retry, offer it anew under a higher release number.  A manifest whose
 release number is not the offer's is refused `manifest` (the store would otherwise hold a release
@@ -58,7 +58,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -67,14 +66,13 @@ from typing import Any, Protocol
 from sorterd.data.files import fsync_dir, fsync_path, write_json_atomic
 from sorterd.link.wire import ReleaseChunk, ReleaseFile, ReleaseOffer, ReleaseResult
 from sorterd.release import crash
-from sorterd.release.prepare import PREPARE_CHECKS, Staged
+from sorterd.release.prepare import PREPARE_CHECKS, Retries, Staged
 from sorterd.release.store import PART_SUFFIX, ReleaseStore, StoreError
 from sorterd.release.verify import Refused
 
 log = logging.getLogger(__name__)
 
 REPORTS = "reports.json"
-RETRY_FIRST_S, RETRY_MAX_S, RETRY_ATTEMPTS = 60.0, 900.0, 5  # staging that failed for this machine's sake
 OFFER_SUFFIX = PART_SUFFIX + ".json"
 READ_BLOCK = 1 << 20  # unpacking reads the .part this much at a time (never the whole release in memory)
 
@@ -160,8 +158,7 @@ class Downloader:
         self.current: ReleaseOffer | None = None
         self.size = 0
         self.resumed = False  # the current download continued a .part left by an earlier run
-        self._retry: dict[int, tuple[float, int]] = {}  # release -> (not before, monotonic s; tries so far)
-        self.clock: Callable[[], float] = time.monotonic
+        self.retries = Retries()  # staging that failed for this machine's sake: when to try again
 
     # -- the link client's calls -------------------------------------------------------------
 
@@ -178,7 +175,7 @@ class Downloader:
         n = offer.release
         if n in self.refused or (self.current is not None and n < self.current.release):
             return None
-        if n in self._retry and self.clock() < self._retry[n][0]:
+        if self.retries.waiting(n):
             return None  # its staging failed for this machine's sake a moment ago: not yet again
         floor = self.store.floor()
         if n in self.store.releases() and n <= floor.highest:
@@ -239,7 +236,7 @@ class Downloader:
             return
         finally:
             shutil.rmtree(unpacked, ignore_errors=True)
-        self._retry.pop(release, None)
+        self.retries.done(release)
         why = "staged"
         if self.auto_activate:
             try:
@@ -258,17 +255,14 @@ class Downloader:
 
     def _postpone(self, release: int, check: str, detail: str) -> None:
         """Staging failed for this machine's sake (`check`): keep the whole .part and stage it again
-        on a later offer, after a growing wait; refused and reported after RETRY_ATTEMPTS tries."""
-        tries = self._retry.get(release, (0.0, 0))[1] + 1
-        if tries >= RETRY_ATTEMPTS:
-            self._retry.pop(release, None)
-            self._refuse(release, check, f"{detail} (staging tried {tries} times)")
+        on a later offer, on the `retries` schedule; refused and reported once that gives up."""
+        again = self.retries.failed(release)
+        if again is None:
+            self._refuse(release, check, f"{detail} (staging tried {self.retries.attempts} times)")
             return
-        wait = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (tries - 1))
-        self._retry[release] = (self.clock() + wait, tries)
         log.warning("release %d: staging failed (%s: %s); the download is kept and staged again when the trainer "
-                    "next offers it, in %.0f s or more (try %d of %d)", release, check, detail, wait, tries,
-                    RETRY_ATTEMPTS)
+                    "next offers it, in %.0f s or more (try %d of %d)", release, check, detail, again[0], again[1],
+                    self.retries.attempts)
 
     def _refuse(self, release: int, check: str, detail: str) -> None:
         """Refused (nothing of it kept); the result queued for the trainer."""

@@ -54,6 +54,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,39 @@ log = logging.getLogger(__name__)
 PREPARE_CHECKS = ("prepare-timeout", "prepare-died")  # refusals of the helper itself (metric labels)
 MODULE = "sorterd.release.prepare"
 PARENT_ENV = "SORTERD_PREPARE_PARENT"  # the sorter's pid, for `die_with_parent`
+
+
+class Retries:
+    """When to try a release's helper work again after it failed for this machine's sake
+    (`PREPARE_CHECKS`, or a store error): not before `first_s`, then twice as long each time up to
+    `max_s`; after `attempts` failures `failed` says to give up.  Used from one thread at a time."""
+
+    def __init__(self, first_s: float = 60.0, max_s: float = 900.0, attempts: int = 5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not 0 < first_s <= max_s or attempts < 1:
+            raise ValueError(f"Retries(first_s={first_s!r}, max_s={max_s!r}, attempts={attempts!r}): need "
+                             "0 < first_s <= max_s and attempts >= 1")
+        self.first_s, self.max_s, self.attempts, self.clock = first_s, max_s, attempts, clock
+        self._due: dict[int, tuple[float, int]] = {}  # release -> (not before, clock s; failures so far)
+
+    def waiting(self, release: int) -> bool:
+        """True while `release`'s next try is not yet due."""
+        due = self._due.get(release)
+        return due is not None and self.clock() < due[0]
+
+    def failed(self, release: int) -> tuple[float, int] | None:
+        """One more failure: (seconds until the next try, failures so far), or None when that was
+        the last allowed (the release is forgotten: refuse it)."""
+        tries = self._due.get(release, (0.0, 0))[1] + 1
+        if tries >= self.attempts:
+            self._due.pop(release, None)
+            return None
+        wait = min(self.max_s, self.first_s * 2 ** (tries - 1))
+        self._due[release] = (self.clock() + wait, tries)
+        return wait, tries
+
+    def done(self, release: int) -> None:
+        self._due.pop(release, None)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from sorterd.parts.inference import InferenceOptions, Model, Prediction
 from sorterd.parts.inference.golden import GOLDEN_ATOL, check_golden
 from sorterd.parts.inference.open import open_model
 from sorterd.release import crash
-from sorterd.release.prepare import Prepared, prepare_in_child
+from sorterd.release.prepare import PREPARE_CHECKS, Prepared, Retries, prepare_in_child
 from sorterd.release.qa import KitPolicy, latest_kit, qa_problems
 from sorterd.release.sign import MANIFEST
 from sorterd.release.store import QaGate, ReleaseStore, StoreError
@@ -323,6 +323,9 @@ class ReleaseWatcher:
         self.store, self.options, self.pipeline, self.metrics = store, options, pipeline, metrics
         self.poll_s, self.running, self.kit, self.prepare_timeout_s = poll_s, running, kit, prepare_timeout_s
         self.refused: set[int] = set()  # active releases that failed to open (not retried until state changes)
+        # A helper that timed out or died says nothing about the release, only about this machine now
+        # (a saturated CPU starves the SCHED_IDLE helper): tried again on this schedule, refused after it.
+        self.retries = Retries()
         # Told (in a thread) of each health rollback: (the release taken back, why); the composition
         # root queues it for the trainer (sorterd.release.download.ResultQueue) -- the watcher knows no link.
         self.on_rolled_back: Callable[[int, str], None] | None = None
@@ -397,12 +400,18 @@ class ReleaseWatcher:
             # rollback (it still names the bad release, and `running` is now the one before it).
             # Acting on it would swap the bad release straight back in; the next step rolls back first.
             return
-        if active is None or active == self.running or active in self.refused:
+        if active is None or active == self.running or active in self.refused or self.retries.waiting(active):
             return
         try:
             model = await asyncio.get_running_loop().run_in_executor(
                 self._prepare, prepare_and_open, self.store, active, self.options, self.kit, self.prepare_timeout_s)
         except Refused as exc:
+            again = self.retries.failed(active) if exc.check in PREPARE_CHECKS else None
+            if again is not None:
+                log.warning("release %d: its checks did not complete (%s); %s keeps running; tried again in %.0f s "
+                            "(try %d of %d)", active, exc, self.pipeline.model.version, again[0], again[1],
+                            self.retries.attempts)
+                return
             self.refused.add(active)
             self.metrics.model_refusals.labels(exc.check).inc()
             log.error("release %d: refused at swap: %s; %s keeps running", active, exc, self.pipeline.model.version)
@@ -411,6 +420,7 @@ class ReleaseWatcher:
             self.refused.add(active)
             log.error("release %d: %s", active, exc)
             return
+        self.retries.done(active)
         crash.point("swap.opened")
         old = self.pipeline.swap_model(model)
         crash.point("swap.swapped")
