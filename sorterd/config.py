@@ -224,8 +224,9 @@ class ModelsConfig:
                         "(sorterd.release.swap).", minval=0.05, maxval=600.0)
     prepare_timeout_s: float = opt(120.0, "How long the running sorter's helper process may take to check a newly "
                                    "activated release, or to stage one downloaded from the trainer "
-                                   "(verification, golden, reference kit; at the lowest CPU priority) before the "
-                                   "release is refused as prepare-timeout.",
+                                   "(verification, golden, reference kit; at the lowest CPU priority) before that try "
+                                   "is given up (tried again after 60 s, doubling to 15 min; refused as "
+                                   "prepare-timeout after 5 tries).",
                                    minval=1.0, maxval=3600.0)
     health_stones: int = opt(200, "Health watch: stones compared after a swap (and of the release before it) "
                              "before the new release is committed or rolled back.", minval=10, maxval=1_000_000)

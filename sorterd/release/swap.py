@@ -16,9 +16,11 @@ and publishes it with `Pipeline.swap_model` (`LiveModel`, the one swap mechanism
 one is classified by the new, and every stone row records the release that classified it
 (`model_version` = "<manifest version>@r<N>").  Start-up runs the same checks in-process
 (`open_active` -> `open_release`: no stones yet) and opens the active release (or None: the
-configured bundle runs).  A release that fails a check, or whose helper times out or dies
-(`prepare-timeout`, `prepare-died`), is refused (counted by check, logged), not retried until
-state.json changes, and the old one keeps running.
+configured bundle runs).  A release that fails a check is refused (counted by check, logged),
+not retried until state.json changes, and the old one keeps running.  One whose helper times out
+or dies says nothing about the release (a saturated CPU starves the SCHED_IDLE helper): the old
+one keeps running and it is tried again on `prepare.Retries`' schedule, refused
+(`prepare-timeout`, `prepare-died`) only when that gives up.
 
 The health watch (`HealthWatch`): the last `health_stones` rows of the release before the swap
 are the baseline; once the new release has classified as many, its flagged rate, SELECT rate
