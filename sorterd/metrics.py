@@ -38,6 +38,8 @@ STAGE_BUCKETS_S = (1e-5, 2.5e-5, 5e-5, 7.5e-5, 1e-4, 1.5e-4, 2e-4, 3e-4, 4e-4, 5
 # From an exposure to its pulse, and from a trigger to its exposure: ms to tens of ms.
 SPAN_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
                   0.15, 0.25, 0.5, 1.0)
+# How late the event loop wakes a due timer: sub-ms when healthy, up to seconds when something blocks it.
+LOOP_LAG_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class Metrics:
@@ -72,6 +74,9 @@ class Metrics:
             "sorterd_trigger_to_exposure_seconds", "From a trigger edge to its pair's backlit exposure.",
             buckets=SPAN_BUCKETS_S, registry=r)
         self.queue_depth = Gauge("sorterd_queue_depth", "Items waiting, by queue.", ["queue"], registry=r)
+        self.loop_lag = Histogram("sorterd_event_loop_lag_seconds", "How late the event loop woke a timer that was "
+                                  "due (sorterd/sorting/looplag.py): what a blocked loop costs every stone.",
+                                  buckets=LOOP_LAG_BUCKETS_S, registry=r)
         self.model = Info("sorterd_model", "The active model bundle.", registry=r)
         self.model_swaps = Counter("sorterd_model_swaps_total", "Releases swapped in while running.", registry=r)
         self.model_refusals = Counter("sorterd_model_refusals_total", "Releases refused, by the check that failed.",

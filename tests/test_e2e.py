@@ -67,6 +67,9 @@ def test_simulated_run_sorts_every_stone(tmp_path: Path) -> None:
     flagged = sum(r["flagged"] for r in rows)
     assert len(list((res.batch_dir / "flagged").glob("*_toplit.png"))) == flagged
     assert "landed as decided" in out.getvalue()
+    lag = s["event_loop_lag"]  # the loop's own lateness, probed through the run
+    assert lag["samples"] > 10 and 0 <= lag["p50_ms"] <= lag["p99_ms"] <= lag["max_ms"]
+    assert "event loop lag ms p50/p99/max" in out.getvalue()
 
 
 @pytest.mark.slow

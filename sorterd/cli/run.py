@@ -37,6 +37,8 @@ from sorterd.release.download import Downloader, reports_for, rollback_reporter
 from sorterd.release.prepare import ChildStager
 from sorterd.release.swap import HealthBounds, ReleaseWatcher, kit_policy, open_for_run, open_store
 from sorterd.sorting.liveness import Watchdog, keep_alive
+from sorterd.sorting.looplag import LoopLag
+from sorterd.sorting.looplag import format_line as lag_line
 from sorterd.sorting.pipeline import Pipeline
 from sorterd.sorting.record import Recorder, make_batch_dir
 from sorterd.sorting.review import Reviewer, ReviewSource
@@ -171,10 +173,11 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
         batch_log.counts = lambda: _final_counts(pipeline, parts, recorder, clock, outbox)
         print(f"sorterd: batch {batch_dir}  model {model.version} on {model.backend}"
               + (f"  metrics http://{cfg.metrics.host}:{port}/metrics" if port is not None else ""), file=out)
+        probe = LoopLag(metrics.loop_lag)  # the loop's own lateness, for the metrics and the summary
         t_wall = time.monotonic()
         linger_s = cfg.metrics.linger_s if port is not None else 0.0
         try:
-            t_wall += await _run_pipeline(pipeline, parts, clock, opts, out, stop, t_wall, linger_s, watcher)
+            t_wall += await _run_pipeline(pipeline, parts, clock, opts, out, stop, t_wall, linger_s, watcher, probe)
             if link is not None and opts.link_drain_s > 0 and outbox is not None:
                 t_wall += await _drain_link(link, outbox, opts.link_drain_s, stop, out)
         finally:
@@ -189,11 +192,13 @@ async def _run(cfg: Config, clock: Clock, opts: RunOptions, out: TextIO) -> RunR
     if session is not None:
         summary["recorded_session"] = str(session.dir)
     summary["stop"] = {"reason": stop.reason, "abandoned_pulses": stop.abandoned}
+    summary["event_loop_lag"] = probe.summary()
     if outbox is not None:
         summary["link"] = outbox.summary()
         if link is not None:
             summary["link"]["client"] = asdict(link.client.stats)
     print(format_text(summary), file=out)
+    print(lag_line(summary["event_loop_lag"]), file=out)
     if outbox is not None:
         print(_link_line(summary["link"]), file=out)
     if stop.signal is not None:
@@ -216,7 +221,7 @@ def _self_calibrating_rig(cfg: Config) -> calibrate.Rig | None:
 
 async def _run_pipeline(pipeline: Pipeline, parts: MachineParts, clock: Clock, opts: RunOptions,
                         out: TextIO, stop: Stop, t_wall: float, linger_s: float = 0.0,
-                        watcher: ReleaseWatcher | None = None) -> float:
+                        watcher: ReleaseWatcher | None = None, probe: LoopLag | None = None) -> float:
     """Sort until the input ends, or until a signal: then stop the input and drain (bounded).
     `watcher` swaps in what the release store activates meanwhile.  With linger_s, the finished
     batch's metrics stay served that long (a signal ends it at once); returns the seconds spent
@@ -235,6 +240,7 @@ async def _run_pipeline(pipeline: Pipeline, parts: MachineParts, clock: Clock, o
     work = asyncio.create_task(_sort_and_land(pipeline, parts, clock))
     asked = asyncio.create_task(stop.asked.wait())
     releases = asyncio.create_task(watcher.run() if watcher is not None else asyncio.sleep(0))
+    lag = asyncio.create_task(probe.run() if probe is not None else asyncio.sleep(0))
     try:
         await asyncio.wait({work, asked}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():
@@ -253,7 +259,7 @@ async def _run_pipeline(pipeline: Pipeline, parts: MachineParts, clock: Clock, o
             waiting.cancel()
         return time.monotonic() - t_linger
     finally:
-        for task in (reporter, pinger, asked, work, releases):
+        for task in (reporter, pinger, asked, work, releases, lag):
             task.cancel()
         sdnotify.notify("STOPPING=1")
         for sig in signals:
