@@ -178,6 +178,7 @@ def _one(tmp: Path, args: argparse.Namespace, swap: bool) -> dict[str, Any]:
            "deadline_misses": s["deadline_misses"],
            "activation_to_first_new_pair_s": None if swap_s is None else round(swap_s, 3),
            "windows": _windows(rows, t0, ta, t_end), "wall_s": s.get("wall_s"),
+           "event_loop_lag": s.get("event_loop_lag"),
            "rows_on": _rows_on(rows, new)}
     if link and swap:
         book = read_book(tmp / "trainer-data").get(SORTER_ID, {}).get("results", {}).get("2")
