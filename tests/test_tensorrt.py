@@ -67,6 +67,7 @@ def test_build_from_onnx_calls_in_order_on_one_thread(bundle: Path) -> None:
     tail = fake.log.names()[len(names):]
     run = ["set_input_shape(8)", f"cudaMemcpyAsync(HostToDevice,{8 * 6 * 128 * 128 * 4})", "execute_async_v3",
            f"cudaMemcpyAsync(DeviceToHost,{8 * 3 * 4})", f"cudaMemcpyAsync(DeviceToHost,{8 * 3 * 4})",
+           f"cudaMemcpyAsync(DeviceToHost,{8 * 4})",  # the OOD score, one float per stone
            "cudaStreamSynchronize", "set_input_shape(3)"]
     assert tail[:len(run)] == run
     # every CUDA/TensorRT call ran on the one inference thread
@@ -75,6 +76,8 @@ def test_build_from_onnx_calls_in_order_on_one_thread(bundle: Path) -> None:
     ref, _ = OnnxModel(bundle).predict_halves(halves(11))
     for a, b in zip(preds, ref, strict=True):
         assert np.abs(a.p_color - b.p_color).max() < 0.02 and np.abs(a.p_clarity - b.p_clarity).max() < 0.02
+        # the out-of-distribution gate's score comes through the engine too (the shipped bundle has it)
+        assert a.ood is not None and b.ood is not None and abs(a.ood - b.ood) < 0.05 * max(1.0, abs(b.ood))
     key = model.report.key
     assert key is not None and (bundle.parent / "bundle.engines" / key.file_name()).exists()
     assert key.file_name().startswith(f"model.onnx.{read_manifest(bundle).onnx_sha256[:16]}.trt10.3.0.orin.sm87.fp16.b1-4-8.6x128x128")
@@ -162,12 +165,12 @@ class SlowOnnx(OnnxModel):
         self.hold = False
         self.runs = 0
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_all(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         self.runs += 1
         if self.hold:
             self.entered.set()
             assert self.go.wait(30)
-        return super().run(x)
+        return super().run_all(x)
 
 
 def test_background_build_runs_onnxruntime_meanwhile_and_swaps_between_pairs(bundle: Path) -> None:
@@ -337,3 +340,20 @@ def test_cli_without_tensorrt_says_what_to_install(bundle: Path, capsys: pytest.
     assert main(["models", "build-engine", str(bundle)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'sorterd[jetson]'" in err
+
+
+def test_an_unexpected_error_while_preparing_the_engine_is_a_failure_not_building_forever(
+        bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorRT raising what it raises (a RuntimeError from a binding, say) ends the preparation as
+    "failed" with the reason, and onnxruntime keeps sorting: never a report stuck at "building"."""
+    fake = FakeTensorRT()
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("pybind11: CUDA initialization failure with error 999")
+
+    monkeypatch.setattr(fake, "Builder", broken)
+    model = open_model(bundle, fake)
+    assert model.report.state == "failed" and "RuntimeError: pybind11: CUDA initialization failure" in model.report.detail
+    preds, _ = model.predict_halves(halves(3))
+    assert len(preds) == 3 and model.backend.startswith("onnxruntime")
+    assert all(p.ood is not None for p in preds)  # the fallback keeps the out-of-distribution gate

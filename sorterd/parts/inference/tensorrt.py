@@ -204,6 +204,14 @@ def build_engine(trt: Any, api: TrtApi, onnx_bytes: bytes, manifest: Manifest, p
     return bytes(serialized)
 
 
+def _row_width(shape: tuple[int, ...]) -> int:
+    """Values per stone of an output of shape (N, ...): (N, 3) logits -> 3, an (N,) score -> 1."""
+    width = 1
+    for d in shape[1:]:
+        width *= int(d)
+    return width
+
+
 class TrtEngine:
     """A deserialized engine, its execution context, stream and device buffers (sized for max_batch).
 
@@ -224,8 +232,11 @@ class TrtEngine:
         self.stream = cuda.call("cudaStreamCreate", cuda.rt.cudaStreamCreate())
         h, w = manifest.size
         self._in_shape = (6, h, w)
-        self._outputs = (manifest.color_output, manifest.clarity_output)
-        self._widths = {name: int(self.engine.get_tensor_shape(name)[1]) for name in self._outputs}
+        # Every output the graph has is bound (TensorRT refuses to run with one unbound): both heads and,
+        # in bundles from v003 on, the out-of-distribution score (the gate works on a Jetson too).
+        self._outputs = (manifest.color_output, manifest.clarity_output,
+                         *((manifest.ood.output,) if manifest.ood is not None else ()))
+        self._widths = {name: _row_width(self.engine.get_tensor_shape(name)) for name in self._outputs}
         try:
             self.d_in = self._alloc(max_batch * 6 * h * w * 4)
             self.d_out = {name: self._alloc(max_batch * k * 4) for name, k in self._widths.items()}
@@ -239,8 +250,9 @@ class TrtEngine:
     def _check_io(self, trt: Any) -> None:
         m = self.manifest
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
-        for name, mode in ((m.input_name, trt.TensorIOMode.INPUT), (m.color_output, trt.TensorIOMode.OUTPUT),
-                           (m.clarity_output, trt.TensorIOMode.OUTPUT)):
+        outputs = [m.color_output, m.clarity_output, *([m.ood.output] if m.ood is not None else [])]
+        for name, mode in ((m.input_name, trt.TensorIOMode.INPUT),
+                           *((o, trt.TensorIOMode.OUTPUT) for o in outputs)):
             if name not in names or self.engine.get_tensor_mode(name) != mode:
                 raise EngineError(f"engine has no {mode.name.lower()} tensor {name!r} (it has {sorted(names)})")
             if self.engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
@@ -255,15 +267,17 @@ class TrtEngine:
         if not self.context.set_tensor_address(name, ptr):
             raise EngineError(f"TensorRT refused the device address of tensor {name!r}")
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 6, H, W) float32 -> both heads' logits, in chunks of max_batch."""
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(N, 6, H, W) float32 -> both heads' logits and the OOD scores (None: a bundle without the
+        gate), in chunks of max_batch."""
         if x.shape[1:] != self._in_shape:
             raise EngineError(f"input {x.shape}: the engine takes (N, {', '.join(map(str, self._in_shape))})")
         parts = [self._run_chunk(np.ascontiguousarray(x[i:i + self.max_batch], dtype=np.float32))
                  for i in range(0, len(x), self.max_batch)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        cols = [np.concatenate([p[k] for p in parts]) for k in range(len(self._outputs))]
+        return cols[0], cols[1], (cols[2].reshape(len(x)) if len(cols) > 2 else None)
 
-    def _run_chunk(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run_chunk(self, x: np.ndarray) -> list[np.ndarray]:
         rt, n = self.cuda.rt, len(x)
         if not self.context.set_input_shape(self.manifest.input_name, (n, *self._in_shape)):
             raise EngineError(f"TensorRT refused input shape {(n, *self._in_shape)} (profile 1..{self.max_batch})")
@@ -278,7 +292,7 @@ class TrtEngine:
                 host.ctypes.data, self.d_out[name], host.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
             outs.append(host)
         self.cuda.call("cudaStreamSynchronize", rt.cudaStreamSynchronize(self.stream))
-        return outs[0], outs[1]
+        return outs
 
     def close(self) -> None:
         """Free the buffers and the stream (errors ignored: the device may already be gone)."""
@@ -364,13 +378,13 @@ class _EngineModel:
 
     def predict(self, crops_hwc: np.ndarray) -> tuple[list[Prediction], float]:
         t0 = time.perf_counter()
-        color, clarity = self.engine.run(self._pre.crops(crops_hwc))
-        return self._pre.predictions(color, clarity), time.perf_counter() - t0
+        color, clarity, ood = self.engine.run(self._pre.crops(crops_hwc))
+        return self._pre.predictions(color, clarity, ood), time.perf_counter() - t0
 
     def predict_halves(self, halves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Prediction], float]:
         t0 = time.perf_counter()
-        color, clarity = self.engine.run(self._pre.halves(halves))
-        return self._pre.predictions(color, clarity), time.perf_counter() - t0
+        color, clarity, ood = self.engine.run(self._pre.halves(halves))
+        return self._pre.predictions(color, clarity, ood), time.perf_counter() - t0
 
     def close(self) -> None:
         """Nothing of its own: the engine belongs to the `TensorRTModel` (closed on its thread there)."""
@@ -442,6 +456,9 @@ class TensorRTModel:
             self._go_live(self._load_or_build())
         except (EngineError, ModelError, OSError) as exc:
             self._not_live("failed", str(exc))
+        except Exception as exc:  # TensorRT's own errors, a bug: never a silent "building" for good
+            log.exception("inference: the TensorRT engine's preparation failed unexpectedly")
+            self._not_live("failed", f"{type(exc).__name__}: {exc}")
         finally:
             self.ready.set()
 
@@ -501,12 +518,12 @@ class TensorRTModel:
         live = self._live.get()  # read once: this batch runs wholly on one backend
         if live is not None:
             try:
-                color, clarity, model_s = self.thread.submit(lambda: _timed(live.engine.run, x)).result()
-                return self._pre.predictions(color, clarity), model_s
+                (color, clarity, ood), model_s = self.thread.submit(lambda: _timed(live.engine.run, x)).result()
+                return self._pre.predictions(color, clarity, ood), model_s
             except EngineError as exc:
                 self._fall_back(live, str(exc))
-        color, clarity, model_s = _timed(self.onnx.run, x)
-        return self._pre.predictions(color, clarity), model_s
+        (color, clarity, ood), model_s = _timed(self.onnx.run_all, x)
+        return self._pre.predictions(color, clarity, ood), model_s
 
     def _fall_back(self, live: _EngineModel, reason: str) -> None:
         if not self._live.replace_if(live, None):
@@ -523,10 +540,15 @@ class TensorRTModel:
         self.onnx.close()
 
 
-def _timed(fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+Outputs = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]  # both heads' logits, the OOD scores (or None)
+
+
+def _timed(fn: Callable[[np.ndarray], Outputs], x: np.ndarray) -> tuple[Outputs, float]:
+    """The bare model call and its seconds: logits and OOD scores alike (the gate needs them on a
+    Jetson too, on the engine and on the onnxruntime fallback)."""
     t0 = time.perf_counter()
-    color, clarity = fn(x)
-    return color, clarity, time.perf_counter() - t0
+    out = fn(x)
+    return out, time.perf_counter() - t0
 
 
 BACKEND = Backend("inference", "tensorrt", TensorRTInferenceConfig)
