@@ -215,14 +215,16 @@ def test_a_tiny_real_run_counts_exactly_the_new_labels(tmp_path: Path, capsys: p
     s = rt.read_status(data)
     assert s["state"] == "done" and s["reason"] == "requested: test" and s["new_labels"] == len(new)
     assert s["log_entry"]["new_samples_since_last"] == len(new)  # §5.5: exactly the new labels
-    assert s["log_entry"]["version"] == s["version"] == "v003" and "request" not in s
+    shipped = json.loads((bundle / "manifest.json").read_text())["version"]
+    after = f"v{int(shipped[1:]) + 1:03d}"  # fine-tuned from the shipped model: the next version
+    assert s["log_entry"]["version"] == s["version"] == after and "request" not in s
     for key in ("train_log", "evaluate", "compare", "report_html"):
         assert Path(s["reports"][key]).is_file(), key
     if code == 4:
-        assert s["refused"] and "not a candidate" in out and not (data / "releases" / "candidates" / "v003").exists()
+        assert s["refused"] and "not a candidate" in out and not (data / "releases" / "candidates" / after).exists()
     else:
-        cand = data / "releases" / "candidates" / "v003"
-        assert json.loads((cand / "candidate.json").read_text())["version"] == "v003"
+        cand = data / "releases" / "candidates" / after
+        assert json.loads((cand / "candidate.json").read_text())["version"] == after
         assert (cand / "model.onnx").is_file()
     # Nothing new since: not due; the next model's count starts from this one.
     assert rt.due(data, bundle) == (None, 0)

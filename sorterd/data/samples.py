@@ -22,7 +22,9 @@ How a label refers to its raw frames (the fields a §3.4 line may carry besides 
   exactly as wide as its objects are many), so the recording named them in segmentation order.
 
 A label without a link (no session, a session without frames, references or scale, a stone
-outside every pair's id range) falls back to its processed crop -- *counted* ("fallback").  A
+outside every pair's id range) falls back to its processed crop -- *counted* ("fallback"); so does,
+with "auto", one without a position whose pair holds stones not named after it (the trainer's inbox
+keeps each flagged stone's whole pair, beside the sorter's own crop of it).  A
 label whose link is there but whose stone cannot be matched (no object near the position, two
 near it, a cluster, a missing pair) is *skipped* with its reason: never a wrong crop, never a
 silent substitute.  `source` "raw" skips the unlinked ones too, "processed" is the old path.
@@ -69,6 +71,7 @@ SOURCES = ("auto", "raw", "processed")
 DEFAULT_SOURCE = "auto"  # `sorterd train --crops` and `sorterd evaluate --crops`
 INPUT_CACHE = ".cache/inputs"  # under the dataset: inputs cut from raw frames (content-addressed, never stale)
 DEDUPE_CHUNK = 512  # stones cut at a time to hash a raw-only dataset's inputs (memory, not speed)
+UNPLACED = "ambiguous: no raw_x_mm/raw_y_mm, and its pair holds objects not named after it"
 MATCH_TOLERANCE_MM = 0.75  # half the smallest stone (1.5 mm, §6.4): two stones are never this close
 _NUMBERED = re.compile(r"^S(\d+)$")
 
@@ -151,8 +154,10 @@ def load_samples(ds: Dataset, labels: Sequence[StoneLabel], size: int, crop_mm: 
         return list(labels), load_crops(ds, labels, size, window), report
     raws = _RawSessions(ds)
     links = _links(ds, labels, raws)
+    unplaced: dict[str, str] = {}  # linked, but no position to tell it among its pair's stones
     cut = _cut_linked(raws, [(lab, link) for lab, link in links if isinstance(link, RawLink)],
-                      size, window, report, InputCache(cache) if cache is not None else None)
+                      size, window, report, InputCache(cache) if cache is not None else None,
+                      unplaced if source == "auto" and not ds.raw_only else None)
     kept: list[StoneLabel] = []
     images: list[np.ndarray] = []
     for lab, link in links:
@@ -161,6 +166,11 @@ def load_samples(ds: Dataset, labels: Sequence[StoneLabel], size: int, crop_mm: 
                 kept.append(lab)
                 images.append(cut[lab.stone_id])
                 report.raw += 1
+            elif lab.stone_id in unplaced:  # its processed crop is the capture program's cut of just it
+                report.note(report.fallback, unplaced[lab.stone_id], lab.stone_id)
+                kept.append(lab)
+                images.append(load_crops(ds, [lab], size, window)[0])
+                report.processed += 1
         elif source == "raw":
             report.note(report.skipped, f"no raw link: {link}", lab.stone_id)
         else:
@@ -357,9 +367,13 @@ def segment_recorded(reader: SessionReader, pair: str) -> tuple[np.ndarray, np.n
 
 
 def _cut_linked(raws: _RawSessions, linked: list[tuple[StoneLabel, RawLink]], size: int, crop_mm: float,
-                report: SampleReport, cache: InputCache | None) -> dict[str, np.ndarray]:
+                report: SampleReport, cache: InputCache | None,
+                unplaced: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """stone_id -> its input, for every linked stone that matches one object of its pair;
-    one segmentation per pair, however many of its stones are labelled, none when all are cached."""
+    one segmentation per pair, however many of its stones are labelled, none when all are cached.
+    `unplaced`: where a stone without raw_x_mm/raw_y_mm shares its pair with stones not named after
+    it (the trainer's inbox keeps a flagged stone's whole pair) goes, with the reason, instead of
+    the skips -- for the caller to use its processed crop."""
     by_pair: dict[tuple[str, str], list[tuple[StoneLabel, RawLink]]] = {}
     for lab, link in linked:
         by_pair.setdefault((link.session, link.pair), []).append((lab, link))
@@ -381,7 +395,10 @@ def _cut_linked(raws: _RawSessions, linked: list[tuple[StoneLabel, RawLink]], si
         for lab, link in members:
             got = _match(lab, link, objects, reader)
             if isinstance(got, str):
-                report.note(report.skipped, got, lab.stone_id)
+                if unplaced is not None and got == UNPLACED:
+                    unplaced[lab.stone_id] = got
+                else:
+                    report.note(report.skipped, got, lab.stone_id)
                 continue
             out[lab.stone_id] = crop_pair(backlit, toplit, got, px, size)
             if cache is not None:
@@ -410,7 +427,7 @@ def _match_by_order(lab: StoneLabel, link: RawLink, objects: list[Observation],
     if width is None and len(objects) == 1:
         width = 1  # a recorded pair has a new stone: its only object is it
     if width != len(objects):
-        return "ambiguous: no raw_x_mm/raw_y_mm, and its pair holds objects not named after it"
+        return UNPLACED
     index = _offset(lab.stone_id, link.pair)
     if index is None or not 0 <= index < len(objects):
         return "not found: its id is not one of its pair's objects"
