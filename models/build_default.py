@@ -9,7 +9,7 @@ It is exactly this (see sorterd/sim/recipe.py for the lots and seeds):
     ... one line per lot: 4,500 stones in five training lots (domain-randomised: a new simulated
     machine every 150 stones, sorterd.sim.recipe.TRAIN_MACHINES), 1,200 in two test lots ...
     sorterd train --data DATA --out models/default --test-lots LOT-2026-006,LOT-2026-007 --seed 0 --force \
-        --stats-path --backbone-dropout 0.25
+        --backbone-dropout 0.25   (the stats path: train's default)
     sorterd evaluate --model models/default --data DATA --report DATA/report
 
 The model log entry goes to models/model_log.jsonl (beside the bundle); the

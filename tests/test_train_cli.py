@@ -208,6 +208,8 @@ def test_generate_train_evaluate_compare(tmp_path: Path, capsys: pytest.CaptureF
     assert set(manifest["training"]["prior_correction"]) == {"color", "clarity"}
     assert {"overall", "cost_weighted", "flagged_rate", "ece"} <= set(manifest["metrics"]["test"])
     assert (models / "v1" / "weights.pt").is_file()
+    trained = manifest["training"]["config"]  # v005's head: the statistics' own path, a quarter of the CNN dropped
+    assert trained["stone_stats"] and trained["stats_path"] and trained["backbone_dropout"] == 0.25
     assert sorted(p.name for p in (data / "splits").iterdir()) == ["v001"]
     test_ids = (data / "splits" / "v001" / "test.txt").read_text().split()
     assert len(test_ids) == 16
@@ -218,6 +220,7 @@ def test_generate_train_evaluate_compare(tmp_path: Path, capsys: pytest.CaptureF
     m2 = json.loads((models / "v2" / "manifest.json").read_text())
     assert m2["version"] == "v002" and m2["training"]["from"] == str(models / "v1")
     assert m2["input"]["mean"] == manifest["input"]["mean"]  # §5.4: the old normalisation is kept
+    assert m2["training"]["config"]["stats_path"]  # and its architecture
     assert m2["training"]["splits"]["test_lots"] == ["LOT-2026-006"]  # and the old test lot stays out
     log = [json.loads(line) for line in (models / "model_log.jsonl").read_text().splitlines()]
     assert [e["version"] for e in log] == ["v001", "v002"]

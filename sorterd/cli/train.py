@@ -127,12 +127,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     _add_crops_arg(t, "The test split's figures are judged on the same inputs")
     t.add_argument("--no-stone-stats", action="store_true",
                    help="plain §9.4 head: without the stone-vs-background colour statistics beside the CNN features")
-    t.add_argument("--stats-path", action="store_true",
-                   help="the stone statistics also reach the logits through a linear path of their own "
-                        "(needs the statistics: not with --no-stone-stats)")
+    t.add_argument("--no-stats-path", action="store_true",
+                   help="no linear path of the stone statistics to the logits (default: one, as v005 has; "
+                        "--no-stone-stats implies this)")
     t.add_argument("--backbone-dropout", type=float, metavar="P",
                    help="in training, drop the CNN features of this share of the samples (0..0.9), so the head "
-                        "also sorts from the stone statistics alone (default 0)")
+                        "also sorts from the stone statistics alone (default 0.25; 0 with --no-stats-path)")
     t.add_argument("--no-prior-correction", action="store_true",
                    help="keep the balanced sampler's equal class priors in the exported model (default: shift "
                         "the heads to the training lots' real class mix)")
@@ -272,7 +272,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, lr_heads=args.lr_heads, lr_backbone=args.lr, patience=args.patience,
             seed=args.seed, width_mult=args.width, ema_epochs=args.ema_epochs, threads=args.threads,
             stone_stats=False if args.no_stone_stats else None,
-            stats_path=True if args.stats_path else None, backbone_dropout=args.backbone_dropout,
+            stats_path=False if args.no_stats_path or args.no_stone_stats else None,
+            backbone_dropout=(0.0 if args.no_stats_path or args.no_stone_stats else None) if args.backbone_dropout is None
+            else args.backbone_dropout,
             prior_correction=False if args.no_prior_correction else None,
         )
         opts = FitOptions(

@@ -82,7 +82,7 @@ TRAIN_SEED = 0
 # v005's: `sorterd train`'s own schedule (2 heads-only + up to 14 end-to-end epochs, patience 4),
 # the stone statistics' own path to the logits and the CNN features of a quarter of the training
 # samples dropped (models/README.md "v005").  v003 had 1 + 5 epochs and neither.
-TRAIN_ARGS = ("--stats-path", "--backbone-dropout", "0.25")
+TRAIN_ARGS = ("--backbone-dropout", "0.25")  # the stats path is `sorterd train`'s default since v005
 
 
 def generate_default_dataset(out: Path, progress: Callable[[str], None] | None = None) -> int:

@@ -85,6 +85,10 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
     "lr_backbone": (3e-4, 1e-4),
     "ema_epochs": (2.0, 2.0),
     "stone_stats": (True, True),
+    # The statistics' own path to the logits and the CNN features of a quarter of the samples dropped:
+    # v005 (models/README.md). With --from, the path follows the previous bundle's architecture.
+    "stats_path": (True, True),
+    "backbone_dropout": (0.25, 0.25),
     "prior_correction": (True, True),
 }
 MIN_PER_CLASS = 50  # §1.3 item 4: below this a class is learnt from noise
@@ -452,7 +456,8 @@ def _config(cfg: TrainConfig, previous: _Previous | None) -> TrainConfig:
         return cfg
     # §5.4: fine-tuning keeps the input normalisation and the architecture the weights were trained with.
     return replace(cfg, mean=tuple(previous.mean), std=tuple(previous.std), width_mult=previous.width_mult,
-                   stone_stats=previous.stone_stats, stats_path=previous.stats_path)
+                   stone_stats=previous.stone_stats, stats_path=previous.stats_path,
+                   backbone_dropout=cfg.backbone_dropout if previous.stone_stats else 0.0)
 
 
 # -- after training ------------------------------------------------------------------------

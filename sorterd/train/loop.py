@@ -240,6 +240,9 @@ class TrainConfig:
         _check_range("TrainConfig.width_mult", self.width_mult, 0.25, 1.5)
         _check_range("TrainConfig.ema_epochs", self.ema_epochs, 0.0, 100.0)
         _check_range("TrainConfig.backbone_dropout", self.backbone_dropout, 0.0, 0.9)
+        if self.backbone_dropout > 0 and not self.stone_stats:
+            raise ValueError("TrainConfig: backbone_dropout > 0 needs stone_stats=True (a dropped sample would have "
+                             "nothing left to sort from)")
         if self.stats_path and not self.stone_stats:
             raise ValueError("TrainConfig: stats_path=True needs stone_stats=True (the path carries the statistics)")
         if self.epochs_heads + self.epochs_full < 1:
