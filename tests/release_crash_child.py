@@ -7,7 +7,10 @@ activated, and swapped into a live model by the ReleaseWatcher -- CYCLES times.
 With `tensorrt` the sorter's [inference] is the TensorRT backend (`trt_options`) on the faithful
 fake of TensorRT and cuda-python (tests/fake_tensorrt.py, given to the backend with
 `tensorrt.use_modules`): every open -- start-up, the QA gate of a stage, the watcher's -- builds
-(or loads from the release's engine cache) an engine on the backend's own path, `engine.*`.
+(or loads from the release's engine cache) an engine on the backend's own path, `engine.*`.  The
+swapped-in release's engine is waited for before the next release is staged (releases come far
+apart; and so the passes alternate, deterministically: a stage's QA-gate build, then the active
+release's build).
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from sorterd.parts.inference import InferenceOptions, Model
 from sorterd.parts.inference import tensorrt as trtmod
 from sorterd.parts.inference.live import LiveModel
 from sorterd.parts.inference.onnxruntime import OnnxModel
-from sorterd.parts.inference.tensorrt import TensorRTInferenceConfig
+from sorterd.parts.inference.tensorrt import TensorRTInferenceConfig, TensorRTModel
 from sorterd.release.qa import KitPolicy, latest_kit
 from sorterd.release.store import ReleaseStore
-from sorterd.release.swap import HealthBounds, ReleaseWatcher, open_active, qa_gate
+from sorterd.release.swap import HealthBounds, ReleasedModel, ReleaseWatcher, open_active, qa_gate
 from tests.fake_tensorrt import FakeTensorRT
 from tests.release_fakes import DEFAULT, resign
 
@@ -77,6 +80,9 @@ async def main() -> None:
         store.activate(n)
         await watcher.step()
         assert watcher.running == n, (watcher.running, n)
+        live = pipeline.model.current()
+        if isinstance(live, ReleasedModel) and isinstance(live.inner, TensorRTModel):
+            assert live.inner.ready.wait(120), "the engine build never ended"
     print("done", flush=True)
 
 
