@@ -9,8 +9,8 @@ fake of TensorRT and cuda-python (tests/fake_tensorrt.py, given to the backend w
 `tensorrt.use_modules`): every open -- start-up, the QA gate of a stage, the watcher's -- builds
 (or loads from the release's engine cache) an engine on the backend's own path, `engine.*`.  The
 swapped-in release's engine is waited for before the next release is staged (releases come far
-apart; and so the passes alternate, deterministically: a stage's QA-gate build, then the active
-release's build).
+apart; and so the passes come in one order: the first stage's QA-gate build -- later stages find
+it in staging/incoming.<pid>.engines, the ONNX being the same -- then each activated release's).
 """
 
 from __future__ import annotations
