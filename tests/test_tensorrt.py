@@ -156,6 +156,55 @@ def test_corrupt_engine_is_rebuilt(bundle: Path, damage: str) -> None:
     model.close()
 
 
+def test_a_cut_writes_temporary_files_are_removed_before_the_cache_is_used(bundle: Path) -> None:
+    """A power cut mid-write leaves `.<name>.*.tmp` (engine or sidecar, as large as an engine); the
+    next open removes them and the engine is rebuilt and stored whole (tests/test_release_crashpoints.py
+    cuts the real write: engine.writing)."""
+    first = open_model(bundle, FakeTensorRT())
+    key = first.report.key
+    first.close()
+    assert key is not None
+    folder = bundle.parent / "bundle.engines"
+    for p in folder.glob("model.onnx.*"):
+        p.unlink()
+    cut = [folder / f".{key.file_name()}.x1y2.tmp", folder / f".{key.file_name()}.json.z3w4.tmp"]
+    for p in cut:
+        p.write_bytes(b"half an engine")
+    fake = FakeTensorRT()
+    model = open_model(bundle, fake)
+    assert model.report.state == "live" and fake.builds == 1 and "no cached engine" in model.report.rebuilt_why
+    assert not any(p.exists() for p in cut) and not list(folder.glob(".*.tmp"))
+    assert cache.load(folder, key)[0] is not None
+    model.close()
+
+
+def test_clean_never_removes_a_temporary_file_a_writer_is_still_writing(tmp_path: Path) -> None:
+    """Another process's writer (the CLI's build-engine beside the daemon) holds the folder's flock
+    from its temporary file to its rename: `clean` waits for it instead of removing the file under it."""
+    import fcntl
+    import os
+    import time
+
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    fd = os.open(folder / cache.LOCK, os.O_RDWR | os.O_CREAT)  # its own open file: a flock apart from clean's
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    tmp = folder / ".model.onnx.abc.engine.q1.tmp"
+    tmp.write_bytes(b"being written")
+    removed: list[list[str]] = []
+    cleaner = threading.Thread(target=lambda: removed.append(cache.clean(folder)))
+    cleaner.start()
+    time.sleep(0.3)
+    assert tmp.exists() and cleaner.is_alive(), "clean did not wait for the writer"
+    os.replace(tmp, folder / "model.onnx.abc.engine")
+    os.close(fd)  # the writer is done: its lock goes with its descriptor
+    cleaner.join(10)
+    assert removed == [[]] and (folder / "model.onnx.abc.engine").read_bytes() == b"being written"
+    stale = folder / ".model.onnx.abc.engine.q2.tmp"  # nobody writing: a cut's leftover
+    stale.write_bytes(b"cut")
+    assert cache.clean(folder) == [stale.name] and not stale.exists()
+
+
 class SlowOnnx(OnnxModel):
     """onnxruntime whose next run waits (to hold a frame pair in flight across the swap)."""
 

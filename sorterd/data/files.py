@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,10 @@ def write_png_atomic(path: Path, image: np.ndarray) -> None:
     _replace(path, buf.tobytes(), durable=False)
 
 
-def _replace(path: Path, payload: bytes, *, durable: bool) -> None:
-    """Write payload to a temp file beside path, then rename it over path; the temp never survives a failure."""
+def _replace(path: Path, payload: bytes, *, durable: bool, before_rename: Callable[[], None] | None = None) -> None:
+    """Write payload to a temp file beside path, then rename it over path; the temp never survives a
+    failure the process lives through (a SIGKILL or a power cut leaves it: `.<name>.*.tmp`, which the
+    owner of the directory removes at its start, e.g. `ReleaseStore.clean_staging`, `engine_cache.clean`)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600
@@ -56,16 +59,19 @@ def _replace(path: Path, payload: bytes, *, durable: bool) -> None:
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
+def write_bytes_atomic(path: Path, payload: bytes, *, before_rename: Callable[[], None] | None = None) -> None:
     """Write raw bytes durably (fsync before the rename): engines, golden arrays, anything a
-    reader must see whole or not at all."""
-    _replace(path, payload, durable=True)
+    reader must see whole or not at all.  `before_rename` is called once the temporary file is
+    whole and fsynced, just before the rename (the engine cache's crash point `engine.writing`)."""
+    _replace(path, payload, durable=True, before_rename=before_rename)
 
 
 def copy_synced(src: Path, dst: Path) -> None:

@@ -37,6 +37,12 @@ STEPS = (
     "swap.prepared",    # the helper verified and QA-checked the release, the daemon has not opened it
     "swap.opened",      # the release opened in the daemon, not yet live
     "swap.swapped",     # live in the pipeline, the watcher's bookkeeping not yet done
+    # The TensorRT engine of a release opened with [inference] type = "tensorrt" (its inference thread:
+    # start-up, the watcher's open, a `sorterd models stage` QA gate); sorterd/parts/inference/.
+    "engine.built",     # tensorrt: the engine serialized in memory, nothing of it written to the cache
+    "engine.writing",   # engine_cache.store: the engine whole and fsynced in its temporary file, not renamed
+    "engine.written",   # engine_cache.store: the engine renamed into place, its sidecar not yet written
+    "engine.stored",    # tensorrt: engine and sidecar in the cache, the engine not yet loaded nor live
 )
 
 _want: tuple[str, int] | None | bool = False  # False: not read yet

@@ -12,20 +12,34 @@ A cached file is loaded only if its sidecar's key equals the wanted key field by
 name's short hash could collide) and its length and sha256 match (a truncated or damaged file
 is rebuilt, never handed to TensorRT).  The engine is written first, then the sidecar, each
 fsynced and renamed into place: a crash in between leaves an engine without a sidecar, which
-is rebuilt.  Default place: `<bundle>.engines/` beside the bundle directory (not inside it: a
+is rebuilt (a sidecar never describes bytes not yet in place; an old sidecar left beside a newer
+engine of the same name fails the length/sha256 check).  A crash while a file is being written
+leaves its temporary file (`.<name>.*.tmp`, never loaded: another name); `clean` removes those
+before the cache is used (the backend calls it first, `TensorRTModel._load_or_build`).  Writers
+and `clean` hold `.lock` (flock, released by the kernel on any death), so a second writer -- the
+CLI's `sorterd models build-engine` beside a running daemon -- never has its temporary file
+removed under it.  The crash points (`sorterd.release.crash`): `engine.writing` (the engine's
+temporary file whole, not renamed), `engine.written` (renamed, no sidecar yet).  Default place: `<bundle>.engines/` beside the bundle directory (not inside it: a
 release's files are exactly its manifest's).  Clearing it is always safe: `rm -r` it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sorterd.data.files import write_bytes_atomic, write_json_atomic
+from sorterd.data.files import fsync_dir, write_bytes_atomic, write_json_atomic
+from sorterd.release import crash
+
+LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -77,11 +91,37 @@ def load(cache_dir: Path, key: EngineKey) -> tuple[bytes | None, str]:
     return data, ""
 
 
+@contextmanager
+def _locked(cache_dir: Path) -> Iterator[None]:
+    """The cache directory's writer lock (blocking: a writer holds it for one file pair's write, not a build)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+def clean(cache_dir: Path) -> list[str]:
+    """Remove the temporary files a crash left mid-write (`.<name>.*.tmp`: a cut engine or sidecar,
+    never loaded but as large as an engine); the names removed.  Nothing when the folder is absent."""
+    if not cache_dir.is_dir():
+        return []
+    with _locked(cache_dir):  # no writer is between its temporary file and its rename now
+        left = sorted(p.name for p in cache_dir.glob(".*.tmp"))
+        for name in left:
+            (cache_dir / name).unlink(missing_ok=True)
+    return left
+
+
 def store(cache_dir: Path, key: EngineKey, data: bytes) -> Path:
     """Write the engine, then its sidecar, each durably and atomically; returns the engine's path."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / key.file_name()
-    write_bytes_atomic(path, data)
-    write_json_atomic(path.with_name(path.name + ".json"),
-                      {"key": key.as_json(), "length": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    with _locked(cache_dir):
+        path = cache_dir / key.file_name()
+        write_bytes_atomic(path, data, before_rename=lambda: crash.point("engine.writing"))
+        crash.point("engine.written")
+        write_json_atomic(path.with_name(path.name + ".json"),
+                          {"key": key.as_json(), "length": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        fsync_dir(cache_dir)  # both names durable before the engine is used (a cut may keep the pair or not, never torn)
     return path

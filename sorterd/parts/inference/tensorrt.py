@@ -55,6 +55,7 @@ from sorterd.parts.inference.live import LiveRef
 from sorterd.parts.inference.onnxruntime import OnnxModel
 from sorterd.parts.inference.preprocess import Preprocess
 from sorterd.parts.registry import Backend
+from sorterd.release import crash
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,26 @@ def import_cudart() -> Any:
         return cudart
     except ImportError as exc:
         raise ModelError(f"inference.type = 'tensorrt' needs cuda-python for device buffers ({exc}): {INSTALL_HINT}") from None
+
+
+Modules = Callable[[], tuple[Any, Any]]  # () -> (the tensorrt module, cuda-python's runtime module)
+
+
+def installed_modules() -> tuple[Any, Any]:
+    """The installed `tensorrt` and cuda runtime (a ModelError naming what to install if not)."""
+    return import_tensorrt(), import_cudart()
+
+
+_modules: Modules = installed_modules
+
+
+def use_modules(modules: Modules | None) -> None:
+    """Where a `TensorRTModel` opened without `trt=` / `cudart=` -- as `open_model` opens it: start-up,
+    the release watcher -- takes its libraries from, for this whole process: the installed ones
+    (None, the default), or a stand-in (the power-cut tests' child process runs the real release
+    path on tests/fake_tensorrt.py this way)."""
+    global _modules
+    _modules = installed_modules if modules is None else modules
 
 
 @dataclass(frozen=True)
@@ -400,6 +421,7 @@ class EngineReport:
     path: Path | None = None
     built: bool = False
     build_s: float = 0.0
+    rebuilt_why: str = ""  # why the cache's engine was not used when one was built ("no cached engine ...", ...)
 
 
 class TensorRTModel:
@@ -413,9 +435,11 @@ class TensorRTModel:
                  fallback: OnnxModel | None = None, background: bool = True) -> None:
         self.bundle, self.cfg = bundle, cfg
         self.manifest = read_manifest(bundle)
-        self.trt = trt if trt is not None else import_tensorrt()
+        if trt is None or cudart is None:
+            trt, cudart = _modules()
+        self.trt = trt
         self.api = detect_api(self.trt)
-        self.cuda = Cuda(cudart if cudart is not None else import_cudart())
+        self.cuda = Cuda(cudart)
         self.onnx = fallback if fallback is not None else OnnxModel(bundle, cfg.threads, cfg.providers)
         self._pre = Preprocess(self.manifest)
         self._live: LiveRef[_EngineModel | None] = LiveRef(None)
@@ -472,6 +496,9 @@ class TensorRTModel:
     def _load_or_build(self) -> TrtEngine:
         key = self.report.key = self._key()
         folder = self.cache_dir()
+        left = cache.clean(folder)
+        if left:
+            log.warning("inference: removed what a stop left mid-write in %s: %s", folder, ", ".join(left))
         data, why = cache.load(folder, key)
         if data is not None:
             try:
@@ -481,12 +508,15 @@ class TensorRTModel:
                 return engine
             except CorruptEngine as exc:
                 why = f"{key.file_name()}: {exc}"
+        self.report.rebuilt_why = why
         log.warning("inference: building the TensorRT engine (%s); minutes on a Jetson, onnxruntime meanwhile", why)
         t0 = time.monotonic()
         data = build_engine(self.trt, self.api, (self.bundle / "model.onnx").read_bytes(), self.manifest,
                             key.precision, key.profile, self.cfg.workspace_mb << 20)
         self.report.build_s, self.report.built = time.monotonic() - t0, True
+        crash.point("engine.built")
         self.report.path = cache.store(folder, key, data)
+        crash.point("engine.stored")
         log.info("inference: TensorRT engine built in %.1f s: %s", self.report.build_s, self.report.path)
         return TrtEngine(self.trt, self.cuda, data, self.manifest, self.cfg.max_batch)
 
