@@ -27,6 +27,10 @@ from sorterd.cli import main
 from tests.test_review_browser import ARGS, CHROMIUM, _need_browser
 from tests.test_trainer_retrain import http, start_trainer
 
+# A stone on the page: its id (the page also says "–" before it starts and "enter your name first"
+# or "no stones to label": none of them a stone to read).
+STONE_SHOWN = re.compile(r"S\d{6}")
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = "--epochs-heads 1 --epochs 1 --batch-size 8 --threads 1"  # as test_retrain's tiny run
 SORTER = "sim-1"  # the sim config's machine.name: the sorter id the trainer knows the key under
@@ -105,7 +109,7 @@ def test_flagged_batch_over_the_link_labelled_in_the_browser_then_retrained(tmp_
             page.fill("#annotator", "duke")
             page.press("#annotator", "Enter")
             for i in range(len(queue)):
-                expect(page.locator("#stone-id")).not_to_have_text("–", timeout=15_000)
+                expect(page.locator("#stone-id")).to_have_text(STONE_SHOWN, timeout=15_000)
                 sid = page.locator("#stone-id").inner_text()
                 assert sid not in shown
                 shown.append(sid)

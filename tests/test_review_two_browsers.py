@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +19,10 @@ import pytest
 from sorterd.domain import CLARITIES, COLORS
 from tests.reviewdata import flagged_dataset
 from tests.test_review_browser import ARGS, CHROMIUM, _need_browser
+
+# A stone on the page: its id (the page also says "–" before it starts and "enter your name first"
+# or "no stones to label": none of them a stone to read).
+STONE_SHOWN = re.compile(r"S\d{6}")
 
 N = 12
 
@@ -73,7 +78,7 @@ def test_two_annotators_at_once_lose_nothing_and_the_page_shows_kappa(server: tu
             page.goto(url)
             page.fill("#annotator", who)
             page.press("#annotator", "Enter")
-            expect(page.locator("#stone-id")).not_to_have_text("–", timeout=10_000)
+            expect(page.locator("#stone-id")).to_have_text(STONE_SHOWN, timeout=10_000)
             pages[who] = page
         # At once: both type before either page is waited on (their POSTs race at the server).
         for i in range(5):
@@ -96,7 +101,7 @@ def test_two_annotators_at_once_lose_nothing_and_the_page_shows_kappa(server: tu
         ann.select_option("#mode", "gold")
         todo = [s for s in gold if (s, "ann") not in typed]
         for i in range(len(todo)):
-            expect(ann.locator("#stone-id")).not_to_have_text("–", timeout=10_000)
+            expect(ann.locator("#stone-id")).to_have_text(STONE_SHOWN, timeout=10_000)
             sid = label_current(ann, "ann", i, 1)
             expect(ann.locator("#stone-id")).not_to_have_text(sid, timeout=10_000)
         with urllib.request.urlopen(url + "api/agreement", timeout=30) as r:

@@ -9,7 +9,11 @@ const OTHER = [["r", "reject: not a sapphire (sends the stone)"], ["s", "skip: n
   ["u / Ctrl-Z", "undo the last label (repeat for more)"], ["f", "full frames on/off"],
   ["n", "type a note (Enter: back to keys)"]];
 
-const state = { queue: [], current: null, color: null, clarity: null, flags: new Set(), busy: 0 };
+// sent: stones this page has labelled or skipped (a queue fetched before the server had the label
+// must not show them again); asked: the newest queue request (an older answer arriving after it is
+// dropped: two fetches race when the name is confirmed by Enter and by the change it fires).
+const state = { queue: [], current: null, color: null, clarity: null, flags: new Set(), busy: 0,
+  sent: new Set(), asked: 0, loadedFor: null };
 const $ = (id) => document.getElementById(id);
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 
@@ -84,10 +88,17 @@ function showFull() {
 }
 
 async function loadQueue() {
-  if (!annotator()) { say("enter your name first"); state.queue = []; state.current = null; show(); return; }
+  const ticket = ++state.asked;
+  if (!annotator()) {
+    say("enter your name first"); state.queue = []; state.current = null; show();
+    $("stone-id").textContent = "enter your name first";  // not "no stones": nothing was asked for yet
+    return;
+  }
+  state.loadedFor = `${annotator()}|${mode()}`;
   const r = await api("GET", `/api/queue?annotator=${encodeURIComponent(annotator())}&limit=100&mode=${mode()}`);
+  if (ticket !== state.asked) return;  // a newer request was made meanwhile: its answer counts
   if (!r.ok) { say(r.data ? r.data.error : `queue: HTTP ${r.status}`); return; }
-  state.queue = r.data.items;
+  state.queue = r.data.items.filter((it) => !state.sent.has(it.stone_id));
   state.current = state.queue.shift() || null;
   show();
 }
@@ -99,12 +110,14 @@ async function send(color, clarity, extra) {
     uncertain: state.flags.has("uncertain"), mixed: state.flags.has("mixed"), damaged: state.flags.has("damaged"),
     reject: false, ...extra };
   if (mode() === "spot") body.check = "spot";
+  state.sent.add(s.stone_id);
   state.current = state.queue.shift() || null;  // advance at once: the next stone is already loaded
   show();
   state.busy++;
   const r = await api("POST", "/api/labels", body);
   state.busy--;
   if (!r.ok) {
+    state.sent.delete(s.stone_id);  // not saved: it may come back in the queue
     say(`${s.stone_id}: ${r.data ? r.data.error : "HTTP " + r.status}`);
   } else {
     say(`${s.stone_id}: ${color ?? (extra.reject ? "reject" : "skipped")}${clarity ? " " + clarity : ""} saved`);
@@ -118,6 +131,7 @@ async function undo() {
   const r = await api("POST", "/api/undo", { annotator: annotator() });
   if (!r.ok) { say(r.data ? r.data.error : `undo: HTTP ${r.status}`); return; }
   say(`undone: ${r.data.stone_id} (${r.data.color ?? "no class"} ${r.data.clarity ?? ""})`);
+  state.sent.delete(r.data.stone_id);  // unlabelled again: it may be shown again
   const back = await api("GET", `/api/stone/${encodeURIComponent(r.data.stone_id)}`);
   if (back.ok) {
     if (state.current) state.queue.unshift(state.current);
@@ -208,7 +222,10 @@ async function refreshRetrain() {
     ` ${link(d.log_url, "§5.5 log entry")} ${link(d.report_url, "report")}` + (d.message ? `<br>${esc(d.message)}` : "");
 }
 
-function nameChanged() { localStorage.setItem("sorterd-annotator", annotator()); loadQueue(); }
+function nameChanged() {
+  localStorage.setItem("sorterd-annotator", annotator());
+  if (state.loadedFor !== `${annotator()}|${mode()}`) loadQueue();  // Enter and the change it fires: one load
+}
 
 function init() {
   table($("shortcuts"), [...COLORS, ...CLARITIES, ...FLAGS.map(([k, n]) => [k, n + " (flag, toggles)"]), ...OTHER]
