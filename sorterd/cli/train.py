@@ -267,14 +267,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from sorterd.train.job import FitOptions, default_config, fit
         from sorterd.train.progress import JsonProgress, ProgressBar
 
+        old_head = args.no_stats_path or args.no_stone_stats  # the head before v005: no path, no dropout by default
         cfg = default_config(
             args.from_bundle is not None, epochs_heads=args.epochs_heads, epochs_full=args.epochs,
             batch_size=args.batch_size, lr_heads=args.lr_heads, lr_backbone=args.lr, patience=args.patience,
             seed=args.seed, width_mult=args.width, ema_epochs=args.ema_epochs, threads=args.threads,
             stone_stats=False if args.no_stone_stats else None,
-            stats_path=False if args.no_stats_path or args.no_stone_stats else None,
-            backbone_dropout=(0.0 if args.no_stats_path or args.no_stone_stats else None) if args.backbone_dropout is None
-            else args.backbone_dropout,
+            stats_path=False if old_head else None,
+            backbone_dropout=args.backbone_dropout if args.backbone_dropout is not None else (0.0 if old_head else None),
             prior_correction=False if args.no_prior_correction else None,
         )
         opts = FitOptions(

@@ -35,6 +35,7 @@ the Jetson), the runtime API TensorRT's own samples use, and no per-thread conte
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -227,10 +228,7 @@ def build_engine(trt: Any, api: TrtApi, onnx_bytes: bytes, manifest: Manifest, p
 
 def _row_width(shape: tuple[int, ...]) -> int:
     """Values per stone of an output of shape (N, ...): (N, 3) logits -> 3, an (N,) score -> 1."""
-    width = 1
-    for d in shape[1:]:
-        width *= int(d)
-    return width
+    return math.prod(int(d) for d in shape[1:])
 
 
 class TrtEngine:
